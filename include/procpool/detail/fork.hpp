@@ -1,0 +1,64 @@
+// Fork hygiene (DESIGN §6): flush buffered output before forking, warn once
+// when forking a threaded parent, end children with _exit, die with the parent.
+#pragma once
+
+#include <fmt/format.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+
+#include "sys.hpp"
+
+namespace procpool::detail {
+
+/// True once the threaded-fork warning has been printed by this process.
+inline std::atomic<bool> warned_threaded_fork{false};
+
+/// Flushes C stdio and the standard C++ streams, so buffered text is written
+/// once by its writer rather than once more by each child that inherits it.
+inline void flush_standard_streams() noexcept {
+  std::fflush(nullptr);
+  // Under sync_with_stdio(false) the C++ streams keep buffers of their own.
+  try {
+    std::cout.flush();
+    std::clog.flush();
+  } catch (...) {
+  }
+}
+
+/// `fork()` with procpool's hygiene: flushes output first, and warns once on
+/// stderr when other threads run (only the calling thread survives in the
+/// child; locks they hold stay locked there forever). Returns 0 in the child.
+inline pid_t fork_process() {
+  flush_standard_streams();
+  std::size_t threads = sys::thread_count();
+  if (threads > 1 && !warned_threaded_fork.exchange(true)) {
+    fmt::print(stderr,
+               "procpool: warning: forking a process that runs {} threads; only the forking "
+               "thread exists in the child, and locks held by the others (malloc's included) "
+               "may stay locked there. Create pools and processes before starting threads.\n",
+               threads);
+    std::fflush(stderr);
+  }
+  return sys::fork();
+}
+
+/// Ends a forked child: flushes what the child wrote, then `_exit`, so the
+/// parent's `atexit` handlers and static destructors never run twice.
+[[noreturn]] inline void exit_child(int code) noexcept {
+  flush_standard_streams();
+  ::_exit(code);
+}
+
+/// In a child: asks the kernel to send `sig` when the parent dies, then checks
+/// that `parent` is still the parent (it may have died before the request);
+/// exits at once if not.
+inline void die_with_parent(pid_t parent, int sig = SIGKILL) noexcept {
+  if (::prctl(PR_SET_PDEATHSIG, sig) != 0 || ::getppid() != parent) ::_exit(128 + sig);
+}
+
+}  // namespace procpool::detail

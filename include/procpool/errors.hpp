@@ -1,0 +1,163 @@
+/// @file
+/// The exception hierarchy: one base, `procpool::error`, and narrow subclasses
+/// that carry what a caller needs to act (item index, pid, signal, sizes).
+///
+/// Failures of system calls are `std::system_error` naming the call, not
+/// `procpool::error`.
+#pragma once
+
+#include <fmt/format.h>
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstddef>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "exit_status.hpp"
+
+namespace procpool {
+
+/// Base of every exception procpool throws, apart from `std::system_error` for
+/// failed system calls and `std::bad_alloc`.
+class error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The function of a pool threw while running an item in a worker.
+///
+/// Raised by `map` and friends for the lowest failing index of the call (the
+/// rest of the call is cancelled), and by `future::get` for `submit`.
+class task_error : public error {
+ public:
+  /// An error for item `index`, raised in worker `pid` as an exception of
+  /// type `type_name` whose `what()` was `message`.
+  task_error(std::size_t index, pid_t pid, std::string type_name, std::string message)
+      : error(fmt::format("item {} failed in worker {}: {}: {}", index, pid, type_name, message)),
+        index_(index),
+        pid_(pid),
+        type_name_(std::move(type_name)),
+        message_(std::move(message)) {}
+
+  /// Index of the failing item in the input of the call (0 for `submit`).
+  std::size_t index() const noexcept { return index_; }
+  /// Pid of the worker that ran the item.
+  pid_t pid() const noexcept { return pid_; }
+  /// Demangled type name of the exception the function threw, e.g. `std::invalid_argument`.
+  const std::string& type_name() const noexcept { return type_name_; }
+  /// The `what()` of the exception the function threw.
+  const std::string& message() const noexcept { return message_; }
+
+ private:
+  std::size_t index_;
+  pid_t pid_;
+  std::string type_name_;
+  std::string message_;
+};
+
+/// A worker process died — killed by a signal, `exit()`, `abort()`, the
+/// out-of-memory killer — while the call needed it.
+///
+/// Names the item the worker was running, if any. The pool has already
+/// replaced the worker and stays usable.
+class worker_died : public error {
+ public:
+  /// Worker `pid` ended with `status` while running item `index` (none when idle).
+  worker_died(pid_t pid, exit_status status, std::optional<std::size_t> index)
+      : error(index ? fmt::format("worker {} {} while running item {}", pid, status, *index)
+                    : fmt::format("worker {} {} while idle", pid, status)),
+        pid_(pid),
+        status_(status),
+        index_(index) {}
+
+  /// Pid of the worker that died.
+  pid_t pid() const noexcept { return pid_; }
+  /// How it ended: its exit code or the signal that killed it.
+  exit_status status() const noexcept { return status_; }
+  /// Index of the item it was running, in the input of the call; empty when it was idle.
+  std::optional<std::size_t> index() const noexcept { return index_; }
+
+ private:
+  pid_t pid_;
+  exit_status status_;
+  std::optional<std::size_t> index_;
+};
+
+/// An item ran longer than `pool_options::task_timeout`; the worker running it
+/// was killed and replaced.
+class timeout_error : public error {
+ public:
+  /// Item `index` ran past `timeout` in worker `pid`.
+  timeout_error(std::size_t index, pid_t pid, std::chrono::nanoseconds timeout)
+      : error(fmt::format("item {} ran past the task timeout of {} ms in worker {}; the worker "
+                          "was killed and replaced",
+                          index, std::chrono::duration<double, std::milli>(timeout).count(), pid)),
+        index_(index),
+        pid_(pid),
+        timeout_(timeout) {}
+
+  /// Index of the item that timed out, in the input of the call.
+  std::size_t index() const noexcept { return index_; }
+  /// Pid of the worker that ran it (now killed).
+  pid_t pid() const noexcept { return pid_; }
+  /// The timeout that was exceeded.
+  std::chrono::nanoseconds timeout() const noexcept { return timeout_; }
+
+ private:
+  std::size_t index_;
+  pid_t pid_;
+  std::chrono::nanoseconds timeout_;
+};
+
+/// Bytes could not be decoded as the expected type: truncated, oversized or corrupted input.
+class decode_error : public error {
+ public:
+  /// Decoding failed at byte `offset`; `what` says what was expected there.
+  decode_error(std::size_t offset, const std::string& what)
+      : error(fmt::format("decode error at byte {}: {}", offset, what)), offset_(offset) {}
+
+  /// Offset in the encoded buffer where decoding failed.
+  std::size_t offset() const noexcept { return offset_; }
+
+ private:
+  std::size_t offset_;
+};
+
+/// A pool was used after `close()`, `terminate()` or `join()`.
+class pool_closed : public error {
+ public:
+  /// `operation` names what was attempted, e.g. "map".
+  explicit pool_closed(const char* operation)
+      : error(fmt::format("{} called on a pool that was closed", operation)) {}
+};
+
+/// The other end of a `connection` or `queue` is gone: closed, or its process died.
+class channel_closed : public error {
+ public:
+  using error::error;
+};
+
+/// A message is larger than a bounded channel could ever hold.
+class message_too_large : public error {
+ public:
+  /// A message of `size` bytes was offered to a channel of `capacity` bytes.
+  message_too_large(std::size_t size, std::size_t capacity)
+      : error(fmt::format("a message of {} bytes cannot fit a channel of {} bytes", size,
+                          capacity)),
+        size_(size),
+        capacity_(capacity) {}
+
+  /// Encoded size of the message.
+  std::size_t size() const noexcept { return size_; }
+  /// Capacity of the channel.
+  std::size_t capacity() const noexcept { return capacity_; }
+
+ private:
+  std::size_t size_;
+  std::size_t capacity_;
+};
+
+}  // namespace procpool
