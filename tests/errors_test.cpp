@@ -40,7 +40,8 @@ TEST_CASE("every error is a procpool::error with the fields named in its message
 
   timeout_error to(4, 77, std::chrono::milliseconds(250));
   CHECK(to.timeout() == std::chrono::milliseconds(250));
-  CHECK(std::string(to.what()).find("item 4 ran past the task timeout of 250 ms in worker 77") == 0);
+  CHECK(std::string(to.what()).find("item 4 ran past the task timeout of 250 ms in worker 77") ==
+        0);
 
   decode_error de(12, "expected 8 bytes for double, 3 remain");
   CHECK(de.offset() == 12);

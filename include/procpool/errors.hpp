@@ -145,8 +145,8 @@ class message_too_large : public error {
  public:
   /// A message of `size` bytes was offered to a channel of `capacity` bytes.
   message_too_large(std::size_t size, std::size_t capacity)
-      : error(fmt::format("a message of {} bytes cannot fit a channel of {} bytes", size,
-                          capacity)),
+      : error(
+            fmt::format("a message of {} bytes cannot fit a channel of {} bytes", size, capacity)),
         size_(size),
         capacity_(capacity) {}
 

@@ -1,0 +1,83 @@
+// A process-shared robust mutex over pthreads. When a holder dies, the next
+// locker is told so (`lock_status::owner_died`), repairs the state the mutex
+// guards, and calls `mark_consistent()` before unlocking; otherwise the mutex
+// becomes unrecoverable, as POSIX specifies.
+//
+// Boost.Interprocess is not used here on purpose: its interprocess_mutex
+// (Boost 1.81) answers EOWNERDEAD by unlocking without marking the mutex
+// consistent, which makes it unusable for good.
+#pragma once
+
+#include <pthread.h>
+
+#include <cerrno>
+#include <chrono>
+#include <ctime>
+#include <system_error>
+
+#include "sys.hpp"
+
+namespace procpool::detail {
+
+/// How an attempt to lock a `robust_mutex` ended.
+enum class lock_status {
+  acquired,    ///< locked; the previous holder unlocked normally
+  owner_died,  ///< locked; the previous holder died holding it: repair, then mark_consistent()
+  busy,        ///< not locked (try_lock, or a timed lock that timed out)
+};
+
+/// A robust, process-shared mutex. Lives in shared memory, constructed once
+/// before the processes that use it are forked.
+class robust_mutex {
+ public:
+  robust_mutex() {
+    pthread_mutexattr_t attr;
+    check(pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    int rc = pthread_mutex_init(&m_, &attr);
+    pthread_mutexattr_destroy(&attr);
+    check(rc, "pthread_mutex_init");
+  }
+  ~robust_mutex() { pthread_mutex_destroy(&m_); }
+  robust_mutex(const robust_mutex&) = delete;
+  robust_mutex& operator=(const robust_mutex&) = delete;
+
+  /// Blocks until locked. **Throws:** `std::system_error` if the mutex is unrecoverable.
+  lock_status lock() { return result(pthread_mutex_lock(&m_), "pthread_mutex_lock"); }
+  /// Locks if free now.
+  lock_status try_lock() { return result(pthread_mutex_trylock(&m_), "pthread_mutex_trylock"); }
+  /// Blocks until locked or `deadline` passes (then `busy`).
+  lock_status lock_until(std::chrono::steady_clock::time_point deadline) {
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch());
+    timespec ts{static_cast<time_t>(ns.count() / 1'000'000'000),
+                static_cast<long>(ns.count() % 1'000'000'000)};
+    // steady_clock is CLOCK_MONOTONIC on Linux with libstdc++ and libc++.
+    return result(pthread_mutex_clocklock(&m_, CLOCK_MONOTONIC, &ts), "pthread_mutex_clocklock");
+  }
+  /// After `owner_died`, once the guarded state is repaired: makes the mutex usable again.
+  void mark_consistent() { check(pthread_mutex_consistent(&m_), "pthread_mutex_consistent"); }
+  /// Unlocks. Must be called by the holder.
+  void unlock() noexcept { pthread_mutex_unlock(&m_); }
+
+ private:
+  static void check(int rc, const char* call) {
+    if (rc != 0) throw std::system_error(rc, std::generic_category(), call);
+  }
+  static lock_status result(int rc, const char* call) {
+    switch (rc) {
+      case 0:
+        return lock_status::acquired;
+      case EOWNERDEAD:
+        return lock_status::owner_died;
+      case EBUSY:
+      case ETIMEDOUT:
+        return lock_status::busy;
+      default:
+        throw std::system_error(rc, std::generic_category(), call);
+    }
+  }
+  pthread_mutex_t m_;
+};
+
+}  // namespace procpool::detail
