@@ -68,8 +68,14 @@ constexpr std::size_t ring_capacity_for(std::size_t requested) noexcept {
 class ring_writer {
  public:
   ring_writer() = default;
-  explicit ring_writer(ring_control* r) noexcept
-      : r_(r), data_(r->data()), mask_(r->capacity - 1), capacity_(r->capacity) {
+  /// A view of `r`; `publish()` notifies `on_publish` (the ring's own
+  /// `readable` when null), so one reader can wait for several rings at once.
+  explicit ring_writer(ring_control* r, eventcount* on_publish = nullptr) noexcept
+      : r_(r),
+        data_(r->data()),
+        mask_(r->capacity - 1),
+        capacity_(r->capacity),
+        on_publish_(on_publish ? on_publish : &r->readable) {
     tail_ = r->tail.load(std::memory_order_relaxed);
     head_cache_ = r->head.load(std::memory_order_acquire);
   }
@@ -96,7 +102,7 @@ class ring_writer {
   /// Makes everything put so far visible to the reader and wakes it if it sleeps.
   void publish() noexcept {
     r_->tail.store(tail_, std::memory_order_release);
-    r_->readable.notify();
+    on_publish_->notify();
   }
   /// The eventcount notified when the reader frees space.
   eventcount& writable() noexcept { return r_->writable; }
@@ -147,6 +153,7 @@ class ring_writer {
   std::byte* data_ = nullptr;
   std::uint64_t mask_ = 0;
   std::size_t capacity_ = 0;
+  eventcount* on_publish_ = nullptr;
   std::uint64_t tail_ = 0;
   std::uint64_t head_cache_ = 0;
 };
@@ -155,8 +162,14 @@ class ring_writer {
 class ring_reader {
  public:
   ring_reader() = default;
-  explicit ring_reader(ring_control* r) noexcept
-      : r_(r), data_(r->data()), mask_(r->capacity - 1), capacity_(r->capacity) {
+  /// A view of `r`; `release()` notifies `on_release` (the ring's own
+  /// `writable` when null), so one writer can wait for several rings at once.
+  explicit ring_reader(ring_control* r, eventcount* on_release = nullptr) noexcept
+      : r_(r),
+        data_(r->data()),
+        mask_(r->capacity - 1),
+        capacity_(r->capacity),
+        on_release_(on_release ? on_release : &r->writable) {
     head_ = r->head.load(std::memory_order_relaxed);
     tail_cache_ = r->tail.load(std::memory_order_acquire);
   }
@@ -194,7 +207,7 @@ class ring_reader {
   /// Frees the space of everything read so far and wakes a writer that waits for it.
   void release() noexcept {
     r_->head.store(head_, std::memory_order_release);
-    r_->writable.notify();
+    on_release_->notify();
   }
   /// The eventcount notified when the writer publishes.
   eventcount& readable() noexcept { return r_->readable; }
@@ -249,6 +262,7 @@ class ring_reader {
   std::byte* data_ = nullptr;
   std::uint64_t mask_ = 0;
   std::size_t capacity_ = 0;
+  eventcount* on_release_ = nullptr;
   std::uint64_t head_ = 0;
   std::uint64_t tail_cache_ = 0;
 };

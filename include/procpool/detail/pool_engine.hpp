@@ -1,0 +1,929 @@
+// The machinery behind pool<F> and executor: worker processes, their rings,
+// chunk frames, the parent's send/collect loop, and the failure contract.
+//
+// Shared layout (one anonymous mapping, made before the first fork):
+//   engine_shared            doorbell the parent sleeps on, cancellation words
+//   per worker: worker_slot  item running now, when it started
+//               task ring    parent -> worker, chunk frames
+//               result ring  worker -> parent, one result frame per chunk
+//
+// Frames are ring messages. A task frame is a task_header followed by the
+// chunk's items, encoded back to back; its `handler` is the address of a
+// function template instantiated by the parent for the chunk's item type and
+// the pool's function. Workers are forks of the parent, so that address names
+// the same code in them. The worker answers every task frame with exactly one
+// result frame (results, error or skipped), so the parent's bookkeeping of the
+// chunks in flight stays exact.
+//
+// The parent runs no threads: whichever call the user makes (map, imap
+// iteration, future::get) drives sending and collecting for every call in
+// flight, and forks replacement workers itself.
+#pragma once
+
+#include <fmt/format.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <typeinfo>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "../codec.hpp"
+#include "../errors.hpp"
+#include "fork.hpp"
+#include "futex.hpp"
+#include "ring.hpp"
+#include "shm.hpp"
+#include "sys.hpp"
+#include "type_name.hpp"
+#include "wait.hpp"
+
+namespace procpool::detail {
+
+inline constexpr std::uint64_t no_item = ~std::uint64_t(0);
+
+enum class frame_kind : std::uint32_t {
+  task = 1,         // parent -> worker: a chunk to run
+  stop = 2,         // parent -> worker: exit now
+  results = 3,      // worker -> parent: `count` encoded results
+  error = 4,        // worker -> parent: `count` results, then index, type name, message
+  skipped = 5,      // worker -> parent: chunk cancelled; `count` results done before it was
+  init_failed = 6,  // worker -> parent: the initializer threw: type name, message
+};
+
+struct worker_context;
+
+/// Runs one chunk in a worker: decodes items from `in`, calls the function,
+/// encodes results into `out` after the result header the caller wrote.
+using chunk_handler = void (*)(worker_context&, reader& in, std::uint64_t first,
+                               std::uint32_t count, writer& out);
+
+struct task_header {
+  std::uint64_t handler;  // chunk_handler, as an integer
+  std::uint64_t call;
+  std::uint64_t first;
+  std::uint32_t count;
+  frame_kind kind;
+};
+
+struct result_header {
+  std::uint64_t call;
+  std::uint64_t first;
+  std::uint32_t count;  // results that follow
+  frame_kind kind;
+};
+
+/// The part of the mapping every process sees.
+struct engine_shared {
+  alignas(cache_line) eventcount doorbell;  // workers ring it; the parent sleeps on it
+  alignas(cache_line) std::atomic<std::uint64_t> cancel_call{0};
+  std::atomic<std::uint64_t> cancel_from{no_item};  // items of cancel_call from here are skipped
+  std::atomic<std::uint32_t> track_start_times{0};  // workers stamp each item (task_timeout)
+};
+
+/// One worker's control block in shared memory.
+struct worker_slot {
+  alignas(cache_line) std::atomic<std::uint64_t> current{no_item};  // item index running now
+  std::atomic<std::uint64_t> current_call{0};
+  std::atomic<std::int64_t> started_ns{0};  // steady clock, when `current` started
+};
+
+/// What a worker process knows about itself.
+struct worker_context {
+  engine_shared* shared;
+  worker_slot* slot;
+  void* function;  // the pool's F, at the same address as in the parent
+  std::uint64_t call = 0;
+  bool stamp_times = false;
+
+  /// Called by handlers before each item: publishes it, and says whether the
+  /// call was cancelled from this item on (the handler then stops).
+  bool begin_item(std::uint64_t index) noexcept {
+    if (shared->cancel_call.load(std::memory_order_relaxed) == call &&
+        index >= shared->cancel_from.load(std::memory_order_relaxed))
+      return false;
+    if (stamp_times)
+      slot->started_ns.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
+    slot->current.store(index, std::memory_order_release);
+    return true;
+  }
+};
+
+/// Thrown inside a handler to report that the call was cancelled mid-chunk.
+struct chunk_cancelled {
+  std::uint32_t done;
+};
+
+/// Writes the result header at the front of `out` (space reserved by the caller).
+inline void patch_result_header(writer& out, const result_header& h) noexcept {
+  std::memcpy(out.data(), &h, sizeof h);
+}
+
+/// The type name and message of the exception being handled.
+inline std::pair<std::string, std::string> describe_current_exception() {
+  std::string type = "unknown exception";
+  if (auto* t = abi::__cxa_current_exception_type()) type = demangle(t->name());
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return {type, e.what()};
+  } catch (...) {
+    return {type, "(not derived from std::exception)"};
+  }
+}
+
+/// The generic handler: items of type `Item`, function called through `Invoke`.
+/// `Invoke::call(F&, Item&&)` returns the result to encode.
+template <class F, class Item, class Invoke>
+void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32_t count,
+               writer& out) {
+  F& f = *static_cast<F*>(ctx.function);
+  result_header h{ctx.call, first, 0, frame_kind::results};
+  std::uint32_t done = 0;
+  std::size_t mark = out.size();
+  try {
+    for (; done < count; ++done) {
+      if (!ctx.begin_item(first + done)) {
+        h.kind = frame_kind::skipped;
+        break;
+      }
+      mark = out.size();
+      auto item = decode<Item>(in);
+      encode(out, Invoke::call(f, item));
+    }
+  } catch (...) {
+    // Results before the failing item stay; a result the failing item may
+    // have half-encoded is cut off.
+    h.kind = frame_kind::error;
+    auto [type, message] = describe_current_exception();
+    out.resize(mark);
+    encode(out, std::uint64_t(first + done));
+    encode(out, type);
+    encode(out, message);
+  }
+  h.count = done;
+  patch_result_header(out, h);
+}
+
+/// A call in flight: one map, imap or imap_unordered, or one submitted task.
+/// Owned jointly by the engine (while chunks are in flight) and by whatever
+/// the user holds (map's frame, an imap range, a future).
+class call_state {
+ public:
+  virtual ~call_state() = default;
+
+  /// Encodes the next chunk's items into `out` (appending), at most
+  /// `max_count` items; sets `first`, `count` and `handler`. Returns false
+  /// when no chunk can be made now (input exhausted, or a window is full).
+  virtual bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first,
+                          std::uint32_t& count, chunk_handler& handler) = 0;
+  /// Decodes the results of items `first` .. `first + count - 1` from `in`.
+  virtual void on_results(std::uint64_t first, std::uint32_t count, reader& in) = 0;
+
+  /// Records that item `index` failed with `e`; the lowest failing index wins.
+  void fail(std::uint64_t index, std::exception_ptr e) noexcept {
+    if (!error_ || index < error_index_) {
+      error_index_ = index;
+      error_ = std::move(e);
+    }
+  }
+  /// True once an item failed.
+  bool failed() const noexcept { return error_ != nullptr; }
+  /// Index of the lowest failing item (when `failed()`).
+  std::uint64_t error_index() const noexcept { return error_index_; }
+  /// Rethrows the error of the lowest failing item, if any.
+  void rethrow_if_failed() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+  /// True when nothing of this call is in flight and nothing more will be sent.
+  bool finished() const noexcept { return in_flight == 0 && (input_done || error_ || cancelled); }
+
+  std::uint64_t id = 0;
+  std::size_t in_flight = 0;  ///< chunks sent and not yet answered
+  bool input_done = false;    ///< every chunk has been made
+  bool cancelled = false;     ///< the user gave up on the call (a dropped imap range)
+
+ private:
+  std::uint64_t error_index_ = no_item;
+  std::exception_ptr error_;
+};
+
+/// What the engine needs to know to run workers.
+struct engine_config {
+  unsigned workers = 1;
+  std::size_t ring_bytes = 1 << 20;
+  std::function<void()> initializer;
+  std::size_t max_tasks_per_child = 0;
+  std::chrono::nanoseconds task_timeout{0};
+  void* function = nullptr;  // passed to handlers in the workers
+  wait_policy parent_wait{std::chrono::microseconds(20), std::chrono::milliseconds(10)};
+  wait_policy worker_wait{std::chrono::microseconds(20), std::chrono::milliseconds(50)};
+  std::chrono::milliseconds stop_grace{1000};
+};
+
+/// Worker processes, their rings, and the parent's side of the protocol.
+class engine {
+ public:
+  explicit engine(engine_config config);
+  ~engine();
+  engine(const engine&) = delete;
+  engine& operator=(const engine&) = delete;
+
+  /// Registers a call and queues it for sending.
+  void start(const std::shared_ptr<call_state>& call);
+  /// Sends and collects until `done()` is true. Worker deaths and timeouts
+  /// found on the way are charged to the calls they hit.
+  template <class Done>
+  void drive(Done&& done);
+  /// Sends and collects until `done()` or `deadline`; false on timeout.
+  template <class Done>
+  bool drive_until(Done&& done, std::optional<steady::time_point> deadline);
+  /// The user gave up on `call`: stop sending it, skip its queued items.
+  void cancel(call_state& call) noexcept;
+
+  /// No more calls; work in flight still completes.
+  void close() noexcept { closed_ = true; }
+  /// True after close(), terminate() or join().
+  bool closed() const noexcept { return closed_; }
+  /// Finishes the work in flight, then stops every worker: stop frames, a
+  /// bounded wait, SIGTERM, SIGKILL. Every child is reaped.
+  void join();
+  /// Stops every worker now (SIGTERM, a bounded wait, SIGKILL) and reaps them.
+  void terminate() noexcept;
+
+  /// Number of worker processes.
+  unsigned size() const noexcept { return static_cast<unsigned>(workers_.size()); }
+  /// Pids of the workers running now (0 for a slot being replaced).
+  std::vector<pid_t> pids() const;
+  /// The chunk size the engine can carry without streaming, in bytes.
+  std::size_t chunk_bytes() const noexcept { return chunk_bytes_; }
+  /// Throws if the pool can run no more calls (initializer failure).
+  void check_usable(const char* operation) const;
+
+ private:
+  struct chunk {
+    std::shared_ptr<call_state> call;
+    std::uint64_t call_id = 0;
+    std::uint64_t first = 0;
+    std::uint32_t count = 0;
+    std::vector<std::byte> bytes;  // the whole ring message: u64 size, header, items
+    std::size_t sent = 0;
+    unsigned retries = 0;
+  };
+  struct worker {
+    pid_t pid = 0;
+    sys::unique_fd pidfd;
+    worker_slot* slot = nullptr;
+    ring_control* task = nullptr;
+    ring_control* result = nullptr;
+    ring_writer to;
+    ring_reader from;
+    std::deque<chunk> inflight;  // in the order sent
+    std::size_t items_sent = 0;  // toward max_tasks_per_child
+    std::vector<std::byte> inbuf;
+    std::size_t in_need = 0;  // bytes of a partly received message still to come
+    bool receiving = false;
+    bool timed_out = false;
+    std::uint64_t timed_out_item = no_item;
+  };
+
+  static constexpr std::size_t max_inflight = 2;
+
+  void spawn(std::size_t w);
+  [[noreturn]] void worker_main(std::size_t w);
+  bool pump();
+  bool send_pending(worker& w);
+  bool fill(worker& w);
+  bool make_chunk(worker& w, chunk& c);
+  bool receive(worker& w);
+  void handle_frame(worker& w, const std::byte* data, std::size_t size);
+  void finish_chunk(worker& w);
+  bool check_health(bool force);
+  void on_death(std::size_t w, exit_status status);
+  void retire_if_due(std::size_t w);
+  bool any_ready();
+  void reap_all(std::chrono::milliseconds grace, bool send_stop) noexcept;
+  bool wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout) noexcept;
+  void respawn_missing();
+  void release_call(const std::shared_ptr<call_state>& call) noexcept;
+
+  engine_config config_;
+  pid_t parent_ = 0;
+  shared_mapping mapping_;
+  engine_shared* shared_ = nullptr;
+  std::size_t ring_capacity_ = 0;
+  std::size_t chunk_bytes_ = 0;
+  std::vector<worker> workers_;
+  std::deque<std::shared_ptr<call_state>> sending_;  // calls with chunks still to make
+  std::deque<chunk> resend_;                         // chunks a dead worker never started
+  std::vector<std::vector<std::byte>> spare_buffers_;
+  std::uint64_t next_call_id_ = 1;
+  std::size_t next_worker_ = 0;
+  steady::time_point next_health_check_{};
+  std::exception_ptr broken_;
+  bool closed_ = false;
+  bool stopped_ = false;
+  writer scratch_;
+};
+
+// ---------------------------------------------------------------------------
+
+inline std::size_t slot_bytes(std::size_t ring_capacity) {
+  return align_up(sizeof(worker_slot), cache_line) + 2 * ring_control::bytes_needed(ring_capacity);
+}
+
+inline engine::engine(engine_config config) : config_(std::move(config)), parent_(::getpid()) {
+  if (config_.workers == 0) throw error("a pool needs at least one worker; 0 were asked for");
+  ring_capacity_ = ring_capacity_for(config_.ring_bytes);
+  // Two chunks in flight per worker fit the ring without streaming.
+  chunk_bytes_ = ring_capacity_ / 2 - sizeof(task_header) - 2 * sizeof(std::uint64_t);
+  std::size_t header = align_up(sizeof(engine_shared), cache_line);
+  mapping_ = shared_mapping(header + config_.workers * slot_bytes(ring_capacity_));
+  auto* base = static_cast<std::byte*>(mapping_.data());
+  shared_ = new (base) engine_shared();
+  shared_->track_start_times.store(config_.task_timeout.count() > 0 ? 1 : 0);
+  workers_.resize(config_.workers);
+  for (std::size_t i = 0; i < workers_.size(); ++i) {
+    std::byte* p = base + header + i * slot_bytes(ring_capacity_);
+    auto& w = workers_[i];
+    w.slot = new (p) worker_slot();
+    p += align_up(sizeof(worker_slot), cache_line);
+    w.task = ring_control::create(p, ring_capacity_);
+    w.result = ring_control::create(p + ring_control::bytes_needed(ring_capacity_), ring_capacity_);
+  }
+  try {
+    for (std::size_t i = 0; i < workers_.size(); ++i) spawn(i);
+  } catch (...) {
+    terminate();
+    throw;
+  }
+}
+
+inline engine::~engine() {
+  if (stopped_) return;
+  try {
+    join();
+  } catch (...) {
+    terminate();
+  }
+}
+
+inline void engine::spawn(std::size_t i) {
+  auto& w = workers_[i];
+  w.task->reset();
+  w.result->reset();
+  new (&w.task->readable) eventcount();
+  new (&w.task->writable) eventcount();
+  new (&w.result->readable) eventcount();
+  new (&w.result->writable) eventcount();
+  w.slot->current.store(no_item);
+  w.to = ring_writer(w.task);
+  w.from = ring_reader(w.result);
+  w.inbuf.clear();
+  w.in_need = 0;
+  w.receiving = false;
+  w.timed_out = false;
+  w.items_sent = 0;
+  pid_t pid = fork_process();
+  if (pid == 0) worker_main(i);
+  w.pid = pid;
+  w.pidfd = sys::pidfd_open(pid);
+}
+
+inline void engine::worker_main(std::size_t i) {
+  try {
+    die_with_parent(parent_);
+    auto& w = workers_[i];
+    worker_context ctx{shared_, w.slot, config_.function};
+    ctx.stamp_times = shared_->track_start_times.load() != 0;
+    ring_reader in(w.task, &shared_->doorbell);
+    ring_writer out(w.result, &shared_->doorbell);
+    auto parent_alive = [this] { return ::getppid() == parent_; };
+    writer result;
+    if (config_.initializer) {
+      try {
+        config_.initializer();
+      } catch (...) {
+        auto [type, message] = describe_current_exception();
+        result_header h{0, 0, 0, frame_kind::init_failed};
+        result.write(&h, sizeof h);
+        encode(result, type);
+        encode(result, message);
+        out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait);
+        exit_child(1);
+      }
+    }
+    std::vector<std::byte> buffer;
+    for (;;) {
+      auto st = wait_for_condition(
+          w.task->readable, [&] { return in.available() >= sizeof(std::uint64_t); }, std::nullopt,
+          parent_alive, config_.worker_wait);
+      if (st != wait_status::ready) exit_child(0);  // the parent is gone
+      std::size_t size = *in.next_message_size();
+      const std::byte* frame = nullptr;
+      bool in_place = false;
+      if (in.refresh() >= sizeof(std::uint64_t) + size) {
+        if (const std::byte* p = in.peek(sizeof(std::uint64_t) + size)) {
+          frame = p + sizeof(std::uint64_t);
+          in_place = true;
+        }
+      }
+      if (!in_place) {
+        if (in.read_message(buffer, std::nullopt, parent_alive, config_.worker_wait) !=
+            wait_status::ready)
+          exit_child(0);
+        frame = buffer.data();
+        size = buffer.size();
+      }
+      task_header h;
+      if (size < sizeof h) exit_child(70);
+      std::memcpy(&h, frame, sizeof h);
+      if (h.kind == frame_kind::stop) exit_child(0);
+      reader items(frame + sizeof h, size - sizeof h);
+      result.clear();
+      result_header placeholder{};
+      result.write(&placeholder, sizeof placeholder);
+      ctx.call = h.call;
+      reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
+      w.slot->current.store(no_item, std::memory_order_release);
+      if (in_place) {
+        in.skip(sizeof(std::uint64_t) + size);
+        in.release();
+      }
+      if (!out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait))
+        exit_child(0);
+    }
+  } catch (...) {
+    auto [type, message] = describe_current_exception();
+    fmt::print(stderr, "procpool: worker {} failed: {}: {}\n", ::getpid(), type, message);
+    exit_child(70);
+  }
+}
+
+inline void engine::check_usable(const char* operation) const {
+  if (broken_) std::rethrow_exception(broken_);
+  if (closed_) throw pool_closed(operation);
+}
+
+inline void engine::start(const std::shared_ptr<call_state>& call) {
+  call->id = next_call_id_++;
+  sending_.push_back(call);
+}
+
+inline void engine::cancel(call_state& call) noexcept {
+  call.cancelled = true;
+  shared_->cancel_from.store(0, std::memory_order_relaxed);
+  shared_->cancel_call.store(call.id, std::memory_order_release);
+}
+
+inline void engine::release_call(const std::shared_ptr<call_state>& call) noexcept {
+  if (call->failed() && !call->cancelled) {
+    // Later items of a failed call are skipped by the workers.
+    shared_->cancel_from.store(call->error_index() + 1, std::memory_order_relaxed);
+    shared_->cancel_call.store(call->id, std::memory_order_release);
+  }
+}
+
+template <class Done>
+void engine::drive(Done&& done) {
+  drive_until(done, std::nullopt);
+}
+
+template <class Done>
+bool engine::drive_until(Done&& done, std::optional<steady::time_point> deadline) {
+  while (!done()) {
+    if (broken_) std::rethrow_exception(broken_);
+    bool progress = pump();
+    if (check_health(false)) continue;
+    if (progress) continue;
+    if (done()) break;
+    auto st = wait_for_condition(
+        shared_->doorbell, [&] { return any_ready(); }, deadline,
+        [&] { return !check_health(false); }, config_.parent_wait);
+    if (st == wait_status::timeout) return done();
+  }
+  return true;
+}
+
+inline bool engine::any_ready() {
+  for (auto& w : workers_) {
+    if (w.pid == 0) continue;
+    if (w.from.refresh() > 0) return true;
+    for (auto& c : w.inflight) {
+      if (c.sent < c.bytes.size()) {
+        if (w.to.free_space() > 0) return true;
+        break;
+      }
+    }
+  }
+  return false;
+}
+
+inline bool engine::pump() {
+  bool progress = false;
+  std::size_t n = workers_.size();
+  for (std::size_t k = 0; k < n; ++k) {
+    auto& w = workers_[(next_worker_ + k) % n];
+    if (w.pid == 0) continue;
+    progress |= receive(w);
+    progress |= fill(w);
+    progress |= send_pending(w);
+  }
+  next_worker_ = (next_worker_ + 1) % n;
+  return progress;
+}
+
+inline bool engine::fill(worker& w) {
+  bool made = false;
+  while (w.inflight.size() < max_inflight) {
+    if (config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child) break;
+    chunk c;
+    if (!make_chunk(w, c)) break;
+    w.items_sent += c.count;
+    w.inflight.push_back(std::move(c));
+    made = true;
+  }
+  return made;
+}
+
+inline bool engine::make_chunk(worker& w, chunk& c) {
+  if (!resend_.empty()) {
+    c = std::move(resend_.front());
+    resend_.pop_front();
+    c.sent = 0;
+    return true;
+  }
+  std::size_t max_count = ~std::size_t(0);
+  if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
+  while (!sending_.empty()) {
+    auto call = sending_.front();
+    if (call->input_done || call->failed() || call->cancelled) {
+      sending_.pop_front();
+      continue;
+    }
+    scratch_.clear();
+    std::uint64_t prefix = 0;
+    task_header h{};
+    scratch_.write(&prefix, sizeof prefix);
+    scratch_.write(&h, sizeof h);
+    chunk_handler handler = nullptr;
+    std::uint64_t first = 0;
+    std::uint32_t count = 0;
+    if (!call->next_chunk(scratch_, max_count, first, count, handler)) {
+      // This call can send nothing now (its window is full); let the next one go.
+      if (sending_.size() > 1) {
+        sending_.pop_front();
+        sending_.push_back(call);
+        if (sending_.front() != call) continue;
+      }
+      return false;
+    }
+    h = task_header{reinterpret_cast<std::uint64_t>(handler), call->id, first, count,
+                    frame_kind::task};
+    prefix = scratch_.size() - sizeof prefix;
+    std::memcpy(scratch_.data(), &prefix, sizeof prefix);
+    std::memcpy(scratch_.data() + sizeof prefix, &h, sizeof h);
+    if (!spare_buffers_.empty()) {
+      c.bytes = std::move(spare_buffers_.back());
+      spare_buffers_.pop_back();
+    }
+    c.bytes.assign(scratch_.data(), scratch_.data() + scratch_.size());
+    c.call = call;
+    c.call_id = call->id;
+    c.first = first;
+    c.count = count;
+    c.sent = 0;
+    ++call->in_flight;
+    return true;
+  }
+  return false;
+}
+
+inline bool engine::send_pending(worker& w) {
+  bool sent = false;
+  for (auto& c : w.inflight) {
+    if (c.sent == c.bytes.size()) continue;
+    std::size_t n = std::min(c.bytes.size() - c.sent, w.to.free_space());
+    if (n == 0) break;
+    w.to.put(c.bytes.data() + c.sent, n);
+    c.sent += n;
+    sent = true;
+    if (c.sent < c.bytes.size()) break;
+  }
+  if (sent) w.to.publish();
+  return sent;
+}
+
+inline bool engine::receive(worker& w) {
+  bool got = false;
+  for (;;) {
+    if (!w.receiving) {
+      std::size_t avail = w.from.refresh();
+      auto size = w.from.next_message_size();
+      if (!size) break;
+      std::size_t total = sizeof(std::uint64_t) + *size;
+      if (avail >= total) {
+        if (const std::byte* p = w.from.peek(total)) {
+          handle_frame(w, p + sizeof(std::uint64_t), *size);
+          w.from.skip(total);
+          w.from.release();
+          got = true;
+          continue;
+        }
+      }
+      std::uint64_t header;
+      w.from.get(&header, sizeof header);
+      w.inbuf.clear();
+      w.in_need = *size;
+      w.receiving = true;
+    }
+    std::size_t n = std::min(w.from.available(), w.in_need);
+    if (n == 0 && w.in_need > 0) break;
+    std::size_t have = w.inbuf.size();
+    w.inbuf.resize(have + n);
+    w.from.get(w.inbuf.data() + have, n);
+    w.from.release();
+    w.in_need -= n;
+    got = true;
+    if (w.in_need > 0) break;
+    w.receiving = false;
+    handle_frame(w, w.inbuf.data(), w.inbuf.size());
+  }
+  return got;
+}
+
+inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t size) {
+  result_header h;
+  if (size < sizeof h) {
+    broken_ = std::make_exception_ptr(error(
+        fmt::format("worker {} sent a frame of {} bytes, shorter than a header", w.pid, size)));
+    return;
+  }
+  std::memcpy(&h, data, sizeof h);
+  reader in(data + sizeof h, size - sizeof h);
+  if (h.kind == frame_kind::init_failed) {
+    std::string type = decode<std::string>(in);
+    std::string message = decode<std::string>(in);
+    broken_ = std::make_exception_ptr(error(
+        fmt::format("the pool's initializer failed in worker {}: {}: {}; the pool cannot run tasks",
+                    w.pid, type, message)));
+    closed_ = true;
+    return;
+  }
+  if (w.inflight.empty() || w.inflight.front().call_id != h.call ||
+      w.inflight.front().first != h.first) {
+    broken_ = std::make_exception_ptr(error(fmt::format(
+        "worker {} answered a chunk it was not sent (call {}, item {})", w.pid, h.call, h.first)));
+    return;
+  }
+  auto& call = *w.inflight.front().call;
+  try {
+    if (!call.cancelled) {
+      if (h.count > 0) call.on_results(h.first, h.count, in);
+      if (h.kind == frame_kind::error) {
+        auto index = decode<std::uint64_t>(in);
+        std::string type = decode<std::string>(in);
+        std::string message = decode<std::string>(in);
+        call.fail(index, std::make_exception_ptr(
+                             task_error(index, w.pid, std::move(type), std::move(message))));
+        release_call(w.inflight.front().call);
+      }
+    }
+  } catch (const decode_error&) {
+    call.fail(h.first, std::current_exception());
+    release_call(w.inflight.front().call);
+  }
+  finish_chunk(w);
+}
+
+inline void engine::finish_chunk(worker& w) {
+  chunk& c = w.inflight.front();
+  --c.call->in_flight;
+  if (spare_buffers_.size() < 2 * workers_.size()) {
+    c.bytes.clear();
+    spare_buffers_.push_back(std::move(c.bytes));
+  }
+  w.inflight.pop_front();
+}
+
+inline bool engine::check_health(bool force) {
+  auto now = steady::now();
+  if (!force && now < next_health_check_) return false;
+  next_health_check_ = now + std::chrono::milliseconds(5);
+  bool changed = false;
+  respawn_missing();
+  for (std::size_t i = 0; i < workers_.size(); ++i) {
+    auto& w = workers_[i];
+    if (w.pid == 0) continue;
+    if (config_.task_timeout.count() > 0 && !w.timed_out) {
+      auto current = w.slot->current.load(std::memory_order_acquire);
+      if (current != no_item) {
+        auto started = steady::time_point(
+            steady::duration(w.slot->started_ns.load(std::memory_order_relaxed)));
+        if (now - started > config_.task_timeout &&
+            current == w.slot->current.load(std::memory_order_acquire)) {
+          w.timed_out = true;
+          w.timed_out_item = current;
+          sys::kill(w.pid, SIGKILL);
+        }
+      }
+    }
+    int status = 0;
+    pid_t r = sys::waitpid(w.pid, &status, w.timed_out ? 0 : WNOHANG);
+    if (r == w.pid) {
+      on_death(i, exit_status::from_wait_status(status));
+      changed = true;
+    } else {
+      retire_if_due(i);
+    }
+  }
+  return changed;
+}
+
+inline void engine::on_death(std::size_t i, exit_status status) {
+  auto& w = workers_[i];
+  pid_t pid = w.pid;
+  // Results the worker finished before it died still count.
+  if (!w.receiving) receive(w);
+  w.pid = 0;
+  w.pidfd.reset();
+  auto current = w.slot->current.load(std::memory_order_acquire);
+  bool first_chunk = true;
+  while (!w.inflight.empty()) {
+    chunk c = std::move(w.inflight.front());
+    w.inflight.pop_front();
+    bool ran =
+        first_chunk && current != no_item && current >= c.first && current < c.first + c.count;
+    if (first_chunk && w.timed_out) {
+      c.call->fail(w.timed_out_item, std::make_exception_ptr(timeout_error(w.timed_out_item, pid,
+                                                                           config_.task_timeout)));
+      release_call(c.call);
+    } else if (ran) {
+      c.call->fail(current, std::make_exception_ptr(worker_died(pid, status, current)));
+      release_call(c.call);
+    } else if (!c.call->failed() && !c.call->cancelled) {
+      // The worker died between items: this chunk never ran, or its results
+      // were lost on the way; another worker runs it. A chunk that keeps
+      // finding its worker dead is charged with the death.
+      if (++c.retries < 3) {
+        resend_.push_back(std::move(c));
+        first_chunk = false;
+        continue;
+      }
+      c.call->fail(c.first, std::make_exception_ptr(worker_died(pid, status, c.first)));
+      release_call(c.call);
+    }
+    --c.call->in_flight;
+    first_chunk = false;
+  }
+  if (!broken_ && !stopped_) {
+    try {
+      spawn(i);
+    } catch (const std::system_error&) {
+      // fork failed (process limit, memory): the slot stays empty and the
+      // next health check tries again, raising the error to the caller then.
+    }
+  }
+}
+
+inline void engine::retire_if_due(std::size_t i) {
+  auto& w = workers_[i];
+  if (config_.max_tasks_per_child == 0 || w.items_sent < config_.max_tasks_per_child ||
+      !w.inflight.empty() || w.receiving)
+    return;
+  // The worker did its share: stop it, reap it, start a fresh one.
+  std::vector<std::byte> frame(sizeof(std::uint64_t) + sizeof(task_header));
+  std::uint64_t size = sizeof(task_header);
+  task_header h{0, 0, 0, 0, frame_kind::stop};
+  std::memcpy(frame.data(), &size, sizeof size);
+  std::memcpy(frame.data() + sizeof size, &h, sizeof h);
+  if (w.to.free_space() >= frame.size()) {
+    w.to.put(frame.data(), frame.size());
+    w.to.publish();
+  } else {
+    sys::kill(w.pid, SIGKILL);
+  }
+  pid_t pid = w.pid;
+  if (!wait_exit(w, config_.stop_grace)) {
+    sys::kill(pid, SIGKILL);
+    wait_exit(w, std::nullopt);
+  }
+  w.pid = 0;
+  w.pidfd.reset();
+  if (!broken_ && !stopped_) spawn(i);
+}
+
+inline bool engine::wait_exit(worker& w,
+                              std::optional<std::chrono::milliseconds> timeout) noexcept {
+  auto deadline = timeout ? steady::now() + *timeout : steady::time_point::max();
+  for (;;) {
+    int status = 0;
+    pid_t r = ::waitpid(w.pid, &status, WNOHANG);
+    if (r == w.pid || (r == -1 && errno == ECHILD)) return true;
+    if (!timeout) {
+      if (::waitpid(w.pid, &status, 0) == -1 && errno == EINTR) continue;
+      return true;
+    }
+    auto left = deadline - steady::now();
+    if (left <= steady::duration::zero()) return false;
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(left).count() + 1;
+    if (w.pidfd) {
+      pollfd pfd{w.pidfd.get(), POLLIN, 0};
+      ::poll(&pfd, 1, static_cast<int>(std::min<long long>(ms, 100)));
+    } else {
+      ::usleep(1000);  // no pidfd on this kernel: poll the child's state every millisecond
+    }
+  }
+}
+
+inline void engine::respawn_missing() {
+  if (broken_ || stopped_) return;
+  for (std::size_t i = 0; i < workers_.size(); ++i)
+    if (workers_[i].pid == 0) spawn(i);
+}
+
+inline std::vector<pid_t> engine::pids() const {
+  std::vector<pid_t> out;
+  for (auto& w : workers_) out.push_back(w.pid);
+  return out;
+}
+
+inline void engine::join() {
+  if (stopped_) return;
+  closed_ = true;
+  // Finish what is in flight; a broken pool has nothing left worth waiting for.
+  if (!broken_) {
+    drive([&] {
+      if (!sending_.empty() || !resend_.empty()) return false;
+      for (auto& w : workers_)
+        if (!w.inflight.empty()) return false;
+      return true;
+    });
+  }
+  reap_all(config_.stop_grace, true);
+}
+
+inline void engine::terminate() noexcept {
+  if (stopped_) return;
+  closed_ = true;
+  reap_all(config_.stop_grace, false);
+}
+
+inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) noexcept {
+  stopped_ = true;
+  std::uint64_t size = sizeof(task_header);
+  task_header h{0, 0, 0, 0, frame_kind::stop};
+  for (auto& w : workers_) {
+    if (w.pid == 0) continue;
+    if (send_stop && w.to.free_space() >= sizeof size + sizeof h) {
+      w.to.put(&size, sizeof size);
+      w.to.put(&h, sizeof h);
+      w.to.publish();
+    } else {
+      sys::kill(w.pid, SIGTERM);
+    }
+  }
+  auto deadline = steady::now() + grace;
+  for (auto& w : workers_) {
+    if (w.pid == 0) continue;
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now());
+    if (!wait_exit(w, std::max(left, std::chrono::milliseconds(0)))) {
+      ::kill(w.pid, SIGTERM);
+      if (!wait_exit(w, std::chrono::milliseconds(100))) {
+        ::kill(w.pid, SIGKILL);
+        wait_exit(w, std::nullopt);
+      }
+    }
+    w.pid = 0;
+    w.pidfd.reset();
+  }
+  // Calls still waiting for answers get none.
+  for (auto& w : workers_) {
+    for (auto& c : w.inflight) {
+      --c.call->in_flight;
+      if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
+    }
+    w.inflight.clear();
+  }
+  for (auto& c : resend_) {
+    --c.call->in_flight;
+    if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
+  }
+  resend_.clear();
+  sending_.clear();
+}
+
+}  // namespace procpool::detail

@@ -1,0 +1,872 @@
+/// @file
+/// `pool<F>`: worker processes that map a function over inputs and return the
+/// results in input order — Python's `multiprocessing.Pool` for C++.
+///
+/// ```cpp
+/// procpool::pool p([](int x) { return x * x; });
+/// std::vector<int> squares = p.map(std::vector<int>{1, 2, 3});  // {1, 4, 9}
+/// ```
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "codec.hpp"
+#include "detail/pool_engine.hpp"
+#include "errors.hpp"
+#include "process.hpp"
+#include "progress.hpp"
+
+namespace procpool {
+
+/// How a pool runs. A plain aggregate: assign members one by one in C++17,
+/// or use designated initializers in C++20 (`{.workers = 4, .chunk_size = 100}`).
+struct pool_options {
+  /// Worker processes; 0 means `cpu_count()`.
+  unsigned workers = 0;
+  /// Items per chunk sent to a worker; 0 means Python's default,
+  /// `ceil(n / (4 * workers))`. Chunks are also cut short so that one fits
+  /// half a ring (`ring_bytes / 2`) whenever a single item does.
+  std::size_t chunk_size = 0;
+  /// Run once in each worker when it starts (and in each replacement). If it
+  /// throws, the pool is unusable and every call raises a `procpool::error`
+  /// naming the exception.
+  std::function<void()> initializer;
+  /// Replace a worker after it ran this many items; 0 means never.
+  std::size_t max_tasks_per_child = 0;
+  /// An item running longer than this is abandoned: its worker is killed and
+  /// replaced and the call raises `timeout_error`. Zero means no limit.
+  std::chrono::nanoseconds task_timeout{0};
+  /// Bytes of each of the two rings per worker (rounded up to a power of two).
+  /// Larger messages are streamed through, so this bounds memory, not item size.
+  std::size_t ring_bytes = std::size_t(1) << 20;
+  /// Draw a progress bar on stderr during `map`, `starmap` and `imap` when
+  /// stderr is a terminal.
+  bool progress = false;
+  /// Called with the progress of `map`, `starmap` and `imap` (at most ten
+  /// times a second, and once at the end); replaces the bar when set.
+  std::function<void(const progress_info&)> on_progress;
+};
+
+template <class R>
+class future;
+template <class R>
+class imap_range;
+template <class R>
+class imap_unordered_range;
+
+namespace detail {
+template <class Range>
+using range_item_t = std::decay_t<decltype(*std::begin(std::declval<Range&>()))>;
+template <class R>
+using stored_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
+}  // namespace detail
+
+/// A pool of worker processes running `F`, made by `fork()` at construction.
+///
+/// Any callable works, lambdas with captures included: each worker is a copy
+/// of this process and calls its own copy of `f`, as it was when the worker
+/// was forked. Only inputs and results cross process boundaries, through
+/// shared memory, encoded by `codec.hpp`.
+///
+/// **Failure contract:** an exception in `f` raises `task_error` for the lowest
+/// failing index; a worker that dies raises `worker_died` naming the item it
+/// ran and is replaced; an item past `task_timeout` raises `timeout_error`.
+/// The pool stays usable after each of these.
+///
+/// **Thread safety:** like a standard container: one thread uses a pool at a
+/// time. The calling thread does all the work of sending and collecting; the
+/// pool runs no threads of its own, so replacing a worker by `fork()` is safe.
+///
+/// **Fork safety:** create pools before starting threads (see the guide's
+/// gotchas). Not copyable, not movable: the workers hold on to `f` where it is.
+template <class F>
+class pool {
+ public:
+  /// Starts `cpu_count()` workers running `f`.
+  /// **Throws:** `std::system_error` if a worker cannot be forked or the shared
+  /// memory cannot be mapped; no worker is left running then.
+  explicit pool(F f) : pool(std::move(f), pool_options{}) {}
+  /// Starts `workers` workers running `f`.
+  /// **Throws:** `procpool::error` if `workers` is 0; as above otherwise.
+  pool(F f, unsigned workers) : pool(std::move(f), options_with_workers(workers)) {}
+  /// Starts a pool as `options` say.
+  /// **Throws:** `procpool::error` if `options.workers` is 0 after defaulting; as above otherwise.
+  pool(F f, pool_options options);
+  /// Finishes the work in flight and stops the workers (see `join`); never throws.
+  ~pool();
+  pool(const pool&) = delete;
+  pool& operator=(const pool&) = delete;
+
+  /// Applies `f` to every item of `inputs` and returns the results in input order
+  /// (Python's `Pool.map`). `inputs` is any range: a container, an array, a pair of
+  /// iterators in a struct with begin/end, a C++20 view.
+  ///
+  /// **Throws:** `task_error` (lowest failing index), `worker_died`,
+  /// `timeout_error`, `pool_closed` after `close()`; the pool stays usable after
+  /// the first three.
+  template <class Range>
+  auto map(const Range& inputs);
+
+  /// `map` for a function of several arguments: each item is a tuple (or pair)
+  /// whose elements are passed as the arguments (Python's `Pool.starmap`).
+  template <class Range>
+  auto starmap(const Range& inputs);
+
+  /// A lazy range of results in input order (Python's `Pool.imap`). Input is
+  /// read only as workers need it and at most a few chunks per worker are in
+  /// flight, so an endless input works and memory stays bounded. An lvalue
+  /// `inputs` must outlive the iteration; an rvalue is moved into the range.
+  /// Dropping the range cancels what is left of the call.
+  template <class Range>
+  auto imap(Range&& inputs);
+
+  /// A lazy range of `(index, result)` pairs in the order they finish
+  /// (Python's `Pool.imap_unordered`).
+  template <class Range>
+  auto imap_unordered(Range&& inputs);
+
+  /// Runs `f(args...)` in a worker and returns a future for its result
+  /// (Python's `apply_async`). The future's `get()` drives the pool.
+  template <class... Args>
+  auto submit(Args&&... args);
+
+  /// Accepts no more calls; work in flight still completes.
+  void close() noexcept { engine_->close(); }
+  /// Finishes the work in flight, then stops the workers: stop frames, a
+  /// bounded wait, SIGTERM, SIGKILL. Every worker is reaped. Implies `close()`.
+  void join() { engine_->join(); }
+  /// Stops the workers now (SIGTERM, then SIGKILL after a bounded wait) and reaps them.
+  void terminate() noexcept { engine_->terminate(); }
+
+  /// Number of worker processes.
+  unsigned workers() const noexcept { return engine_->size(); }
+  /// Pids of the workers now (they change as workers are replaced).
+  std::vector<pid_t> pids() const { return engine_->pids(); }
+
+ private:
+  template <class R>
+  friend class future;
+  friend class executor;
+
+  static pool_options options_with_workers(unsigned workers) {
+    pool_options o;
+    o.workers = workers;
+    if (workers == 0) throw error("a pool needs at least one worker; 0 were asked for");
+    return o;
+  }
+  std::size_t default_chunk(std::size_t n) const noexcept {
+    if (options_.chunk_size) return options_.chunk_size;
+    std::size_t parts = 4 * std::size_t(engine_->size());
+    return std::max<std::size_t>(1, (n + parts - 1) / parts);
+  }
+  template <class Invoke, class Range>
+  auto run_map(const Range& inputs, const char* name);
+  template <bool Ordered, class Range>
+  auto run_imap(Range&& inputs);
+  template <class Invoke, class Item>
+  auto submit_as(Item item);
+
+  F f_;
+  pool_options options_;
+  std::shared_ptr<detail::engine> engine_;
+};
+
+template <class F>
+pool(F) -> pool<F>;
+template <class F>
+pool(F, unsigned) -> pool<F>;
+template <class F>
+pool(F, int) -> pool<F>;
+template <class F>
+pool(F, pool_options) -> pool<F>;
+
+/// The result of a task submitted to a pool or an executor (Python's `AsyncResult`).
+///
+/// Waiting on a future drives the pool that made it: the calling thread sends
+/// and collects for every call in flight. Move-only.
+///
+/// **Thread safety:** use a future from the thread that uses its pool.
+template <class R>
+class [[nodiscard]] future {
+ public:
+  future() = default;
+  /// True when the result (or error) has arrived; does not wait.
+  bool ready() const;
+  /// Waits for the result and returns it (moves it out: call once).
+  /// **Throws:** `task_error`, `worker_died`, `timeout_error`; `pool_closed` when
+  /// the pool was stopped before the task ran; `procpool::error` for an empty future.
+  R get();
+  /// Waits at most `d`; true if the result is ready.
+  template <class Rep, class Period>
+  bool wait_for(std::chrono::duration<Rep, Period> d) const;
+  /// Waits at most `d` and returns the result; empty on timeout.
+  template <class Rep, class Period>
+  std::optional<detail::stored_t<R>> get_for(std::chrono::duration<Rep, Period> d);
+  /// True for a future that belongs to a task (not default-constructed, not moved from).
+  bool valid() const noexcept { return state_ != nullptr; }
+
+ private:
+  struct state;
+  template <class F>
+  friend class pool;
+  friend class executor;
+  future(std::shared_ptr<state> s, std::weak_ptr<detail::engine> e)
+      : state_(std::move(s)), engine_(std::move(e)) {}
+  void wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) const;
+  std::shared_ptr<state> state_;
+  std::weak_ptr<detail::engine> engine_;
+};
+
+// ---------------------------------------------------------------------------
+// Implementation.
+
+namespace detail {
+
+/// Calls the pool's function on one item.
+struct invoke_one {
+  template <class F, class Item>
+  static decltype(auto) call(F& f, Item& item) {
+    if constexpr (std::is_void_v<std::invoke_result_t<F&, Item&>>) {
+      std::invoke(f, item);
+      return std::monostate{};
+    } else {
+      return std::invoke(f, item);
+    }
+  }
+};
+
+/// Calls the pool's function with the elements of a tuple item as arguments.
+struct invoke_apply {
+  template <class F, class Tuple>
+  static decltype(auto) call(F& f, Tuple& args) {
+    using R = decltype(std::apply(f, args));
+    if constexpr (std::is_void_v<R>) {
+      std::apply(f, args);
+      return std::monostate{};
+    } else {
+      return std::apply(f, args);
+    }
+  }
+};
+
+template <class F, class Item, class Invoke>
+using call_result_t = decltype(Invoke::call(std::declval<F&>(), std::declval<Item&>()));
+
+/// True when `Range` has `std::data` and `std::size` giving contiguous items of `Item`.
+template <class Range, class Item, class = void>
+struct is_contiguous_of : std::false_type {};
+template <class Range, class Item>
+struct is_contiguous_of<Range, Item,
+                        std::void_t<decltype(std::data(std::declval<const Range&>())),
+                                    decltype(std::size(std::declval<const Range&>()))>>
+    : std::is_same<std::remove_cv_t<
+                       std::remove_pointer_t<decltype(std::data(std::declval<const Range&>()))>>,
+                   Item> {};
+
+template <class Range, class = void>
+struct has_size : std::false_type {};
+template <class Range>
+struct has_size<Range, std::void_t<decltype(std::size(std::declval<const Range&>()))>>
+    : std::true_type {};
+
+template <class It>
+constexpr bool is_forward_iterator_v =
+    std::is_base_of_v<std::forward_iterator_tag,
+                      typename std::iterator_traits<It>::iterator_category>;
+
+/// Encodes up to `limit` items from [it, end) into `out`, stopping early when
+/// the chunk passes `max_bytes` (after at least one item). Returns the count.
+template <class It, class End>
+std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
+                         std::size_t max_bytes) {
+  std::size_t start = out.size();
+  std::size_t k = 0;
+  while (k < limit && it != end) {
+    encode(out, *it);
+    ++it;
+    ++k;
+    if (out.size() - start >= max_bytes) break;
+  }
+  return k;
+}
+
+/// Decodes `count` results into `dest[0..count)`: one copy when they are trivially sendable.
+template <class R>
+void decode_results(reader& in, R* dest, std::size_t count) {
+  if constexpr (is_trivially_sendable_v<R>) {
+    if (count > in.remaining() / sizeof(R))
+      throw decode_error(in.offset(),
+                         fmt::format("expected {} results of {} bytes, {} bytes remain", count,
+                                     sizeof(R), in.remaining()));
+    std::memcpy(static_cast<void*>(dest), in.take(count * sizeof(R)), count * sizeof(R));
+  } else {
+    for (std::size_t k = 0; k < count; ++k) dest[k] = decode<R>(in);
+  }
+}
+
+/// One `map` or `starmap` call over a sized range, results written into a vector.
+template <class F, class Item, class Invoke, class It, class End, class R>
+class map_call final : public call_state {
+ public:
+  map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
+           std::size_t chunk_bytes, std::vector<R>& out, progress_reporter progress)
+      : it_(begin),
+        end_(end),
+        contiguous_(contiguous),
+        n_(n),
+        chunk_(chunk),
+        chunk_bytes_(chunk_bytes),
+        out_(out),
+        progress_(std::move(progress)) {
+    input_done = n == 0;
+  }
+
+  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
+                  chunk_handler& handler) override {
+    if (next_ >= n_) {
+      input_done = true;
+      return false;
+    }
+    std::size_t limit = std::min({chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX)});
+    std::size_t k;
+    if constexpr (is_trivially_sendable_v<Item>) {
+      if (contiguous_) {
+        k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
+        out.write(contiguous_ + next_, k * sizeof(Item));
+      } else {
+        k = encode_items(out, it_, end_, limit, chunk_bytes_);
+      }
+    } else {
+      k = encode_items(out, it_, end_, limit, chunk_bytes_);
+    }
+    first = next_;
+    count = static_cast<std::uint32_t>(k);
+    handler = &run_chunk<F, Item, Invoke>;
+    next_ += k;
+    if (next_ >= n_) input_done = true;
+    return true;
+  }
+
+  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
+    decode_results(in, out_.data() + first, count);
+    done_ += count;
+    progress_.update(done_, done_ == n_);
+  }
+
+ private:
+  It it_;
+  End end_;
+  const Item* contiguous_;
+  std::size_t n_;
+  std::size_t next_ = 0;
+  std::size_t done_ = 0;
+  std::size_t chunk_;
+  std::size_t chunk_bytes_;
+  std::vector<R>& out_;
+  progress_reporter progress_;
+};
+
+/// Where the items of an `imap` come from: the range, owned or referred to, and a position.
+template <class Range>
+struct range_source {
+  using stored = std::conditional_t<std::is_lvalue_reference_v<Range>, Range,
+                                    std::remove_cv_t<std::remove_reference_t<Range>>>;
+  explicit range_source(Range&& r)
+      : range(std::forward<Range>(r)), it(std::begin(range)), end(std::end(range)) {}
+  stored range;
+  decltype(std::begin(std::declval<stored&>())) it;
+  decltype(std::end(std::declval<stored&>())) end;
+};
+
+/// The shared part of `imap` and `imap_unordered`: results as they come.
+template <class R>
+class imap_state : public call_state {
+ public:
+  /// Moves the next result out (the pair's index is the item's); false at the end.
+  virtual bool next(std::pair<std::size_t, R>& out) = 0;
+};
+
+/// One `imap` / `imap_unordered` call: lazy input, a bounded window of results.
+template <class F, class Item, class Invoke, class Range, class R, bool Ordered>
+class imap_call final : public imap_state<R> {
+ public:
+  imap_call(Range&& r, std::size_t chunk, bool grow, std::size_t chunk_bytes, std::size_t window,
+            std::weak_ptr<engine> e, progress_reporter progress)
+      : source_(std::forward<Range>(r)),
+        chunk_(chunk),
+        grow_(grow),
+        chunk_bytes_(chunk_bytes),
+        window_(window),
+        engine_(std::move(e)),
+        progress_(std::move(progress)) {}
+
+  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
+                  chunk_handler& handler) override {
+    if (source_.it == source_.end) {
+      this->input_done = true;
+      return false;
+    }
+    if (sent_ - yielded_ >= window_) return false;  // the reader is behind: wait for it
+    std::size_t limit = std::min({chunk_, max_count, std::size_t(UINT32_MAX)});
+    std::size_t k = encode_items(out, source_.it, source_.end, limit, chunk_bytes_);
+    first = sent_;
+    count = static_cast<std::uint32_t>(k);
+    handler = &run_chunk<F, Item, Invoke>;
+    sent_ += k;
+    if (grow_ && chunk_ < 4096) chunk_ *= 2;  // unknown length: start small, grow
+    if (source_.it == source_.end) this->input_done = true;
+    return true;
+  }
+
+  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
+    for (std::uint32_t k = 0; k < count; ++k) {
+      std::size_t index = first + k;
+      if constexpr (Ordered) {
+        std::size_t slot = index - yielded_;
+        if (window_results_.size() <= slot) window_results_.resize(slot + 1);
+        window_results_[slot] = decode<R>(in);
+      } else {
+        ready_.emplace_back(index, decode<R>(in));
+      }
+    }
+    done_ += count;
+    progress_.update(done_, false);
+  }
+
+  bool next(std::pair<std::size_t, R>& out) override {
+    auto e = engine_.lock();
+    for (;;) {
+      if constexpr (Ordered) {
+        if (this->failed() && this->error_index() == yielded_) this->rethrow_if_failed();
+        if (!window_results_.empty() && window_results_.front()) {
+          out.first = yielded_++;
+          out.second = std::move(*window_results_.front());
+          window_results_.pop_front();
+          return true;
+        }
+      } else {
+        if (!ready_.empty()) {
+          out = std::move(ready_.front());
+          ready_.pop_front();
+          ++yielded_;
+          return true;
+        }
+        this->rethrow_if_failed();
+      }
+      if (this->input_done && this->in_flight == 0 && yielded_ == sent_) {
+        this->rethrow_if_failed();
+        progress_.update(done_, true);
+        return false;
+      }
+      if (!e) throw pool_closed("imap iteration");
+      // Drive until something changes for this call.
+      std::size_t before = done_;
+      e->drive([&] {
+        return done_ != before || this->failed() || (this->input_done && this->in_flight == 0);
+      });
+    }
+  }
+
+ private:
+  range_source<Range> source_;
+  std::size_t chunk_;
+  bool grow_;
+  std::size_t chunk_bytes_;
+  std::size_t window_;
+  std::weak_ptr<engine> engine_;
+  progress_reporter progress_;
+  std::size_t sent_ = 0;
+  std::size_t yielded_ = 0;
+  std::size_t done_ = 0;
+  std::deque<std::optional<R>> window_results_;
+  std::deque<std::pair<std::size_t, R>> ready_;
+};
+
+/// One submitted task: one item, called through `Invoke`.
+template <class F, class Args, class Invoke, class R>
+class submit_call final : public call_state {
+ public:
+  explicit submit_call(Args args) : args_(std::move(args)) {}
+  bool next_chunk(writer& out, std::size_t, std::uint64_t& first, std::uint32_t& count,
+                  chunk_handler& handler) override {
+    encode(out, args_);
+    first = 0;
+    count = 1;
+    handler = &run_chunk<F, Args, Invoke>;
+    input_done = true;
+    return true;
+  }
+  void on_results(std::uint64_t, std::uint32_t, reader& in) override { result = decode<R>(in); }
+  std::optional<R> result;
+
+ private:
+  Args args_;
+};
+
+}  // namespace detail
+
+/// What a future shares with its task.
+template <class R>
+struct future<R>::state {
+  std::shared_ptr<detail::call_state> call;
+  std::optional<detail::stored_t<R>>* result = nullptr;
+};
+
+template <class F>
+pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(options)) {
+  if (options_.workers == 0) options_.workers = cpu_count();
+  detail::engine_config config;
+  config.workers = options_.workers;
+  config.ring_bytes = options_.ring_bytes;
+  config.initializer = options_.initializer;
+  config.max_tasks_per_child = options_.max_tasks_per_child;
+  config.task_timeout = options_.task_timeout;
+  config.function = &f_;
+  engine_ = std::make_shared<detail::engine>(std::move(config));
+}
+
+template <class F>
+pool<F>::~pool() {
+  try {
+    engine_->join();
+  } catch (...) {
+    engine_->terminate();
+  }
+}
+
+template <class F>
+template <class Invoke, class Range>
+auto pool<F>::run_map(const Range& inputs, const char* name) {
+  using Item = detail::range_item_t<Range>;
+  static_assert(is_sendable_v<Item>,
+                "procpool: the items of this range cannot be sent to a worker process; see "
+                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  using Result = detail::call_result_t<F, Item, Invoke>;
+  static_assert(is_sendable_v<Result>,
+                "procpool: the function's result type cannot be sent back from a worker process; "
+                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  using Begin = decltype(std::begin(inputs));
+  using End = decltype(std::end(inputs));
+  engine_->check_usable(name);
+  if constexpr (!detail::has_size<Range>::value && !detail::is_forward_iterator_v<Begin>) {
+    // A single-pass range without a size: read it all first, as Python does.
+    std::vector<Item> items(std::begin(inputs), std::end(inputs));
+    return run_map<Invoke>(items, name);
+  } else {
+    std::size_t n;
+    if constexpr (detail::has_size<Range>::value)
+      n = static_cast<std::size_t>(std::size(inputs));
+    else
+      n = static_cast<std::size_t>(std::distance(std::begin(inputs), std::end(inputs)));
+    const Item* contiguous = nullptr;
+    if constexpr (detail::is_contiguous_of<Range, Item>::value) contiguous = std::data(inputs);
+    constexpr bool default_constructible = std::is_default_constructible_v<Result>;
+    using Slot = std::conditional_t<default_constructible, Result, std::optional<Result>>;
+    std::vector<Slot> results(n);
+    auto call = std::make_shared<detail::map_call<F, Item, Invoke, Begin, End, Slot>>(
+        std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n),
+        engine_->chunk_bytes(), results,
+        detail::progress_reporter(options_.progress, options_.on_progress, n));
+    engine_->start(call);
+    engine_->drive([&] { return call->finished(); });
+    call->rethrow_if_failed();
+    if constexpr (std::is_same_v<Result, std::monostate>) {
+      return;
+    } else if constexpr (default_constructible) {
+      return results;
+    } else {
+      std::vector<Result> out;
+      out.reserve(n);
+      for (auto& r : results) out.push_back(std::move(*r));
+      return out;
+    }
+  }
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::map(const Range& inputs) {
+  return run_map<detail::invoke_one>(inputs, "map");
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::starmap(const Range& inputs) {
+  return run_map<detail::invoke_apply>(inputs, "starmap");
+}
+
+/// A lazy range of results from `pool::imap`: an input range of `R`, in input order.
+///
+/// Iterating drives the pool. Dropping the range cancels what is left of the call.
+/// **Throws** (from `begin()` and `++`): as `pool::map`, when iteration reaches the failing item.
+template <class R>
+class [[nodiscard]] imap_range {
+ public:
+  /// Input iterator over the results.
+  class iterator {
+   public:
+    using iterator_category = std::input_iterator_tag;
+    using value_type = R;
+    using difference_type = std::ptrdiff_t;
+    using pointer = R*;
+    using reference = R&;
+
+    iterator() = default;
+    reference operator*() const { return range_->current_.second; }
+    pointer operator->() const { return &range_->current_.second; }
+    iterator& operator++() {
+      range_->advance();
+      return *this;
+    }
+    void operator++(int) { ++*this; }
+    friend bool operator==(const iterator& a, const iterator& b) {
+      return a.at_end() == b.at_end();
+    }
+    friend bool operator!=(const iterator& a, const iterator& b) { return !(a == b); }
+
+   private:
+    friend class imap_range;
+    explicit iterator(imap_range* r) : range_(r) {}
+    bool at_end() const { return range_ == nullptr || range_->done_; }
+    imap_range* range_ = nullptr;
+  };
+
+  /// Starts iterating: waits for the first result.
+  iterator begin() {
+    if (!started_) advance();
+    return iterator(this);
+  }
+  /// The end of the results.
+  iterator end() noexcept { return iterator(); }
+
+  imap_range(imap_range&&) noexcept = default;
+  imap_range& operator=(imap_range&&) noexcept = default;
+  ~imap_range() { cancel(); }
+
+ private:
+  template <class F>
+  friend class pool;
+  imap_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::engine> e)
+      : state_(std::move(s)), engine_(std::move(e)) {}
+  void advance() {
+    started_ = true;
+    done_ = !state_->next(current_);
+  }
+  void cancel() noexcept {
+    if (state_ && !done_) {
+      if (auto e = engine_.lock()) e->cancel(*state_);
+    }
+  }
+  std::shared_ptr<detail::imap_state<R>> state_;
+  std::weak_ptr<detail::engine> engine_;
+  std::pair<std::size_t, R> current_{};
+  bool started_ = false;
+  bool done_ = false;
+};
+
+/// A lazy range of `(index, result)` pairs from `pool::imap_unordered`, in the
+/// order results arrive. Iterating drives the pool; dropping the range cancels
+/// what is left of the call.
+template <class R>
+class [[nodiscard]] imap_unordered_range {
+ public:
+  /// Input iterator over `(index, result)` pairs.
+  class iterator {
+   public:
+    using iterator_category = std::input_iterator_tag;
+    using value_type = std::pair<std::size_t, R>;
+    using difference_type = std::ptrdiff_t;
+    using pointer = value_type*;
+    using reference = value_type&;
+
+    iterator() = default;
+    reference operator*() const { return range_->current_; }
+    pointer operator->() const { return &range_->current_; }
+    iterator& operator++() {
+      range_->advance();
+      return *this;
+    }
+    void operator++(int) { ++*this; }
+    friend bool operator==(const iterator& a, const iterator& b) {
+      return a.at_end() == b.at_end();
+    }
+    friend bool operator!=(const iterator& a, const iterator& b) { return !(a == b); }
+
+   private:
+    friend class imap_unordered_range;
+    explicit iterator(imap_unordered_range* r) : range_(r) {}
+    bool at_end() const { return range_ == nullptr || range_->done_; }
+    imap_unordered_range* range_ = nullptr;
+  };
+
+  /// Starts iterating: waits for the first result.
+  iterator begin() {
+    if (!started_) advance();
+    return iterator(this);
+  }
+  /// The end of the results.
+  iterator end() noexcept { return iterator(); }
+
+  imap_unordered_range(imap_unordered_range&&) noexcept = default;
+  imap_unordered_range& operator=(imap_unordered_range&&) noexcept = default;
+  ~imap_unordered_range() {
+    if (state_ && !done_) {
+      if (auto e = engine_.lock()) e->cancel(*state_);
+    }
+  }
+
+ private:
+  template <class F>
+  friend class pool;
+  imap_unordered_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::engine> e)
+      : state_(std::move(s)), engine_(std::move(e)) {}
+  void advance() {
+    started_ = true;
+    done_ = !state_->next(current_);
+  }
+  std::shared_ptr<detail::imap_state<R>> state_;
+  std::weak_ptr<detail::engine> engine_;
+  std::pair<std::size_t, R> current_{};
+  bool started_ = false;
+  bool done_ = false;
+};
+
+template <class F>
+template <bool Ordered, class Range>
+auto pool<F>::run_imap(Range&& inputs) {
+  using Item = detail::range_item_t<Range>;
+  static_assert(is_sendable_v<Item>,
+                "procpool: the items of this range cannot be sent to a worker process; see "
+                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  using Result = detail::call_result_t<F, Item, detail::invoke_one>;
+  static_assert(is_sendable_v<Result>,
+                "procpool: the function's result type cannot be sent back from a worker process; "
+                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  engine_->check_usable(Ordered ? "imap" : "imap_unordered");
+  std::size_t chunk = options_.chunk_size;
+  std::size_t total = 0;
+  bool grow = false;
+  if constexpr (detail::has_size<std::remove_reference_t<Range>>::value) {
+    total = static_cast<std::size_t>(std::size(inputs));
+    if (chunk == 0) chunk = default_chunk(total);
+  }
+  if (chunk == 0) {
+    chunk = 1;
+    grow = true;
+  }
+  std::size_t window = 4 * std::size_t(engine_->size()) * std::min<std::size_t>(chunk, 4096);
+  if (grow) window = 4 * std::size_t(engine_->size()) * 4096;
+  using call_t = detail::imap_call<F, Item, detail::invoke_one, Range, Result, Ordered>;
+  auto call = std::make_shared<call_t>(
+      std::forward<Range>(inputs), chunk, grow, engine_->chunk_bytes(), window, engine_,
+      detail::progress_reporter(Ordered && options_.progress, options_.on_progress, total));
+  engine_->start(call);
+  std::shared_ptr<detail::imap_state<Result>> state = call;
+  if constexpr (Ordered)
+    return imap_range<Result>(std::move(state), engine_);
+  else
+    return imap_unordered_range<Result>(std::move(state), engine_);
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::imap(Range&& inputs) {
+  return run_imap<true>(std::forward<Range>(inputs));
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::imap_unordered(Range&& inputs) {
+  return run_imap<false>(std::forward<Range>(inputs));
+}
+
+template <class F>
+template <class... Args>
+auto pool<F>::submit(Args&&... args) {
+  using Tuple = std::tuple<std::decay_t<Args>...>;
+  static_assert(is_sendable_v<Tuple>,
+                "procpool: an argument of submit cannot be sent to a worker process; see "
+                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  return submit_as<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
+}
+
+template <class F>
+template <class Invoke, class Item>
+auto pool<F>::submit_as(Item item) {
+  using Result = detail::call_result_t<F, Item, Invoke>;
+  static_assert(is_sendable_v<Result>,
+                "procpool: the function's result type cannot be sent back from a worker process; "
+                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void, Result>;
+  engine_->check_usable("submit");
+  auto call = std::make_shared<detail::submit_call<F, Item, Invoke, Result>>(std::move(item));
+  engine_->start(call);
+  auto s = std::make_shared<typename future<R>::state>();
+  s->call = call;
+  s->result = &call->result;
+  return future<R>(std::move(s), engine_);
+}
+
+template <class R>
+bool future<R>::ready() const {
+  if (!state_) return false;
+  return state_->call->finished();
+}
+
+template <class R>
+void future<R>::wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) const {
+  if (!state_) throw error("get() or wait on an empty future");
+  auto& call = *state_->call;
+  if (call.finished()) return;
+  auto e = engine_.lock();
+  if (!e) throw pool_closed("future::get");
+  e->drive_until([&] { return call.finished(); }, deadline);
+}
+
+template <class R>
+R future<R>::get() {
+  wait_until(std::nullopt);
+  state_->call->rethrow_if_failed();
+  auto& result = *state_->result;
+  if (!result) throw error("future::get called twice");
+  if constexpr (std::is_void_v<R>) {
+    result.reset();
+  } else {
+    R r = std::move(*result);
+    result.reset();
+    return r;
+  }
+}
+
+template <class R>
+template <class Rep, class Period>
+bool future<R>::wait_for(std::chrono::duration<Rep, Period> d) const {
+  wait_until(std::chrono::steady_clock::now() + d);
+  return state_->call->finished();
+}
+
+template <class R>
+template <class Rep, class Period>
+std::optional<detail::stored_t<R>> future<R>::get_for(std::chrono::duration<Rep, Period> d) {
+  if (!wait_for(d)) return std::nullopt;
+  state_->call->rethrow_if_failed();
+  auto& result = *state_->result;
+  if (!result) throw error("future::get called twice");
+  std::optional<detail::stored_t<R>> out(std::move(*result));
+  result.reset();
+  return out;
+}
+
+}  // namespace procpool
