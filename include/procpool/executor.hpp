@@ -176,8 +176,8 @@ class executor {
                   "procpool::executor runs plain functions and captureless lambdas: their code "
                   "is at the same address in the worker processes. A lambda with captures "
                   "carries state the executor cannot send; use procpool::pool for it.");
-    return pool_.template run_map<detail::invoke_bound>(
-        detail::bound_range<fn_t, Range>(fn, inputs), "map");
+    detail::bound_range<fn_t, Range> bound(fn, inputs);
+    return pool_.template run_map<detail::invoke_bound>(bound, "map");
   }
 
   /// Accepts no more tasks; tasks in flight still complete.

@@ -117,12 +117,12 @@ class pool {
   /// `timeout_error`, `pool_closed` after `close()`; the pool stays usable after
   /// the first three.
   template <class Range>
-  auto map(const Range& inputs);
+  auto map(Range&& inputs);
 
   /// `map` for a function of several arguments: each item is a tuple (or pair)
   /// whose elements are passed as the arguments (Python's `Pool.starmap`).
   template <class Range>
-  auto starmap(const Range& inputs);
+  auto starmap(Range&& inputs);
 
   /// A lazy range of results in input order (Python's `Pool.imap`). Input is
   /// read only as workers need it and at most a few chunks per worker are in
@@ -172,7 +172,7 @@ class pool {
     return std::max<std::size_t>(1, (n + parts - 1) / parts);
   }
   template <class Invoke, class Range>
-  auto run_map(const Range& inputs, const char* name);
+  auto run_map(Range& inputs, const char* name);
   template <bool Ordered, class Range>
   auto run_imap(Range&& inputs);
   template <class Invoke, class Item>
@@ -548,7 +548,7 @@ pool<F>::~pool() {
 
 template <class F>
 template <class Invoke, class Range>
-auto pool<F>::run_map(const Range& inputs, const char* name) {
+auto pool<F>::run_map(Range& inputs, const char* name) {
   using Item = detail::range_item_t<Range>;
   static_assert(is_sendable_v<Item>,
                 "procpool: the items of this range cannot be sent to a worker process; see "
@@ -597,13 +597,13 @@ auto pool<F>::run_map(const Range& inputs, const char* name) {
 
 template <class F>
 template <class Range>
-auto pool<F>::map(const Range& inputs) {
+auto pool<F>::map(Range&& inputs) {
   return run_map<detail::invoke_one>(inputs, "map");
 }
 
 template <class F>
 template <class Range>
-auto pool<F>::starmap(const Range& inputs) {
+auto pool<F>::starmap(Range&& inputs) {
   return run_map<detail::invoke_apply>(inputs, "starmap");
 }
 

@@ -230,7 +230,9 @@ struct engine_config {
   std::chrono::nanoseconds task_timeout{0};
   void* function = nullptr;  // passed to handlers in the workers
   wait_policy parent_wait{std::chrono::microseconds(20), std::chrono::milliseconds(10)};
-  wait_policy worker_wait{std::chrono::microseconds(20), std::chrono::milliseconds(50)};
+  // Workers sleep at once when idle: on a machine with few cores a spinning
+  // worker competes with the parent and the other workers for a core.
+  wait_policy worker_wait{std::chrono::nanoseconds(0), std::chrono::milliseconds(50)};
   std::chrono::milliseconds stop_grace{1000};
 };
 
@@ -331,7 +333,6 @@ class engine {
   std::deque<chunk> resend_;                         // chunks a dead worker never started
   std::vector<std::vector<std::byte>> spare_buffers_;
   std::uint64_t next_call_id_ = 1;
-  std::size_t next_worker_ = 0;
   steady::time_point next_health_check_{};
   std::exception_ptr broken_;
   bool closed_ = false;
@@ -534,15 +535,15 @@ inline bool engine::any_ready() {
 
 inline bool engine::pump() {
   bool progress = false;
-  std::size_t n = workers_.size();
-  for (std::size_t k = 0; k < n; ++k) {
-    auto& w = workers_[(next_worker_ + k) % n];
+  for (auto& w : workers_)
+    if (w.pid != 0) progress |= receive(w);
+  // Fill the lowest-numbered workers first: back-to-back small tasks then go to
+  // a worker that is still awake instead of waking a sleeping one each time.
+  for (auto& w : workers_) {
     if (w.pid == 0) continue;
-    progress |= receive(w);
     progress |= fill(w);
     progress |= send_pending(w);
   }
-  next_worker_ = (next_worker_ + 1) % n;
   return progress;
 }
 
