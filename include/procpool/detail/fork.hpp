@@ -10,10 +10,18 @@
 #include <csignal>
 #include <cstdio>
 #include <iostream>
+#include <string>
 
 #include "sys.hpp"
 
 namespace procpool::detail {
+
+/// Name of this process as `current_process()` reports it: "main" until a
+/// `process` or pool worker sets its own in the child.
+inline std::string& current_process_name() {
+  static std::string name = "main";
+  return name;
+}
 
 /// True once the threaded-fork warning has been printed by this process.
 inline std::atomic<bool> warned_threaded_fork{false};

@@ -1,0 +1,83 @@
+// Helpers shared by the test programs: counting this process's descriptors and
+// children (for the no-leak, no-zombie checks), and a one-byte go signal.
+#pragma once
+
+#include <procpool/detail/sys.hpp>
+
+#include <dirent.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace procpool_test {
+
+/// Open descriptors of this process (the directory stream's own excluded).
+inline std::size_t open_fd_count() {
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/proc/self/fd")) {
+    while (dirent* e = ::readdir(d)) {
+      if (e->d_name[0] != '.') ++n;
+    }
+    ::closedir(d);
+    if (n > 0) --n;
+  }
+  return n;
+}
+
+/// Children of this process that exist, zombies included.
+inline std::size_t child_count() {
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/proc")) {
+    while (dirent* e = ::readdir(d)) {
+      char* end = nullptr;
+      long pid = std::strtol(e->d_name, &end, 10);
+      if (end == e->d_name || *end != '\0') continue;
+      char path[64];
+      std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+      if (FILE* f = std::fopen(path, "re")) {
+        char buf[512];
+        std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
+        std::fclose(f);
+        buf[len] = '\0';
+        const char* p = std::strrchr(buf, ')');
+        long ppid = 0;
+        if (p != nullptr && std::sscanf(p + 2, "%*c %ld", &ppid) == 1 && ppid == ::getpid()) ++n;
+      }
+    }
+    ::closedir(d);
+  }
+  return n;
+}
+
+/// State letter of process `pid` from /proc ('R', 'S', 'Z', …); '?' when gone.
+inline char process_state(pid_t pid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return '?';
+  char buf[512];
+  std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[len] = '\0';
+  const char* p = std::strrchr(buf, ')');
+  return p != nullptr && p[1] == ' ' ? p[2] : '?';
+}
+
+/// A one-byte signal from one process to another through an OS pipe: made
+/// before a fork, `give()` on one side releases `await()` on the other.
+struct go_signal {
+  std::pair<procpool::detail::sys::unique_fd, procpool::detail::sys::unique_fd> fds =
+      procpool::detail::sys::make_pipe();
+  /// Releases one `await()`.
+  void give() { procpool::detail::sys::write_all(fds.second.get(), "g", 1); }
+  /// Blocks until `give()`; false when every writer closed first.
+  bool await() {
+    char c;
+    return procpool::detail::sys::read_some(fds.first.get(), &c, 1) == 1;
+  }
+};
+
+}  // namespace procpool_test
