@@ -315,7 +315,7 @@ class engine {
   void finish_chunk(worker& w);
   bool check_health(bool force);
   void on_death(std::size_t w, exit_status status);
-  void retire_if_due(std::size_t w);
+  bool retire_if_due(std::size_t w);
   bool any_ready();
   void reap_all(std::chrono::milliseconds grace, bool send_stop) noexcept;
   bool wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout) noexcept;
@@ -407,6 +407,7 @@ inline void engine::spawn(std::size_t i) {
 inline void engine::worker_main(std::size_t i) {
   try {
     die_with_parent(parent_);
+    current_process_name() = fmt::format("pool-worker-{}", i + 1);
     auto& w = workers_[i];
     worker_context ctx{shared_, w.slot, config_.function};
     ctx.stamp_times = shared_->track_start_times.load() != 0;
@@ -747,8 +748,8 @@ inline bool engine::check_health(bool force) {
     if (r == w.pid) {
       on_death(i, exit_status::from_wait_status(status));
       changed = true;
-    } else {
-      retire_if_due(i);
+    } else if (retire_if_due(i)) {
+      changed = true;  // a fresh worker waits for chunks
     }
   }
   return changed;
@@ -800,11 +801,11 @@ inline void engine::on_death(std::size_t i, exit_status status) {
   }
 }
 
-inline void engine::retire_if_due(std::size_t i) {
+inline bool engine::retire_if_due(std::size_t i) {
   auto& w = workers_[i];
   if (config_.max_tasks_per_child == 0 || w.items_sent < config_.max_tasks_per_child ||
       !w.inflight.empty() || w.receiving)
-    return;
+    return false;
   // The worker did its share: stop it, reap it, start a fresh one.
   std::vector<std::byte> frame(sizeof(std::uint64_t) + sizeof(task_header));
   std::uint64_t size = sizeof(task_header);
@@ -825,6 +826,7 @@ inline void engine::retire_if_due(std::size_t i) {
   w.pid = 0;
   w.pidfd.reset();
   if (!broken_ && !stopped_) spawn(i);
+  return true;
 }
 
 inline bool engine::wait_exit(worker& w,

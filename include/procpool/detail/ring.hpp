@@ -93,6 +93,7 @@ class ring_writer {
   }
   /// Copies `n` bytes in, unpublished; `n` must not exceed `free_space()`.
   void put(const void* src, std::size_t n) noexcept {
+    if (n == 0) return;  // src may be null then, which memcpy does not allow
     std::size_t at = static_cast<std::size_t>(tail_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(data_ + at, src, first);
@@ -174,10 +175,12 @@ class ring_reader {
     tail_cache_ = r->tail.load(std::memory_order_acquire);
   }
 
-  /// Bytes ready to read now.
-  std::size_t available() noexcept {
+  /// Bytes ready to read now. The view of the writer's progress is refreshed
+  /// when fewer than `want` bytes are known, so a caller waiting for `want`
+  /// bytes (a message header, say) sees them once they are published.
+  std::size_t available(std::size_t want = sizeof(std::uint64_t)) noexcept {
     std::size_t a = static_cast<std::size_t>(tail_cache_ - head_);
-    if (a == 0) {
+    if (a < want) {
       tail_cache_ = r_->tail.load(std::memory_order_acquire);
       a = static_cast<std::size_t>(tail_cache_ - head_);
     }
@@ -190,6 +193,7 @@ class ring_reader {
   }
   /// Copies `n` bytes out; `n` must not exceed `available()`. Space is freed on `release()`.
   void get(void* dst, std::size_t n) noexcept {
+    if (n == 0) return;  // dst may be null then, which memcpy does not allow
     std::size_t at = static_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(dst, data_ + at, first);
@@ -198,7 +202,7 @@ class ring_reader {
   }
   /// A pointer to the next `n` bytes if they are available and contiguous, else null.
   const std::byte* peek(std::size_t n) noexcept {
-    if (available() < n) return nullptr;
+    if (available(n) < n) return nullptr;
     std::size_t at = static_cast<std::size_t>(head_ & mask_);
     return at + n <= capacity_ ? data_ + at : nullptr;
   }
