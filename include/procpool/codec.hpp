@@ -1,0 +1,398 @@
+/// @file
+/// Serialization of the values a pool sends between processes: `encode` and
+/// `decode`, the `writer` and `reader` they work on, and the customization
+/// point for types procpool cannot send on its own.
+///
+/// Sent types need no annotation in the common cases: arithmetic types and
+/// enums; `std::string` (and `std::string_view`, encoded as a string),
+/// `std::vector`, `std::array`, `std::deque`, `std::list`, `std::pair`,
+/// `std::tuple`, `std::optional`, `std::variant`, `std::monostate`, the
+/// standard maps and sets, `std::complex`, `std::chrono::duration` and
+/// `std::chrono::time_point`; and aggregates (structs with public fields and
+/// no constructors) of those, field by field through Boost.PFR, nested to any
+/// depth, recursive ones (`struct node { std::vector<node> children; }`)
+/// included.
+///
+/// A type is encoded by the first rule that applies:
+/// 1. its own `procpool_encode`/`procpool_decode`, found by argument-dependent
+///    lookup (see `type_tag`);
+/// 2. the built-in rules for the standard types above;
+/// 3. its object bytes, by one `memcpy`, for a trivially copyable aggregate
+///    whose fields are all sent that way (and for contiguous runs of them);
+/// 4. field by field, in declaration order, for any other aggregate.
+/// Anything else — raw pointers, references, unions, `std::function`, smart
+/// pointers, classes with private state — is refused at compile time by a
+/// `static_assert` that says why and how to opt in.
+///
+/// Limits: aggregates with base classes, C array fields or bit-fields cannot
+/// be reflected by Boost.PFR (its own compile error says so); give them
+/// `procpool_encode`/`procpool_decode`, or use `std::array`. Reference fields
+/// are refused (a const reference field only when every field after it can be
+/// value-initialized: the check has to go through aggregate initialization). Enums need a fixed
+/// underlying type (every `enum class` has one) so that every decoded value is valid; their values
+/// are not checked against the enumerators.
+///
+/// ## Wire format
+///
+/// Every process that reads a buffer runs the same binary as the one that
+/// wrote it, so numbers are in the machine's native byte order and layout.
+///
+/// | type                                | bytes                                                  |
+/// |-------------------------------------|--------------------------------------------------------|
+/// | `bool`                              | 1 byte, 0 or 1                                         |
+/// | other arithmetic types, enums       | the object's `sizeof(T)` bytes                         |
+/// | trivially sendable aggregates       | the object's `sizeof(T)` bytes, padding included       |
+/// | `std::basic_string`, `string_view`  | u64 length *n*, then *n* characters                    |
+/// | `std::vector<T>`                    | u64 count *n*, then *n* elements (one block of bytes
+/// when `T` is trivially sendable) | | `std::vector<bool>`                 | u64 count *n*, then
+/// ⌈*n*/8⌉ bytes; element *i* is bit *i* % 8 (least significant first) of byte *i* / 8; unused bits
+/// are 0 | | `std::array<T, N>`                  | *N* elements, no count | | `std::deque`,
+/// `std::list`           | u64 count, then the elements                           | | maps,
+/// multimaps                     | u64 count, then key, value, key, value... in iteration order |
+/// | sets, multisets                     | u64 count, then the keys in iteration order            |
+/// | `std::pair`, `std::tuple`           | the members in order                                   |
+/// | `std::optional<T>`                  | u8 tag: 0 (empty) or 1 followed by the value           |
+/// | `std::variant<T...>`                | u32 index of the alternative, then its value           |
+/// | `std::monostate`, `std::tuple<>`    | nothing                                                |
+/// | `std::complex<T>`                   | its `sizeof` bytes (real, then imaginary part)         |
+/// | `duration`, `time_point`            | `count()`, `time_since_epoch()`                        |
+/// | other aggregates                    | the fields in declaration order                        |
+/// | types with `procpool_encode`        | whatever it writes                                     |
+///
+/// Decoding trusts no byte. Every read is checked against what remains and a
+/// shortfall throws `decode_error` naming the offset and what was expected.
+/// A count is checked against the bytes that remain divided by the smallest
+/// encoding of one element before anything is reserved, so a corrupt count
+/// fails at once instead of allocating. Elements whose encoding is empty
+/// (`std::monostate`, `std::tuple<>`, `std::array<T, 0>`, or user types whose
+/// `procpool_encode` writes nothing) cannot be bounded that way: a reader
+/// accepts at most `reader::max_empty_elements` of them in all. A `bool` byte
+/// other than 0 or 1, an optional tag other than 0 or 1, a variant index out
+/// of range and a duplicate key in a map or set without duplicates (or a
+/// `std::vector<bool>` with stray bits) are rejected too.
+#pragma once
+
+#include <algorithm>
+#include <cassert>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "errors.hpp"
+
+namespace procpool {
+
+/// Names the type to decode in a `procpool_decode` overload.
+///
+/// A type procpool cannot send on its own opts in with two functions in its
+/// own namespace (or as hidden friends), found by argument-dependent lookup:
+///
+/// ```cpp
+/// namespace shop {
+/// class money {
+///  public:
+///   money(std::int64_t cents, std::string currency);
+///   // ...
+///  private:
+///   friend void procpool_encode(procpool::writer& out, const money& m) {
+///     procpool::encode(out, m.cents_);
+///     procpool::encode(out, m.currency_);
+///   }
+///   friend money procpool_decode(procpool::reader& in, procpool::type_tag<money>) {
+///     auto cents = procpool::decode<std::int64_t>(in);
+///     return money(cents, procpool::decode<std::string>(in));
+///   }
+///   std::int64_t cents_;
+///   std::string currency_;
+/// };
+/// }  // namespace shop
+/// ```
+///
+/// `procpool_decode` must return the type itself and should throw
+/// `decode_error` (for instance `decode_error(in.offset(), "...")`) for bytes
+/// it rejects. For a type whose namespace you do not own, declare the two
+/// functions in namespace `procpool`: `writer` and `type_tag` make them
+/// visible to the lookup. These take precedence over every built-in rule.
+template <class T>
+struct type_tag {};
+
+/// Appends encoded bytes to a growable buffer it owns.
+///
+/// Reusable: `clear()` keeps the capacity, so once the buffer has grown to the
+/// size of the largest message, encoding allocates nothing.
+///
+/// **Thread safety:** none; one thread uses a writer at a time.
+class writer {
+ public:
+  /// An empty writer; the first write allocates.
+  writer() noexcept = default;
+  /// An empty writer with room for `capacity` bytes.
+  explicit writer(std::size_t capacity) { reserve(capacity); }
+  /// An empty writer that reuses the storage of `storage` (its content is discarded).
+  explicit writer(std::vector<std::byte> storage) : buf_(std::move(storage)) {
+    buf_.resize(buf_.capacity());
+  }
+
+  /// Appends `n` bytes from `data`.
+  void write(const void* data, std::size_t n) {
+    if (n == 0) return;
+    std::memcpy(prepare(n), data, n);
+    size_ += n;
+  }
+
+  /// Returns room for at least `n` more bytes after the end; `commit(k)` then
+  /// appends the first `k <= n` of them. Other calls in between invalidate it.
+  std::byte* prepare(std::size_t n) {
+    if (n > buf_.size() - size_) grow(n);
+    return buf_.data() + size_;
+  }
+
+  /// Appends `n` bytes written into the room returned by `prepare`.
+  void commit(std::size_t n) noexcept {
+    assert(n <= buf_.size() - size_);
+    size_ += n;
+  }
+
+  /// Makes room for `capacity` bytes in all without reallocating.
+  void reserve(std::size_t capacity) {
+    if (capacity > buf_.size()) grow(capacity - size_);
+  }
+
+  /// Cuts the content to `n` bytes, or extends it with zero bytes to `n`.
+  void resize(std::size_t n) {
+    if (n > size_) std::memset(prepare(n - size_), 0, n - size_);
+    size_ = n;
+  }
+
+  /// Forgets the content and keeps the capacity.
+  void clear() noexcept { size_ = 0; }
+
+  /// The bytes written so far (`size()` of them).
+  std::byte* data() noexcept { return buf_.data(); }
+  /// The bytes written so far (`size()` of them).
+  const std::byte* data() const noexcept { return buf_.data(); }
+  /// How many bytes were written since construction or the last `clear()`.
+  std::size_t size() const noexcept { return size_; }
+  /// How many bytes fit before the buffer has to grow.
+  std::size_t capacity() const noexcept { return buf_.size(); }
+  /// Whether nothing was written.
+  bool empty() const noexcept { return size_ == 0; }
+
+  /// Hands over the buffer holding exactly the bytes written, without a copy;
+  /// the writer is left empty, with no capacity.
+  std::vector<std::byte> release() {
+    buf_.resize(size_);
+    size_ = 0;
+    return std::move(buf_);
+  }
+
+ private:
+  void grow(std::size_t n);
+
+  std::vector<std::byte> buf_;  // all of it is capacity; the first size_ bytes are content
+  std::size_t size_ = 0;
+};
+
+/// Reads encoded bytes from a contiguous buffer it does not own.
+///
+/// Every read is checked: asking for more than remains throws `decode_error`
+/// naming the offset and what was expected ("expected 8 bytes for double,
+/// 3 remain"); nothing is ever read out of bounds.
+///
+/// **Thread safety:** none; one thread uses a reader at a time.
+class reader {
+ public:
+  /// How many elements with an empty encoding (such as `std::monostate`) one
+  /// reader decodes at most, in all containers together; more throws
+  /// `decode_error`. It bounds what a corrupt count can make a reader allocate.
+  static constexpr std::size_t max_empty_elements = std::size_t{1} << 20;
+
+  /// A reader of no bytes.
+  reader() noexcept = default;
+  /// A reader of the `size` bytes at `data`, which must outlive it.
+  reader(const std::byte* data, std::size_t size) noexcept : data_(data), size_(size) {}
+  /// A reader of the bytes of `bytes`, which must outlive it.
+  explicit reader(const std::vector<std::byte>& bytes) noexcept
+      : reader(bytes.data(), bytes.size()) {}
+
+  /// Consumes `n` bytes and returns where they start.
+  /// **Throws:** `decode_error` if fewer than `n` remain.
+  const std::byte* take(std::size_t n) {
+    if (n > size_ - pos_) fail_short(n, {});
+    const std::byte* p = data_ + pos_;
+    pos_ += n;
+    return p;
+  }
+
+  /// Consumes `n` bytes and returns where they start; `what` names them in the
+  /// error. **Throws:** `decode_error` if fewer than `n` remain.
+  const std::byte* take(std::size_t n, std::string_view what) {
+    if (n > size_ - pos_) fail_short(n, what);
+    return take(n);
+  }
+
+  /// Copies the next `n` bytes to `out`.
+  /// **Throws:** `decode_error` if fewer than `n` remain.
+  void read(void* out, std::size_t n) {
+    const std::byte* p = take(n);
+    if (n != 0) std::memcpy(out, p, n);
+  }
+
+  /// Counts `n` more elements that were decoded from no bytes at all against
+  /// the reader's allowance (`max_empty_elements`).
+  /// **Throws:** `decode_error` once the allowance is spent.
+  void consume_empty(std::uint64_t n);
+
+  /// Offset of the next byte to read from the start of the buffer.
+  std::size_t offset() const noexcept { return pos_; }
+  /// How many bytes remain to be read.
+  std::size_t remaining() const noexcept { return size_ - pos_; }
+  /// Whether every byte was read.
+  bool at_end() const noexcept { return pos_ == size_; }
+  /// The whole buffer.
+  const std::byte* data() const noexcept { return data_; }
+  /// Size of the whole buffer.
+  std::size_t size() const noexcept { return size_; }
+  /// How many more elements with an empty encoding this reader accepts.
+  std::size_t empty_allowance() const noexcept { return empty_left_; }
+
+ private:
+  [[noreturn]] void fail_short(std::size_t n, std::string_view what) const;
+
+  const std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t pos_ = 0;
+  std::size_t empty_left_ = max_empty_elements;
+};
+
+/// Appends the encoding of `value` to `out`.
+///
+/// Refused at compile time, with a sentence saying why and how to opt in, for
+/// a type procpool cannot send (see `is_encodable_v`).
+/// **Throws:** `std::bad_alloc`; `std::bad_variant_access` for a variant that
+/// is valueless by exception; whatever a `procpool_encode` throws.
+template <class T>
+void encode(writer& out, const T& value);
+
+/// Decodes one `T` from `in`, consuming exactly its bytes.
+///
+/// Refused at compile time for a type procpool cannot decode (see
+/// `is_decodable_v`). **Throws:** `decode_error` if the bytes are not a valid
+/// encoding of a `T`.
+template <class T>
+T decode(reader& in);
+
+/// The encoding of `value`, in a new buffer.
+template <class T>
+std::vector<std::byte> encode(const T& value);
+
+/// Decodes a `T` that must fill the `size` bytes at `data` exactly.
+/// **Throws:** `decode_error` if they are not a valid encoding of a `T`, or if
+/// bytes remain after it.
+template <class T>
+T decode(const std::byte* data, std::size_t size);
+
+/// Decodes a `T` that must fill `bytes` exactly.
+/// **Throws:** `decode_error` as `decode(data, size)`.
+template <class T>
+T decode(const std::vector<std::byte>& bytes);
+
+}  // namespace procpool
+
+#include "detail/codec_impl.hpp"
+
+namespace procpool {
+
+/// Whether procpool can encode a `T` (by the rules at the top of this header).
+template <class T>
+inline constexpr bool is_encodable_v =
+    detail::analysis_t<false, T, detail::type_list<>>::why == detail::refusal::none;
+
+/// Whether procpool can decode a `T`. Unlike encoding, this excludes views
+/// (`std::string_view`: decode a `std::string`), enums without a fixed
+/// underlying type, and types with a `procpool_encode` but no `procpool_decode`.
+template <class T>
+inline constexpr bool is_decodable_v =
+    detail::analysis_t<true, T, detail::type_list<>>::why == detail::refusal::none;
+
+/// Whether a `T` can be sent to another process: both encoded and decoded.
+template <class T>
+inline constexpr bool is_sendable_v = is_encodable_v<T>&& is_decodable_v<T>;
+
+namespace detail {
+
+/// Whether the encoding of a `T` is exactly its `sizeof(T)` object bytes, so a
+/// run of them can be copied in one block (arithmetic types but `bool`, enums
+/// with a fixed underlying type, trivially copyable aggregates of those,
+/// `std::array`s of those...). Every bit pattern of such bytes is a valid `T`.
+template <class T>
+inline constexpr bool is_trivially_sendable_v =
+    !std::is_reference_v<T> && codec_trivial<std::remove_cv_t<T>>();
+
+}  // namespace detail
+
+inline void writer::grow(std::size_t n) {
+  constexpr std::size_t limit = std::numeric_limits<std::size_t>::max() / 2;
+  if (n > limit || size_ > limit - n) throw std::length_error("procpool::writer: buffer too large");
+  std::size_t capacity = std::max({size_ + n, 2 * buf_.size(), std::size_t{256}});
+  buf_.resize(size_);  // only the content moves to the new block
+  buf_.reserve(capacity);
+  buf_.resize(capacity);
+}
+
+inline void reader::fail_short(std::size_t n, std::string_view what) const {
+  throw decode_error(
+      pos_, what.empty()
+                ? fmt::format("expected {} bytes, {} remain", n, size_ - pos_)
+                : fmt::format("expected {} bytes for {}, {} remain", n, what, size_ - pos_));
+}
+
+inline void reader::consume_empty(std::uint64_t n) {
+  if (n > empty_left_)
+    throw decode_error(pos_, fmt::format("more than {} elements with an empty encoding (such as "
+                                         "std::monostate) in one buffer",
+                                         max_empty_elements));
+  empty_left_ -= static_cast<std::size_t>(n);
+}
+
+template <class T>
+void encode(writer& out, const T& value) {
+  if constexpr (detail::verify<false, T>()) detail::codec<std::remove_cv_t<T>>::encode(out, value);
+}
+
+template <class T>
+T decode(reader& in) {
+  if constexpr (detail::verify<true, T>())
+    return detail::codec<std::remove_cv_t<T>>::decode(in);
+  else
+    std::abort();  // not reached: verify() has failed the build
+}
+
+template <class T>
+std::vector<std::byte> encode(const T& value) {
+  writer out;
+  encode(out, value);
+  return out.release();
+}
+
+template <class T>
+T decode(const std::byte* data, std::size_t size) {
+  reader in(data, size);
+  T value = decode<T>(in);
+  if (!in.at_end()) detail::throw_trailing<T>(in);
+  return value;
+}
+
+template <class T>
+T decode(const std::vector<std::byte>& bytes) {
+  return decode<T>(bytes.data(), bytes.size());
+}
+
+}  // namespace procpool
