@@ -1,0 +1,234 @@
+/// @file
+/// `queue<T>`: a bounded multi-producer multi-consumer queue in shared memory,
+/// after Python's `multiprocessing.Queue`.
+///
+/// ```cpp
+/// procpool::queue<std::string> q;            // before forking
+/// procpool::process producer([&] { q.push("work"); });
+/// std::string item = q.pop();
+/// ```
+///
+/// Every process forked after the queue was made can push and pop, and so can
+/// any number of threads in each. Items are encoded (see codec.hpp) into a
+/// circular buffer of `capacity()` bytes; each takes its encoded size plus an
+/// 8-byte header. Copies of a `queue` object are handles to the same queue.
+///
+/// ## Closing
+///
+/// `close()`, from any process, ends the stream: from then on every push
+/// (`push`, `try_push`, `push_for`, `push_until`) throws `channel_closed`,
+/// and a push waiting for room wakes and throws. Pops still deliver every item
+/// pushed before; once the queue is closed *and* empty, `pop()` throws
+/// `channel_closed` and `try_pop`, `pop_for` and `pop_until` return empty at
+/// once (`closed()` tells this from a timeout). A pop waiting on an empty
+/// queue wakes when it is closed.
+///
+/// ## Failures
+///
+/// A process killed at any point, even while it holds the queue's lock,
+/// leaves the queue intact: each push or pop becomes visible by one store made
+/// after its bytes are in place, so the item it was handling is either wholly
+/// in the queue or wholly out of it. The next process to take the lock is told
+/// by the robust mutex, recounts the items and carries on. (An item a killed
+/// consumer had popped but not yet used is lost with it.)
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "codec.hpp"
+#include "detail/channel.hpp"
+#include "errors.hpp"
+
+namespace procpool {
+
+/// Default capacity of a queue, in bytes.
+inline constexpr std::size_t default_queue_capacity = 1024 * 1024;
+
+/// A bounded queue of `T` values shared by processes forked after it was
+/// made; multi-producer, multi-consumer, first in first out.
+///
+/// **Thread safety:** every member may be called by any number of threads and
+/// processes at once.
+/// **Fork safety:** made before a fork, it works in the child, with every
+/// copy of it; the shared memory goes away with the last process holding it.
+template <class T>
+class queue {
+  static_assert(is_sendable_v<T>,
+                "procpool::queue<T>: T cannot be sent between processes; see codec.hpp for the "
+                "types that can, and for how a type of yours opts in");
+
+ public:
+  /// The type of the items.
+  using value_type = T;
+
+  /// Makes a queue holding up to `capacity_bytes` bytes of items (each takes
+  /// its encoded size plus 8).
+  ///
+  /// **Throws:** `procpool::error` for a capacity below 16 bytes or beyond
+  /// 1 TiB; `std::system_error` when the shared memory cannot be mapped.
+  explicit queue(std::size_t capacity_bytes = default_queue_capacity);
+  /// Another handle to the same queue.
+  queue(const queue&) = default;
+  /// Makes this a handle to the same queue as `other`.
+  queue& operator=(const queue&) = default;
+  ~queue() = default;
+
+  /// Pushes `item`, waiting while the queue has no room for it.
+  ///
+  /// **Throws:** `channel_closed` when the queue is closed (before or while
+  /// waiting); `message_too_large` when the encoded item could never fit;
+  /// whatever encoding `T` throws.
+  void push(const T& item);
+
+  /// Pushes `item` if there is room now; returns false otherwise.
+  ///
+  /// **Throws:** as `push`.
+  [[nodiscard]] bool try_push(const T& item);
+
+  /// Pushes `item` if there is room within `timeout`; returns false otherwise.
+  ///
+  /// **Throws:** as `push`.
+  template <class Rep, class Period>
+  [[nodiscard]] bool push_for(const T& item, const std::chrono::duration<Rep, Period>& timeout);
+
+  /// Pushes `item` if there is room by `deadline`; returns false otherwise.
+  ///
+  /// **Throws:** as `push`.
+  [[nodiscard]] bool push_until(const T& item, std::chrono::steady_clock::time_point deadline);
+
+  /// Pops the oldest item, waiting while the queue is empty.
+  ///
+  /// **Throws:** `channel_closed` when the queue is closed and empty;
+  /// `decode_error` when the bytes do not decode as a `T` (the item is dropped).
+  [[nodiscard]] T pop();
+
+  /// Pops the oldest item if there is one now; empty otherwise (also when
+  /// the queue is closed and empty).
+  ///
+  /// **Throws:** `decode_error` as `pop`.
+  [[nodiscard]] std::optional<T> try_pop();
+
+  /// Pops the oldest item if there is one within `timeout`; empty otherwise
+  /// (at once when the queue is closed and empty).
+  ///
+  /// **Throws:** `decode_error` as `pop`.
+  template <class Rep, class Period>
+  [[nodiscard]] std::optional<T> pop_for(const std::chrono::duration<Rep, Period>& timeout);
+
+  /// Pops the oldest item if there is one by `deadline`; empty otherwise (at
+  /// once when the queue is closed and empty).
+  ///
+  /// **Throws:** `decode_error` as `pop`.
+  [[nodiscard]] std::optional<T> pop_until(std::chrono::steady_clock::time_point deadline);
+
+  /// Closes the queue for every process: pushes throw from now on, pops
+  /// drain what is left (see the file comment). Closing twice does nothing.
+  void close();
+
+  /// True once the queue was closed, by any process.
+  [[nodiscard]] bool closed() const noexcept { return core_->closed(); }
+
+  /// The number of items in the queue at some recent moment; other processes
+  /// may change it at any time.
+  [[nodiscard]] std::size_t size_approx() const noexcept { return core_->size_approx(); }
+
+  /// The capacity in bytes given at construction.
+  [[nodiscard]] std::size_t capacity() const noexcept { return core_->capacity(); }
+
+ private:
+  bool push_impl(const T& item, bool block,
+                 std::optional<std::chrono::steady_clock::time_point> deadline);
+  std::optional<T> pop_impl(bool block,
+                            std::optional<std::chrono::steady_clock::time_point> deadline,
+                            bool throw_when_closed);
+
+  std::shared_ptr<detail::queue_core> core_;
+};
+
+// ---------------------------------------------------------------------------
+
+template <class T>
+queue<T>::queue(std::size_t capacity_bytes)
+    : core_(std::make_shared<detail::queue_core>(capacity_bytes)) {}
+
+template <class T>
+bool queue<T>::push_impl(const T& item, bool block,
+                         std::optional<std::chrono::steady_clock::time_point> deadline) {
+  writer out;
+  encode(out, item);
+  return core_->push(out.data(), out.size(), block, deadline);
+}
+
+template <class T>
+void queue<T>::push(const T& item) {
+  (void)push_impl(item, true, std::nullopt);
+}
+
+template <class T>
+bool queue<T>::try_push(const T& item) {
+  return push_impl(item, false, std::nullopt);
+}
+
+template <class T>
+template <class Rep, class Period>
+bool queue<T>::push_for(const T& item, const std::chrono::duration<Rep, Period>& timeout) {
+  auto ns = detail::to_timeout(timeout);
+  if (ns.count() == 0) return push_impl(item, false, std::nullopt);
+  return push_impl(item, true, detail::deadline_after(ns));
+}
+
+template <class T>
+bool queue<T>::push_until(const T& item, std::chrono::steady_clock::time_point deadline) {
+  return push_impl(item, true, deadline);
+}
+
+template <class T>
+std::optional<T> queue<T>::pop_impl(bool block,
+                                    std::optional<std::chrono::steady_clock::time_point> deadline,
+                                    bool throw_when_closed) {
+  std::vector<std::byte> bytes;
+  switch (core_->pop(bytes, block, deadline)) {
+    case detail::queue_core::pop_result::popped:
+      return decode<T>(bytes.data(), bytes.size());
+    case detail::queue_core::pop_result::closed:
+      if (throw_when_closed) throw channel_closed("queue pop: the queue is closed and empty");
+      return std::nullopt;
+    case detail::queue_core::pop_result::empty:
+      break;
+  }
+  return std::nullopt;
+}
+
+template <class T>
+T queue<T>::pop() {
+  return std::move(*pop_impl(true, std::nullopt, true));
+}
+
+template <class T>
+std::optional<T> queue<T>::try_pop() {
+  return pop_impl(false, std::nullopt, false);
+}
+
+template <class T>
+template <class Rep, class Period>
+std::optional<T> queue<T>::pop_for(const std::chrono::duration<Rep, Period>& timeout) {
+  auto ns = detail::to_timeout(timeout);
+  if (ns.count() == 0) return pop_impl(false, std::nullopt, false);
+  return pop_impl(true, detail::deadline_after(ns), false);
+}
+
+template <class T>
+std::optional<T> queue<T>::pop_until(std::chrono::steady_clock::time_point deadline) {
+  return pop_impl(true, deadline, false);
+}
+
+template <class T>
+void queue<T>::close() {
+  core_->close();
+}
+
+}  // namespace procpool

@@ -1,0 +1,286 @@
+// The SPSC byte ring under pipes and pools: messages around the ring's size
+// and far beyond it across a fork, wrap-around, a reader whose writer died,
+// and a two-thread stress run that ThreadSanitizer can check.
+#include <procpool/detail/channel.hpp>
+#include <procpool/detail/fork.hpp>
+#include <procpool/detail/ring.hpp>
+#include <procpool/detail/shm.hpp>
+#include <procpool/detail/sys.hpp>
+#include <procpool/exit_status.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+using namespace std::chrono_literals;
+using procpool::exit_status;
+using procpool::detail::ring_control;
+using procpool::detail::ring_reader;
+using procpool::detail::ring_writer;
+using procpool::detail::shared_mapping;
+using procpool::detail::wait_status;
+
+namespace {
+
+constexpr std::size_t ring_size = 4096;
+
+/// A ring of `ring_size` bytes in a shared mapping, usable across fork.
+struct shared_ring {
+  shared_mapping mapping{ring_control::bytes_needed(ring_size)};
+  ring_control* ring = ring_control::create(mapping.data(), ring_size);
+};
+
+/// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
+template <class F>
+pid_t spawn(F f) {
+  pid_t pid = procpool::detail::fork_process();
+  if (pid == 0) {
+    int code = 97;
+    try {
+      code = f();
+    } catch (...) {
+    }
+    procpool::detail::exit_child(code);
+  }
+  return pid;
+}
+
+/// Waits for child `pid` and returns how it ended.
+exit_status reap(pid_t pid) {
+  int status = 0;
+  procpool::detail::sys::waitpid(pid, &status, 0);
+  return exit_status::from_wait_status(status);
+}
+
+/// True while `pid` runs (false once it is a zombie).
+bool running(pid_t pid) {
+  return procpool::detail::process_alive(procpool::detail::make_process_token(pid, 0));
+}
+
+/// The content of message `seq` of `size` bytes: every byte depends on both.
+std::vector<std::byte> make_message(std::uint64_t seq, std::size_t size) {
+  std::vector<std::byte> m(size);
+  for (std::size_t i = 0; i < size; ++i)
+    m[i] = static_cast<std::byte>((seq * 131 + i * 7 + (i >> 8)) & 0xff);
+  return m;
+}
+
+bool check_message(const std::vector<std::byte>& m, std::uint64_t seq, std::size_t size) {
+  return m == make_message(seq, size);
+}
+
+const std::vector<std::size_t> edge_sizes = {0,
+                                             ring_size - 9,
+                                             ring_size - 8,
+                                             ring_size - 1,
+                                             ring_size,
+                                             ring_size + 1,
+                                             10 * ring_size,
+                                             0,
+                                             1,
+                                             7,
+                                             8,
+                                             9};
+
+}  // namespace
+
+TEST_CASE("messages around the ring's size cross a fork intact, child to parent", "[ring][fork]") {
+  shared_ring s;
+  constexpr int rounds = 3;  // each round starts at a different offset in the ring
+  pid_t child = spawn([&] {
+    ring_writer w(s.ring);
+    std::uint64_t seq = 0;
+    for (int r = 0; r < rounds; ++r) {
+      for (std::size_t size : edge_sizes) {
+        auto m = make_message(seq++, size);
+        if (!w.write_message(m.data(), m.size(), [] { return true; })) return 1;
+      }
+    }
+    return 0;
+  });
+  ring_reader rd(s.ring);
+  std::vector<std::byte> got;
+  std::uint64_t seq = 0;
+  int bad = 0;
+  for (int r = 0; r < rounds; ++r) {
+    for (std::size_t size : edge_sizes) {
+      auto st = rd.read_message(got, std::nullopt, [&] { return running(child); });
+      REQUIRE(st == wait_status::ready);
+      if (!check_message(got, seq, size)) {
+        UNSCOPED_INFO("message " << seq << " of " << size << " bytes arrived as " << got.size()
+                                 << " bytes or with wrong content");
+        ++bad;
+      }
+      ++seq;
+    }
+  }
+  CHECK(bad == 0);
+  CHECK(reap(child).success());
+}
+
+TEST_CASE("messages around the ring's size cross a fork intact, parent to child", "[ring][fork]") {
+  shared_ring s;
+  constexpr int rounds = 3;
+  pid_t parent = ::getpid();
+  pid_t child = spawn([&] {
+    ring_reader rd(s.ring);
+    std::vector<std::byte> got;
+    std::uint64_t seq = 0;
+    for (int r = 0; r < rounds; ++r) {
+      for (std::size_t size : edge_sizes) {
+        if (rd.read_message(got, std::nullopt, [&] { return running(parent); }) !=
+            wait_status::ready)
+          return 1;
+        if (!check_message(got, seq++, size)) return 2;
+      }
+    }
+    return 0;
+  });
+  ring_writer w(s.ring);
+  std::uint64_t seq = 0;
+  for (int r = 0; r < rounds; ++r) {
+    for (std::size_t size : edge_sizes) {
+      auto m = make_message(seq++, size);
+      REQUIRE(w.write_message(m.data(), m.size(), [&] { return running(child); }));
+    }
+  }
+  CHECK(reap(child) == exit_status::exited(0));
+}
+
+TEST_CASE("a header published in pieces is seen whole by a waiting reader", "[ring]") {
+  // The reader caches how far the writer got; a part of a header must not
+  // stop it from seeing the rest once it is published.
+  shared_ring s;
+  ring_writer w(s.ring);
+  ring_reader rd(s.ring);
+  std::uint64_t header = 5;
+  w.put(&header, 3);
+  w.publish();
+  REQUIRE(rd.available(1) == 3);
+  REQUIRE_FALSE(rd.next_message_size());
+  w.put(reinterpret_cast<const std::byte*>(&header) + 3, 5);
+  w.put("hello", 5);
+  w.publish();
+  std::vector<std::byte> got;
+  auto st = rd.read_message(got, std::chrono::steady_clock::now() + 10s, [] { return true; });
+  REQUIRE(st == wait_status::ready);
+  REQUIRE(got.size() == 5);
+  CHECK(std::memcmp(got.data(), "hello", 5) == 0);
+}
+
+TEST_CASE("many messages wrap around the ring intact", "[ring]") {
+  shared_ring s;
+  ring_writer w(s.ring);
+  ring_reader rd(s.ring);
+  std::vector<std::byte> got;
+  std::uint64_t written = 0, read = 0;
+  int bad = 0;
+  // Batches of up to 5 messages of 0 to ~1.5 KiB: positions cover every
+  // offset of the ring, and headers and bodies wrap at every split.
+  for (int batch = 0; batch < 20000; ++batch) {
+    int n = 1 + batch % 5;
+    std::vector<std::size_t> sizes;
+    for (int i = 0; i < n; ++i) {
+      std::size_t size = (written * 2654435761u) % 1500;
+      auto m = make_message(written, size);
+      if (w.free_space() < sizeof(std::uint64_t) + size) break;
+      REQUIRE(w.write_message(m.data(), m.size(), [] { return true; }));
+      sizes.push_back(size);
+      ++written;
+    }
+    for (std::size_t size : sizes) {
+      REQUIRE(rd.read_message(got, std::nullopt, [] { return true; }) == wait_status::ready);
+      if (!check_message(got, read, size)) ++bad;
+      ++read;
+    }
+  }
+  CHECK(bad == 0);
+  CHECK(read == written);
+  CHECK(written > 40000);
+  CHECK(s.ring->tail.load() > 1000 * ring_size);
+}
+
+TEST_CASE("a reader waiting on a dead writer returns when keep_waiting says no", "[ring][fork]") {
+  using clock = std::chrono::steady_clock;
+  shared_ring s;
+  std::vector<std::byte> got;
+  ring_reader rd(s.ring);
+
+  SECTION("the writer exits before writing anything") {
+    pid_t child = spawn([] { return 0; });
+    auto start = clock::now();
+    auto st = rd.read_message(got, std::nullopt, [&] { return running(child); });
+    CHECK(st == wait_status::aborted);
+    CHECK(clock::now() - start < 10s);
+    CHECK(reap(child).success());
+  }
+  SECTION("the writer dies in the middle of a message") {
+    pid_t child = spawn([&] {
+      ring_writer w(s.ring);
+      std::uint64_t header = 100;
+      w.put(&header, sizeof header);
+      w.put("0123456789", 10);
+      w.publish();
+      return 0;
+    });
+    auto start = clock::now();
+    auto st = rd.read_message(got, std::nullopt, [&] { return running(child); });
+    CHECK(st == wait_status::aborted);
+    CHECK(clock::now() - start < 10s);
+    CHECK(reap(child).success());
+  }
+  SECTION("a deadline ends the wait for a message that never begins") {
+    auto st = rd.read_message(got, clock::now() + 20ms, [] { return true; });
+    CHECK(st == wait_status::timeout);
+  }
+}
+
+TEST_CASE("two threads stream a million messages through a small ring", "[ring]") {
+  // Writer and reader threads in one process: under ThreadSanitizer this
+  // checks that every byte read was published with the ordering it needs.
+  constexpr std::uint64_t count = 1'000'000;
+  auto size_of = [](std::uint64_t seq) -> std::size_t {
+    if (seq % 50'000 == 7) return 3 * ring_size + 5;  // now and then, one that streams
+    return static_cast<std::size_t>((seq * 2654435761u) % 96);
+  };
+  auto fill = [](std::byte* p, std::uint64_t seq, std::size_t size) {
+    for (std::size_t i = 0; i < size; ++i) p[i] = static_cast<std::byte>((seq + i * 13) & 0xff);
+  };
+  std::vector<std::byte> memory(ring_control::bytes_needed(ring_size) + 64);
+  void* aligned = memory.data() + (64 - reinterpret_cast<std::uintptr_t>(memory.data()) % 64) % 64;
+  ring_control* ring = ring_control::create(aligned, ring_size);
+
+  std::uint64_t sent_sum = 0;
+  std::thread writer([&] {
+    ring_writer w(ring);
+    std::vector<std::byte> m;
+    for (std::uint64_t seq = 0; seq < count; ++seq) {
+      m.resize(size_of(seq));
+      fill(m.data(), seq, m.size());
+      for (auto b : m) sent_sum += static_cast<std::uint64_t>(b);
+      w.write_message(m.data(), m.size(), [] { return true; });
+    }
+  });
+  ring_reader rd(ring);
+  std::vector<std::byte> got, want;
+  std::uint64_t received_sum = 0, bad = 0;
+  for (std::uint64_t seq = 0; seq < count; ++seq) {
+    if (rd.read_message(got, std::nullopt, [] { return true; }) != wait_status::ready) {
+      ++bad;
+      break;
+    }
+    want.resize(size_of(seq));
+    fill(want.data(), seq, want.size());
+    if (got != want) ++bad;
+    for (auto b : got) received_sum += static_cast<std::uint64_t>(b);
+  }
+  writer.join();
+  CHECK(bad == 0);
+  CHECK(received_sum == sent_sum);
+  CHECK(ring->head.load() == ring->tail.load());
+}
