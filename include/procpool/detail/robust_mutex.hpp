@@ -94,9 +94,13 @@ class robust_mutex {
 #endif
   }
   /// After `owner_died`, once the guarded state is repaired: makes the mutex usable again.
-  void mark_consistent() { check(pthread_mutex_consistent(&m_), "pthread_mutex_consistent"); }
+  void mark_consistent() {
+    check(pthread_mutex_consistent(&m_), "pthread_mutex_consistent");
+  }
   /// Unlocks. Must be called by the holder.
-  void unlock() noexcept { pthread_mutex_unlock(&m_); }
+  void unlock() noexcept {
+    pthread_mutex_unlock(&m_);
+  }
 
  private:
   static void check(int rc, const char* call) {

@@ -1,0 +1,711 @@
+/// @file
+/// Synchronization between processes: `mutex`, `recursive_mutex`,
+/// `semaphore`, `event` and `barrier` — Python's `Lock`, `RLock`, `Semaphore`,
+/// `Event` and `Barrier` from `multiprocessing`.
+///
+/// Make one as an ordinary object, then fork: its state lives in a small
+/// anonymous shared mapping that the object owns (one page), so the copy each
+/// child inherits refers to the same state. Every process forked after the
+/// object was made can use it; processes forked before cannot, and unrelated
+/// processes cannot (share a `shared_value` by name for those).
+///
+/// Robust: a process that dies holding a `mutex` does not wedge the others —
+/// the next locker gets the lock and `owner_died()` says so. A `barrier`
+/// notices a participant that died instead of waiting for it forever.
+///
+/// ```cpp
+/// procpool::mutex m;
+/// procpool::shared_value<long> total;
+/// // ... in each of several forked processes:
+/// for (int i = 0; i < 1000; ++i) {
+///   std::lock_guard<procpool::mutex> hold(m);
+///   total.store(total.load() + 1);
+/// }
+/// ```
+#pragma once
+
+#include <fmt/format.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+
+#include "detail/liveness.hpp"
+#include "detail/shared_object.hpp"
+#include "detail/sync_state.hpp"
+#include "detail/wait.hpp"
+#include "errors.hpp"
+
+namespace procpool {
+
+/// A `barrier` can no longer complete a phase: `abort()` was called, or a
+/// participant died before arriving. Raised by every waiter of the barrier and
+/// by every later call; a broken barrier stays broken.
+class broken_barrier : public error {
+ public:
+  /// Why the barrier broke.
+  enum class reason {
+    aborted,           ///< someone called `abort()`
+    participant_died,  ///< a participant ended (or was killed) before arriving
+  };
+
+  /// The barrier broke for `why`; `pid` and `tid` name the participant that
+  /// died (0 after `abort()`; `tid` is 0 when the process died inside a barrier call).
+  broken_barrier(reason why, pid_t pid, pid_t tid)
+      : error(message(why, pid, tid)), why_(why), pid_(pid), tid_(tid) {}
+
+  /// Why the barrier broke.
+  reason why() const noexcept { return why_; }
+  /// Process id of the participant that died; 0 when the barrier was aborted.
+  pid_t pid() const noexcept { return pid_; }
+  /// Thread id of the participant that died (equal to `pid()` for a process's
+  /// main thread); 0 when aborted or when the process died inside a barrier call.
+  pid_t tid() const noexcept { return tid_; }
+
+ private:
+  static std::string message(reason why, pid_t pid, pid_t tid) {
+    if (why == reason::aborted) return "barrier broken: abort() was called";
+    if (tid == 0) return fmt::format("barrier broken: process {} died inside a barrier call", pid);
+    if (tid == pid) {
+      return fmt::format("barrier broken: participant process {} ended before arriving", pid);
+    }
+    return fmt::format("barrier broken: participant thread {} of process {} ended before arriving",
+                       tid, pid);
+  }
+  reason why_;
+  pid_t pid_;
+  pid_t tid_;
+};
+
+/// A lock shared by processes (Python's `multiprocessing.Lock`), meeting the
+/// standard's *TimedLockable*: use it with `std::lock_guard`,
+/// `std::unique_lock` and `std::scoped_lock`.
+///
+/// Robust: when a process (or thread) dies holding it, the lock passes to the
+/// next locker as usual and `owner_died()` returns true while that locker
+/// holds it: the data the lock guards may be half-updated, so repair it (or
+/// discard it) before unlocking. The lock itself needs no repair and stays
+/// usable whatever the new holder does.
+///
+/// Not recursive: locking it again from the thread that holds it deadlocks
+/// (use `recursive_mutex`). Not copyable or movable, like `std::mutex`.
+///
+/// **Thread safety:** all members may be called concurrently from any thread
+/// of any process forked after construction.
+///
+/// **Fork safety:** a child forked while a thread holds the lock does not hold
+/// it; it blocks like anyone else until the holder unlocks.
+class mutex {
+ public:
+  /// Makes an unlocked mutex in a fresh shared page.
+  /// **Throws:** `std::system_error` when the page cannot be mapped.
+  mutex();
+  mutex(const mutex&) = delete;
+  mutex& operator=(const mutex&) = delete;
+  /// Unmaps the state; the creating process also destroys the lock. Destroy it
+  /// only once no process uses it (it must not be held).
+  ~mutex() = default;
+
+  /// Blocks until the lock is held by the caller.
+  /// **Throws:** `std::system_error` if the lock is unusable (destroyed by its creator).
+  void lock();
+  /// Takes the lock if it is free now; true when taken.
+  bool try_lock();
+  /// Takes the lock, waiting at most `timeout`; true when taken.
+  template <class Rep, class Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout);
+  /// Takes the lock, waiting at most until `deadline`; true when taken.
+  template <class Clock, class Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline);
+  /// Releases the lock. Must be called by the holding thread.
+  void unlock() noexcept;
+
+  /// True when the caller took the lock from a holder that died holding it.
+  /// Valid only while the caller holds the lock; false after a normal handover.
+  bool owner_died() const noexcept;
+
+ private:
+  bool took(detail::lock_status s);
+  detail::shared_object<detail::mutex_state> state_{0};
+};
+
+/// A lock shared by processes that its holder may take again (Python's
+/// `multiprocessing.RLock`): it is released when `unlock()` has been called as
+/// many times as it was taken. *TimedLockable*, robust and shared like
+/// `mutex`: after a holder died, the next holder starts at depth one and
+/// `owner_died()` is true while it holds the lock.
+///
+/// **Thread safety:** all members may be called concurrently from any thread
+/// of any process forked after construction.
+///
+/// **Fork safety:** as `mutex`; a child does not inherit its parent's holding.
+class recursive_mutex {
+ public:
+  /// Makes an unlocked recursive mutex in a fresh shared page.
+  /// **Throws:** `std::system_error` when the page cannot be mapped.
+  recursive_mutex();
+  recursive_mutex(const recursive_mutex&) = delete;
+  recursive_mutex& operator=(const recursive_mutex&) = delete;
+  /// Unmaps the state; the creating process also destroys the lock.
+  ~recursive_mutex() = default;
+
+  /// Blocks until the caller holds the lock (at once if it holds it already).
+  /// **Throws:** `std::system_error` if the lock is unusable or taken too many times.
+  void lock();
+  /// Takes the lock if it is free now or already the caller's; true when taken.
+  bool try_lock();
+  /// Takes the lock, waiting at most `timeout`; true when taken.
+  template <class Rep, class Period>
+  bool try_lock_for(const std::chrono::duration<Rep, Period>& timeout);
+  /// Takes the lock, waiting at most until `deadline`; true when taken.
+  template <class Clock, class Duration>
+  bool try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline);
+  /// Undoes one `lock()`; the last one releases the lock. Must be called by the holder.
+  void unlock() noexcept;
+
+  /// True when the caller took the lock from a holder that died holding it.
+  /// Valid only while the caller holds the lock.
+  bool owner_died() const noexcept;
+
+ private:
+  bool took(detail::lock_status s);
+  detail::shared_object<detail::recursive_mutex_state> state_{0};
+};
+
+/// A counting semaphore shared by processes (Python's
+/// `multiprocessing.Semaphore`, C++20's `std::counting_semaphore`): `acquire`
+/// takes one unit, waiting while there is none; `release` gives units back.
+///
+/// Units belong to no one: a process that dies after `acquire` does not give
+/// its unit back (as in Python). Waiting is a futex wait on the count, so a
+/// waiter killed while waiting harms no one.
+///
+/// **Thread safety:** all members may be called concurrently from any thread
+/// of any process forked after construction.
+class semaphore {
+ public:
+  /// The largest count a semaphore can hold.
+  static constexpr std::ptrdiff_t max() noexcept { return INT32_MAX; }
+
+  /// Makes a semaphore holding `initial` units.
+  /// **Throws:** `procpool::error` when `initial` is negative or above `max()`;
+  /// `std::system_error` when the page cannot be mapped.
+  explicit semaphore(std::ptrdiff_t initial);
+  semaphore(const semaphore&) = delete;
+  semaphore& operator=(const semaphore&) = delete;
+  /// Unmaps the state. Destroy it only once no process waits on it.
+  ~semaphore() = default;
+
+  /// Takes a unit, waiting as long as it takes.
+  void acquire();
+  /// Takes a unit if one is there now; true when taken.
+  bool try_acquire() noexcept;
+  /// Takes a unit, waiting at most `timeout`; true when taken.
+  template <class Rep, class Period>
+  bool try_acquire_for(const std::chrono::duration<Rep, Period>& timeout);
+  /// Takes a unit, waiting at most until `deadline`; true when taken.
+  template <class Clock, class Duration>
+  bool try_acquire_until(const std::chrono::time_point<Clock, Duration>& deadline);
+  /// Gives back `n` units and wakes waiters.
+  /// **Throws:** `procpool::error` when `n` is negative or the count would exceed `max()`.
+  void release(std::ptrdiff_t n = 1);
+  /// The units available now (already stale when it returns; for tests and reports).
+  std::ptrdiff_t value() const noexcept;
+
+ private:
+  bool acquire_until(std::optional<detail::steady::time_point> deadline);
+  detail::shared_object<detail::semaphore_state> state_;
+};
+
+/// A flag shared by processes that others can wait for (Python's
+/// `multiprocessing.Event`): `set()` wakes every waiter, and `wait()` returns
+/// at once while the flag is set, until `clear()`.
+///
+/// **Thread safety:** all members may be called concurrently from any thread
+/// of any process forked after construction.
+class event {
+ public:
+  /// Makes an event whose flag is clear.
+  /// **Throws:** `std::system_error` when the page cannot be mapped.
+  event();
+  event(const event&) = delete;
+  event& operator=(const event&) = delete;
+  /// Unmaps the state. Destroy it only once no process waits on it.
+  ~event() = default;
+
+  /// Sets the flag and wakes every waiter.
+  void set() noexcept;
+  /// Clears the flag: later waits block until the next `set()`.
+  void clear() noexcept;
+  /// True while the flag is set.
+  bool is_set() const noexcept;
+  /// Waits until the flag is set.
+  void wait();
+  /// Waits at most `timeout` for the flag; returns whether it is set.
+  template <class Rep, class Period>
+  bool wait_for(const std::chrono::duration<Rep, Period>& timeout);
+  /// Waits at most until `deadline` for the flag; returns whether it is set.
+  template <class Clock, class Duration>
+  bool wait_until(const std::chrono::time_point<Clock, Duration>& deadline);
+
+ private:
+  bool wait_until_steady(std::optional<detail::steady::time_point> deadline);
+  detail::shared_object<detail::event_state> state_{0};
+};
+
+/// A meeting point for a fixed number of participants, phase after phase
+/// (Python's `multiprocessing.Barrier`, C++20's `std::barrier`): each call of
+/// `arrive_and_wait()` waits until `parties()` calls have arrived in this
+/// phase, then all of them return and the next phase begins.
+///
+/// **Participants and their death.** A participant is a thread — of this
+/// process or of any process forked after the barrier was made — that has
+/// arrived at least once, or a process named by `enroll(pid)`. The barrier
+/// keeps a table of up to `parties()` participants. While a call waits, it
+/// checks every 10 ms whether a participant that has not yet arrived in the
+/// current phase has ended (exited, was killed, or is a zombie waiting to be
+/// reaped); if one has, the barrier breaks: every waiter, and every later
+/// call, throws `broken_barrier` naming that participant's pid. A participant
+/// that dies before its first arrival is unknown to the barrier unless it was
+/// enrolled: enroll each child right after forking it to cover that case, or
+/// use the timed variants. The set of participants is fixed: a participant
+/// that ends for good while others still wait for it breaks the barrier, even
+/// if a newcomer would have taken its place.
+///
+/// `abort()` breaks the barrier on purpose, waking every waiter with
+/// `broken_barrier`. A broken barrier stays broken; make a new one.
+///
+/// **Thread safety:** all members may be called concurrently from any thread
+/// of any process forked after construction.
+class barrier {
+ public:
+  /// Makes a barrier for `parties` participants per phase.
+  /// **Throws:** `procpool::error` when `parties` is 0 or above 65536;
+  /// `std::system_error` when the memory cannot be mapped.
+  explicit barrier(std::size_t parties);
+  barrier(const barrier&) = delete;
+  barrier& operator=(const barrier&) = delete;
+  /// Unmaps the state. Destroy it only once no process waits on it.
+  ~barrier() = default;
+
+  /// Arrives and waits until all `parties()` have arrived in this phase.
+  /// **Throws:** `broken_barrier` when the barrier is or becomes broken.
+  void arrive_and_wait();
+  /// Arrives and waits at most `timeout`. On timeout the arrival is withdrawn
+  /// (the phase goes on without it, and the barrier stays usable) and it
+  /// returns false; true when the phase completed.
+  /// **Throws:** `broken_barrier` when the barrier is or becomes broken.
+  template <class Rep, class Period>
+  bool arrive_and_wait_for(const std::chrono::duration<Rep, Period>& timeout);
+  /// As `arrive_and_wait_for`, with a deadline.
+  template <class Clock, class Duration>
+  bool arrive_and_wait_until(const std::chrono::time_point<Clock, Duration>& deadline);
+
+  /// Registers the main thread of process `pid` as a participant now, so the
+  /// barrier notices if it dies before its first arrival. Typically called by
+  /// a parent right after forking each participant. Enrolling a participant
+  /// already known does nothing.
+  /// **Throws:** `procpool::error` when all `parties()` slots hold live
+  /// participants; `broken_barrier` when the barrier is broken.
+  void enroll(pid_t pid);
+  /// Breaks the barrier: every waiter and every later call throws `broken_barrier`.
+  void abort();
+  /// True once the barrier is broken.
+  bool broken() const noexcept;
+  /// How many participants have arrived in the current phase and wait (Python's
+  /// `n_waiting`). Already stale when it returns; for tests and reports.
+  std::size_t waiting() const noexcept;
+  /// The number of arrivals that completes a phase.
+  std::size_t parties() const noexcept;
+
+ private:
+  class guard;
+  static constexpr std::uint32_t no_slot = UINT32_MAX;
+  bool arrive(std::optional<detail::steady::time_point> deadline);
+  std::uint32_t find_or_take_slot(const detail::thread_identity& who, bool must);
+  bool others_alive(std::uint32_t generation);
+  void set_broken(detail::barrier_break why, pid_t pid, pid_t tid) noexcept;
+  [[noreturn]] void throw_broken() const;
+  detail::barrier_slot* slots() const noexcept {
+    return static_cast<detail::barrier_slot*>(state_.extra());
+  }
+  detail::shared_object<detail::barrier_state> state_;
+};
+
+// ---------------------------------------------------------------------------
+// mutex
+
+inline void mutex::lock() {
+  took(state_->m.lock());
+}
+inline bool mutex::try_lock() {
+  return took(state_->m.try_lock());
+}
+template <class Rep, class Period>
+bool mutex::try_lock_for(const std::chrono::duration<Rep, Period>& timeout) {
+  return took(state_->m.lock_until(detail::deadline_after(timeout)));
+}
+template <class Clock, class Duration>
+bool mutex::try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return took(state_->m.lock_until(detail::to_steady(deadline)));
+}
+inline void mutex::unlock() noexcept {
+  state_->m.unlock();
+}
+inline bool mutex::owner_died() const noexcept {
+  return state_->owner_died;
+}
+inline mutex::mutex() = default;
+
+inline bool mutex::took(detail::lock_status s) {
+  if (s == detail::lock_status::busy) return false;
+  if (s == detail::lock_status::owner_died) {
+    // The lock needs no repair: mark it consistent at once, so that it stays
+    // usable even if the new holder ignores owner_died(). The guarded data is
+    // the holder's to check.
+    try {
+      state_->m.mark_consistent();
+    } catch (...) {
+      state_->m.unlock();
+      throw;
+    }
+  }
+  state_->owner_died = s == detail::lock_status::owner_died;
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// recursive_mutex
+
+inline recursive_mutex::recursive_mutex() = default;
+inline void recursive_mutex::lock() {
+  took(state_->m.lock());
+}
+inline bool recursive_mutex::try_lock() {
+  return took(state_->m.try_lock());
+}
+template <class Rep, class Period>
+bool recursive_mutex::try_lock_for(const std::chrono::duration<Rep, Period>& timeout) {
+  return took(state_->m.lock_until(detail::deadline_after(timeout)));
+}
+template <class Clock, class Duration>
+bool recursive_mutex::try_lock_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return took(state_->m.lock_until(detail::to_steady(deadline)));
+}
+inline void recursive_mutex::unlock() noexcept {
+  --state_->depth;
+  state_->m.unlock();
+}
+inline bool recursive_mutex::owner_died() const noexcept {
+  return state_->owner_died;
+}
+
+inline bool recursive_mutex::took(detail::lock_status s) {
+  if (s == detail::lock_status::busy) return false;
+  if (s == detail::lock_status::owner_died) {
+    try {
+      state_->m.mark_consistent();
+    } catch (...) {
+      state_->m.unlock();
+      throw;
+    }
+    // The dead holder's depth went with it; the pthread count restarts at one too.
+    state_->depth = 1;
+    state_->owner_died = true;
+    return true;
+  }
+  if (state_->depth++ == 0) state_->owner_died = false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// semaphore
+
+inline semaphore::semaphore(std::ptrdiff_t initial)
+    : state_(0, static_cast<std::uint32_t>(initial < 0 || initial > max() ? 0 : initial)) {
+  if (initial < 0 || initial > max()) {
+    throw error(fmt::format("semaphore: initial count {} is outside [0, {}]", initial, max()));
+  }
+}
+
+inline bool semaphore::try_acquire() noexcept {
+  auto& count = state_->count;
+  std::uint32_t c = count.load(std::memory_order_relaxed);
+  while (c > 0) {
+    if (count.compare_exchange_weak(c, c - 1, std::memory_order_acquire,
+                                    std::memory_order_relaxed)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+inline void semaphore::acquire() {
+  acquire_until(std::nullopt);
+}
+template <class Rep, class Period>
+bool semaphore::try_acquire_for(const std::chrono::duration<Rep, Period>& timeout) {
+  return acquire_until(detail::deadline_after(timeout));
+}
+template <class Clock, class Duration>
+bool semaphore::try_acquire_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return acquire_until(detail::to_steady(deadline));
+}
+
+inline bool semaphore::acquire_until(std::optional<detail::steady::time_point> deadline) {
+  for (;;) {
+    if (try_acquire()) return true;
+    auto status = detail::wait_for_condition(
+        state_->ec, [&] { return state_->count.load(std::memory_order_relaxed) > 0; }, deadline,
+        [] { return true; }, detail::quiet_wait);
+    if (status == detail::wait_status::timeout) return try_acquire();
+  }
+}
+
+inline void semaphore::release(std::ptrdiff_t n) {
+  if (n < 0) throw error(fmt::format("semaphore::release({}): the count must not be negative", n));
+  auto& count = state_->count;
+  std::uint32_t c = count.load(std::memory_order_relaxed);
+  do {
+    if (n > max() - static_cast<std::ptrdiff_t>(c)) {
+      throw error(
+          fmt::format("semaphore::release({}): the count {} would exceed max() = {}", n, c, max()));
+    }
+  } while (!count.compare_exchange_weak(c, static_cast<std::uint32_t>(c + n),
+                                        std::memory_order_release, std::memory_order_relaxed));
+  if (n > 0) state_->ec.notify();
+}
+
+inline std::ptrdiff_t semaphore::value() const noexcept {
+  return static_cast<std::ptrdiff_t>(state_->count.load(std::memory_order_relaxed));
+}
+
+// ---------------------------------------------------------------------------
+// event
+
+inline event::event() = default;
+inline void event::set() noexcept {
+  state_->flag.store(1, std::memory_order_release);
+  state_->ec.notify();
+}
+inline void event::clear() noexcept {
+  state_->flag.store(0, std::memory_order_release);
+}
+inline bool event::is_set() const noexcept {
+  return state_->flag.load(std::memory_order_acquire) != 0;
+}
+inline void event::wait() {
+  wait_until_steady(std::nullopt);
+}
+template <class Rep, class Period>
+bool event::wait_for(const std::chrono::duration<Rep, Period>& timeout) {
+  return wait_until_steady(detail::deadline_after(timeout));
+}
+template <class Clock, class Duration>
+bool event::wait_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return wait_until_steady(detail::to_steady(deadline));
+}
+inline bool event::wait_until_steady(std::optional<detail::steady::time_point> deadline) {
+  detail::wait_for_condition(
+      state_->ec, [&] { return is_set(); }, deadline, [] { return true; }, detail::quiet_wait);
+  return is_set();
+}
+
+// ---------------------------------------------------------------------------
+// barrier
+
+/// Holds the barrier's bookkeeping lock. A process that died holding it may
+/// have left the counts half-updated: the barrier breaks, naming it.
+class barrier::guard {
+ public:
+  explicit guard(barrier& b) : s_(*b.state_) {
+    if (s_.m.lock() == detail::lock_status::owner_died) {
+      pid_t dead = s_.holder;
+      try {
+        s_.m.mark_consistent();
+      } catch (...) {
+        s_.m.unlock();
+        throw;
+      }
+      b.set_broken(detail::barrier_break::participant_died, dead, 0);
+      s_.ec.notify();
+    }
+    s_.holder = ::getpid();
+  }
+  guard(const guard&) = delete;
+  guard& operator=(const guard&) = delete;
+  ~guard() { unlock(); }
+  void unlock() noexcept {
+    if (locked_) {
+      s_.holder = 0;
+      s_.m.unlock();
+      locked_ = false;
+    }
+  }
+
+ private:
+  detail::barrier_state& s_;
+  bool locked_ = true;
+};
+
+inline barrier::barrier(std::size_t parties)
+    : state_((parties == 0 || parties > 65536 ? 0 : parties) * sizeof(detail::barrier_slot),
+             static_cast<std::uint32_t>(parties == 0 || parties > 65536 ? 1 : parties)) {
+  if (parties == 0 || parties > 65536) {
+    throw error(fmt::format("barrier: {} parties; use 1 to 65536", parties));
+  }
+}
+
+inline void barrier::arrive_and_wait() {
+  arrive(std::nullopt);
+}
+template <class Rep, class Period>
+bool barrier::arrive_and_wait_for(const std::chrono::duration<Rep, Period>& timeout) {
+  return arrive(detail::deadline_after(timeout));
+}
+template <class Clock, class Duration>
+bool barrier::arrive_and_wait_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return arrive(detail::to_steady(deadline));
+}
+
+inline std::size_t barrier::parties() const noexcept {
+  return state_->parties;
+}
+inline std::size_t barrier::waiting() const noexcept {
+  return state_->arrived.load(std::memory_order_relaxed);
+}
+inline bool barrier::broken() const noexcept {
+  return state_->broken.load(std::memory_order_acquire) != 0;
+}
+
+inline void barrier::set_broken(detail::barrier_break why, pid_t pid, pid_t tid) noexcept {
+  auto& s = *state_;
+  if (s.broken.load(std::memory_order_relaxed) != 0) return;  // the first cause stays
+  s.culprit_pid.store(pid, std::memory_order_relaxed);
+  s.culprit_tid.store(tid, std::memory_order_relaxed);
+  s.broken.store(static_cast<std::uint32_t>(why), std::memory_order_release);
+}
+
+inline void barrier::throw_broken() const {
+  auto& s = *state_;
+  auto why = static_cast<detail::barrier_break>(s.broken.load(std::memory_order_acquire));
+  throw broken_barrier(
+      why == detail::barrier_break::aborted ? broken_barrier::reason::aborted
+                                            : broken_barrier::reason::participant_died,
+      s.culprit_pid.load(std::memory_order_relaxed), s.culprit_tid.load(std::memory_order_relaxed));
+}
+
+inline void barrier::abort() {
+  {
+    guard g(*this);
+    set_broken(detail::barrier_break::aborted, 0, 0);
+  }
+  state_->ec.notify();
+}
+
+inline void barrier::enroll(pid_t pid) {
+  guard g(*this);
+  if (broken()) throw_broken();
+  find_or_take_slot(detail::process_identity(pid), true);
+}
+
+// Called with the lock held. Returns the slot of `who`, taking an empty one,
+// or else one whose participant has ended; `no_slot` when every slot holds a
+// live participant (then throws when `must`).
+inline std::uint32_t barrier::find_or_take_slot(const detail::thread_identity& who, bool must) {
+  auto* slot = slots();
+  std::uint32_t n = state_->parties;
+  std::uint32_t empty = no_slot;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    if (slot[i].pid == who.pid && slot[i].tid == who.tid && slot[i].start_time == who.start_time) {
+      return i;
+    }
+    if (slot[i].pid == 0 && empty == no_slot) empty = i;
+  }
+  if (empty == no_slot) {
+    for (std::uint32_t i = 0; i < n && empty == no_slot; ++i) {
+      if (!detail::still_running({slot[i].pid, slot[i].tid, slot[i].start_time})) empty = i;
+    }
+  }
+  if (empty == no_slot) {
+    if (must) {
+      throw error(
+          fmt::format("barrier::enroll({}): all {} participants are known and alive", who.pid, n));
+    }
+    return no_slot;
+  }
+  slot[empty] = detail::barrier_slot{who.pid, who.tid, who.start_time, 0};
+  return empty;
+}
+
+// Called between sleep slices by a waiter of phase `generation`: false (and
+// the barrier broken) when a participant that has not arrived in it has ended.
+inline bool barrier::others_alive(std::uint32_t generation) {
+  auto& s = *state_;
+  pid_t dead_pid = 0;
+  pid_t dead_tid = 0;
+  {
+    guard g(*this);
+    if (s.generation.load(std::memory_order_relaxed) != generation || broken()) return true;
+    auto* slot = slots();
+    for (std::uint32_t i = 0; i < s.parties; ++i) {
+      if (slot[i].pid == 0 || slot[i].arrived_in == generation + 1) continue;
+      if (!detail::still_running({slot[i].pid, slot[i].tid, slot[i].start_time})) {
+        dead_pid = slot[i].pid;
+        dead_tid = slot[i].tid;
+        set_broken(detail::barrier_break::participant_died, dead_pid, dead_tid);
+        break;
+      }
+    }
+  }
+  if (dead_pid == 0) return true;
+  s.ec.notify();
+  return false;
+}
+
+inline bool barrier::arrive(std::optional<detail::steady::time_point> deadline) {
+  auto& s = *state_;
+  const auto& me = detail::this_thread_identity();
+  std::uint32_t generation;
+  std::uint32_t my_slot;
+  {
+    guard g(*this);
+    if (broken()) throw_broken();
+    my_slot = find_or_take_slot(me, false);
+    generation = s.generation.load(std::memory_order_relaxed);
+    if (my_slot != no_slot) slots()[my_slot].arrived_in = generation + 1;
+    if (s.arrived.load(std::memory_order_relaxed) + 1 == s.parties) {
+      // The last arrival completes the phase and wakes the others.
+      s.arrived.store(0, std::memory_order_relaxed);
+      s.generation.store(generation + 1, std::memory_order_release);
+      g.unlock();
+      s.ec.notify();
+      return true;
+    }
+    s.arrived.fetch_add(1, std::memory_order_relaxed);
+  }
+  auto status = detail::wait_for_condition(
+      s.ec,
+      [&] {
+        return s.generation.load(std::memory_order_acquire) != generation ||
+               s.broken.load(std::memory_order_acquire) != 0;
+      },
+      deadline, [&] { return others_alive(generation); });
+  if (status != detail::wait_status::timeout) {
+    if (s.generation.load(std::memory_order_acquire) != generation) return true;
+    throw_broken();
+  }
+  // Timed out: withdraw the arrival, unless the phase completed meanwhile.
+  guard g(*this);
+  if (s.generation.load(std::memory_order_relaxed) != generation) return true;
+  if (broken()) throw_broken();
+  s.arrived.fetch_sub(1, std::memory_order_relaxed);
+  if (my_slot != no_slot) slots()[my_slot].arrived_in = generation;
+  return false;
+}
+
+}  // namespace procpool
