@@ -52,16 +52,6 @@ bool is_alive(pid_t pid) {
   return ::kill(pid, 0) == 0;
 }
 
-/// Waits until process `pid` (not necessarily our child) is gone, at most `limit`.
-bool gone_within(pid_t pid, std::chrono::milliseconds limit) {
-  int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  if (fd < 0) return errno == ESRCH;
-  pollfd p{fd, POLLIN, 0};
-  int r = ::poll(&p, 1, static_cast<int>(limit.count()));
-  ::close(fd);
-  return r == 1;
-}
-
 struct point {
   int x;
   double y;
@@ -509,5 +499,5 @@ TEST_CASE("when the parent is killed, every worker exits within a second", "[poo
   ::kill(parent, SIGKILL);
   int status;
   REQUIRE(::waitpid(parent, &status, 0) == parent);
-  for (pid_t w : workers) CHECK(gone_within(w, 1000ms));
+  for (pid_t w : workers) CHECK(procpool_test::gone_within(w, 1000ms));
 }

@@ -5,8 +5,11 @@
 #include <procpool/detail/sys.hpp>
 
 #include <dirent.h>
+#include <poll.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -64,6 +67,41 @@ inline char process_state(pid_t pid) {
   buf[len] = '\0';
   const char* p = std::strrchr(buf, ')');
   return p != nullptr && p[1] == ' ' ? p[2] : '?';
+}
+
+/// Waits until process `pid` (not necessarily a child of ours) has ended, at
+/// most `limit`; true when it has (or never existed).
+inline bool gone_within(pid_t pid, std::chrono::milliseconds limit) {
+  int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) return errno == ESRCH;
+  pollfd p{fd, POLLIN, 0};
+  int r = ::poll(&p, 1, static_cast<int>(limit.count()));
+  ::close(fd);
+  return r == 1;
+}
+
+/// Reads exactly `size` bytes from `fd`; false if the writers close first.
+inline bool read_exactly(int fd, void* data, std::size_t size) {
+  auto* p = static_cast<char*>(data);
+  while (size > 0) {
+    std::size_t n = procpool::detail::sys::read_some(fd, p, size);
+    if (n == 0) return false;
+    p += n;
+    size -= n;
+  }
+  return true;
+}
+
+/// Entries in /dev/shm (named shared memory); 0 when it is not mounted.
+inline std::size_t dev_shm_entries() {
+  std::size_t n = 0;
+  if (DIR* d = ::opendir("/dev/shm")) {
+    while (dirent* e = ::readdir(d)) {
+      if (e->d_name[0] != '.') ++n;
+    }
+    ::closedir(d);
+  }
+  return n;
 }
 
 /// A one-byte signal from one process to another through an OS pipe: made

@@ -21,6 +21,8 @@
 #pragma once
 
 #include <fmt/format.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -398,8 +400,28 @@ inline void engine::spawn(std::size_t i) {
   w.receiving = false;
   w.timed_out = false;
   w.items_sent = 0;
-  pid_t pid = fork_process();
-  if (pid == 0) worker_main(i);
+  // Signals stay blocked across the fork, so one that arrives before the
+  // worker has reset its handlers waits, and then acts as the default says.
+  sigset_t all, old;
+  ::sigfillset(&all);
+  ::pthread_sigmask(SIG_BLOCK, &all, &old);
+  pid_t pid = 0;
+  try {
+    pid = fork_process();
+  } catch (...) {
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    throw;
+  }
+  if (pid == 0) {
+    // Ctrl-C and terminate() stop a worker even when the parent handles
+    // those signals itself (handlers are inherited across fork); the parent
+    // then learns of it as worker_died. An initializer may change this.
+    ::signal(SIGINT, SIG_DFL);
+    ::signal(SIGTERM, SIG_DFL);
+    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    worker_main(i);
+  }
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
   w.pid = pid;
   w.pidfd = sys::pidfd_open(pid);
 }
@@ -408,6 +430,7 @@ inline void engine::worker_main(std::size_t i) {
   try {
     die_with_parent(parent_);
     current_process_name() = fmt::format("pool-worker-{}", i + 1);
+
     auto& w = workers_[i];
     worker_context ctx{shared_, w.slot, config_.function};
     ctx.stamp_times = shared_->track_start_times.load() != 0;

@@ -3,6 +3,7 @@
 // address; it has no name, so nothing can leak in /dev/shm.
 #pragma once
 
+#include <fmt/format.h>
 #include <boost/interprocess/anonymous_shared_memory.hpp>
 #include <boost/interprocess/exceptions.hpp>
 #include <boost/interprocess/mapped_region.hpp>
@@ -29,7 +30,8 @@ class shared_mapping {
     } catch (const boost::interprocess::interprocess_exception& e) {
       int err = e.get_native_error();
       if (err == 0) err = ENOMEM;
-      throw std::system_error(err, std::generic_category(), "mmap (anonymous shared memory)");
+      throw std::system_error(err, std::generic_category(),
+                              fmt::format("mmap of {} bytes of anonymous shared memory", size));
     }
   }
   shared_mapping(shared_mapping&&) noexcept = default;
