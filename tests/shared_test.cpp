@@ -6,6 +6,7 @@
 // Children never use Catch2: they report through their exit code (0 = good).
 #include <procpool/detail/fork.hpp>
 #include <procpool/shared.hpp>
+#include <support/support.hpp>
 #include <procpool/sync.hpp>
 
 #include <dirent.h>
@@ -79,12 +80,6 @@ std::size_t open_fd_count() {
   return n - 1;
 }
 
-std::size_t mapping_count() {
-  std::ifstream maps("/proc/self/maps");
-  std::size_t n = 0;
-  for (std::string line; std::getline(maps, line);) ++n;
-  return n;
-}
 
 bool no_children_left() {
   int status = 0;
@@ -317,7 +312,7 @@ TEST_CASE("shared_array: contiguous, zeroed, shared with children", "[shared][fo
 }
 
 TEST_CASE("shared_value and shared_array move, and unmap when destroyed", "[shared]") {
-  auto maps = mapping_count();
+  auto maps = procpool_test::shared_mapping_count();
   auto fds = open_fd_count();
   {
     procpool::shared_value<int> a(5);
@@ -333,7 +328,7 @@ TEST_CASE("shared_value and shared_array move, and unmap when destroyed", "[shar
     REQUIRE(y[9] == 1);
     for (int i = 0; i < 100; ++i) procpool::shared_value<long> temp(i);
   }
-  REQUIRE(mapping_count() == maps);
+  REQUIRE(procpool_test::shared_mapping_count() == maps);
   REQUIRE(open_fd_count() == fds);
 }
 
