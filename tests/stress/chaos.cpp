@@ -23,6 +23,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -109,8 +110,13 @@ int run_item(const item& it) {
     case hangs:
       for (;;) ::pause();
     case oom: {
-      std::vector<std::vector<char>> hog;
-      for (;;) hog.emplace_back(std::size_t(16) << 20, 'x');
+      // Address space, not pages: untouched blocks reach the limit at once,
+      // so the fault costs microseconds rather than racing the task timeout.
+      std::vector<std::unique_ptr<char[]>> hog;
+      for (;;) {
+        hog.emplace_back(new char[std::size_t(16) << 20]);
+        static_cast<volatile char*>(hog.back().get())[0] = 1;  // not optimized away
+      }
     }
     default:
       break;
@@ -149,7 +155,7 @@ int main(int argc, char** argv) {
   using namespace std::chrono_literals;
   procpool::pool_options options;
   options.workers = 2;
-  options.task_timeout = 250ms;
+  options.task_timeout = 400ms;  // a margin for a loaded machine
   if (!sanitized) {
     options.initializer = [] {
       // Each worker may use 64 MiB of address space beyond what it has.
