@@ -41,7 +41,9 @@ struct pool_options {
   std::size_t chunk_size = 0;
   /// Run once in each worker when it starts (and in each replacement). If it
   /// throws, the pool is unusable and every call raises a `procpool::error`
-  /// naming the exception.
+  /// naming the exception. Workers start with SIGINT and SIGTERM at their
+  /// default actions, whatever the parent's handlers; the initializer may
+  /// change that.
   std::function<void()> initializer;
   /// Replace a worker after it ran this many items; 0 means never.
   std::size_t max_tasks_per_child = 0;
