@@ -422,8 +422,16 @@ inline void engine::spawn(std::size_t i) {
     worker_main(i);
   }
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  try {
+    w.pidfd = sys::pidfd_open(pid);
+  } catch (...) {
+    // No descriptor to watch it by (EMFILE): the worker must not run unwatched.
+    sys::kill(pid, SIGKILL);
+    int status = 0;
+    sys::waitpid(pid, &status, 0);
+    throw;
+  }
   w.pid = pid;
-  w.pidfd = sys::pidfd_open(pid);
 }
 
 inline void engine::worker_main(std::size_t i) {
@@ -877,8 +885,22 @@ inline bool engine::wait_exit(worker& w,
 
 inline void engine::respawn_missing() {
   if (broken_ || stopped_) return;
-  for (std::size_t i = 0; i < workers_.size(); ++i)
-    if (workers_[i].pid == 0) spawn(i);
+  std::exception_ptr refused;
+  bool any_alive = false;
+  for (std::size_t i = 0; i < workers_.size(); ++i) {
+    if (workers_[i].pid == 0) {
+      try {
+        spawn(i);
+      } catch (const std::system_error&) {
+        refused = std::current_exception();
+        continue;
+      }
+    }
+    any_alive = true;
+  }
+  // While some worker lives the calls go on with it, and the empty slots are
+  // tried again at the next health check; with none, nothing can progress.
+  if (refused && !any_alive) std::rethrow_exception(refused);
 }
 
 inline std::vector<pid_t> engine::pids() const {
