@@ -50,9 +50,11 @@ class exit_status {
                        core_dumped_ ? ", core dumped" : "");
   }
 
+  /// Equal when both exited with the same code or were killed by the same signal.
   friend constexpr bool operator==(exit_status a, exit_status b) noexcept {
     return a.code_ == b.code_ && a.signal_ == b.signal_;
   }
+  /// Not `==`.
   friend constexpr bool operator!=(exit_status a, exit_status b) noexcept { return !(a == b); }
 
  private:

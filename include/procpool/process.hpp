@@ -177,6 +177,7 @@ class process {
     }
   }
 
+  /// Takes `o`'s child; `o` becomes empty.
   process(process&& o) noexcept
       : pid_(std::exchange(o.pid_, -1)),
         pidfd_(std::move(o.pidfd_)),
@@ -195,7 +196,9 @@ class process {
     return *this;
   }
 
+  /// Not copyable: one object owns a child.
   process(const process&) = delete;
+  /// Not copyable: one object owns a child.
   process& operator=(const process&) = delete;
 
   /// Waits for the child to end if it has not been joined.
