@@ -1,6 +1,6 @@
 // What C++20 adds to the pool's surface: designated initializers for
 // pool_options and views as inputs. Built in every mode; the cases exist
-// only when compiled as C++20 (the cxx20 presets).
+// only when compiled as C++20 (the cxx20 presets), and hold none in C++17.
 #include <procpool/pool.hpp>
 
 #include <catch2/catch.hpp>
@@ -18,6 +18,9 @@ TEST_CASE("pool_options take designated initializers", "[pool][cxx20]") {
   CHECK(p.map(std::vector<int>{1, 2, 3}) == std::vector<int>{2, 3, 4});
 }
 
+// clang 14 cannot compile the <ranges> of libstdc++ 12 (its concepts need
+// clang 15), so the views case is left out for that pair alone.
+#if !(defined(__clang__) && __clang_major__ < 15 && defined(__GLIBCXX__))
 TEST_CASE("views are inputs: iota, transform, filter", "[pool][cxx20]") {
   procpool::pool p([](int x) { return x * x; }, 2u);
   CHECK(p.map(std::views::iota(1, 6)) == std::vector<int>{1, 4, 9, 16, 25});
@@ -27,8 +30,5 @@ TEST_CASE("views are inputs: iota, transform, filter", "[pool][cxx20]") {
   for (int v : p.imap(std::views::iota(0) | std::views::take(1000))) sum += v;
   CHECK(sum == 332833500);
 }
-#else
-TEST_CASE("C++20 cases need -std=c++20", "[pool][cxx20]") {
-  SUCCEED("built as C++17");
-}
+#endif
 #endif

@@ -930,14 +930,20 @@ struct analysis_of_parts<Decode, type_list<Parts...>, Seen> {
 //   where `T{p0, ..., pI}` works, and field I accepts `{}`, it is a reference;
 // - an rvalue reference cannot bind the lvalue of `as_mutable_lvalue`, which
 //   any copyable field accepts.
-// (The probes are declared only: they appear in unevaluated operands.)
+// The probes appear in unevaluated operands only and are never called. They
+// are defined all the same: clang 14 in C++20 mode reports a probe converting
+// to a type without linkage (a test's local aggregate) as used but undefined.
 struct as_prvalue {
   template <class U>
-  operator U() const&& noexcept;
+  [[noreturn]] operator U() const&& noexcept {
+    std::abort();
+  }
 };
 struct as_mutable_lvalue {
   template <class U, std::enable_if_t<!std::is_const_v<U>, int> = 0>
-  operator U&() const&& noexcept;
+  [[noreturn]] operator U&() const&& noexcept {
+    std::abort();
+  }
 };
 template <std::size_t>
 using prvalue_at = as_prvalue;
