@@ -20,6 +20,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -272,6 +273,34 @@ TEST_CASE("an exception in F raises task_error for the lowest failing index", "[
     CHECK(e.index() == 57);
   }
   CHECK(seen == iota_vector(57));
+}
+
+TEST_CASE("imap waits for the results before a failure that arrives first", "[pool][errors]") {
+  // Items 0 and 1 go to the first worker (two chunks in flight each) and
+  // take a while; item 2 fails at once on the second. The failure reaches
+  // the parent first, and imap must still yield items 0 and 1 (it used to
+  // spin without collecting anything, forever). The sleep is the workload:
+  // on a machine too slow for the failure to come first the test still holds.
+  pool_options o;
+  o.workers = 2;
+  o.chunk_size = 1;
+  pool p(
+      [](int x) {
+        if (x < 2) std::this_thread::sleep_for(200ms);
+        if (x == 2) throw std::runtime_error("item two");
+        return x;
+      },
+      o);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<int> seen;
+    try {
+      for (int v : p.imap(iota_vector(10))) seen.push_back(v);
+      FAIL("imap did not throw");
+    } catch (const procpool::task_error& e) {
+      CHECK(e.index() == 2);
+    }
+    CHECK(seen == std::vector<int>{0, 1});
+  }
 }
 
 TEST_CASE("a worker that dies raises worker_died naming the item, signal or code",

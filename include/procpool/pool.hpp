@@ -467,16 +467,29 @@ class imap_call final : public imap_state<R> {
         }
         this->rethrow_if_failed();
       }
-      if (this->input_done && this->in_flight == 0 && yielded_ == sent_) {
+      // Nothing more will arrive once nothing is in flight and the input is
+      // spent or the call failed (a failed call sends no more chunks).
+      if (this->in_flight == 0 && (this->input_done || this->failed())) {
         this->rethrow_if_failed();
-        progress_.update(done_, true);
-        return false;
+        if (yielded_ == sent_) {
+          progress_.update(done_, true);
+          return false;
+        }
+        throw error(fmt::format("imap: {} results were sent for but never arrived",
+                                sent_ - yielded_));  // a bug, never a wait
       }
       if (!e) throw pool_closed("imap iteration");
-      // Drive until something changes for this call.
+      // Drive until something changes for this call. A failure past the next
+      // index to yield is not such a change: the results before it still
+      // come (only items after the failing one are cancelled), so waiting
+      // for them must pump the engine rather than return at once.
       std::size_t before = done_;
       e->drive([&] {
-        return done_ != before || this->failed() || (this->input_done && this->in_flight == 0);
+        if (done_ != before) return true;
+        if (this->in_flight == 0 && (this->input_done || this->failed())) return true;
+        if (!this->failed()) return false;
+        if constexpr (Ordered) return this->error_index() == yielded_;
+        return true;
       });
     }
   }
