@@ -340,14 +340,21 @@ def tiny_python_why(R, speed):
              f"procpool {fmt_num(pp)}.")
         huge = R.per_item_ns("tiny", "procpool@hugetlb", x)
         faults = R.med("tiny", "procpool", x, "parent_faults")
-        if huge and not faults:
+        alloc = R.per_item_ns("tiny", "alloc", x)
+        if faults and alloc:
+            s += (f" Most of procpool's time here is the result vector: making it alone costs "
+                  f"{fmt_num(alloc)} ns per item in the same run, {faults:,.0f} page faults per "
+                  f"call (see the next goal).")
+            if huge:
+                s += (f" With glibc's allocator on huge pages procpool took {fmt_num(huge)} ns "
+                      f"per item, {ratio(py, huge)} faster than Python.")
+        elif huge:
             s += (f" procpool's repeat in the huge-page run of the same case took {fmt_num(huge)} "
                   f"ns per item ({ratio(py, huge)} faster than Python); a warm call maps no fresh "
                   f"pages at this size, so the difference is mostly this shared machine's noise.")
         parts.append(s)
-    parts.append("Python spends its time pickling and unpickling in its parent; procpool's time "
-                 "at these sizes is its data path (above). Where a repeat meets the goal, the "
-                 "miss is the machine's noise, not a steady cost.")
+    parts.append("Python spends its time pickling and unpickling in its parent, procpool in its "
+                 "data path (above) and in fresh pages for its result.")
     return " ".join(parts)
 
 
@@ -421,32 +428,37 @@ def goals(R, info, meta):
                                                 if futex else ""),
             "met": met,
             "why": None if met else (
-                f"Two futex wake-ups between processes alone took {futex * 1e6:.1f} µs in the "
-                "same run: a round trip in which both sides sleep cannot be faster than that."
+                f"A round trip in which both sides sleep (the futex ping-pong) took "
+                f"{futex * 1e6:.1f} µs in the same run: when procpool's worker has fallen asleep "
+                f"before the next task arrives, each round trip pays those wake-ups."
                 if futex else None),
         })
     s, p, t = R.med("cpu", "serial", 1), R.med("cpu", "procpool", 2), R.med("cpu", "threads", 2)
     if s and p:
         met = s / p >= 1.97
         why = None
-        if not met and t and s / t < 1.9:
-            why = (f"The thread pool, which moves no data between processes at all, reached "
-                   f"{ratio(s, t)} over serial in the same run. Two workers need both CPUs to "
-                   f"themselves for 2×, and during this run other processes held part of them "
-                   f"(load average {max(meta['loads']):.2f} at most; see *Machine*): the "
-                   f"shortfall is the machine's, not procpool's.")
-            if p / t > 1.03:
-                why += (f" procpool took {ratio(p, t)} the thread pool's time with the same "
-                        "chunks; its own cost per chunk (a frame each way, a wake-up) is "
-                        "microseconds against chunks of over 100 ms, so the difference is noise "
-                        "of the same kind.")
+        loads = meta["loads"]
+        r = R.get("cpu", "serial", 1)
+        # Default chunks of ceil(tasks / 8) tasks for 2 workers.
+        chunk_ms = math.ceil(r["items"] / 8) * r["task_ms"][0]
+        if not met and t and p / t <= 1.03:
+            why = (f"procpool did as well as the thread pool, which moves no data between "
+                   f"processes at all ({ratio(s, p)} against {ratio(s, t)} over serial, same "
+                   f"chunks, same run): the shortfall is shared, so it is the machine's, not procpool's. Two "
+                   f"workers need both CPUs to themselves for 2×, and other processes used part "
+                   f"of them during this run (1-minute load average {loads[0]:.2f} at the start, "
+                   f"{max(loads):.2f} at most; see *Machine*).")
         elif not met and t:
             why = (f"The thread pool reached {ratio(s, t)} over serial with the same chunks in "
-                   f"the same run, so the machine allowed more: procpool took {ratio(p, t)} its "
-                   f"time. Its own cost per chunk (a frame each way, a wake-up) is microseconds "
-                   f"against chunks of over 100 ms; a difference this large points to the "
-                   f"machine's noise between the two measurements (they run one after the "
-                   f"other), and is worth measuring again.")
+                   f"the same run; procpool took {ratio(p, t)} its time. procpool's own cost per "
+                   f"chunk (a frame each way, a wake-up) is microseconds against chunks of "
+                   f"{chunk_ms:g} ms, so a difference this large points to the machine's noise between "
+                   f"the two measurements (they run one after the other), and is worth measuring "
+                   f"again.")
+            if s / t < 1.9:
+                why += (f" The thread pool fell short of 2× too: other processes used part of the "
+                        f"CPUs during this run (1-minute load average {loads[0]:.2f} at the "
+                        f"start, {max(loads):.2f} at most; see *Machine*).")
         g.append({"name": "CPU-bound tasks, 2 workers: speedup over serial", "target": "≥ 1.97×",
                   "measured": ratio(s, p), "met": met, "why": why})
     size = 8 << 20
@@ -463,15 +475,21 @@ def goals(R, info, meta):
             huge = R.gib_s("big", "procpool@hugetlb", size)
             fault_us = fault_cost_us(R)
             parts = []
-            if pf:
-                s = (f"Every call maps its results afresh: {pf:,.0f} page faults in the parent "
-                     f"(each page of every result) and {wf:,.0f} in the workers (the decoded item "
-                     f"and the function's copy of it).")
+            if pf is not None and wf is not None and (pf or wf):
+                r = R.get("big", "procpool", size)
+                pages = r["bytes"][0] / 4096  # the results' 4 KiB pages
+                which = ("every page of every result" if pf >= 0.9 * pages else
+                         f"for results spanning {pages:,.0f} pages: the allocator reused most")
+                s = (f"One call took {pf:,.0f} page faults in the parent ({which}) and {wf:,.0f} "
+                     f"in the workers (about {wf / pages:.1f} per page of input: every page of "
+                     f"the decoded item and of the function's copy of it, allocated afresh for "
+                     f"each item).")
                 if ft and fault_us:
                     s += (f" Copying into fresh pages runs at {ft:.2f} GiB/s on this VM (same run: "
-                          f"about {fault_us:.1f} µs per 4 KiB page) — below the goal on its own — "
-                          f"so the parent's faults alone take about {pf * fault_us / 1e6:.2f} s of "
-                          f"the call's {t:.2f} s.")
+                          f"about {fault_us:.1f} µs per 4 KiB page), below the goal on its own; "
+                          f"at that cost the faults come to about {pf * fault_us / 1e6:.2f} s in "
+                          f"the parent and {wf * fault_us / 1e6:.2f} s of the workers' time (two "
+                          f"workers, in parallel) of the call's {t:.2f} s.")
                 parts.append(s)
             if huge:
                 parts.append(f"With glibc's allocator backing memory with 2 MiB pages (same run) "
@@ -639,8 +657,8 @@ def section_chunks(add, R, info):
     add(f"The same map over {md_pow10(n_items)} items with a fixed chunk size, 2 workers. Python "
         "runs fewer items when its chunks are small (a chunk of one item costs it tens of "
         "microseconds), as given in the table; every figure is per item. At chunk size 1 every "
-        "item is a frame of its own, and a worker that has finished its frames goes to sleep: "
-        "each item then costs about a wake-up (compare the futex ping-pong in section 4).")
+        "item is a frame of its own: a frame each way per item, at most two in flight per "
+        "worker, and a wake-up whenever a worker has gone to sleep between frames.")
     add("")
     rows = []
     for c in R.xs("chunks", "procpool"):
@@ -688,9 +706,12 @@ def section_latency(add, R, info):
     add("## 4. Round-trip latency")
     add("")
     add("One small task there and its result back, waited for before the next. procpool: "
-        "`pool.submit(x).get()` on a 2-worker pool. The floors, measured by the same C++ "
-        "program: two processes taking turns on a futex word (each side sleeps in the kernel "
-        "until woken) and an `int` through two OS pipes.")
+        "`pool.submit(x).get()` on a 2-worker pool. Beside it, measured by the same C++ program, "
+        "round trips in which each side sleeps in the kernel until woken: two processes taking "
+        "turns on a futex word, and an `int` through two OS pipes. procpool's parent spins for up "
+        "to 20 µs before it sleeps and a worker checks its ring once more before it sleeps, so "
+        "a quick answer or a quick next task costs no wake-up: procpool can come in under these "
+        "on an idle machine, and meets them on a busy one.")
     add("")
     lat = [("procpool", "procpool `submit(x).get()`"),
            ("py_apply_async", "Python `Pool.apply_async(f, (x,)).get()`"),
