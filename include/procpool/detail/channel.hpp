@@ -606,9 +606,11 @@ T read_contiguous(std::size_t size, pipe_source& source) {
     throw decode_error(sizeof count, fmt::format("a length of {} elements of {} bytes does not "
                                                  "fill the {} bytes that remain",
                                                  count, sizeof(element), bytes));
-  T out;
-  out.reserve(static_cast<std::size_t>(count));  // address space: pages are touched as bytes come
+  // Memory grows as bytes arrive, never from the header alone: a header that
+  // lies about the length costs at most one step more than the bytes sent.
   const std::size_t step = std::max<std::size_t>(1, (64 * 1024) / sizeof(element));
+  T out;
+  out.reserve(std::min(static_cast<std::size_t>(count), step));
   for (std::size_t done = 0; done < count;) {
     std::size_t k = std::min(static_cast<std::size_t>(count) - done, step);
     out.resize(done + k);
