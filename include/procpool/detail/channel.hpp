@@ -606,11 +606,15 @@ T read_contiguous(std::size_t size, pipe_source& source) {
     throw decode_error(sizeof count, fmt::format("a length of {} elements of {} bytes does not "
                                                  "fill the {} bytes that remain",
                                                  count, sizeof(element), bytes));
-  // Memory grows as bytes arrive, never from the header alone: a header that
-  // lies about the length costs at most one step more than the bytes sent.
+  // One reservation up front (address space only: pages are touched as the
+  // bytes come), so a big message is not copied as it grows; but never more
+  // than 256 MiB on the header's word alone. Past that the buffer grows with
+  // the bytes that arrive, so a header that lies about the length costs at
+  // most that, and cannot make receive throw bad_alloc or length_error.
   const std::size_t step = std::max<std::size_t>(1, (64 * 1024) / sizeof(element));
+  const std::size_t trusted = (std::size_t(256) << 20) / sizeof(element);
   T out;
-  out.reserve(std::min(static_cast<std::size_t>(count), step));
+  out.reserve(std::min(static_cast<std::size_t>(count), trusted));
   for (std::size_t done = 0; done < count;) {
     std::size_t k = std::min(static_cast<std::size_t>(count) - done, step);
     out.resize(done + k);
