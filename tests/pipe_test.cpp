@@ -6,6 +6,7 @@
 #include <procpool/detail/sys.hpp>
 #include <procpool/exit_status.hpp>
 #include <procpool/pipe.hpp>
+#include <support/support.hpp>
 
 #include <dirent.h>
 #include <signal.h>
@@ -26,75 +27,11 @@ using clock_type = std::chrono::steady_clock;
 
 namespace {
 
-/// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
-template <class F>
-pid_t spawn(F f) {
-  pid_t pid = procpool::detail::fork_process();
-  if (pid == 0) {
-    int code = 97;
-    try {
-      code = f();
-    } catch (...) {
-    }
-    procpool::detail::exit_child(code);
-  }
-  return pid;
-}
-
-/// Waits for child `pid` and returns how it ended.
-exit_status reap(pid_t pid) {
-  int status = 0;
-  procpool::detail::sys::waitpid(pid, &status, 0);
-  return exit_status::from_wait_status(status);
-}
-
-/// Open descriptors of this process.
-std::size_t open_fd_count() {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir("/proc/self/fd")) {
-    while (dirent* e = ::readdir(d)) {
-      if (e->d_name[0] != '.') ++n;
-    }
-    ::closedir(d);
-  }
-  return n;
-}
-
-/// Children of this process that exist, zombies included.
-std::size_t child_count() {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir("/proc")) {
-    while (dirent* e = ::readdir(d)) {
-      char* end = nullptr;
-      long pid = std::strtol(e->d_name, &end, 10);
-      if (end == e->d_name || *end != '\0') continue;
-      char path[64];
-      std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-      if (FILE* f = std::fopen(path, "re")) {
-        char buf[512];
-        std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
-        std::fclose(f);
-        buf[len] = '\0';
-        const char* p = std::strrchr(buf, ')');
-        long ppid = 0;
-        if (p != nullptr && std::sscanf(p + 2, "%*c %ld", &ppid) == 1 && ppid == ::getpid()) ++n;
-      }
-    }
-    ::closedir(d);
-  }
-  return n;
-}
-
-/// A one-byte go signal from parent to child through an OS pipe.
-struct go_signal {
-  std::pair<procpool::detail::sys::unique_fd, procpool::detail::sys::unique_fd> fds =
-      procpool::detail::sys::make_pipe();
-  void give() { procpool::detail::sys::write_all(fds.second.get(), "g", 1); }
-  void await() {
-    char c;
-    procpool::detail::sys::read_some(fds.first.get(), &c, 1);
-  }
-};
+using procpool_test::child_count;
+using procpool_test::go_signal;
+using procpool_test::open_fd_count;
+using procpool_test::reap;
+using procpool_test::spawn;
 
 /// Waits (in the child) until process `pid` sleeps, for at most 10 s.
 void wait_until_sleeping(pid_t pid) {

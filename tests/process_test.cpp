@@ -36,50 +36,40 @@ namespace {
   for (;;) ::pause();
 }
 
-/// Runs `body` with stderr (fd 2) sent to a temporary file; returns what was written.
+/// Runs `body` with descriptor `fd` (1 or 2) sent to a temporary file;
+/// returns what was written to it.
 template <class Body>
-std::string capture_stderr(Body body) {
-  std::fflush(stderr);
-  char path[] = "/tmp/procpool-stderr-XXXXXX";
-  int fd = ::mkstemp(path);
-  REQUIRE(fd >= 0);
+std::string capture(int fd, Body body) {
+  std::fflush(nullptr);
+  char path[] = "/tmp/procpool-capture-XXXXXX";
+  int file = ::mkstemp(path);
+  REQUIRE(file >= 0);
   ::unlink(path);
-  int saved = ::dup(2);
-  ::dup2(fd, 2);
+  int saved = ::dup(fd);
+  ::dup2(file, fd);
   body();
-  std::fflush(stderr);
-  ::dup2(saved, 2);
+  std::fflush(nullptr);
+  ::dup2(saved, fd);
   ::close(saved);
   std::string out;
-  ::lseek(fd, 0, SEEK_SET);
+  ::lseek(file, 0, SEEK_SET);
   char buf[4096];
-  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;)
+  for (ssize_t n; (n = ::read(file, buf, sizeof buf)) > 0;)
     out.append(buf, static_cast<std::size_t>(n));
-  ::close(fd);
+  ::close(file);
   return out;
 }
 
-/// Same as `capture_stderr`, for stdout (fd 1).
+/// What `body` writes to stderr.
+template <class Body>
+std::string capture_stderr(Body body) {
+  return capture(2, body);
+}
+
+/// What `body` writes to stdout.
 template <class Body>
 std::string capture_stdout(Body body) {
-  std::fflush(stdout);
-  char path[] = "/tmp/procpool-stdout-XXXXXX";
-  int fd = ::mkstemp(path);
-  REQUIRE(fd >= 0);
-  ::unlink(path);
-  int saved = ::dup(1);
-  ::dup2(fd, 1);
-  body();
-  std::fflush(stdout);
-  ::dup2(saved, 1);
-  ::close(saved);
-  std::string out;
-  ::lseek(fd, 0, SEEK_SET);
-  char buf[4096];
-  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;)
-    out.append(buf, static_cast<std::size_t>(n));
-  ::close(fd);
-  return out;
+  return capture(1, body);
 }
 
 }  // namespace

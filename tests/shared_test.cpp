@@ -6,8 +6,8 @@
 // Children never use Catch2: they report through their exit code (0 = good).
 #include <procpool/detail/fork.hpp>
 #include <procpool/shared.hpp>
-#include <support/support.hpp>
 #include <procpool/sync.hpp>
+#include <support/support.hpp>
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -37,49 +37,10 @@ using procpool::exit_status;
 
 namespace {
 
-template <class F>
-pid_t spawn(F f) {
-  pid_t pid = procpool::detail::fork_process();
-  if (pid == 0) {
-    int code = 97;
-    try {
-      code = f();
-    } catch (...) {
-    }
-    procpool::detail::exit_child(code);
-  }
-  return pid;
-}
-
-exit_status reap(pid_t pid) {
-  int status = 0;
-  procpool::detail::sys::waitpid(pid, &status, 0);
-  return exit_status::from_wait_status(status);
-}
-
-bool all_succeeded(const std::vector<pid_t>& pids) {
-  bool ok = true;
-  for (pid_t pid : pids) {
-    auto st = reap(pid);
-    if (!st.success()) {
-      UNSCOPED_INFO("child " << pid << " " << st.to_string());
-      ok = false;
-    }
-  }
-  return ok;
-}
-
-std::size_t open_fd_count() {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir("/proc/self/fd")) {
-    while (dirent* e = ::readdir(d)) {
-      if (e->d_name[0] != '.') ++n;
-    }
-    ::closedir(d);
-  }
-  return n - 1;
-}
-
+using procpool_test::all_succeeded;
+using procpool_test::open_fd_count;
+using procpool_test::reap;
+using procpool_test::spawn;
 
 bool no_children_left() {
   int status = 0;

@@ -8,6 +8,7 @@
 #include <procpool/detail/fork.hpp>
 #include <procpool/shared.hpp>
 #include <procpool/sync.hpp>
+#include <support/support.hpp>
 
 #include <dirent.h>
 #include <sys/syscall.h>
@@ -27,52 +28,10 @@ using procpool::exit_status;
 
 namespace {
 
-/// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
-template <class F>
-pid_t spawn(F f) {
-  pid_t pid = procpool::detail::fork_process();
-  if (pid == 0) {
-    int code = 97;
-    try {
-      code = f();
-    } catch (...) {
-    }
-    procpool::detail::exit_child(code);
-  }
-  return pid;
-}
-
-/// Waits for child `pid` and returns how it ended.
-exit_status reap(pid_t pid) {
-  int status = 0;
-  procpool::detail::sys::waitpid(pid, &status, 0);
-  return exit_status::from_wait_status(status);
-}
-
-/// Reaps every child in `pids`; true when all exited with code 0.
-bool all_succeeded(const std::vector<pid_t>& pids) {
-  bool ok = true;
-  for (pid_t pid : pids) {
-    auto st = reap(pid);
-    if (!st.success()) {
-      UNSCOPED_INFO("child " << pid << " " << st.to_string());
-      ok = false;
-    }
-  }
-  return ok;
-}
-
-/// Open descriptors of this process.
-std::size_t open_fd_count() {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir("/proc/self/fd")) {
-    while (dirent* e = ::readdir(d)) {
-      if (e->d_name[0] != '.') ++n;
-    }
-    ::closedir(d);
-  }
-  return n - 1;  // the one opendir holds
-}
+using procpool_test::all_succeeded;
+using procpool_test::open_fd_count;
+using procpool_test::reap;
+using procpool_test::spawn;
 
 /// True when this process has no child left to reap (no zombies, none running).
 bool no_children_left() {

@@ -2,7 +2,11 @@
 // children (for the no-leak, no-zombie checks), and a one-byte go signal.
 #pragma once
 
+#include <procpool/detail/fork.hpp>
 #include <procpool/detail/sys.hpp>
+#include <procpool/exit_status.hpp>
+
+#include <catch2/catch.hpp>
 
 #include <dirent.h>
 #include <poll.h>
@@ -16,8 +20,44 @@
 #include <fstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace procpool_test {
+
+/// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
+template <class F>
+pid_t spawn(F f) {
+  pid_t pid = procpool::detail::fork_process();
+  if (pid == 0) {
+    int code = 97;
+    try {
+      code = f();
+    } catch (...) {
+    }
+    procpool::detail::exit_child(code);
+  }
+  return pid;
+}
+
+/// Waits for child `pid` and returns how it ended.
+inline procpool::exit_status reap(pid_t pid) {
+  int status = 0;
+  procpool::detail::sys::waitpid(pid, &status, 0);
+  return procpool::exit_status::from_wait_status(status);
+}
+
+/// Reaps every child in `pids`; true when all exited with code 0.
+inline bool all_succeeded(const std::vector<pid_t>& pids) {
+  bool ok = true;
+  for (pid_t pid : pids) {
+    auto st = reap(pid);
+    if (!st.success()) {
+      UNSCOPED_INFO("child " << pid << " " << st.to_string());
+      ok = false;
+    }
+  }
+  return ok;
+}
 
 /// Open descriptors of this process (the directory stream's own excluded).
 inline std::size_t open_fd_count() {
