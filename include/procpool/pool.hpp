@@ -65,15 +65,12 @@ template <class R>
 class future;
 template <class R>
 class imap_range;
+namespace detail {
+template <class F, class Handlers>
+class call_front;
+}
 template <class R>
 class imap_unordered_range;
-
-namespace detail {
-template <class Range>
-using range_item_t = std::decay_t<decltype(*std::begin(std::declval<Range&>()))>;
-template <class R>
-using stored_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
-}  // namespace detail
 
 /// A pool of worker processes running `F`, made by `fork()` at construction.
 ///
@@ -168,21 +165,19 @@ class pool {
     if (workers == 0) throw error("a pool needs at least one worker; 0 were asked for");
     return o;
   }
-  std::size_t default_chunk(std::size_t n) const noexcept {
-    if (options_.chunk_size) return options_.chunk_size;
-    std::size_t parts = 4 * std::size_t(engine_->size());
-    return std::max<std::size_t>(1, (n + parts - 1) / parts);
-  }
   template <class Invoke, class Range>
-  auto run_map(Range& inputs, const char* name);
-  template <bool Ordered, class Range>
-  auto run_imap(Range&& inputs);
+  auto run_map(Range& inputs, const char* name) {
+    return calls_.template map<Invoke>(inputs, name);
+  }
   template <class Invoke, class Item>
-  auto submit_as(Item item);
+  auto submit_as(Item item) {
+    return calls_.template submit<Invoke>(std::move(item));
+  }
 
   F f_;
   pool_options options_;
   std::shared_ptr<detail::engine> engine_;
+  detail::call_front<F, detail::local_handlers> calls_;
 };
 
 template <class F>
@@ -221,316 +216,17 @@ class [[nodiscard]] future {
 
  private:
   struct state;
-  template <class F>
-  friend class pool;
-  friend class executor;
-  future(std::shared_ptr<state> s, std::weak_ptr<detail::engine> e)
-      : state_(std::move(s)), engine_(std::move(e)) {}
+  template <class F, class Handlers>
+  friend class detail::call_front;
+  future(std::shared_ptr<state> s, std::weak_ptr<detail::driver> d)
+      : state_(std::move(s)), driver_(std::move(d)) {}
   void wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) const;
   std::shared_ptr<state> state_;
-  std::weak_ptr<detail::engine> engine_;
+  std::weak_ptr<detail::driver> driver_;
 };
 
 // ---------------------------------------------------------------------------
 // Implementation.
-
-namespace detail {
-
-/// Calls the pool's function on one item.
-struct invoke_one {
-  template <class F, class Item>
-  static decltype(auto) call(F& f, Item& item) {
-    if constexpr (std::is_void_v<std::invoke_result_t<F&, Item&>>) {
-      std::invoke(f, item);
-      return std::monostate{};
-    } else {
-      return std::invoke(f, item);
-    }
-  }
-};
-
-/// Calls the pool's function with the elements of a tuple item as arguments.
-struct invoke_apply {
-  template <class F, class Tuple>
-  static decltype(auto) call(F& f, Tuple& args) {
-    using R = decltype(std::apply(f, args));
-    if constexpr (std::is_void_v<R>) {
-      std::apply(f, args);
-      return std::monostate{};
-    } else {
-      return std::apply(f, args);
-    }
-  }
-};
-
-template <class F, class Item, class Invoke>
-using call_result_t = decltype(Invoke::call(std::declval<F&>(), std::declval<Item&>()));
-
-/// True when `Range` has `std::data` and `std::size` giving contiguous items of `Item`.
-template <class Range, class Item, class = void>
-struct is_contiguous_of : std::false_type {};
-template <class Range, class Item>
-struct is_contiguous_of<Range, Item,
-                        std::void_t<decltype(std::data(std::declval<const Range&>())),
-                                    decltype(std::size(std::declval<const Range&>()))>>
-    : std::is_same<std::remove_cv_t<
-                       std::remove_pointer_t<decltype(std::data(std::declval<const Range&>()))>>,
-                   Item> {};
-
-template <class Range, class = void>
-struct has_size : std::false_type {};
-template <class Range>
-struct has_size<Range, std::void_t<decltype(std::size(std::declval<const Range&>()))>>
-    : std::true_type {};
-
-template <class It>
-constexpr bool is_forward_iterator_v =
-    std::is_base_of_v<std::forward_iterator_tag,
-                      typename std::iterator_traits<It>::iterator_category>;
-
-/// Encodes up to `limit` items from [it, end) into `out`, stopping early when
-/// the chunk passes `max_bytes` (after at least one item). Returns the count.
-template <class It, class End>
-std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
-                         std::size_t max_bytes) {
-  std::size_t start = out.size();
-  std::size_t k = 0;
-  while (k < limit && it != end) {
-    encode(out, *it);
-    ++it;
-    ++k;
-    if (out.size() - start >= max_bytes) break;
-  }
-  return k;
-}
-
-/// Decodes `count` results into `dest[0..count)`: one copy when they are trivially sendable.
-template <class R>
-void decode_results(reader& in, R* dest, std::size_t count) {
-  if constexpr (is_trivially_sendable_v<R>) {
-    if (count > in.remaining() / sizeof(R))
-      throw decode_error(in.offset(),
-                         fmt::format("expected {} results of {} bytes, {} bytes remain", count,
-                                     sizeof(R), in.remaining()));
-    std::memcpy(static_cast<void*>(dest), in.take(count * sizeof(R)), count * sizeof(R));
-  } else {
-    for (std::size_t k = 0; k < count; ++k) dest[k] = decode<R>(in);
-  }
-}
-
-/// One `map` or `starmap` call over a sized range, results written into a vector.
-template <class F, class Item, class Invoke, class It, class End, class R>
-class map_call final : public call_state {
- public:
-  map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
-           std::size_t chunk_bytes, std::vector<R>& out, progress_reporter progress)
-      : it_(begin),
-        end_(end),
-        contiguous_(contiguous),
-        n_(n),
-        chunk_(chunk),
-        chunk_bytes_(chunk_bytes),
-        out_(out),
-        progress_(std::move(progress)) {
-    input_done = n == 0;
-  }
-
-  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
-                  chunk_handler& handler) override {
-    if (next_ >= n_) {
-      input_done = true;
-      return false;
-    }
-    std::size_t limit = std::min({chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX)});
-    std::size_t k;
-    if constexpr (is_trivially_sendable_v<Item>) {
-      if (contiguous_) {
-        k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
-        out.write(contiguous_ + next_, k * sizeof(Item));
-      } else {
-        k = encode_items(out, it_, end_, limit, chunk_bytes_);
-      }
-    } else {
-      k = encode_items(out, it_, end_, limit, chunk_bytes_);
-    }
-    first = next_;
-    count = static_cast<std::uint32_t>(k);
-    handler = &run_chunk<F, Item, Invoke>;
-    next_ += k;
-    if (next_ >= n_) input_done = true;
-    return true;
-  }
-
-  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
-    decode_results(in, out_.data() + first, count);
-    done_ += count;
-    progress_.update(done_, done_ == n_);
-  }
-
- private:
-  It it_;
-  End end_;
-  const Item* contiguous_;
-  std::size_t n_;
-  std::size_t next_ = 0;
-  std::size_t done_ = 0;
-  std::size_t chunk_;
-  std::size_t chunk_bytes_;
-  std::vector<R>& out_;
-  progress_reporter progress_;
-};
-
-/// Where the items of an `imap` come from: the range, owned or referred to, and a position.
-template <class Range>
-struct range_source {
-  using stored = std::conditional_t<std::is_lvalue_reference_v<Range>, Range,
-                                    std::remove_cv_t<std::remove_reference_t<Range>>>;
-  explicit range_source(Range&& r)
-      : range(std::forward<Range>(r)), it(std::begin(range)), end(std::end(range)) {}
-  stored range;
-  decltype(std::begin(std::declval<stored&>())) it;
-  decltype(std::end(std::declval<stored&>())) end;
-};
-
-/// The shared part of `imap` and `imap_unordered`: results as they come.
-template <class R>
-class imap_state : public call_state {
- public:
-  /// Moves the next result out (the pair's index is the item's); false at the end.
-  virtual bool next(std::pair<std::size_t, R>& out) = 0;
-};
-
-/// One `imap` / `imap_unordered` call: lazy input, a bounded window of results.
-template <class F, class Item, class Invoke, class Range, class R, bool Ordered>
-class imap_call final : public imap_state<R> {
- public:
-  imap_call(Range&& r, std::size_t chunk, bool grow, std::size_t chunk_bytes, std::size_t window,
-            std::weak_ptr<engine> e, progress_reporter progress)
-      : source_(std::forward<Range>(r)),
-        chunk_(chunk),
-        grow_(grow),
-        chunk_bytes_(chunk_bytes),
-        window_(window),
-        engine_(std::move(e)),
-        progress_(std::move(progress)) {}
-
-  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
-                  chunk_handler& handler) override {
-    if (source_.it == source_.end) {
-      this->input_done = true;
-      return false;
-    }
-    if (sent_ - yielded_ >= window_) return false;  // the reader is behind: wait for it
-    std::size_t limit = std::min({chunk_, max_count, std::size_t(UINT32_MAX)});
-    std::size_t k = encode_items(out, source_.it, source_.end, limit, chunk_bytes_);
-    first = sent_;
-    count = static_cast<std::uint32_t>(k);
-    handler = &run_chunk<F, Item, Invoke>;
-    sent_ += k;
-    if (grow_ && chunk_ < 4096) chunk_ *= 2;  // unknown length: start small, grow
-    if (source_.it == source_.end) this->input_done = true;
-    return true;
-  }
-
-  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
-    for (std::uint32_t k = 0; k < count; ++k) {
-      std::size_t index = first + k;
-      if constexpr (Ordered) {
-        std::size_t slot = index - yielded_;
-        if (window_results_.size() <= slot) window_results_.resize(slot + 1);
-        window_results_[slot] = decode<R>(in);
-      } else {
-        ready_.emplace_back(index, decode<R>(in));
-      }
-    }
-    done_ += count;
-    progress_.update(done_, false);
-  }
-
-  bool next(std::pair<std::size_t, R>& out) override {
-    auto e = engine_.lock();
-    for (;;) {
-      if constexpr (Ordered) {
-        if (this->failed() && this->error_index() == yielded_) this->rethrow_if_failed();
-        if (!window_results_.empty() && window_results_.front()) {
-          out.first = yielded_++;
-          out.second = std::move(*window_results_.front());
-          window_results_.pop_front();
-          return true;
-        }
-      } else {
-        if (!ready_.empty()) {
-          out = std::move(ready_.front());
-          ready_.pop_front();
-          ++yielded_;
-          return true;
-        }
-        this->rethrow_if_failed();
-      }
-      // Nothing more will arrive once nothing is in flight and the input is
-      // spent or the call failed (a failed call sends no more chunks).
-      if (this->in_flight == 0 && (this->input_done || this->failed())) {
-        this->rethrow_if_failed();
-        if (yielded_ == sent_) {
-          progress_.update(done_, true);
-          return false;
-        }
-        throw error(fmt::format("imap: {} results were sent for but never arrived",
-                                sent_ - yielded_));  // a bug, never a wait
-      }
-      if (!e) throw pool_closed("imap iteration");
-      // Drive until something changes for this call. A failure past the next
-      // index to yield is not such a change: the results before it still
-      // come (only items after the failing one are cancelled), so waiting
-      // for them must pump the engine rather than return at once.
-      std::size_t before = done_;
-      e->drive([&] {
-        if (done_ != before) return true;
-        if (this->in_flight == 0 && (this->input_done || this->failed())) return true;
-        if (!this->failed()) return false;
-        if constexpr (Ordered) return this->error_index() == yielded_;
-        return true;
-      });
-    }
-  }
-
- private:
-  range_source<Range> source_;
-  std::size_t chunk_;
-  bool grow_;
-  std::size_t chunk_bytes_;
-  std::size_t window_;
-  std::weak_ptr<engine> engine_;
-  progress_reporter progress_;
-  std::size_t sent_ = 0;
-  std::size_t yielded_ = 0;
-  std::size_t done_ = 0;
-  std::deque<std::optional<R>> window_results_;
-  std::deque<std::pair<std::size_t, R>> ready_;
-};
-
-/// One submitted task: one item, called through `Invoke`.
-template <class F, class Args, class Invoke, class R>
-class submit_call final : public call_state {
- public:
-  explicit submit_call(Args args) : args_(std::move(args)) {}
-  bool next_chunk(writer& out, std::size_t, std::uint64_t& first, std::uint32_t& count,
-                  chunk_handler& handler) override {
-    encode(out, args_);
-    first = 0;
-    count = 1;
-    handler = &run_chunk<F, Args, Invoke>;
-    input_done = true;
-    return true;
-  }
-  void on_results(std::uint64_t, std::uint32_t, reader& in) override { result = decode<R>(in); }
-  std::optional<R> result;
-
- private:
-  Args args_;
-};
-
-}  // namespace detail
 
 /// What a future shares with its task.
 template <class R>
@@ -550,6 +246,8 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
   config.task_timeout = options_.task_timeout;
   config.function = &f_;
   engine_ = std::make_shared<detail::engine>(std::move(config));
+  calls_ = detail::call_front<F, detail::local_handlers>(engine_, options_.chunk_size,
+                                                         options_.progress, options_.on_progress);
 }
 
 template <class F>
@@ -558,55 +256,6 @@ pool<F>::~pool() {
     engine_->join();
   } catch (...) {
     engine_->terminate();
-  }
-}
-
-template <class F>
-template <class Invoke, class Range>
-auto pool<F>::run_map(Range& inputs, const char* name) {
-  using Item = detail::range_item_t<Range>;
-  static_assert(is_sendable_v<Item>,
-                "procpool: the items of this range cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
-  using Result = detail::call_result_t<F, Item, Invoke>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
-  using Begin = decltype(std::begin(inputs));
-  using End = decltype(std::end(inputs));
-  engine_->check_usable(name);
-  if constexpr (!detail::has_size<Range>::value && !detail::is_forward_iterator_v<Begin>) {
-    // A single-pass range without a size: read it all first, as Python does.
-    std::vector<Item> items(std::begin(inputs), std::end(inputs));
-    return run_map<Invoke>(items, name);
-  } else {
-    std::size_t n;
-    if constexpr (detail::has_size<Range>::value)
-      n = static_cast<std::size_t>(std::size(inputs));
-    else
-      n = static_cast<std::size_t>(std::distance(std::begin(inputs), std::end(inputs)));
-    const Item* contiguous = nullptr;
-    if constexpr (detail::is_contiguous_of<Range, Item>::value) contiguous = std::data(inputs);
-    constexpr bool default_constructible = std::is_default_constructible_v<Result>;
-    using Slot = std::conditional_t<default_constructible, Result, std::optional<Result>>;
-    std::vector<Slot> results(n);
-    auto call = std::make_shared<detail::map_call<F, Item, Invoke, Begin, End, Slot>>(
-        std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n),
-        engine_->chunk_bytes(), results,
-        detail::progress_reporter(options_.progress, options_.on_progress, n));
-    engine_->start(call);
-    engine_->drive([&] { return call->finished(); });
-    call->rethrow_if_failed();
-    if constexpr (std::is_same_v<Result, std::monostate>) {
-      return;
-    } else if constexpr (default_constructible) {
-      return results;
-    } else {
-      std::vector<Result> out;
-      out.reserve(n);
-      for (auto& r : results) out.push_back(std::move(*r));
-      return out;
-    }
   }
 }
 
@@ -671,21 +320,21 @@ class [[nodiscard]] imap_range {
   ~imap_range() { cancel(); }
 
  private:
-  template <class F>
-  friend class pool;
-  imap_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::engine> e)
-      : state_(std::move(s)), engine_(std::move(e)) {}
+  template <class F, class Handlers>
+  friend class detail::call_front;
+  imap_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::driver> d)
+      : state_(std::move(s)), driver_(std::move(d)) {}
   void advance() {
     started_ = true;
     done_ = !state_->next(current_);
   }
   void cancel() noexcept {
     if (state_ && !done_) {
-      if (auto e = engine_.lock()) e->cancel(*state_);
+      if (auto d = driver_.lock()) d->cancel(*state_);
     }
   }
   std::shared_ptr<detail::imap_state<R>> state_;
-  std::weak_ptr<detail::engine> engine_;
+  std::weak_ptr<detail::driver> driver_;
   std::pair<std::size_t, R> current_{};
   bool started_ = false;
   bool done_ = false;
@@ -738,73 +387,36 @@ class [[nodiscard]] imap_unordered_range {
   imap_unordered_range& operator=(imap_unordered_range&&) noexcept = default;
   ~imap_unordered_range() {
     if (state_ && !done_) {
-      if (auto e = engine_.lock()) e->cancel(*state_);
+      if (auto d = driver_.lock()) d->cancel(*state_);
     }
   }
 
  private:
-  template <class F>
-  friend class pool;
-  imap_unordered_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::engine> e)
-      : state_(std::move(s)), engine_(std::move(e)) {}
+  template <class F, class Handlers>
+  friend class detail::call_front;
+  imap_unordered_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::driver> d)
+      : state_(std::move(s)), driver_(std::move(d)) {}
   void advance() {
     started_ = true;
     done_ = !state_->next(current_);
   }
   std::shared_ptr<detail::imap_state<R>> state_;
-  std::weak_ptr<detail::engine> engine_;
+  std::weak_ptr<detail::driver> driver_;
   std::pair<std::size_t, R> current_{};
   bool started_ = false;
   bool done_ = false;
 };
 
 template <class F>
-template <bool Ordered, class Range>
-auto pool<F>::run_imap(Range&& inputs) {
-  using Item = detail::range_item_t<Range>;
-  static_assert(is_sendable_v<Item>,
-                "procpool: the items of this range cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
-  using Result = detail::call_result_t<F, Item, detail::invoke_one>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
-  engine_->check_usable(Ordered ? "imap" : "imap_unordered");
-  std::size_t chunk = options_.chunk_size;
-  std::size_t total = 0;
-  bool grow = false;
-  if constexpr (detail::has_size<std::remove_reference_t<Range>>::value) {
-    total = static_cast<std::size_t>(std::size(inputs));
-    if (chunk == 0) chunk = default_chunk(total);
-  }
-  if (chunk == 0) {
-    chunk = 1;
-    grow = true;
-  }
-  std::size_t window = 4 * std::size_t(engine_->size()) * std::min<std::size_t>(chunk, 4096);
-  if (grow) window = 4 * std::size_t(engine_->size()) * 4096;
-  using call_t = detail::imap_call<F, Item, detail::invoke_one, Range, Result, Ordered>;
-  auto call = std::make_shared<call_t>(
-      std::forward<Range>(inputs), chunk, grow, engine_->chunk_bytes(), window, engine_,
-      detail::progress_reporter(Ordered && options_.progress, options_.on_progress, total));
-  engine_->start(call);
-  std::shared_ptr<detail::imap_state<Result>> state = call;
-  if constexpr (Ordered)
-    return imap_range<Result>(std::move(state), engine_);
-  else
-    return imap_unordered_range<Result>(std::move(state), engine_);
-}
-
-template <class F>
 template <class Range>
 auto pool<F>::imap(Range&& inputs) {
-  return run_imap<true>(std::forward<Range>(inputs));
+  return calls_.template imap<true>(std::forward<Range>(inputs));
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::imap_unordered(Range&& inputs) {
-  return run_imap<false>(std::forward<Range>(inputs));
+  return calls_.template imap<false>(std::forward<Range>(inputs));
 }
 
 template <class F>
@@ -817,22 +429,147 @@ auto pool<F>::submit(Args&&... args) {
   return submit_as<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
 }
 
-template <class F>
+namespace detail {
+
+/// What `pool<F>` and `mpi::pool<F>` share: turning `map`, `imap` and `submit`
+/// into calls on a driver, with Python's default chunk size.
+template <class F, class Handlers>
+class call_front {
+ public:
+  call_front() = default;
+  call_front(std::shared_ptr<driver> d, std::size_t chunk_size, bool progress,
+             std::function<void(const progress_info&)> on_progress)
+      : driver_(std::move(d)),
+        chunk_size_(chunk_size),
+        progress_(progress),
+        on_progress_(std::move(on_progress)) {}
+
+  /// `map` (Invoke = invoke_one) or `starmap` (invoke_apply): results in input order.
+  template <class Invoke, class Range>
+  auto map(Range& inputs, const char* name);
+  /// `imap` (Ordered) or `imap_unordered`.
+  template <bool Ordered, class Range>
+  auto imap(Range&& inputs);
+  /// One task: `item` called through `Invoke`.
+  template <class Invoke, class Item>
+  auto submit(Item item);
+
+ private:
+  std::size_t default_chunk(std::size_t n) const noexcept {
+    if (chunk_size_) return chunk_size_;
+    std::size_t parts = 4 * std::size_t(driver_->parallelism());
+    return std::max<std::size_t>(1, (n + parts - 1) / parts);
+  }
+
+  std::shared_ptr<driver> driver_;
+  std::size_t chunk_size_ = 0;
+  bool progress_ = false;
+  std::function<void(const progress_info&)> on_progress_;
+};
+
+template <class F, class Handlers>
+template <class Invoke, class Range>
+auto call_front<F, Handlers>::map(Range& inputs, const char* name) {
+  using Item = range_item_t<Range>;
+  static_assert(is_sendable_v<Item>,
+                "procpool: the items of this range cannot be sent to a worker process; see "
+                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  using Result = call_result_t<F, Item, Invoke>;
+  static_assert(is_sendable_v<Result>,
+                "procpool: the function's result type cannot be sent back from a worker process; "
+                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  using Begin = decltype(std::begin(inputs));
+  using End = decltype(std::end(inputs));
+  driver_->check_usable(name);
+  if constexpr (!has_size<Range>::value && !is_forward_iterator_v<Begin>) {
+    // A single-pass range without a size: read it all first, as Python does.
+    std::vector<Item> items(std::begin(inputs), std::end(inputs));
+    return map<Invoke>(items, name);
+  } else {
+    std::size_t n;
+    if constexpr (has_size<Range>::value)
+      n = static_cast<std::size_t>(std::size(inputs));
+    else
+      n = static_cast<std::size_t>(std::distance(std::begin(inputs), std::end(inputs)));
+    const Item* contiguous = nullptr;
+    if constexpr (is_contiguous_of<Range, Item>::value) contiguous = std::data(inputs);
+    constexpr bool default_constructible = std::is_default_constructible_v<Result>;
+    using Slot = std::conditional_t<default_constructible, Result, std::optional<Result>>;
+    std::vector<Slot> results(n);
+    auto call = std::make_shared<map_call<F, Handlers, Item, Invoke, Begin, End, Slot>>(
+        std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n),
+        driver_->chunk_bytes(), results, progress_reporter(progress_, on_progress_, n));
+    driver_->start(call);
+    driver_->drive([&] { return call->finished(); });
+    call->rethrow_if_failed();
+    if constexpr (std::is_same_v<Result, std::monostate>) {
+      return;
+    } else if constexpr (default_constructible) {
+      return results;
+    } else {
+      std::vector<Result> out;
+      out.reserve(n);
+      for (auto& r : results) out.push_back(std::move(*r));
+      return out;
+    }
+  }
+}
+
+template <class F, class Handlers>
+template <bool Ordered, class Range>
+auto call_front<F, Handlers>::imap(Range&& inputs) {
+  using Item = range_item_t<Range>;
+  static_assert(is_sendable_v<Item>,
+                "procpool: the items of this range cannot be sent to a worker process; see "
+                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  using Result = call_result_t<F, Item, invoke_one>;
+  static_assert(is_sendable_v<Result>,
+                "procpool: the function's result type cannot be sent back from a worker process; "
+                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  driver_->check_usable(Ordered ? "imap" : "imap_unordered");
+  std::size_t chunk = chunk_size_;
+  std::size_t total = 0;
+  bool grow = false;
+  if constexpr (has_size<std::remove_reference_t<Range>>::value) {
+    total = static_cast<std::size_t>(std::size(inputs));
+    if (chunk == 0) chunk = default_chunk(total);
+  }
+  if (chunk == 0) {
+    chunk = 1;
+    grow = true;
+  }
+  std::size_t window = 4 * std::size_t(driver_->parallelism()) * std::min<std::size_t>(chunk, 4096);
+  if (grow) window = 4 * std::size_t(driver_->parallelism()) * 4096;
+  using call_t = imap_call<F, Handlers, Item, invoke_one, Range, Result, Ordered>;
+  auto call = std::make_shared<call_t>(
+      std::forward<Range>(inputs), chunk, grow, driver_->chunk_bytes(), window, driver_,
+      progress_reporter(Ordered && progress_, on_progress_, total));
+  driver_->start(call);
+  std::shared_ptr<imap_state<Result>> state = call;
+  if constexpr (Ordered)
+    return imap_range<Result>(std::move(state), driver_);
+  else
+    return imap_unordered_range<Result>(std::move(state), driver_);
+}
+
+template <class F, class Handlers>
 template <class Invoke, class Item>
-auto pool<F>::submit_as(Item item) {
-  using Result = detail::call_result_t<F, Item, Invoke>;
+auto call_front<F, Handlers>::submit(Item item) {
+  using Result = call_result_t<F, Item, Invoke>;
   static_assert(is_sendable_v<Result>,
                 "procpool: the function's result type cannot be sent back from a worker process; "
                 "see codec.hpp for the types procpool can send and how to make a type sendable.");
   using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void, Result>;
-  engine_->check_usable("submit");
-  auto call = std::make_shared<detail::submit_call<F, Item, Invoke, Result>>(std::move(item));
-  engine_->start(call);
+  driver_->check_usable("submit");
+  auto call = std::make_shared<submit_call<F, Handlers, Item, Invoke, Result>>(std::move(item));
+  driver_->start(call);
   auto s = std::make_shared<typename future<R>::state>();
   s->call = call;
   s->result = &call->result;
-  return future<R>(std::move(s), engine_);
+  return future<R>(std::move(s), driver_);
 }
+
+}  // namespace detail
 
 template <class R>
 bool future<R>::ready() const {
@@ -845,9 +582,9 @@ void future<R>::wait_until(std::optional<std::chrono::steady_clock::time_point> 
   if (!state_) throw error("get() or wait on an empty future");
   auto& call = *state_->call;
   if (call.finished()) return;
-  auto e = engine_.lock();
-  if (!e) throw pool_closed("future::get");
-  e->drive_until([&] { return call.finished(); }, deadline);
+  auto d = driver_.lock();
+  if (!d) throw pool_closed("future::get");
+  d->drive_until([&] { return call.finished(); }, deadline);
 }
 
 template <class R>

@@ -45,6 +45,7 @@
 
 #include "../codec.hpp"
 #include "../errors.hpp"
+#include "calls.hpp"
 #include "fork.hpp"
 #include "futex.hpp"
 #include "ring.hpp"
@@ -54,8 +55,6 @@
 #include "wait.hpp"
 
 namespace procpool::detail {
-
-inline constexpr std::uint64_t no_item = ~std::uint64_t(0);
 
 enum class frame_kind : std::uint32_t {
   task = 1,         // parent -> worker: a chunk to run
@@ -180,47 +179,13 @@ void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32
   patch_result_header(out, h);
 }
 
-/// A call in flight: one map, imap or imap_unordered, or one submitted task.
-/// Owned jointly by the engine (while chunks are in flight) and by whatever
-/// the user holds (map's frame, an imap range, a future).
-class call_state {
- public:
-  virtual ~call_state() = default;
-
-  /// Encodes the next chunk's items into `out` (appending), at most
-  /// `max_count` items; sets `first`, `count` and `handler`. Returns false
-  /// when no chunk can be made now (input exhausted, or a window is full).
-  virtual bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first,
-                          std::uint32_t& count, chunk_handler& handler) = 0;
-  /// Decodes the results of items `first` .. `first + count - 1` from `in`.
-  virtual void on_results(std::uint64_t first, std::uint32_t count, reader& in) = 0;
-
-  /// Records that item `index` failed with `e`; the lowest failing index wins.
-  void fail(std::uint64_t index, std::exception_ptr e) noexcept {
-    if (!error_ || index < error_index_) {
-      error_index_ = index;
-      error_ = std::move(e);
-    }
+/// Handler tokens for forked workers: the address of the handler, the same
+/// in every fork of the parent.
+struct local_handlers {
+  template <class F, class Item, class Invoke>
+  static std::uint64_t id() noexcept {
+    return reinterpret_cast<std::uint64_t>(&run_chunk<F, Item, Invoke>);
   }
-  /// True once an item failed.
-  bool failed() const noexcept { return error_ != nullptr; }
-  /// Index of the lowest failing item (when `failed()`).
-  std::uint64_t error_index() const noexcept { return error_index_; }
-  /// Rethrows the error of the lowest failing item, if any.
-  void rethrow_if_failed() const {
-    if (error_) std::rethrow_exception(error_);
-  }
-  /// True when nothing of this call is in flight and nothing more will be sent.
-  bool finished() const noexcept { return in_flight == 0 && (input_done || error_ || cancelled); }
-
-  std::uint64_t id = 0;
-  std::size_t in_flight = 0;  ///< chunks sent and not yet answered
-  bool input_done = false;    ///< every chunk has been made
-  bool cancelled = false;     ///< the user gave up on the call (a dropped imap range)
-
- private:
-  std::uint64_t error_index_ = no_item;
-  std::exception_ptr error_;
 };
 
 /// What the engine needs to know to run workers.
@@ -239,24 +204,20 @@ struct engine_config {
 };
 
 /// Worker processes, their rings, and the parent's side of the protocol.
-class engine {
+class engine final : public driver {
  public:
   explicit engine(engine_config config);
-  ~engine();
+  ~engine() override;
   engine(const engine&) = delete;
   engine& operator=(const engine&) = delete;
 
   /// Registers a call and queues it for sending.
-  void start(const std::shared_ptr<call_state>& call);
-  /// Sends and collects until `done()` is true. Worker deaths and timeouts
-  /// found on the way are charged to the calls they hit.
-  template <class Done>
-  void drive(Done&& done);
+  void start(const std::shared_ptr<call_state>& call) override;
   /// Sends and collects until `done()` or `deadline`; false on timeout.
-  template <class Done>
-  bool drive_until(Done&& done, std::optional<steady::time_point> deadline);
+  /// Worker deaths and timeouts found on the way are charged to the calls they hit.
+  bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
   /// The user gave up on `call`: stop sending it, skip its queued items.
-  void cancel(call_state& call) noexcept;
+  void cancel(call_state& call) noexcept override;
 
   /// No more calls; work in flight still completes.
   void close() noexcept { closed_ = true; }
@@ -273,9 +234,11 @@ class engine {
   /// Pids of the workers running now (0 for a slot being replaced).
   std::vector<pid_t> pids() const;
   /// The chunk size the engine can carry without streaming, in bytes.
-  std::size_t chunk_bytes() const noexcept { return chunk_bytes_; }
+  std::size_t chunk_bytes() const noexcept override { return chunk_bytes_; }
+  /// Number of workers.
+  unsigned parallelism() const noexcept override { return size(); }
   /// Throws if the pool can run no more calls (initializer failure).
-  void check_usable(const char* operation) const;
+  void check_usable(const char* operation) const override;
 
  private:
   struct chunk {
@@ -530,13 +493,8 @@ inline void engine::release_call(const std::shared_ptr<call_state>& call) noexce
   }
 }
 
-template <class Done>
-void engine::drive(Done&& done) {
-  drive_until(done, std::nullopt);
-}
-
-template <class Done>
-bool engine::drive_until(Done&& done, std::optional<steady::time_point> deadline) {
+inline bool engine::drive_until(function_ref<bool()> done,
+                                std::optional<steady::time_point> deadline) {
   while (!done()) {
     if (broken_) std::rethrow_exception(broken_);
     bool progress = pump();
@@ -612,7 +570,7 @@ inline bool engine::make_chunk(worker& w, chunk& c) {
     task_header h{};
     scratch_.write(&prefix, sizeof prefix);
     scratch_.write(&h, sizeof h);
-    chunk_handler handler = nullptr;
+    std::uint64_t handler = 0;
     std::uint64_t first = 0;
     std::uint32_t count = 0;
     if (!call->next_chunk(scratch_, max_count, first, count, handler)) {
@@ -624,8 +582,7 @@ inline bool engine::make_chunk(worker& w, chunk& c) {
       }
       return false;
     }
-    h = task_header{reinterpret_cast<std::uint64_t>(handler), call->id, first, count,
-                    frame_kind::task};
+    h = task_header{handler, call->id, first, count, frame_kind::task};
     prefix = scratch_.size() - sizeof prefix;
     std::memcpy(scratch_.data(), &prefix, sizeof prefix);
     std::memcpy(scratch_.data() + sizeof prefix, &h, sizeof h);
