@@ -51,6 +51,16 @@ class task_error : public error {
   /// The `what()` of the exception the function threw.
   const std::string& message() const noexcept { return message_; }
 
+ protected:
+  /// For subclasses that word the message themselves (`mpi::task_error`).
+  task_error(const std::string& what, std::size_t index, pid_t pid, std::string type_name,
+             std::string message)
+      : error(what),
+        index_(index),
+        pid_(pid),
+        type_name_(std::move(type_name)),
+        message_(std::move(message)) {}
+
  private:
   std::size_t index_;
   pid_t pid_;

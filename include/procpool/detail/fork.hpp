@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <csignal>
+#include <cstddef>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -25,6 +26,11 @@ inline std::string& current_process_name() {
 
 /// True once the threaded-fork warning has been printed by this process.
 inline std::atomic<bool> warned_threaded_fork{false};
+
+/// Threads that may run while forking without a warning: the forking thread,
+/// plus helper threads of a runtime whose state children never touch (an MPI
+/// library's progress threads; see `mpi::session`).
+inline std::atomic<std::size_t> fork_safe_threads{1};
 
 /// Flushes C stdio and the standard C++ streams, so buffered text is written
 /// once by its writer rather than once more by each child that inherits it.
@@ -44,7 +50,8 @@ inline void flush_standard_streams() noexcept {
 inline pid_t fork_process() {
   flush_standard_streams();
   std::size_t threads = sys::thread_count();
-  if (threads > 1 && !warned_threaded_fork.exchange(true)) {
+  if (threads > fork_safe_threads.load(std::memory_order_relaxed) &&
+      !warned_threaded_fork.exchange(true)) {
     fmt::print(stderr,
                "procpool: warning: forking a process that runs {} threads; only the forking "
                "thread exists in the child, and locks held by the others (malloc's included) "
