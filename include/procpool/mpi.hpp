@@ -8,7 +8,7 @@
 ///
 /// The program is SPMD: every rank runs it, and every rank constructs the same
 /// pools in the same order. Rank 0 dispatches; on every other rank the
-/// constructor serves chunks until rank 0's pool is closed, then returns.
+/// constructor serves chunks until rank 0's pool is joined, then returns.
 ///
 /// ```cpp
 /// int main(int argc, char** argv) {
@@ -88,10 +88,9 @@ class task_error : public procpool::task_error {
   /// of type `type_name` whose `what()` was `message`.
   task_error(std::size_t index, int rank, pid_t pid, std::string host, std::string type_name,
              std::string message)
-      : procpool::task_error(
-            fmt::format("item {} failed on rank {} (pid {} on {}): {}: {}", index, rank, pid, host,
-                        type_name, message),
-            index, pid, type_name, message),
+      : procpool::task_error(fmt::format("item {} failed on rank {} (pid {} on {}): {}: {}", index,
+                                         rank, pid, host, type_name, message),
+                             index, pid, type_name, message),
         rank_(rank),
         host_(std::move(host)) {}
   /// The rank that ran the item.
@@ -114,8 +113,7 @@ class rank_failed : public procpool::error {
               std::chrono::nanoseconds silence)
       : error(fmt::format("rank {} (pid {} on {}) answered nothing for {:.1f} s while running "
                           "items from {} on; it was given up and the pool goes on without it",
-                          rank, pid, host, std::chrono::duration<double>(silence).count(),
-                          index)),
+                          rank, pid, host, std::chrono::duration<double>(silence).count(), index)),
         rank_(rank),
         pid_(pid),
         host_(std::move(host)),
@@ -220,10 +218,12 @@ struct handlers;
 ///
 /// **SPMD:** every rank constructs the pool with its own `f`. On rank 0 the
 /// constructor returns at once and the pool is used as a `procpool::pool`. On
-/// every other rank the constructor serves until rank 0's pool is closed
-/// (`close()`, `join()` or its destructor), then returns; `is_root()` is false
-/// there and the calls throw. With a single rank (the program started without
-/// `mpirun`) rank 0 runs every chunk itself, which is handy for debugging.
+/// every other rank the constructor serves until rank 0's pool is joined
+/// (`join()` or its destructor), then returns; `is_root()` is false there and
+/// the calls throw. So one pool is open at a time: make the next one after the
+/// previous is joined (a second open pool at rank 0 is refused with an error).
+/// With a single rank (the program started without `mpirun`) rank 0 runs every
+/// chunk itself, which is handy for debugging.
 ///
 /// Items and results travel with procpool's codec (`codec.hpp`) over MPI
 /// point-to-point messages on a communicator of the pool's own, so the pool
@@ -358,6 +358,10 @@ using steady = std::chrono::steady_clock;
 
 inline constexpr int tag_task = 1;
 inline constexpr int tag_result = 2;
+
+/// Pools open at rank 0 now (constructed, not yet joined): at most one, since
+/// the serving ranks serve one pool at a time, in construction order.
+inline int open_pools = 0;
 
 /// Throws `mpi_error` unless `code` is `MPI_SUCCESS`.
 inline void check(int code, const char* call) {
@@ -605,9 +609,10 @@ inline void run_task(server_base* s, const task_header& h, procpool::reader& in,
   it->second.run(*s, h.call, in, h.first, h.count, out);
   if (out.size() > std::size_t(INT_MAX)) {
     std::size_t size = out.size();
-    refuse(fmt::format("the results of items {} to {} take {} bytes, more than one MPI message "
-                       "can carry ({}); use a smaller chunk_size",
-                       h.first, h.first + h.count - 1, size, INT_MAX));
+    refuse(
+        fmt::format("the results of items {} to {} take {} bytes, more than one MPI message "
+                    "can carry ({}); use a smaller chunk_size",
+                    h.first, h.first + h.count - 1, size, INT_MAX));
   }
 }
 
@@ -660,8 +665,8 @@ inline void serve(MPI_Comm comm, server_base* s, const std::string& unusable) {
     wait_request(request);
     sending = out.release();
     out = procpool::writer();
-    check(MPI_Isend(sending.data(), static_cast<int>(sending.size()), MPI_BYTE, 0, tag_result,
-                    comm, &request),
+    check(MPI_Isend(sending.data(), static_cast<int>(sending.size()), MPI_BYTE, 0, tag_result, comm,
+                    &request),
           "MPI_Isend");
   }
   wait_request(request);
@@ -727,6 +732,7 @@ class engine final : public procpool::detail::driver {
   bool check_silence();
   void give_up(rank_state& r, steady::duration silence);
   bool idle() const;
+  void break_with(std::exception_ptr e) noexcept;
   void stop() noexcept;
 
   MPI_Comm comm_;
@@ -813,8 +819,7 @@ inline bool engine::receive() {
     int found = 0;
     MPI_Message message;
     MPI_Status status;
-    check(MPI_Improbe(MPI_ANY_SOURCE, tag_result, comm_, &found, &message, &status),
-          "MPI_Improbe");
+    check(MPI_Improbe(MPI_ANY_SOURCE, tag_result, comm_, &found, &message, &status), "MPI_Improbe");
     if (!found) return any;
     any = true;
     receive_probed(message, status, inbuf_);
@@ -843,8 +848,8 @@ inline bool engine::fill(rank_state& r) {
       continue;
     }
     auto& sent = r.inflight.back();
-    check(MPI_Isend(sent.bytes.data(), static_cast<int>(sent.bytes.size()), MPI_BYTE,
-                    r.info.rank, tag_task, comm_, &sent.request),
+    check(MPI_Isend(sent.bytes.data(), static_cast<int>(sent.bytes.size()), MPI_BYTE, r.info.rank,
+                    tag_task, comm_, &sent.request),
           "MPI_Isend");
   }
   return made;
@@ -897,8 +902,8 @@ inline void engine::run_here(rank_state& r) {
 inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size_t size) {
   result_header h;
   if (size < sizeof h) {
-    broken_ = std::make_exception_ptr(procpool::error(fmt::format(
-        "rank {} sent a frame of {} bytes, shorter than a header", r.info.rank, size)));
+    break_with(std::make_exception_ptr(procpool::error(fmt::format(
+        "rank {} sent a frame of {} bytes, shorter than a header", r.info.rank, size))));
     return;
   }
   std::memcpy(&h, data, sizeof h);
@@ -906,19 +911,22 @@ inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size
   if (h.kind == frame_kind::init_failed) {
     auto type = decode<std::string>(in);
     auto message = decode<std::string>(in);
-    broken_ = std::make_exception_ptr(procpool::error(fmt::format(
+    break_with(std::make_exception_ptr(procpool::error(fmt::format(
         "rank {} (pid {} on {}) could not start serving: {}: {}; the pool cannot run tasks",
-        r.info.rank, r.info.pid, r.info.host, type, message)));
-    closed_ = true;
+        r.info.rank, r.info.pid, r.info.host, type, message))));
     return;
   }
   if (r.lost) return;  // a late answer from a rank already given up
   r.last_heard = steady::now();
   if (r.inflight.empty() || r.inflight.front().call_id != h.call ||
       r.inflight.front().first != h.first) {
-    broken_ = std::make_exception_ptr(procpool::error(fmt::format(
-        "rank {} answered a chunk it was not sent (call {}, item {})", r.info.rank, h.call,
-        h.first)));
+    break_with(std::make_exception_ptr(
+        procpool::error(fmt::format("rank {} answered a chunk it was not sent (call {}, item {})",
+                                    r.info.rank, h.call, h.first))));
+    return;
+  }
+  if (!r.inflight.front().call) {  // its call was let go when the pool broke
+    finish_chunk(r);
     return;
   }
   auto& call = *r.inflight.front().call;
@@ -930,8 +938,8 @@ inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size
         auto type = decode<std::string>(in);
         auto message = decode<std::string>(in);
         auto pid = static_cast<pid_t>(decode<std::int64_t>(in));
-        call.fail(index, std::make_exception_ptr(task_error(
-                             index, r.info.rank, pid, r.info.host, type, message)));
+        call.fail(index, std::make_exception_ptr(
+                             task_error(index, r.info.rank, pid, r.info.host, type, message)));
       }
     }
   } catch (const decode_error&) {
@@ -944,8 +952,26 @@ inline void engine::finish_chunk(rank_state& r) {
   chunk& c = r.inflight.front();
   // The rank answered, so it has the whole task: the send is complete or about to be.
   if (c.request != MPI_REQUEST_NULL) wait_request(c.request);
-  --c.call->in_flight;
+  if (c.call) --c.call->in_flight;
   r.inflight.pop_front();
+}
+
+inline void engine::break_with(std::exception_ptr e) noexcept {
+  if (!broken_) broken_ = e;
+  closed_ = true;
+  // The calls are let go at once (a map's frame may unwind and free what its
+  // call writes into); the chunks stay, call-less, until their ranks answer.
+  for (auto& r : ranks_) {
+    for (auto& c : r.inflight) {
+      if (!c.call) continue;
+      --c.call->in_flight;
+      c.call->fail(c.first, e);
+      c.call.reset();
+    }
+  }
+  for (auto& call : sending_)
+    if (!call->failed()) call->fail(0, e);
+  sending_.clear();
 }
 
 inline bool engine::check_silence() {
@@ -964,22 +990,22 @@ inline bool engine::check_silence() {
 inline void engine::give_up(rank_state& r, steady::duration silence) {
   r.lost = true;
   for (auto& c : r.inflight) {
-    --c.call->in_flight;
-    c.call->fail(c.first, std::make_exception_ptr(rank_failed(
-                              r.info.rank, r.info.pid, r.info.host, c.first,
-                              std::chrono::duration_cast<std::chrono::nanoseconds>(silence))));
+    if (c.call) {
+      --c.call->in_flight;
+      c.call->fail(c.first, std::make_exception_ptr(rank_failed(
+                                r.info.rank, r.info.pid, r.info.host, c.first,
+                                std::chrono::duration_cast<std::chrono::nanoseconds>(silence))));
+      c.call.reset();
+    }
     if (c.request != MPI_REQUEST_NULL) abandoned_.push_back(std::move(c));
   }
   r.inflight.clear();
   bool any = false;
   for (auto& other : ranks_) any |= !other.lost;
   if (!any) {
-    broken_ = std::make_exception_ptr(procpool::error(
+    break_with(std::make_exception_ptr(procpool::error(
         "every serving rank was given up (no answer within rank_timeout); the pool cannot run "
-        "tasks"));
-    for (auto& call : sending_)
-      if (!call->failed()) call->fail(0, broken_);
-    sending_.clear();
+        "tasks")));
   }
 }
 
@@ -1001,6 +1027,7 @@ inline void engine::stop() noexcept {
   if (stopped_) return;
   stopped_ = true;
   closed_ = true;
+  --open_pools;
   if (!self_) {
     // Answers still on their way are received and dropped, so no rank is left
     // blocked sending one; then every rank, given up or not, is told to stop.
@@ -1043,6 +1070,7 @@ inline void engine::stop() noexcept {
   // Calls still waiting for answers get none.
   for (auto& r : ranks_) {
     for (auto& c : r.inflight) {
+      if (!c.call) continue;
       --c.call->in_flight;
       if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
     }
@@ -1059,8 +1087,7 @@ inline session::session(int* argc, char*** argv) {
   MPI_Initialized(&initialized);
   if (!initialized) {
     int provided = 0;
-    detail::check(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided),
-                  "MPI_Init_thread");
+    detail::check(MPI_Init_thread(argc, argv, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
     owner_ = true;
   }
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
@@ -1100,6 +1127,11 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
         "mpi::pool needs MPI to be running: make a procpool::mpi::session first, on every rank");
   if (options_.chunks_per_rank == 0)
     throw procpool::error("mpi::pool_options::chunks_per_rank must be at least 1; it is 0");
+  if (detail::open_pools > 0)
+    throw procpool::error(
+        "an mpi::pool is already open: the serving ranks are inside its constructor, and serve "
+        "one pool at a time, so close or join it (or let it go out of scope) before making "
+        "the next");
   MPI_Comm comm = MPI_COMM_NULL;
   detail::check(MPI_Comm_dup(MPI_COMM_WORLD, &comm), "MPI_Comm_dup");
   MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
@@ -1145,10 +1177,16 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
     ranks.push_back({r, static_cast<pid_t>(id.pid), std::string(id.host)});
   }
   if (size == 1) {
-    self = std::make_unique<detail::server<F>>(f_, 0, options_);
+    try {
+      self = std::make_unique<detail::server<F>>(f_, 0, options_);
+    } catch (...) {
+      MPI_Comm_free(&comm);
+      throw;
+    }
     ranks.push_back({0, ::getpid(), std::string(me.host)});
   }
   engine_ = std::make_shared<detail::engine>(comm, std::move(ranks), options_, std::move(self));
+  ++detail::open_pools;
   for (int r = 1; r < size; ++r) {
     if (all[std::size_t(r)].function_type != me.function_type) {
       engine_->join();  // lets every rank return from its constructor

@@ -1,0 +1,53 @@
+// A serving rank dies (SIGKILL) while it runs an item. Two ways to run it:
+//
+//   mpirun -n 3 rank_death abort
+//       Open MPI's default: the runtime ends the whole job and names the rank
+//       and the signal (tests/mpi/expect_abort.cmake checks that, and that no
+//       rank is left waiting).
+//   mpirun --enable-recovery -n 3 rank_death recover
+//       the job goes on; rank 0's pool gives the rank up after rank_timeout,
+//       the call raises rank_failed naming it, and the pool goes on with the
+//       other rank. Prints "recovered" when every check held; exits 1 otherwise.
+#include <fmt/format.h>
+#include <signal.h>
+#include <procpool/mpi.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+int main(int argc, char** argv) {
+  procpool::mpi::session mpi(argc, argv);
+  bool recover = argc > 1 && std::strcmp(argv[1], "recover") == 0;
+  procpool::mpi::pool_options o;
+  o.chunk_size = 1;
+  if (recover) o.rank_timeout = std::chrono::seconds(2);
+  procpool::mpi::pool p(
+      [](int x) {
+        if (x < 0) ::raise(SIGKILL);
+        return 2 * x;
+      },
+      o);
+  if (!p.is_root()) return 0;
+
+  std::vector<int> xs(200);
+  std::iota(xs.begin(), xs.end(), 0);
+  xs[60] = -1;
+  try {
+    (void)p.map(xs);
+    fmt::print("map returned although a rank died\n");
+    return 1;
+  } catch (const procpool::mpi::rank_failed& e) {
+    fmt::print("rank_failed: {}\n", e.what());
+    if (e.rank() < 1 || e.rank() >= mpi.size() || e.index() > 60) return 1;
+  }
+  // The other rank serves on.
+  xs[60] = 60;
+  auto out = p.map(xs);
+  for (std::size_t i = 0; i < xs.size(); ++i)
+    if (out[i] != 2 * xs[i]) return 1;
+  if (p.submit(21).get() != 42) return 1;
+  fmt::print("recovered\n");
+  return 0;
+}
