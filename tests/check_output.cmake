@@ -1,10 +1,11 @@
-# Runs PROGRAM and compares its standard output with the file EXPECTED.
+# Runs PROGRAM (with ARGS, started by LAUNCHER when given, e.g. mpirun and its
+# arguments) and compares its standard output with the file EXPECTED.
 #
 # The first line of EXPECTED chooses the comparison:
 #   "# exact"    the output equals the rest of the file, line for line;
 #   "# any order" the output holds the same lines, each whole and each once, in any order.
 # The program must exit 0 in both cases.
-execute_process(COMMAND "${PROGRAM}" OUTPUT_VARIABLE out RESULT_VARIABLE rc)
+execute_process(COMMAND ${LAUNCHER} "${PROGRAM}" ${ARGS} OUTPUT_VARIABLE out RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "${PROGRAM} exited with ${rc}; output:\n${out}")
 endif()
