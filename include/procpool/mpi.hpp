@@ -380,24 +380,29 @@ std::uint64_t type_hash() noexcept {
   return hash_name(typeid(T).name());
 }
 
-/// Waiting without burning a core: a few quick polls, then sleeps that double
-/// up to a millisecond. Serving ranks and rank 0 poll MPI this way, so ranks
+/// Waiting without burning a core: polls for up to 200 µs (an answer that is
+/// on its way arrives in that time), then sleeps that double from 20 µs up to
+/// a millisecond. Serving ranks and rank 0 poll MPI this way, so ranks
 /// oversubscribed on one host leave the cores to the ranks that work.
 class backoff {
  public:
-  void reset() noexcept {
-    polls_ = 0;
-    sleep_ = std::chrono::microseconds(0);
-  }
+  void reset() noexcept { started_ = false; }
   void pause() {
-    if (++polls_ <= 64) return;
-    sleep_ = std::min(std::max(2 * sleep_, std::chrono::microseconds(4)),
+    auto now = steady::now();
+    if (!started_) {
+      started_ = true;
+      since_ = now;
+      sleep_ = std::chrono::microseconds(0);
+    }
+    if (now - since_ < std::chrono::microseconds(200)) return;
+    sleep_ = std::min(std::max(2 * sleep_, std::chrono::microseconds(20)),
                       std::chrono::microseconds(1000));
     std::this_thread::sleep_for(sleep_);
   }
 
  private:
-  int polls_ = 0;
+  bool started_ = false;
+  steady::time_point since_{};
   std::chrono::microseconds sleep_{0};
 };
 
