@@ -13,6 +13,8 @@
 #include <unistd.h>
 #include <catch2/catch.hpp>
 
+#include <support/support.hpp>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -27,29 +29,10 @@ using procpool::exit_status;
 using procpool::detail::queue_stage;
 using clock_type = std::chrono::steady_clock;
 
+using procpool_test::reap;
+using procpool_test::spawn;
+
 namespace {
-
-/// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
-template <class F>
-pid_t spawn(F f) {
-  pid_t pid = procpool::detail::fork_process();
-  if (pid == 0) {
-    int code = 97;
-    try {
-      code = f();
-    } catch (...) {
-    }
-    procpool::detail::exit_child(code);
-  }
-  return pid;
-}
-
-/// Waits for child `pid` and returns how it ended.
-exit_status reap(pid_t pid) {
-  int status = 0;
-  procpool::detail::sys::waitpid(pid, &status, 0);
-  return exit_status::from_wait_status(status);
-}
 
 /// Waits (in the caller) until process `pid` sleeps, for at most 10 s.
 void wait_until_sleeping(pid_t pid) {

@@ -10,6 +10,8 @@
 
 #include <catch2/catch.hpp>
 
+#include <support/support.hpp>
+
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -25,6 +27,9 @@ using procpool::detail::ring_writer;
 using procpool::detail::shared_mapping;
 using procpool::detail::wait_status;
 
+using procpool_test::reap;
+using procpool_test::spawn;
+
 namespace {
 
 constexpr std::size_t ring_size = 4096;
@@ -34,28 +39,6 @@ struct shared_ring {
   shared_mapping mapping{ring_control::bytes_needed(ring_size)};
   ring_control* ring = ring_control::create(mapping.data(), ring_size);
 };
-
-/// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
-template <class F>
-pid_t spawn(F f) {
-  pid_t pid = procpool::detail::fork_process();
-  if (pid == 0) {
-    int code = 97;
-    try {
-      code = f();
-    } catch (...) {
-    }
-    procpool::detail::exit_child(code);
-  }
-  return pid;
-}
-
-/// Waits for child `pid` and returns how it ended.
-exit_status reap(pid_t pid) {
-  int status = 0;
-  procpool::detail::sys::waitpid(pid, &status, 0);
-  return exit_status::from_wait_status(status);
-}
 
 /// True while `pid` runs (false once it is a zombie).
 bool running(pid_t pid) {
