@@ -25,6 +25,8 @@ using procpool::channel_closed;
 using procpool::exit_status;
 using clock_type = std::chrono::steady_clock;
 
+using procpool_test::wait_until_sleeping;
+
 namespace {
 
 using procpool_test::child_count;
@@ -32,16 +34,6 @@ using procpool_test::go_signal;
 using procpool_test::open_fd_count;
 using procpool_test::reap;
 using procpool_test::spawn;
-
-/// Waits (in the child) until process `pid` sleeps, for at most 10 s.
-void wait_until_sleeping(pid_t pid) {
-  auto end = clock_type::now() + 10s;
-  while (clock_type::now() < end) {
-    auto st = procpool::detail::read_proc_thread(pid, pid);
-    if (st.readable && st.state == 'S') return;
-    std::this_thread::yield();
-  }
-}
 
 struct point {
   int x;

@@ -27,17 +27,14 @@ using namespace std::chrono_literals;
 using procpool::pool;
 using procpool::pool_options;
 
+using procpool_test::block_forever;
+
 namespace {
 
 std::vector<int> iota_vector(int n, int from = 0) {
   std::vector<int> v(static_cast<std::size_t>(n));
   std::iota(v.begin(), v.end(), from);
   return v;
-}
-
-/// Blocks the calling worker until its parent dies: a task that never ends.
-void block_forever() {
-  for (;;) ::pause();
 }
 
 /// True while process `pid` exists (a reaped pid is gone).

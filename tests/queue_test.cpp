@@ -32,17 +32,9 @@ using clock_type = std::chrono::steady_clock;
 using procpool_test::reap;
 using procpool_test::spawn;
 
-namespace {
+using procpool_test::wait_until_sleeping;
 
-/// Waits (in the caller) until process `pid` sleeps, for at most 10 s.
-void wait_until_sleeping(pid_t pid) {
-  auto end = clock_type::now() + 10s;
-  while (clock_type::now() < end) {
-    auto st = procpool::detail::read_proc_thread(pid, pid);
-    if (st.readable && st.state == 'S') return;
-    std::this_thread::yield();
-  }
-}
+namespace {
 
 /// An item whose content is a function of its id, so any damage shows.
 struct item {

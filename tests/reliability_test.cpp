@@ -37,11 +37,9 @@ using procpool::exit_status;
 using procpool::pool;
 using procpool::process;
 
-namespace {
+using procpool_test::block_forever;
 
-[[noreturn]] void block_forever() {
-  for (;;) ::pause();
-}
+namespace {
 
 /// Reads the pids a harness wrote, `count` of them.
 std::vector<pid_t> read_pids(int fd, std::size_t count) {

@@ -38,6 +38,8 @@ using procpool::exit_status;
 namespace {
 
 using procpool_test::all_succeeded;
+using procpool_test::block_forever;
+using procpool_test::go_signal;
 using procpool_test::open_fd_count;
 using procpool_test::reap;
 using procpool_test::spawn;
@@ -80,23 +82,6 @@ struct remove_at_exit {
   std::string name;
   ~remove_at_exit() { procpool::shared_value<int>::remove(name); }
 };
-
-struct signal_pipe {
-  std::pair<procpool::detail::sys::unique_fd, procpool::detail::sys::unique_fd> ends =
-      procpool::detail::sys::make_pipe();
-  void notify() {
-    char c = 1;
-    procpool::detail::sys::write_all(ends.second.get(), &c, 1);
-  }
-  bool wait() {
-    char c = 0;
-    return procpool::detail::sys::read_some(ends.first.get(), &c, 1) == 1;
-  }
-};
-
-[[noreturn]] void block_forever() {
-  for (;;) ::pause();
-}
 
 /// Too large for a lock-free std::atomic: exercises the locked storage.
 struct triple {
@@ -207,19 +192,19 @@ TEST_CASE("a process killed inside with() leaves the value whole and the lock fr
   procpool::shared_value<long> lf(7);
   procpool::shared_value<triple> locked(triple{1, 1, 1});
   for (int round = 0; round < 20; ++round) {
-    signal_pipe inside;
+    go_signal inside;
     pid_t victim = spawn([&] {
       lf.with([&](long& x) {
         x = -1;  // never stored: the process dies first
         locked.with([&](triple& t) {
           t = triple{-1, -1, -1};
-          inside.notify();
+          inside.give();
           block_forever();
         });
       });
       return 0;
     });
-    REQUIRE(inside.wait());
+    REQUIRE(inside.await());
     ::kill(victim, SIGKILL);
     REQUIRE(reap(victim).is_signaled());
     REQUIRE(lf.load() == 7 + round);

@@ -29,6 +29,8 @@ using procpool::exit_status;
 namespace {
 
 using procpool_test::all_succeeded;
+using procpool_test::block_forever;
+using procpool_test::go_signal;
 using procpool_test::open_fd_count;
 using procpool_test::reap;
 using procpool_test::spawn;
@@ -37,25 +39,6 @@ using procpool_test::spawn;
 bool no_children_left() {
   int status = 0;
   return ::waitpid(-1, &status, WNOHANG) == -1 && errno == ECHILD;
-}
-
-/// A pipe for a child to say "I got there" to its parent, one byte per event.
-struct signal_pipe {
-  std::pair<procpool::detail::sys::unique_fd, procpool::detail::sys::unique_fd> ends =
-      procpool::detail::sys::make_pipe();
-  void notify() {
-    char c = 1;
-    procpool::detail::sys::write_all(ends.second.get(), &c, 1);
-  }
-  bool wait() {
-    char c = 0;
-    return procpool::detail::sys::read_some(ends.first.get(), &c, 1) == 1;
-  }
-};
-
-/// Blocks the calling process until it is killed.
-[[noreturn]] void block_forever() {
-  for (;;) ::pause();
 }
 
 pid_t this_tid() {
@@ -180,16 +163,16 @@ TEST_CASE("a holder killed inside the critical section does not wedge the mutex 
   procpool::shared_value<int> in_progress;  // 1 while an update is half done
   long expected = 0;
   for (int round = 0; round < 100; ++round) {
-    signal_pipe holding;
+    go_signal holding;
     pid_t victim = spawn([&] {
       m.lock();
       in_progress.store(1);
       counter.store(counter.load() + 1000);  // a half-done update, never completed
-      holding.notify();
+      holding.give();
       block_forever();
       return 0;
     });
-    REQUIRE(holding.wait());
+    REQUIRE(holding.await());
     ::kill(victim, SIGKILL);
     REQUIRE(reap(victim) == exit_status::killed(SIGKILL));
 
@@ -213,14 +196,14 @@ TEST_CASE("a holder killed inside the critical section does not wedge the mutex 
 TEST_CASE("a process blocked in lock() gets the mutex when the holder is killed", "[sync][fork]") {
   procpool::mutex m;
   for (int round = 0; round < 20; ++round) {
-    signal_pipe holding;
+    go_signal holding;
     pid_t holder = spawn([&] {
       m.lock();
-      holding.notify();
+      holding.give();
       block_forever();
       return 0;
     });
-    REQUIRE(holding.wait());
+    REQUIRE(holding.await());
     pid_t waiter = spawn([&] {
       std::lock_guard<procpool::mutex> hold(m);  // blocks until the holder dies
       return m.owner_died() ? 0 : 1;
@@ -237,16 +220,16 @@ TEST_CASE("a process blocked in lock() gets the mutex when the holder is killed"
 TEST_CASE("recursive_mutex recovers from a holder killed at depth 3", "[sync][fork]") {
   procpool::recursive_mutex m;
   for (int round = 0; round < 20; ++round) {
-    signal_pipe holding;
+    go_signal holding;
     pid_t victim = spawn([&] {
       m.lock();
       m.lock();
       m.lock();
-      holding.notify();
+      holding.give();
       block_forever();
       return 0;
     });
-    REQUIRE(holding.wait());
+    REQUIRE(holding.await());
     ::kill(victim, SIGKILL);
     REQUIRE(reap(victim).is_signaled());
     m.lock();
@@ -268,15 +251,15 @@ TEST_CASE("recursive_mutex recovers from a holder killed at depth 3", "[sync][fo
 TEST_CASE("timed waits time out promptly", "[sync][fork]") {
   procpool::mutex m;
   procpool::recursive_mutex rm;
-  signal_pipe holding;
-  signal_pipe release;
+  go_signal holding;
+  go_signal release;
   pid_t holder = spawn([&] {
     std::scoped_lock both(m, rm);
-    holding.notify();
-    release.wait();
+    holding.give();
+    release.await();
     return 0;
   });
-  REQUIRE(holding.wait());
+  REQUIRE(holding.await());
 
   auto timed = [](auto&& attempt) {
     auto start = std::chrono::steady_clock::now();
@@ -303,7 +286,7 @@ TEST_CASE("timed waits time out promptly", "[sync][fork]") {
   timed([&] { return alone.arrive_and_wait_for(50ms); });
   CHECK(alone.waiting() == 0);  // the arrival was withdrawn
 
-  release.notify();
+  release.give();
   REQUIRE(reap(holder) == exit_status::exited(0));
   // Free now: the timed calls succeed at once, however short the timeout.
   REQUIRE(m.try_lock_for(0ms));
@@ -376,7 +359,7 @@ TEST_CASE("barrier breaks when a participant ends before arriving", "[sync][fork
   CAPTURE(killed);
   procpool::barrier b(3);
   procpool::shared_array<int> caught(2);  // pid each survivor's broken_barrier named
-  signal_pipe passed_phase_0;
+  go_signal passed_phase_0;
   std::vector<pid_t> survivors;
   for (int i = 0; i < 2; ++i) {
     survivors.push_back(spawn([&, i] {
@@ -392,11 +375,11 @@ TEST_CASE("barrier breaks when a participant ends before arriving", "[sync][fork
   }
   pid_t leaver = spawn([&] {
     b.arrive_and_wait();
-    passed_phase_0.notify();
+    passed_phase_0.give();
     if (killed) block_forever();
     return 0;
   });
-  REQUIRE(passed_phase_0.wait());
+  REQUIRE(passed_phase_0.await());
   if (killed) ::kill(leaver, SIGKILL);
   REQUIRE(all_succeeded(survivors));  // the leaver is reaped only after this
   CHECK(caught[0] == leaver);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <procpool/detail/fork.hpp>
+#include <procpool/detail/liveness.hpp>
 #include <procpool/detail/sys.hpp>
 #include <procpool/exit_status.hpp>
 
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -172,5 +174,20 @@ struct go_signal {
     return procpool::detail::sys::read_some(fds.first.get(), &c, 1) == 1;
   }
 };
+
+/// Blocks the calling process until a signal kills it.
+[[noreturn]] inline void block_forever() {
+  for (;;) ::pause();
+}
+
+/// Waits (in the caller) until process `pid` sleeps, for at most 10 s.
+inline void wait_until_sleeping(pid_t pid) {
+  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (std::chrono::steady_clock::now() < end) {
+    auto st = procpool::detail::read_proc_thread(pid, pid);
+    if (st.readable && st.state == 'S') return;
+    std::this_thread::yield();
+  }
+}
 
 }  // namespace procpool_test
