@@ -935,21 +935,12 @@ inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size
     return;
   }
   auto& call = *r.inflight.front().call;
-  try {
-    if (!call.cancelled) {
-      if (h.count > 0) call.on_results(h.first, h.count, in);
-      if (h.kind == frame_kind::error) {
-        auto index = decode<std::uint64_t>(in);
-        auto type = decode<std::string>(in);
-        auto message = decode<std::string>(in);
+  procpool::detail::deliver_frame(
+      call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
         auto pid = static_cast<pid_t>(decode<std::int64_t>(in));
-        call.fail(index, std::make_exception_ptr(
-                             task_error(index, r.info.rank, pid, r.info.host, type, message)));
-      }
-    }
-  } catch (const decode_error&) {
-    call.fail(h.first, std::current_exception());
-  }
+        return std::make_exception_ptr(
+            task_error(index, r.info.rank, pid, r.info.host, std::move(type), std::move(message)));
+      });
   finish_chunk(r);
 }
 

@@ -133,6 +133,27 @@ inline void patch_result_header(writer& out, const result_header& h) noexcept {
   std::memcpy(out.data(), &h, sizeof h);
 }
 
+/// Hands a result frame to its call: the results it carries, then, for an
+/// error frame, the failure `failure(index, type, message)` makes from the
+/// failing index, type name and message that follow (anything after them is
+/// left in `in` for the caller). A frame that cannot be decoded fails the call
+/// at its first item. A cancelled call takes nothing.
+template <class MakeFailure>
+void deliver_frame(call_state& call, const result_header& h, reader& in, MakeFailure&& failure) {
+  if (call.cancelled) return;
+  try {
+    if (h.count > 0) call.on_results(h.first, h.count, in);
+    if (h.kind == frame_kind::error) {
+      auto index = decode<std::uint64_t>(in);
+      auto type = decode<std::string>(in);
+      auto message = decode<std::string>(in);
+      call.fail(index, failure(index, std::move(type), std::move(message)));
+    }
+  } catch (const decode_error&) {
+    call.fail(h.first, std::current_exception());
+  }
+}
+
 /// The type name and message of the exception being handled.
 inline std::pair<std::string, std::string> describe_current_exception() {
   std::string type = "unknown exception";
@@ -680,22 +701,13 @@ inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t s
     return;
   }
   auto& call = *w.inflight.front().call;
-  try {
-    if (!call.cancelled) {
-      if (h.count > 0) call.on_results(h.first, h.count, in);
-      if (h.kind == frame_kind::error) {
-        auto index = decode<std::uint64_t>(in);
-        std::string type = decode<std::string>(in);
-        std::string message = decode<std::string>(in);
-        call.fail(index, std::make_exception_ptr(
-                             task_error(index, w.pid, std::move(type), std::move(message))));
-        release_call(w.inflight.front().call);
-      }
-    }
-  } catch (const decode_error&) {
-    call.fail(h.first, std::current_exception());
+  bool failed_before = call.failed();
+  deliver_frame(call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
+    return std::make_exception_ptr(task_error(index, w.pid, std::move(type), std::move(message)));
+  });
+  // Workers skip the rest of a call that this frame failed.
+  if (!call.cancelled && (h.kind == frame_kind::error || call.failed() != failed_before))
     release_call(w.inflight.front().call);
-  }
   finish_chunk(w);
 }
 
