@@ -263,7 +263,7 @@ TEST_CASE("timed waits time out promptly", "[sync][fork]") {
 
   auto timed = [](auto&& attempt) {
     auto start = std::chrono::steady_clock::now();
-    bool got = attempt();
+    bool got = static_cast<bool>(attempt());
     auto took = std::chrono::steady_clock::now() - start;
     CHECK_FALSE(got);
     CHECK(took >= 50ms);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "codec.hpp"
+#include "detail/clock.hpp"
 #include "detail/pool_engine.hpp"
 #include "errors.hpp"
 #include "process.hpp"
@@ -605,7 +606,7 @@ R future<R>::get() {
 template <class R>
 template <class Rep, class Period>
 bool future<R>::wait_for(std::chrono::duration<Rep, Period> d) const {
-  wait_until(std::chrono::steady_clock::now() + d);
+  wait_until(detail::deadline_after(d));
   return state_->call->finished();
 }
 
