@@ -162,6 +162,44 @@ TEST_CASE("semaphore: every timeout type and clock", "[timed]") {
   CHECK(s.value() == 0);
 }
 
+TEST_CASE("bounded_semaphore: every timeout type and clock", "[timed]") {
+  procpool::bounded_semaphore s(0, 1);
+  short_timeouts([&](auto d) { CHECK_FALSE(s.try_acquire_for(d)); });
+  short_deadlines([&](auto tp) { CHECK_FALSE(s.try_acquire_until(tp)); });
+  long_timeouts([&](auto d) {
+    s.release();
+    CHECK(s.try_acquire_for(d));
+  });
+  long_deadlines([&](auto tp) {
+    s.release();
+    CHECK(s.try_acquire_until(tp));
+  });
+}
+
+TEST_CASE("condition: every timeout type and clock", "[timed]") {
+  procpool::mutex m;
+  procpool::recursive_mutex rm;
+  procpool::condition cv;
+  std::unique_lock<procpool::mutex> hold(m);
+  std::unique_lock<procpool::recursive_mutex> rhold(rm);
+  short_timeouts([&](auto d) {
+    CHECK(cv.wait_for(hold, d) == std::cv_status::timeout);
+    CHECK(cv.wait_for(rhold, d) == std::cv_status::timeout);
+    CHECK(cv.wait_for(m, d) == std::cv_status::timeout);
+    CHECK_FALSE(cv.wait_for(hold, d, [] { return false; }));
+  });
+  short_deadlines([&](auto tp) {
+    CHECK(cv.wait_until(hold, tp) == std::cv_status::timeout);
+    CHECK(cv.wait_until(rm, tp) == std::cv_status::timeout);
+    CHECK_FALSE(cv.wait_until(hold, tp, [] { return false; }));
+  });
+  // A true predicate returns at once, whatever the timeout.
+  long_timeouts([&](auto d) { CHECK(cv.wait_for(hold, d, [] { return true; })); });
+  long_deadlines([&](auto tp) { CHECK(cv.wait_until(rhold, tp, [] { return true; })); });
+  CHECK(hold.owns_lock());
+  CHECK(m.locked());
+}
+
 TEST_CASE("event: every timeout type and clock", "[timed]") {
   procpool::event e;
   short_timeouts([&](auto d) { CHECK_FALSE(e.wait_for(d)); });
