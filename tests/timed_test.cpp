@@ -177,27 +177,34 @@ TEST_CASE("bounded_semaphore: every timeout type and clock", "[timed]") {
 }
 
 TEST_CASE("condition: every timeout type and clock", "[timed]") {
-  procpool::mutex m;
-  procpool::recursive_mutex rm;
   procpool::condition cv;
-  std::unique_lock<procpool::mutex> hold(m);
-  std::unique_lock<procpool::recursive_mutex> rhold(rm);
-  short_timeouts([&](auto d) {
-    CHECK(cv.wait_for(hold, d) == std::cv_status::timeout);
-    CHECK(cv.wait_for(rhold, d) == std::cv_status::timeout);
-    CHECK(cv.wait_for(m, d) == std::cv_status::timeout);
-    CHECK_FALSE(cv.wait_for(hold, d, [] { return false; }));
-  });
-  short_deadlines([&](auto tp) {
-    CHECK(cv.wait_until(hold, tp) == std::cv_status::timeout);
-    CHECK(cv.wait_until(rm, tp) == std::cv_status::timeout);
-    CHECK_FALSE(cv.wait_until(hold, tp, [] { return false; }));
-  });
-  // A true predicate returns at once, whatever the timeout.
-  long_timeouts([&](auto d) { CHECK(cv.wait_for(hold, d, [] { return true; })); });
-  long_deadlines([&](auto tp) { CHECK(cv.wait_until(rhold, tp, [] { return true; })); });
-  CHECK(hold.owns_lock());
-  CHECK(m.locked());
+  {
+    procpool::mutex m;
+    std::unique_lock<procpool::mutex> hold(m);
+    short_timeouts([&](auto d) {
+      CHECK(cv.wait_for(hold, d) == std::cv_status::timeout);
+      CHECK(cv.wait_for(m, d) == std::cv_status::timeout);
+      CHECK_FALSE(cv.wait_for(hold, d, [] { return false; }));
+    });
+    short_deadlines([&](auto tp) {
+      CHECK(cv.wait_until(hold, tp) == std::cv_status::timeout);
+      CHECK_FALSE(cv.wait_until(hold, tp, [] { return false; }));
+    });
+    // A true predicate returns at once, whatever the timeout.
+    long_timeouts([&](auto d) { CHECK(cv.wait_for(hold, d, [] { return true; })); });
+    long_deadlines([&](auto tp) { CHECK(cv.wait_until(hold, tp, [] { return true; })); });
+    CHECK(hold.owns_lock());
+    CHECK(m.locked());
+  }
+  {
+    procpool::recursive_mutex rm;
+    std::unique_lock<procpool::recursive_mutex> hold(rm);
+    short_timeouts([&](auto d) { CHECK(cv.wait_for(hold, d) == std::cv_status::timeout); });
+    short_deadlines([&](auto tp) { CHECK(cv.wait_until(rm, tp) == std::cv_status::timeout); });
+    long_timeouts([&](auto d) { CHECK(cv.wait_for(rm, d, [] { return true; })); });
+    long_deadlines([&](auto tp) { CHECK(cv.wait_until(hold, tp, [] { return true; })); });
+    CHECK(rm.locked());
+  }
 }
 
 TEST_CASE("event: every timeout type and clock", "[timed]") {
