@@ -77,6 +77,7 @@ while (my $line = <$in>) {
     if ($line =~ /^(#{1,6})\s+(.*?)\s*$/) {
       my ($hashes, $title) = ($1, $2);
       if ($first_heading && length($hashes) == 1) {
+        $title =~ s/`//g;  # a page title is plain text in the navigation tree
         $line = $main ? "$hashes $title\n" : "$hashes $title {#$page}\n";
       } else {
         $line = "$hashes $title {#" . label($page, slug($title)) . "}\n";
