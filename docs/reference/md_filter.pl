@@ -47,6 +47,9 @@ sub example_page {
 
 sub rewrite_link {
   my ($text, $target) = @_;
+  # An @ref's text shows code spans as raw backticks: plain text there.
+  (my $plain = $text) =~ s/`//g;
+  $text = $plain if $target =~ /^#/ || $target =~ /\.md(?:#|$)/;
   return "[$text](\@ref " . label($page, $1) . ")" if $target =~ /^#(.+)$/;
   if ($target =~ m{^((?:\.\./|docs/)*)([A-Za-z0-9_-]+)\.md(?:#(.+))?$}) {
     my ($path, $name, $anchor) = ($1, $2, $3 // '');
@@ -76,18 +79,33 @@ while (my $line = <$in>) {
   if (!$fence) {
     if ($line =~ /^(#{1,6})\s+(.*?)\s*$/) {
       my ($hashes, $title) = ($1, $2);
+      # Doxygen 1.9.4 shows code spans in a labelled heading as raw <tt>
+      # tags: headings are plain text.
+      $title =~ s/`//g;
       if ($first_heading && length($hashes) == 1) {
-        $title =~ s/`//g;  # a page title is plain text in the navigation tree
         $line = $main ? "$hashes $title\n" : "$hashes $title {#$page}\n";
       } else {
         $line = "$hashes $title {#" . label($page, slug($title)) . "}\n";
       }
       $first_heading = 0;
     }
-    # Doxygen 1.9.4 misreads a code span holding a quote inside a table row
-    # (it reports an unmatched </tt>); HTML <code> reads the same.
+    # Doxygen 1.9.4 misreads, inside a table row, a code span that holds a
+    # quote or starts with '-' (it garbles the row); HTML <code> reads the same.
     if ($line =~ /^\|/) {
-      $line =~ s{`([^`]*'[^`]*)`}{my $c = $1; $c =~ s/&/&amp;/g; $c =~ s/</&lt;/g; $c =~ s/>/&gt;/g; "<code>$c</code>"}ge;
+      my @parts = split /`/, $line, -1;  # odd parts are code spans
+      for (my $i = 1; $i < $#parts; $i += 2) {
+        next unless $parts[$i] =~ /^-|'/;
+        (my $c = $parts[$i]) =~ s/&/&amp;/g;
+        $c =~ s/</&lt;/g;
+        $c =~ s/>/&gt;/g;
+        $parts[$i] = "\x00<code>$c</code>\x00";
+      }
+      $line = '';
+      for my $i (0 .. $#parts) {
+        $line .= $parts[$i];
+        $line .= '`' if $i < $#parts && $parts[$i] !~ /\x00$/ && $parts[$i + 1] !~ /^\x00/;
+      }
+      $line =~ s/\x00//g;
     }
     # [text](target), but not ![image](...) handled above, nor code like `[](int n)`.
     $line =~ s{(?<![!\]\`\w])\[([^\]\`]+|[^\]]*\`[^\]]*\`[^\]]*)\]\(([^()\s]+)\)}{rewrite_link($1, $2)}ge;
