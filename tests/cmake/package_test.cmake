@@ -6,6 +6,7 @@
 #   SOURCE_DIR  procpool's source tree
 #   WORK_DIR    an empty scratch directory of this test's own
 #   CXX         the C++ compiler
+#   CPACK       the cpack program
 #   DOCS        ON to build the API reference into the packages (needs Doxygen)
 #   MPI         ON to check find_package(procpool COMPONENTS mpi) too
 cmake_minimum_required(VERSION 3.25)
@@ -27,7 +28,7 @@ run("${CMAKE_COMMAND}" -S "${SOURCE_DIR}" -B "${build}" -G Ninja "-DCMAKE_CXX_CO
     -DPROCPOOL_BUILD_TESTS=OFF -DPROCPOOL_BUILD_EXAMPLES=OFF "-DPROCPOOL_BUILD_DOCS=${DOCS}")
 run("${CMAKE_COMMAND}" --build "${build}")
 # CPACK_GENERATOR (cmake/packaging.cmake) names both: DEB and TGZ.
-run(cpack -B "${WORK_DIR}/packages" WORKING_DIRECTORY "${build}")
+run("${CPACK}" -B "${WORK_DIR}/packages" WORKING_DIRECTORY "${build}")
 file(GLOB debs "${WORK_DIR}/packages/libprocpool-dev_*_all.deb")
 file(GLOB tarballs "${WORK_DIR}/packages/procpool-*.tar.gz")
 list(LENGTH debs n_debs)
