@@ -87,9 +87,7 @@ class worker_died : public error {
   pid_t pid() const noexcept { return pid_; }
   /// How it ended: its exit code or the signal that killed it.
   exit_status status() const noexcept { return status_; }
-  /// Index of the item it was running, in the input of the call. Empty only for a
-  /// worker that died idle, which a pool never raises: chunks it had not started
-  /// are resent, and a chunk whose worker dies three times names its first item.
+  /// Index of the item it was running, in the input of the call; empty when it was idle.
   std::optional<std::size_t> index() const noexcept { return index_; }
 
  private:

@@ -232,7 +232,7 @@ class [[nodiscard]] future {
 // ---------------------------------------------------------------------------
 // Implementation.
 
-/// @private What a future shares with its task.
+/// What a future shares with its task.
 template <class R>
 struct future<R>::state {
   std::shared_ptr<detail::call_state> call;

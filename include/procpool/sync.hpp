@@ -518,7 +518,7 @@ inline bool event::wait_until_steady(std::optional<detail::steady::time_point> d
 // ---------------------------------------------------------------------------
 // barrier
 
-/// @private Holds the barrier's bookkeeping lock. A process that died holding it may
+/// Holds the barrier's bookkeeping lock. A process that died holding it may
 /// have left the counts half-updated: the barrier breaks, naming it.
 class barrier::guard {
  public:
