@@ -91,7 +91,9 @@ class connection {
 
   /// An empty connection, as a moved-from one: every call but `close()` throws `channel_closed`.
   connection() noexcept = default;
+  /// Takes over an end; the moved-from connection is empty.
   connection(connection&&) noexcept = default;
+  /// Takes over an end; the moved-from connection is empty.
   connection& operator=(connection&&) noexcept = default;
   connection(const connection&) = delete;
   connection& operator=(const connection&) = delete;

@@ -180,12 +180,16 @@ class pool {
   detail::call_front<F, detail::local_handlers> calls_;
 };
 
+/// Deduces `pool<F>` from the callable.
 template <class F>
 pool(F) -> pool<F>;
+/// Deduces `pool<F>` from the callable and a number of workers.
 template <class F>
 pool(F, unsigned) -> pool<F>;
+/// Deduces `pool<F>` from the callable and a number of workers.
 template <class F>
 pool(F, int) -> pool<F>;
+/// Deduces `pool<F>` from the callable and options.
 template <class F>
 pool(F, pool_options) -> pool<F>;
 
@@ -281,19 +285,26 @@ class [[nodiscard]] imap_range {
   /// Input iterator over the results.
   class iterator {
    public:
+    ///@{
+    /// The standard input-iterator types, read by `std::iterator_traits`.
     using iterator_category = std::input_iterator_tag;
     using value_type = R;
     using difference_type = std::ptrdiff_t;
     using pointer = R*;
     using reference = R&;
+    ///@}
 
     iterator() = default;
+    /// The current result.
     reference operator*() const { return range_->current_.second; }
+    /// The current result's members.
     pointer operator->() const { return &range_->current_.second; }
+    /// Moves to the next result, waiting for it.
     iterator& operator++() {
       range_->advance();
       return *this;
     }
+    /// Moves to the next result, waiting for it (an input iterator's `it++`).
     void operator++(int) { ++*this; }
     friend bool operator==(const iterator& a, const iterator& b) {
       return a.at_end() == b.at_end();
@@ -315,7 +326,9 @@ class [[nodiscard]] imap_range {
   /// The end of the results.
   iterator end() noexcept { return iterator(); }
 
+  /// Moves the call to a new range; the moved-from one is empty.
   imap_range(imap_range&&) noexcept = default;
+  /// Moves the call to this range; the moved-from one is empty.
   imap_range& operator=(imap_range&&) noexcept = default;
   ~imap_range() { cancel(); }
 
@@ -349,19 +362,26 @@ class [[nodiscard]] imap_unordered_range {
   /// Input iterator over `(index, result)` pairs.
   class iterator {
    public:
+    ///@{
+    /// The standard input-iterator types, read by `std::iterator_traits`.
     using iterator_category = std::input_iterator_tag;
     using value_type = std::pair<std::size_t, R>;
     using difference_type = std::ptrdiff_t;
     using pointer = value_type*;
     using reference = value_type&;
+    ///@}
 
     iterator() = default;
+    /// The current result.
     reference operator*() const { return range_->current_; }
+    /// The current result's members.
     pointer operator->() const { return &range_->current_; }
+    /// Moves to the next result, waiting for it.
     iterator& operator++() {
       range_->advance();
       return *this;
     }
+    /// Moves to the next result, waiting for it (an input iterator's `it++`).
     void operator++(int) { ++*this; }
     friend bool operator==(const iterator& a, const iterator& b) {
       return a.at_end() == b.at_end();
@@ -383,7 +403,9 @@ class [[nodiscard]] imap_unordered_range {
   /// The end of the results.
   iterator end() noexcept { return iterator(); }
 
+  /// Moves the call to a new range; the moved-from one is empty.
   imap_unordered_range(imap_unordered_range&&) noexcept = default;
+  /// Moves the call to this range; the moved-from one is empty.
   imap_unordered_range& operator=(imap_unordered_range&&) noexcept = default;
   ~imap_unordered_range() {
     if (state_ && !done_) {

@@ -1,4 +1,4 @@
-// Fork hygiene (DESIGN §6): flush buffered output before forking, warn once
+// Fork hygiene: flush buffered output before forking, warn once
 // when forking a threaded parent, end children with _exit, die with the parent.
 #pragma once
 
