@@ -63,7 +63,11 @@ enum class frame_kind : std::uint32_t {
   error = 4,        // worker -> parent: `count` results, then index, type name, message
   skipped = 5,      // worker -> parent: chunk cancelled; `count` results done before it was
   init_failed = 6,  // worker -> parent: the initializer threw: type name, message
+  revoked = 7,      // worker -> parent: the parent took this chunk back before it started
 };
+
+/// The high bit of `worker_slot::claim`: the parent took back the frame it names.
+inline constexpr std::uint64_t revoked_bit = std::uint64_t(1) << 63;
 
 struct worker_context;
 
@@ -100,6 +104,11 @@ struct worker_slot {
   alignas(cache_line) std::atomic<std::uint64_t> current{no_item};  // item index running now
   std::atomic<std::uint64_t> current_call{0};
   std::atomic<std::int64_t> started_ns{0};  // steady clock, when `current` started
+  // The sequence number of the next task frame the worker may start. The
+  // worker claims frame s by moving it from s to s + 1; the parent takes frame
+  // s back (to give it to an idle worker) by moving it from s to
+  // s | revoked_bit. Whoever moves first wins, so a chunk runs exactly once.
+  alignas(cache_line) std::atomic<std::uint64_t> claim{0};
 };
 
 /// What a worker process knows about itself.
@@ -270,6 +279,8 @@ class engine final : public driver {
     std::vector<std::byte> bytes;  // the whole ring message: u64 size, header, items
     std::size_t sent = 0;
     unsigned retries = 0;
+    std::uint64_t seq = 0;  // the frame's number in its worker's ring (see worker_slot::claim)
+    bool revoked = false;   // taken back: its worker answers it with `revoked`, unrun
   };
   struct worker {
     pid_t pid = 0;
@@ -279,8 +290,9 @@ class engine final : public driver {
     ring_control* result = nullptr;
     ring_writer to;
     ring_reader from;
-    std::deque<chunk> inflight;  // in the order sent
-    std::size_t items_sent = 0;  // toward max_tasks_per_child
+    std::deque<chunk> inflight;     // in the order sent
+    std::size_t items_sent = 0;     // toward max_tasks_per_child
+    std::uint64_t frames_sent = 0;  // task frames put in the ring since the worker started
     std::vector<std::byte> inbuf;
     std::size_t in_need = 0;  // bytes of a partly received message still to come
     bool receiving = false;
@@ -294,7 +306,8 @@ class engine final : public driver {
   [[noreturn]] void worker_main(std::size_t w);
   bool pump();
   bool send_pending(worker& w);
-  bool fill(worker& w);
+  bool fill(worker& w, std::size_t up_to);
+  bool take_back_for_idle();
   bool make_chunk(worker& w, chunk& c);
   bool receive(worker& w);
   void handle_frame(worker& w, const std::byte* data, std::size_t size);
@@ -377,6 +390,8 @@ inline void engine::spawn(std::size_t i) {
   new (&w.result->readable) eventcount();
   new (&w.result->writable) eventcount();
   w.slot->current.store(no_item);
+  w.slot->claim.store(0);
+  w.frames_sent = 0;
   w.to = ring_writer(w.task);
   w.from = ring_reader(w.result);
   w.inbuf.clear();
@@ -444,6 +459,7 @@ inline void engine::worker_main(std::size_t i) {
       }
     }
     std::vector<std::byte> buffer;
+    std::uint64_t seq = 0;  // task frames taken from the ring so far
     for (;;) {
       auto st = wait_for_condition(
           w.task->readable, [&] { return in.available() >= sizeof(std::uint64_t); }, std::nullopt,
@@ -471,11 +487,20 @@ inline void engine::worker_main(std::size_t i) {
       if (h.kind == frame_kind::stop) exit_child(0);
       reader items(frame + sizeof h, size - sizeof h);
       result.clear();
-      result_header placeholder{};
-      result.write(&placeholder, sizeof placeholder);
-      ctx.call = h.call;
-      reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
-      w.slot->current.store(no_item, std::memory_order_release);
+      std::uint64_t expected = seq;
+      if (w.slot->claim.compare_exchange_strong(expected, seq + 1, std::memory_order_acq_rel)) {
+        result_header placeholder{};
+        result.write(&placeholder, sizeof placeholder);
+        ctx.call = h.call;
+        reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
+        w.slot->current.store(no_item, std::memory_order_release);
+      } else {
+        // The parent took this chunk back for an idle worker: answer it unrun.
+        w.slot->claim.store(seq + 1, std::memory_order_release);
+        result_header r{h.call, h.first, 0, frame_kind::revoked};
+        result.write(&r, sizeof r);
+      }
+      ++seq;
       if (in_place) {
         in.skip(sizeof(std::uint64_t) + size);
         in.release();
@@ -548,23 +573,72 @@ inline bool engine::pump() {
   bool progress = false;
   for (auto& w : workers_)
     if (w.pid != 0) progress |= receive(w);
-  // Fill the lowest-numbered workers first: back-to-back small tasks then go to
-  // a worker that is still awake instead of waking a sleeping one each time.
-  for (auto& w : workers_) {
-    if (w.pid == 0) continue;
-    progress |= fill(w);
-    progress |= send_pending(w);
+  // Work-conserving: first one chunk for every worker that has none, then a
+  // second for each, so no worker waits while another holds two. Lowest-
+  // numbered workers first: back-to-back small tasks then go to a worker that
+  // is still awake instead of waking a sleeping one each time.
+  for (std::size_t up_to = 1; up_to <= max_inflight; ++up_to)
+    for (auto& w : workers_)
+      if (w.pid != 0) progress |= fill(w, up_to);
+  // With nothing left to make, an idle worker takes over a chunk that waits
+  // behind a long one in a busy worker's ring.
+  if (take_back_for_idle()) {
+    for (auto& w : workers_)
+      if (w.pid != 0) progress |= fill(w, 1);
+    progress = true;
   }
+  for (auto& w : workers_)
+    if (w.pid != 0) progress |= send_pending(w);
   return progress;
 }
 
-inline bool engine::fill(worker& w) {
+inline bool engine::take_back_for_idle() {
+  if (!resend_.empty()) return false;
+  std::size_t idle = 0;
+  for (auto& w : workers_)
+    if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
+        !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
+      ++idle;
+  if (idle == 0) return false;
+  bool took = false;
+  for (auto& w : workers_) {
+    if (idle == 0) break;
+    if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
+    // Only a chunk whose predecessor is running (the worker claimed it) and
+    // whose bytes are all in the ring: the worker reads past it either way.
+    chunk& c = w.inflight.back();
+    if (c.revoked || c.sent != c.bytes.size() || !c.call || c.call->cancelled || c.call->failed())
+      continue;
+    std::uint64_t expected = c.seq;
+    if (!w.slot->claim.compare_exchange_strong(expected, c.seq | revoked_bit,
+                                               std::memory_order_acq_rel))
+      continue;
+    c.revoked = true;
+    w.items_sent -= std::min<std::size_t>(w.items_sent, c.count);
+    chunk copy;
+    copy.call = c.call;
+    copy.call_id = c.call_id;
+    copy.first = c.first;
+    copy.count = c.count;
+    copy.bytes = c.bytes;
+    copy.retries = c.retries;
+    ++copy.call->in_flight;
+    resend_.push_back(std::move(copy));
+    --idle;
+    took = true;
+  }
+  return took;
+}
+
+inline bool engine::fill(worker& w, std::size_t up_to) {
   bool made = false;
-  while (w.inflight.size() < max_inflight) {
+  while (w.inflight.size() < std::min(up_to, max_inflight)) {
     if (config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child) break;
     chunk c;
     if (!make_chunk(w, c)) break;
     w.items_sent += c.count;
+    c.seq = w.frames_sent++;
+    c.revoked = false;
     w.inflight.push_back(std::move(c));
     made = true;
   }
@@ -700,6 +774,17 @@ inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t s
         "worker {} answered a chunk it was not sent (call {}, item {})", w.pid, h.call, h.first)));
     return;
   }
+  if (h.kind == frame_kind::revoked || w.inflight.front().revoked) {
+    if (h.kind != frame_kind::revoked || !w.inflight.front().revoked || h.count != 0) {
+      broken_ = std::make_exception_ptr(error(fmt::format(
+          "worker {} ran a chunk taken back from it, or gave back one it was not asked for "
+          "(call {}, item {})",
+          w.pid, h.call, h.first)));
+      return;
+    }
+    finish_chunk(w);  // its copy runs elsewhere
+    return;
+  }
   auto& call = *w.inflight.front().call;
   bool failed_before = call.failed();
   deliver_frame(call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
@@ -767,6 +852,10 @@ inline void engine::on_death(std::size_t i, exit_status status) {
   while (!w.inflight.empty()) {
     chunk c = std::move(w.inflight.front());
     w.inflight.pop_front();
+    if (c.revoked) {  // its copy runs elsewhere
+      --c.call->in_flight;
+      continue;
+    }
     bool ran =
         first_chunk && current != no_item && current >= c.first && current < c.first + c.count;
     if (first_chunk && w.timed_out) {
