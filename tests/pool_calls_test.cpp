@@ -609,6 +609,31 @@ TEST_CASE("terminate from another thread stops a pool that is busy in a call", "
   REQUIRE(p.pids() == std::vector<pid_t>{0});
 }
 
+TEST_CASE("terminate from another thread fails a future being waited on", "[pool]") {
+  procpool_test::go_signal started;
+  pool p(
+      [&](int x) {
+        if (x == 0) {
+          started.give();
+          procpool_test::block_forever();
+        }
+        return x;
+      },
+      1u);
+  auto running = p.submit(0);
+  auto queued = p.submit(1);
+  std::thread stopper([&] {
+    started.await();
+    p.terminate();
+  });
+  REQUIRE_THROWS_AS(running.get(), procpool::pool_closed);
+  stopper.join();
+  // The futures keep their ending.
+  REQUIRE(running.ready());
+  REQUIRE_THROWS_AS(running.get(), procpool::pool_closed);
+  REQUIRE_THROWS_AS(queued.get(), procpool::pool_closed);
+}
+
 // ---------------------------------------------------------------------------
 // Errors of submit name a task, not an item of a call.
 

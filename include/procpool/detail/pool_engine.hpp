@@ -341,6 +341,7 @@ class engine final : public driver {
   std::deque<chunk> resend_;                         // chunks a dead worker never started
   std::vector<std::vector<std::byte>> spare_buffers_;
   std::vector<std::weak_ptr<call_state>> live_;  // every call started and not yet over
+  std::size_t prune_live_at_ = 64;
   std::uint64_t next_call_id_ = 1;
   steady::time_point next_health_check_{};
   std::exception_ptr broken_;
@@ -522,12 +523,17 @@ inline void engine::check_usable(const char* operation) const {
 
 inline void engine::start(const std::shared_ptr<call_state>& call) {
   if (stopped_) throw pool_closed("a call");
-  live_.erase(std::remove_if(live_.begin(), live_.end(),
-                             [](const std::weak_ptr<call_state>& c) {
-                               auto p = c.lock();
-                               return !p || p->finished();
-                             }),
-              live_.end());
+  if (live_.size() >= prune_live_at_) {
+    // Forget calls that are over; amortized, so that many pending futures
+    // cost O(1) each.
+    live_.erase(std::remove_if(live_.begin(), live_.end(),
+                               [](const std::weak_ptr<call_state>& c) {
+                                 auto p = c.lock();
+                                 return !p || p->finished();
+                               }),
+                live_.end());
+    prune_live_at_ = std::max<std::size_t>(64, 2 * live_.size());
+  }
   live_.push_back(call);
   call->id = next_call_id_++;
   sending_.push_back(call);
