@@ -142,13 +142,20 @@ struct no_function {
 /// The failure contract is `pool`'s: `task_error`, `worker_died`,
 /// `timeout_error`, and the executor stays usable.
 ///
-/// **Thread safety:** one thread uses an executor at a time; no hidden threads.
+/// **Thread safety:** as `pool`'s: one thread uses an executor at a time, and
+/// a second thread's call is refused with `procpool::error`; no hidden threads.
 /// Not copyable, not movable.
 class executor {
  public:
-  /// Starts `workers` workers (0: `cpu_count()`).
+  /// Starts `cpu_count()` workers.
   /// **Throws:** `std::system_error` if a worker cannot be forked.
-  explicit executor(unsigned workers = 0) : executor(options_for(workers)) {}
+  executor() : executor(pool_options{}) {}
+  /// Starts `workers` workers (0: `cpu_count()`).
+  /// **Throws:** `procpool::error` if `workers` is negative or above
+  /// `max_workers`; `std::system_error` if a worker cannot be forked.
+  template <class Count,
+            std::enable_if_t<std::is_integral_v<Count> && !std::is_same_v<Count, bool>, int> = 0>
+  explicit executor(Count workers) : executor(options_for(workers)) {}
   /// Starts an executor as `options` say.
   explicit executor(pool_options options) : pool_(detail::no_function{}, std::move(options)) {}
 
@@ -192,9 +199,18 @@ class executor {
   std::vector<pid_t> pids() const { return pool_.pids(); }
 
  private:
-  static pool_options options_for(unsigned workers) {
+  template <class Count>
+  static pool_options options_for(Count workers) {
+    if constexpr (std::is_signed_v<Count>) {
+      if (workers < 0)
+        throw error(fmt::format(
+            "an executor needs a positive number of workers (or 0 for cpu_count()); {} were "
+            "asked for",
+            static_cast<long long>(workers)));
+    }
+    detail::check_worker_count(static_cast<unsigned long long>(workers));
     pool_options o;
-    o.workers = workers;
+    o.workers = static_cast<unsigned>(workers);
     return o;
   }
   pool<detail::no_function> pool_;

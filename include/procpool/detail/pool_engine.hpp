@@ -142,27 +142,6 @@ inline void patch_result_header(writer& out, const result_header& h) noexcept {
   std::memcpy(out.data(), &h, sizeof h);
 }
 
-/// Hands a result frame to its call: the results it carries, then, for an
-/// error frame, the failure `failure(index, type, message)` makes from the
-/// failing index, type name and message that follow (anything after them is
-/// left in `in` for the caller). A frame that cannot be decoded fails the call
-/// at its first item. A cancelled call takes nothing.
-template <class MakeFailure>
-void deliver_frame(call_state& call, const result_header& h, reader& in, MakeFailure&& failure) {
-  if (call.cancelled) return;
-  try {
-    if (h.count > 0) call.on_results(h.first, h.count, in);
-    if (h.kind == frame_kind::error) {
-      auto index = decode<std::uint64_t>(in);
-      auto type = decode<std::string>(in);
-      auto message = decode<std::string>(in);
-      call.fail(index, failure(index, std::move(type), std::move(message)));
-    }
-  } catch (const decode_error&) {
-    call.fail(h.first, std::current_exception());
-  }
-}
-
 /// The type name and message of the exception being handled.
 inline std::pair<std::string, std::string> describe_current_exception() {
   std::string type = "unknown exception";
@@ -173,6 +152,41 @@ inline std::pair<std::string, std::string> describe_current_exception() {
     return {type, e.what()};
   } catch (...) {
     return {type, "(not derived from std::exception)"};
+  }
+}
+
+/// Hands a result frame to its call: the results it carries, then, for an
+/// error frame, the failure `failure(index, type, message)` makes from the
+/// failing index, type name and message that follow (anything after them is
+/// left in `in` for the caller). A frame that cannot be decoded fails the call
+/// at its first item, whatever the decoder threw: a `decode_error` as it is,
+/// anything else as a `decode_error` naming its type and `what()`. Never
+/// throws, so the caller always consumes the frame. A cancelled call takes nothing.
+template <class MakeFailure>
+void deliver_frame(call_state& call, const result_header& h, reader& in,
+                   MakeFailure&& failure) noexcept {
+  if (call.cancelled) return;
+  try {
+    try {
+      if (h.count > 0) call.on_results(h.first, h.count, in);
+      if (h.kind == frame_kind::error) {
+        auto index = decode<std::uint64_t>(in);
+        auto type = decode<std::string>(in);
+        auto message = decode<std::string>(in);
+        call.fail(index, failure(index, std::move(type), std::move(message)));
+      }
+    } catch (const decode_error&) {
+      call.fail(h.first, std::current_exception());
+    } catch (...) {
+      auto [type, message] = describe_current_exception();
+      call.fail(h.first, std::make_exception_ptr(decode_error(
+                             in.offset(), fmt::format("the results of items {} to {} could not be "
+                                                      "decoded: the decoder threw {}: {}",
+                                                      h.first, h.first + h.count, type, message))));
+    }
+  } catch (...) {
+    // Not even the failure could be made (out of memory): the call ends anyway.
+    call.abort(std::current_exception());
   }
 }
 
@@ -248,8 +262,14 @@ class engine final : public driver {
   bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
   /// The user gave up on `call`: stop sending it, skip its queued items.
   void cancel(call_state& call) noexcept override;
+  /// The call is over for its user: cancels what is left of it and, unless
+  /// collection is under way, drops it from the queues at once.
+  void end_call(call_state& call) noexcept override;
+  /// Asks the thread driving the pool to stop it (as `terminate`) at its next
+  /// step, where that is safe: from another thread, or from a callback.
+  void request_stop() noexcept;
 
-  /// No more calls; work in flight still completes.
+  /// No more calls; work in flight still completes. Safe from any thread.
   void close() noexcept { closed_ = true; }
   /// True after close(), terminate() or join().
   bool closed() const noexcept { return closed_; }
@@ -320,6 +340,8 @@ class engine final : public driver {
   bool wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout) noexcept;
   void respawn_missing();
   void release_call(const std::shared_ptr<call_state>& call) noexcept;
+  void forget(call_state& call) noexcept;
+  void end_calls(bool ranges_only) noexcept;
 
   engine_config config_;
   pid_t parent_ = 0;
@@ -331,10 +353,14 @@ class engine final : public driver {
   std::deque<std::shared_ptr<call_state>> sending_;  // calls with chunks still to make
   std::deque<chunk> resend_;                         // chunks a dead worker never started
   std::vector<std::vector<std::byte>> spare_buffers_;
+  std::vector<std::weak_ptr<call_state>> live_;  // every call started and not yet over
+  std::size_t prune_live_at_ = 64;
   std::uint64_t next_call_id_ = 1;
   steady::time_point next_health_check_{};
   std::exception_ptr broken_;
-  bool closed_ = false;
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> stop_requested_{false};
+  bool driving_ = false;  // inside drive_until: the queues are being walked
   bool stopped_ = false;
   writer scratch_;
 };
@@ -521,8 +547,48 @@ inline void engine::check_usable(const char* operation) const {
 }
 
 inline void engine::start(const std::shared_ptr<call_state>& call) {
+  if (stopped_) throw pool_closed("a call");
+  if (live_.size() >= prune_live_at_) {
+    // Forget calls that are over; amortized, so that many pending futures
+    // cost O(1) each.
+    live_.erase(std::remove_if(live_.begin(), live_.end(),
+                               [](const std::weak_ptr<call_state>& c) {
+                                 auto p = c.lock();
+                                 return !p || p->finished();
+                               }),
+                live_.end());
+    prune_live_at_ = std::max<std::size_t>(64, 2 * live_.size());
+  }
+  live_.push_back(call);
   call->id = next_call_id_++;
   sending_.push_back(call);
+}
+
+inline void engine::end_call(call_state& call) noexcept {
+  if (!call.finished()) cancel(call);
+  if (!driving_) forget(call);
+}
+
+inline void engine::forget(call_state& call) noexcept {
+  // Chunks already in a worker's ring stay counted until their answers come
+  // (they are dropped then); nothing queued here survives.
+  sending_.erase(
+      std::remove_if(sending_.begin(), sending_.end(),
+                     [&](const std::shared_ptr<call_state>& c) { return c.get() == &call; }),
+      sending_.end());
+  for (auto it = resend_.begin(); it != resend_.end();) {
+    if (it->call.get() == &call) {
+      --call.in_flight;
+      it = resend_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+inline void engine::request_stop() noexcept {
+  stop_requested_ = true;
+  shared_->doorbell.notify();
 }
 
 inline void engine::cancel(call_state& call) noexcept {
@@ -541,14 +607,32 @@ inline void engine::release_call(const std::shared_ptr<call_state>& call) noexce
 
 inline bool engine::drive_until(function_ref<bool()> done,
                                 std::optional<steady::time_point> deadline) {
+  struct driving {
+    bool& flag;
+    bool was;
+    explicit driving(bool& f) : flag(f), was(f) { flag = true; }
+    ~driving() { flag = was; }
+  };
   while (!done()) {
+    if (stop_requested_.exchange(false)) {
+      // terminate() from another thread or from a callback: stop here, where
+      // no queue is being walked.
+      terminate();
+      if (done()) break;
+      throw pool_closed::while_pending("terminate");
+    }
+    if (stopped_) throw pool_closed::while_pending("terminate, join or the destructor");
     if (broken_) std::rethrow_exception(broken_);
-    bool progress = pump();
-    if (check_health(false)) continue;
-    if (progress) continue;
+    {
+      driving in_drive(driving_);
+      bool progress = pump();
+      if (check_health(false)) continue;
+      if (progress) continue;
+    }
     if (done()) break;
+    driving in_drive(driving_);
     auto st = wait_for_condition(
-        shared_->doorbell, [&] { return any_ready(); }, deadline,
+        shared_->doorbell, [&] { return stop_requested_.load() || any_ready(); }, deadline,
         [&] { return !check_health(false); }, config_.parent_wait);
     if (st == wait_status::timeout) return done();
   }
@@ -646,15 +730,21 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
 }
 
 inline bool engine::make_chunk(worker& w, chunk& c) {
-  if (!resend_.empty()) {
+  while (!resend_.empty()) {
     c = std::move(resend_.front());
     resend_.pop_front();
+    if (c.call->cancelled || c.call->failed()) {
+      --c.call->in_flight;  // its call is over: never run it again
+      continue;
+    }
     c.sent = 0;
     return true;
   }
   std::size_t max_count = ~std::size_t(0);
   if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
-  while (!sending_.empty()) {
+  // Each queued call is asked at most once: when every one is blocked (full
+  // windows), there is nothing to send now.
+  for (std::size_t tries = sending_.size(); tries > 0 && !sending_.empty(); --tries) {
     auto call = sending_.front();
     if (call->input_done || call->failed() || call->cancelled) {
       sending_.pop_front();
@@ -669,13 +759,11 @@ inline bool engine::make_chunk(worker& w, chunk& c) {
     std::uint64_t first = 0;
     std::uint32_t count = 0;
     if (!call->next_chunk(scratch_, max_count, first, count, handler)) {
-      // This call can send nothing now (its window is full); let the next one go.
-      if (sending_.size() > 1) {
-        sending_.pop_front();
-        sending_.push_back(call);
-        if (sending_.front() != call) continue;
-      }
-      return false;
+      sending_.pop_front();
+      // Input spent, or it failed (an item could not be read or encoded): done
+      // sending. Otherwise its window is full: let the next call go first.
+      if (!call->input_done && !call->failed()) sending_.push_back(call);
+      continue;
     }
     h = task_header{handler, call->id, first, count, frame_kind::task};
     prefix = scratch_.size() - sizeof prefix;
@@ -970,16 +1058,39 @@ inline std::vector<pid_t> engine::pids() const {
 inline void engine::join() {
   if (stopped_) return;
   closed_ = true;
-  // Finish what is in flight; a broken pool has nothing left worth waiting for.
+  // Open ranges advance only while read, and their reader is the thread now
+  // joining: they end here. Futures and chunks in flight can finish: wait for
+  // them, unless the pool is broken and nothing is worth waiting for.
+  end_calls(true);
   if (!broken_) {
-    drive([&] {
-      if (!sending_.empty() || !resend_.empty()) return false;
-      for (auto& w : workers_)
-        if (!w.inflight.empty()) return false;
-      return true;
-    });
+    try {
+      drive([&] {
+        for (auto& c : sending_)
+          if (!c->input_done && !c->failed() && !c->cancelled) return false;
+        for (auto& c : resend_)
+          if (!c.call->cancelled && !c.call->failed()) return false;
+        for (auto& w : workers_)
+          if (!w.inflight.empty()) return false;
+        return true;
+      });
+    } catch (...) {
+      terminate();
+      throw;
+    }
   }
   reap_all(config_.stop_grace, true);
+}
+
+// Ends, with pool_closed, every call still pending (or only the open ranges).
+inline void engine::end_calls(bool ranges_only) noexcept {
+  for (auto& weak : live_) {
+    auto call = weak.lock();
+    if (!call || call->finished() || (ranges_only && !call->is_range())) continue;
+    call->abort(std::make_exception_ptr(
+        pool_closed::while_pending(ranges_only ? "join or the destructor, with the range open"
+                                               : "terminate, join or the destructor")));
+    cancel(*call);
+  }
 }
 
 inline void engine::terminate() noexcept {
@@ -1016,20 +1127,17 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
     w.pid = 0;
     w.pidfd.reset();
   }
-  // Calls still waiting for answers get none.
+  // Calls still waiting for answers get none: every pending call, sent or
+  // not, ends with pool_closed.
+  end_calls(false);
   for (auto& w : workers_) {
-    for (auto& c : w.inflight) {
-      --c.call->in_flight;
-      if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
-    }
+    for (auto& c : w.inflight) --c.call->in_flight;
     w.inflight.clear();
   }
-  for (auto& c : resend_) {
-    --c.call->in_flight;
-    if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
-  }
+  for (auto& c : resend_) --c.call->in_flight;
   resend_.clear();
   sending_.clear();
+  live_.clear();
 }
 
 }  // namespace procpool::detail
