@@ -344,6 +344,7 @@ class engine final : public driver {
   bool send_pending(worker& w);
   bool fill(worker& w, std::size_t up_to);
   bool take_back_for_idle();
+  bool can_take_back() const;
   bool make_chunk(worker& w, chunk& c);
   bool receive(worker& w, bool may_drop = true);
   void handle_frame(worker& w, const std::byte* data, std::size_t size);
@@ -702,6 +703,24 @@ inline bool engine::any_ready() {
         break;
       }
     }
+  }
+  return can_take_back();
+}
+
+inline bool engine::can_take_back() const {
+  // An idle worker, and a chunk waiting behind one its worker has started.
+  bool idle = false;
+  for (auto& w : workers_)
+    if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
+        !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
+      idle = true;
+  if (!idle || !resend_.empty()) return false;
+  for (auto& w : workers_) {
+    if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
+    const chunk& c = w.inflight.back();
+    if (!c.revoked && c.sent == c.bytes.size() &&
+        w.slot->claim.load(std::memory_order_acquire) == c.seq)
+      return true;
   }
   return false;
 }
