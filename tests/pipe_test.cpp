@@ -559,3 +559,81 @@ TEST_CASE("a child that closes both inherited ends and exits leaves the pipe to 
   b.send(8);
   CHECK(a.recv() == 8);
 }
+
+TEST_CASE("a one-way pipe carries values one way only (CPython _TestConnection.test_duplex_false)",
+          "[pipe][fork]") {
+  auto [reader, writer] = procpool::pipe<std::string>(procpool::one_way);
+  CHECK(reader.readable());
+  CHECK_FALSE(reader.writable());
+  CHECK(writer.writable());
+  CHECK_FALSE(writer.readable());
+  pid_t child = spawn([&reader = reader, &writer = writer] {
+    reader.close();
+    writer.send("hello");
+    writer.send(std::string(100000, 'w'));  // larger than nothing: streams as usual
+    return 0;
+  });
+  writer.close();
+  CHECK(reader.recv() == "hello");
+  CHECK(reader.recv() == std::string(100000, 'w'));
+  CHECK(reap(child).success());
+  CHECK_THROWS_WITH(reader.recv(), Catch::Contains("has exited"));
+  CHECK_THROWS_WITH(reader.send("back"), Catch::Contains("one-way pipe"));
+
+  auto [r2, w2] = procpool::pipe<int>(procpool::one_way, 4096);
+  CHECK_THROWS_AS(w2.recv(), procpool::error);
+  CHECK_THROWS_AS(w2.poll(), procpool::error);
+  CHECK_THROWS_AS(w2.try_recv(), procpool::error);
+  CHECK_THROWS_AS(r2.send(1), procpool::error);
+  w2.send(3);
+  CHECK(r2.recv() == 3);
+  procpool::connection<int> moved = std::move(w2);
+  CHECK(moved.writable());
+  CHECK_FALSE(w2.writable());
+}
+
+TEST_CASE("shutdown closes an end for every process that holds it", "[pipe][fork]") {
+  auto [a, b] = procpool::pipe<int>();
+  go_signal shut, may_exit;
+  pid_t child = spawn([&, &b = b] {
+    b.send(1);
+    shut.await();
+    try {
+      b.send(2);  // the parent shut this end down: closed for the child too
+    } catch (const channel_closed&) {
+      may_exit.await();
+      return 0;
+    }
+    return 1;
+  });
+  CHECK(a.recv() == 1);
+  b.shutdown();  // the parent's copy, but for everyone
+  CHECK(b.closed());
+  shut.give();
+  CHECK_THROWS_WITH(a.recv(), Catch::Contains("closed by process " + std::to_string(::getpid())));
+  may_exit.give();
+  CHECK(reap(child).success());
+}
+
+TEST_CASE("an end inherited by a grandchild stays open until the grandchild lets go",
+          "[pipe][fork]") {
+  auto [a, b] = procpool::pipe<int>();
+  go_signal may_exit;
+  pid_t child = spawn([&, &a = a, &b = b] {
+    a.close();
+    b.send(1);
+    pid_t grandchild = spawn([&b = b] {
+      b.send(2);
+      return 0;
+    });
+    b.close();  // the child's copy; the grandchild holds its own
+    may_exit.await();
+    return procpool_test::reap(grandchild).success() ? 0 : 1;
+  });
+  b.close();
+  CHECK(a.recv_for(30s) == 1);
+  CHECK(a.recv_for(30s) == 2);
+  may_exit.give();
+  CHECK(reap(child).success());
+  CHECK_THROWS_AS(a.recv(), channel_closed);
+}
