@@ -717,3 +717,23 @@ TEST_CASE("a process killed inside a push or task_done leaves the unfinished cou
   for (std::size_t i = 0; i < unfinished; ++i) q.task_done();
   CHECK(q.join_for(0s));
 }
+
+// ---------------------------------------------------------------------------
+// The channel fuzz target, fed pseudo-random inputs in every build
+
+#include "fuzz/channel_fuzz_target.hpp"
+
+TEST_CASE("a hostile peer overwriting a queue's or a pipe's shared state: safe, never stuck",
+          "[queue][pipe]") {
+  std::mt19937 rng(20261129);
+  for (int round = 0; round < 400; ++round) {
+    std::vector<std::uint8_t> bytes(1 + rng() % 300);
+    for (auto& b : bytes) b = static_cast<std::uint8_t>(rng());
+    // Mostly operations, with hostile writes rarer than in uniform bytes.
+    for (std::size_t i = 1; i < bytes.size(); ++i)
+      if ((bytes[i] & 7) == 0 && rng() % 4 != 0) bytes[i] = static_cast<std::uint8_t>(bytes[i] | 1);
+    bytes[0] = static_cast<std::uint8_t>(round);
+    CAPTURE(round);
+    CHECK(channel_fuzz::one_input(bytes.data(), bytes.size()) == 0);
+  }
+}

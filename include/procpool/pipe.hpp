@@ -4,7 +4,7 @@
 ///
 /// ```cpp
 /// auto [parent_end, child_end] = procpool::pipe<std::string>();
-/// procpool::process child([&] { child_end.send("hello from " + std::to_string(getpid())); });
+/// procpool::process child([&child_end = child_end] { child_end.send("hello"); });
 /// std::string greeting = parent_end.recv();
 /// ```
 ///
