@@ -358,6 +358,9 @@ struct pipe_end_registry {
   static pipe_end_registry& get() noexcept;
   void add(pipe_end* e) noexcept;
   void remove(pipe_end* e) noexcept;
+  /// Under `lock`: puts `e` on the list, or takes it off.
+  void link(pipe_end* e) noexcept;
+  void unlink(pipe_end* e) noexcept;
   static void before_fork() noexcept;
   static void after_fork_parent() noexcept;
   static void after_fork_child() noexcept;
@@ -521,14 +524,22 @@ inline pipe_end_registry& pipe_end_registry::get() noexcept {
 
 inline void pipe_end_registry::add(pipe_end* e) noexcept {
   std::lock_guard<std::mutex> hold(lock);
+  link(e);
+}
+
+inline void pipe_end_registry::remove(pipe_end* e) noexcept {
+  std::lock_guard<std::mutex> hold(lock);
+  unlink(e);
+}
+
+inline void pipe_end_registry::link(pipe_end* e) noexcept {
   e->prev_ = nullptr;
   e->next_ = first;
   if (first != nullptr) first->prev_ = e;
   first = e;
 }
 
-inline void pipe_end_registry::remove(pipe_end* e) noexcept {
-  std::lock_guard<std::mutex> hold(lock);
+inline void pipe_end_registry::unlink(pipe_end* e) noexcept {
   if (e->prev_ != nullptr) e->prev_->next_ = e->next_;
   if (e->next_ != nullptr) e->next_->prev_ = e->prev_;
   if (first == e) first = e->next_;
@@ -647,7 +658,11 @@ inline void pipe_end::adopt_fork_slot(process_token child) noexcept {
 inline pipe_end& pipe_end::operator=(pipe_end&& o) noexcept {
   if (this != &o) {
     close();
-    if (o.map_) pipe_end_registry::get().remove(&o);
+    // Under the registry's lock: a fork in another thread sees the end in
+    // `o` or in this object, never half moved.
+    auto& registry = pipe_end_registry::get();
+    std::lock_guard<std::mutex> hold(registry.lock);
+    if (o.map_) registry.unlink(&o);
     map_ = std::move(o.map_);
     end_ = o.end_;
     user_ = std::exchange(o.user_, 0);
@@ -662,7 +677,7 @@ inline pipe_end& pipe_end::operator=(pipe_end&& o) noexcept {
     buffer_ = std::move(o.buffer_);
     buffer_capacity_ = std::exchange(o.buffer_capacity_, 0);
     policy = o.policy;
-    if (map_) pipe_end_registry::get().add(this);
+    if (map_) registry.link(this);
   }
   return *this;
 }
