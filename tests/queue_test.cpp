@@ -625,6 +625,7 @@ TEST_CASE("items pushed before and after a fork come out in order (CPython test_
   std::vector<int> want(20);
   for (int i = 0; i < 20; ++i) want[static_cast<std::size_t>(i)] = i;
   CHECK(got == want);
+  CHECK_FALSE(q.try_pop());
   CHECK(reap(child).success());
 }
 
