@@ -192,6 +192,15 @@ class channel_closed : public error {
   using error::error;
 };
 
+/// The shared state of a `connection` or `queue` holds values no correct
+/// process writes (positions or lengths beyond its capacity): memory was
+/// overwritten. Nothing outside the channel was read or written; the channel
+/// stays unusable, and each later call throws this again.
+class channel_corrupted : public error {
+ public:
+  using error::error;
+};
+
 /// A message is larger than a bounded channel could ever hold.
 class message_too_large : public error {
  public:
@@ -199,6 +208,12 @@ class message_too_large : public error {
   message_too_large(std::size_t size, std::size_t capacity)
       : error(
             fmt::format("a message of {} bytes cannot fit a channel of {} bytes", size, capacity)),
+        size_(size),
+        capacity_(capacity) {}
+  /// As above, with `advice` (how to size the channel) appended to the message.
+  message_too_large(std::size_t size, std::size_t capacity, const std::string& advice)
+      : error(fmt::format("a message of {} bytes cannot fit a channel of {} bytes; {}", size,
+                          capacity, advice)),
         size_(size),
         capacity_(capacity) {}
 
