@@ -444,6 +444,53 @@ TEST_CASE("named segments: a segment not made by procpool is refused", "[shared]
                       Catch::Contains("not made by procpool"));
 }
 
+TEST_CASE("named segments: one made first by another user, or opened wide, is refused",
+          "[shared]") {
+  // Another user (here 65534, "nobody") made the name first, world-readable and
+  // writable, so as to read what this program writes or feed it values.
+  bool as_root = ::geteuid() == 0;
+  std::string name = unique_name("foreign-owner");
+  { procpool::shared_value<long> planted(procpool::create_only, name, 666); }
+  remove_at_exit cleanup{name};
+  std::string path = "/dev/shm/" + name;
+  REQUIRE(::chmod(path.c_str(), 0666) == 0);
+  auto refused = [&](const char* why) {
+    CAPTURE(why);
+    REQUIRE_THROWS_AS(procpool::shared_value<long>(procpool::open_only, name),
+                      procpool::segment_permission_error);
+    REQUIRE_THROWS_AS(procpool::shared_value<long>(procpool::open_or_create, name, 1),
+                      procpool::segment_permission_error);
+    REQUIRE_THROWS_AS(procpool::shared_array<long>(procpool::open_only, name),
+                      procpool::segment_permission_error);
+  };
+  // Ours, but others may read and write it.
+  refused("mode 0666");
+  REQUIRE_THROWS_WITH(procpool::shared_value<long>(procpool::open_only, name),
+                      Catch::Contains(name) && Catch::Contains("0666"));
+  REQUIRE(::chmod(path.c_str(), 0620) == 0);
+  refused("mode 0620");
+  REQUIRE(::chmod(path.c_str(), 0600) == 0);
+  {
+    procpool::shared_value<long> ours(procpool::open_only, name);  // 0600 and ours: fine
+    REQUIRE(ours.load() == 666);
+  }
+  if (as_root) {
+    REQUIRE(::chown(path.c_str(), 65534, 65534) == 0);
+    refused("owned by user 65534, mode 0600");
+    REQUIRE_THROWS_WITH(procpool::shared_value<long>(procpool::open_or_create, name, 1),
+                        Catch::Contains("65534") && Catch::Contains(name));
+    REQUIRE(::chmod(path.c_str(), 0666) == 0);
+    refused("owned by user 65534, mode 0666");
+  } else {
+    WARN("not root: the case of a segment owned by another user is not run");
+  }
+  // Still the planted segment, untouched by any of the refused opens.
+  REQUIRE(::chown(path.c_str(), ::geteuid(), ::getegid()) == 0);
+  REQUIRE(::chmod(path.c_str(), 0600) == 0);
+  procpool::shared_value<long> check(procpool::open_only, name);
+  REQUIRE(check.load() == 666);
+}
+
 TEST_CASE("named segments: a creator that never finished is reported, not waited for forever",
           "[shared]") {
   std::string name = unique_name("unfinished");

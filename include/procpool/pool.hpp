@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "codec.hpp"
+#include "detail/clock.hpp"
 #include "detail/pool_engine.hpp"
 #include "errors.hpp"
 #include "process.hpp"
@@ -766,7 +767,7 @@ template <class R>
 template <class Rep, class Period>
 bool future<R>::wait_for(std::chrono::duration<Rep, Period> d) const {
   if (!state_) throw error("wait_for on an empty future");
-  auto deadline = std::chrono::steady_clock::now() + d;
+  auto deadline = detail::deadline_after(d);
   auto driver = driver_.lock();
   std::optional<detail::scoped_use> use;
   if (driver) use.emplace(*driver, "future::wait_for");

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "detail/clock.hpp"
 #include "detail/fork.hpp"
 #include "detail/sys.hpp"
 #include "detail/type_name.hpp"
@@ -221,11 +222,11 @@ class process {
   template <class Rep, class Period>
   std::optional<exit_status> join_for(std::chrono::duration<Rep, Period> timeout) {
     require_child("join_for");
-    auto deadline = std::chrono::steady_clock::now() +
-                    std::chrono::ceil<std::chrono::steady_clock::duration>(timeout);
+    auto deadline = detail::deadline_after(timeout);  // empty: beyond the clock, wait as join()
+    if (!deadline) return join();
     auto pause = std::chrono::microseconds(50);
     while (!status_ && !try_reap()) {
-      auto left = deadline - std::chrono::steady_clock::now();
+      auto left = *deadline - std::chrono::steady_clock::now();
       if (left <= left.zero()) return std::nullopt;
       if (pidfd_) {
         pollfd p{pidfd_.get(), POLLIN, 0};

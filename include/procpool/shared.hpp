@@ -96,6 +96,14 @@ class segment_mismatch : public segment_error {
   using segment_error::segment_error;
 };
 
+/// The segment exists but cannot be trusted: it belongs to another user, or
+/// its permissions let other users read or write it (wider than `0600`). It
+/// is refused before a byte of it is read; nothing else is checked.
+class segment_permission_error : public segment_error {
+ public:
+  using segment_error::segment_error;
+};
+
 /// A value of type `T` in shared memory, with atomic operations — Python's
 /// `multiprocessing.Value`.
 ///
@@ -149,7 +157,9 @@ class shared_value {
   /// Opens the named segment `name`.
   /// **Throws:** `segment_not_found` when there is none; `segment_mismatch`
   /// when it does not hold a `shared_value<T>` (another type, size or kind of
-  /// object); `segment_error` when its creator never finished making it.
+  /// object); `segment_permission_error` when it belongs to another user or
+  /// others may read or write it; `segment_error` when its creator never
+  /// finished making it.
   shared_value(open_only_t, std::string_view name);
   /// Opens the named segment `name`, or makes it holding `initial` if there is none.
   /// **Throws:** as the `create_only` and `open_only` constructors.
@@ -262,7 +272,9 @@ class shared_array {
   shared_array(create_only_t, std::string_view name, std::size_t n);
   /// Opens the named segment `name`, whatever its number of elements.
   /// **Throws:** `segment_not_found`; `segment_mismatch` when it does not hold
-  /// `T`s; `segment_error` when its creator never finished making it.
+  /// `T`s; `segment_permission_error` when it belongs to another user or
+  /// others may read or write it; `segment_error` when its creator never
+  /// finished making it.
   shared_array(open_only_t, std::string_view name);
   /// Opens the named segment `name`, or makes it with `n` value-initialized elements.
   /// **Throws:** `segment_mismatch` when it exists with another element type or
@@ -333,6 +345,8 @@ auto with_segment_errors(F&& f) -> decltype(f()) {
         throw segment_exists(e.name, e.message);
       case segment_problem::mismatch:
         throw segment_mismatch(e.name, e.message);
+      case segment_problem::not_trusted:
+        throw segment_permission_error(e.name, e.message);
       default:
         throw segment_error(e.name, e.message);
     }

@@ -49,6 +49,7 @@
 
 #include "../codec.hpp"
 #include "../errors.hpp"
+#include "clock.hpp"
 #include "futex.hpp"
 #include "liveness.hpp"
 #include "ring.hpp"
@@ -115,24 +116,6 @@ inline bool process_alive(process_token t) noexcept {
   if (st.state == 'Z' || st.state == 'X' || st.state == 'x') return false;
   auto start = static_cast<std::uint32_t>(t >> 32);
   return start == 0 || static_cast<std::uint32_t>(st.start_time) == start;
-}
-
-/// The time point `timeout` from now; empty (wait forever) when that is
-/// beyond any clock's range.
-inline std::optional<steady::time_point> deadline_after(std::chrono::nanoseconds timeout) noexcept {
-  auto now = steady::now();
-  if (timeout > steady::time_point::max() - now) return std::nullopt;
-  return now + std::chrono::duration_cast<steady::duration>(timeout);
-}
-
-/// Converts any duration to nanoseconds, rounding up and saturating.
-template <class Rep, class Period>
-std::chrono::nanoseconds to_timeout(const std::chrono::duration<Rep, Period>& d) noexcept {
-  using namespace std::chrono;
-  if (d <= duration<Rep, Period>::zero()) return nanoseconds::zero();
-  if (duration<double, std::nano>(d).count() >= static_cast<double>(nanoseconds::max().count()))
-    return nanoseconds::max();
-  return ceil<nanoseconds>(d);
 }
 
 // ---------------------------------------------------------------------------

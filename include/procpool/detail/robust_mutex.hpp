@@ -1,23 +1,33 @@
-// A process-shared robust mutex over pthreads. When a holder dies, the next
-// locker is told so (`lock_status::owner_died`), repairs the state the mutex
-// guards, and calls `mark_consistent()` before unlocking; otherwise the mutex
-// becomes unrecoverable, as POSIX specifies.
+// Process-shared robust mutexes over pthreads, plain and recursive, written
+// once. When a holder dies, the next locker is told so; the state the mutex
+// guards is repaired and the mutex marked consistent before it is unlocked,
+// otherwise it becomes unrecoverable, as POSIX specifies. The locking calls
+// that take a `repair` function do all of that in one place: every user of a
+// robust mutex in the library goes through them.
 //
 // Boost.Interprocess is not used here on purpose: its interprocess_mutex
 // (Boost 1.81) answers EOWNERDEAD by unlocking without marking the mutex
 // consistent, which makes it unusable for good.
 #pragma once
 
+#include <linux/futex.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <ctime>
+#include <optional>
 #include <system_error>
 #include <thread>
 
-#include "sys.hpp"
+#include "clock.hpp"
+
+#if !defined(__GLIBC__)
+#error "procpool's robust mutexes read glibc's pthread_mutex_t (owner and count words)"
+#endif
 
 // ThreadSanitizer (as shipped with GCC 12 and Clang 14) does not intercept
 // pthread_mutex_clocklock, and its pthread_mutex_timedlock ignores an
@@ -40,49 +50,98 @@ namespace procpool::detail {
 /// Under ThreadSanitizer only: `pthread_mutex_trylock` until it takes the
 /// lock or the steady-clock `deadline` passes, sleeping between attempts (50 µs
 /// growing to 1 ms). Returns the pthread result (0, EOWNERDEAD, ETIMEDOUT, ...).
-inline int polled_lock_until(pthread_mutex_t* m, std::chrono::steady_clock::time_point deadline) {
+inline int polled_lock_until(pthread_mutex_t* m, steady::time_point deadline) {
   using namespace std::chrono;
   auto pause = microseconds(50);
   for (;;) {
     int rc = pthread_mutex_trylock(m);
     if (rc != EBUSY) return rc;
-    auto left = deadline - steady_clock::now();
-    if (left <= steady_clock::duration::zero()) return ETIMEDOUT;
-    std::this_thread::sleep_for(std::min<steady_clock::duration>(left, pause));
+    auto left = deadline - steady::now();
+    if (left <= steady::duration::zero()) return ETIMEDOUT;
+    std::this_thread::sleep_for(std::min<steady::duration>(left, pause));
     pause = std::min<microseconds>(pause * 2, milliseconds(1));
   }
 }
 
-/// How an attempt to lock a `robust_mutex` ended.
+/// How an attempt to lock a robust mutex ended.
 enum class lock_status {
   acquired,    ///< locked; the previous holder unlocked normally
-  owner_died,  ///< locked; the previous holder died holding it: repair, then mark_consistent()
+  owner_died,  ///< locked; the previous holder died holding it (repaired, when a repair was given)
   busy,        ///< not locked (try_lock, or a timed lock that timed out)
 };
 
-/// A robust, process-shared mutex. Lives in shared memory, constructed once
-/// before the processes that use it are forked.
-class robust_mutex {
+/// The kind of a `basic_robust_mutex`.
+enum class robust_kind { plain, recursive };
+
+/// A robust, process-shared pthread mutex, plain or recursive (its holder may
+/// lock it again; glibc keeps the count). Lives in shared memory, constructed
+/// once before the processes that use it are forked.
+///
+/// Recursion is left to glibc (PTHREAD_MUTEX_RECURSIVE) rather than built from
+/// an owner id kept beside a plain mutex: glibc compares the owner thread id
+/// held in the futex word, which the kernel clears when the owner dies, so a
+/// new thread that happens to reuse a dead owner's id (pid_max is often only
+/// 32768) can never take the dead owner's lock for its own.
+template <robust_kind Kind>
+class basic_robust_mutex {
  public:
-  robust_mutex() {
+  /// **Throws:** `std::system_error` naming the pthread call that failed.
+  basic_robust_mutex() {
     pthread_mutexattr_t attr;
     check(pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
-    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    int rc = pthread_mutex_init(&m_, &attr);
+    int rc = 0;
+    const char* call = nullptr;
+    if constexpr (Kind == robust_kind::recursive) {
+      rc = pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+      call = "pthread_mutexattr_settype";
+    }
+    if (rc == 0) {
+      rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+      call = "pthread_mutexattr_setpshared";
+    }
+    if (rc == 0) {
+      rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+      call = "pthread_mutexattr_setrobust";
+    }
+    if (rc == 0) {
+      rc = pthread_mutex_init(&m_, &attr);
+      call = "pthread_mutex_init";
+    }
     pthread_mutexattr_destroy(&attr);
-    check(rc, "pthread_mutex_init");
+    check(rc, call);
   }
-  ~robust_mutex() { pthread_mutex_destroy(&m_); }
-  robust_mutex(const robust_mutex&) = delete;
-  robust_mutex& operator=(const robust_mutex&) = delete;
+  ~basic_robust_mutex() { pthread_mutex_destroy(&m_); }
+  basic_robust_mutex(const basic_robust_mutex&) = delete;
+  basic_robust_mutex& operator=(const basic_robust_mutex&) = delete;
 
-  /// Blocks until locked. **Throws:** `std::system_error` if the mutex is unrecoverable.
+  /// Blocks until locked; after a holder died, runs `repair()` under the lock
+  /// and marks the mutex consistent (unlocking again if either throws).
+  /// Returns `acquired` or `owner_died`.
+  /// **Throws:** `std::system_error` if the mutex is unrecoverable; what `repair` throws.
+  template <class Repair>
+  lock_status lock(Repair&& repair) {
+    return recover(lock(), repair);
+  }
+  /// As `lock(repair)`, but returns `busy` at once when the mutex is taken.
+  template <class Repair>
+  lock_status try_lock(Repair&& repair) {
+    return recover(try_lock(), repair);
+  }
+  /// As `lock(repair)`, but returns `busy` once `deadline` has passed (no
+  /// deadline: as `lock(repair)`).
+  template <class Repair>
+  lock_status lock_until(std::optional<steady::time_point> deadline, Repair&& repair) {
+    return recover(deadline ? lock_until(*deadline) : lock(), repair);
+  }
+
+  /// Blocks until locked, leaving recovery to the caller: after `owner_died`,
+  /// repair, then `mark_consistent()`. Prefer `lock(repair)`.
+  /// **Throws:** `std::system_error` if the mutex is unrecoverable.
   lock_status lock() { return result(pthread_mutex_lock(&m_), "pthread_mutex_lock"); }
-  /// Locks if free now.
+  /// Locks if free now (or, recursive, held by the caller). Prefer `try_lock(repair)`.
   lock_status try_lock() { return result(pthread_mutex_trylock(&m_), "pthread_mutex_trylock"); }
-  /// Blocks until locked or `deadline` passes (then `busy`).
-  lock_status lock_until(std::chrono::steady_clock::time_point deadline) {
+  /// Blocks until locked or `deadline` passes (then `busy`). Prefer `lock_until(deadline, repair)`.
+  lock_status lock_until(steady::time_point deadline) {
 #if PROCPOOL_DETAIL_TSAN
     return result(polled_lock_until(&m_, deadline), "pthread_mutex_trylock");
 #else
@@ -97,12 +156,50 @@ class robust_mutex {
   void mark_consistent() {
     check(pthread_mutex_consistent(&m_), "pthread_mutex_consistent");
   }
-  /// Unlocks. Must be called by the holder.
+  /// Unlocks (recursive: undoes one lock). Must be called by the holder.
   void unlock() noexcept {
     pthread_mutex_unlock(&m_);
   }
+  /// Unlocks (recursive: undoes one lock) if the calling thread holds the
+  /// mutex; false, changing nothing, when it does not.
+  bool unlock_if_held() noexcept {
+#if PROCPOOL_DETAIL_TSAN
+    // TSan reports an unlock by a thread that does not hold the mutex before
+    // glibc refuses it: check first (one system call, under TSan only).
+    if ((owner_word() & FUTEX_TID_MASK) != static_cast<int>(::syscall(SYS_gettid))) return false;
+#endif
+    // glibc checks the owner of a robust mutex on unlock: EPERM for anyone else.
+    return pthread_mutex_unlock(&m_) == 0;
+  }
+  /// True while some live thread holds the mutex (a holder that died leaves
+  /// it free for the next locker). Already stale when it returns.
+  bool locked() const noexcept {
+    return (owner_word() & FUTEX_TID_MASK) != 0;
+  }
+  /// Recursive kind, called by the holder: how many times it holds the mutex.
+  unsigned depth() const noexcept {
+    return m_.__data.__count;
+  }
 
  private:
+  // The futex word of a robust mutex: the holder's thread id, plus flag bits
+  // (waiters, owner died) that the kernel and glibc set.
+  int owner_word() const noexcept {
+    return __atomic_load_n(&m_.__data.__lock, __ATOMIC_RELAXED);
+  }
+  template <class Repair>
+  lock_status recover(lock_status s, Repair& repair) {
+    if (s == lock_status::owner_died) {
+      try {
+        repair();
+        mark_consistent();
+      } catch (...) {
+        unlock();
+        throw;
+      }
+    }
+    return s;
+  }
   static void check(int rc, const char* call) {
     if (rc != 0) throw std::system_error(rc, std::generic_category(), call);
   }
@@ -121,5 +218,8 @@ class robust_mutex {
   }
   pthread_mutex_t m_;
 };
+
+/// A robust, process-shared mutex.
+using robust_mutex = basic_robust_mutex<robust_kind::plain>;
 
 }  // namespace procpool::detail

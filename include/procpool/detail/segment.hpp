@@ -10,6 +10,7 @@
 #pragma once
 
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <boost/interprocess/anonymous_shared_memory.hpp>
@@ -39,7 +40,14 @@
 namespace procpool::detail {
 
 /// What went wrong with a named segment, for the public layer to turn into its exception types.
-enum class segment_problem { invalid_name, not_found, already_exists, mismatch, not_initialized };
+enum class segment_problem {
+  invalid_name,
+  not_found,
+  already_exists,
+  mismatch,
+  not_initialized,
+  not_trusted
+};
 
 /// Thrown by this layer only, and caught by shared.hpp, which rethrows the
 /// matching public exception (the public types live in the public header).
@@ -53,6 +61,8 @@ struct segment_failure {
 inline constexpr std::uint32_t segment_ready = 0x59444552;  // "READY" in little-endian bytes
 /// Bumped whenever the layout of segments changes.
 inline constexpr std::uint32_t segment_version = 1;
+/// The permissions procpool gives the named segments it makes: the user's alone.
+inline constexpr mode_t segment_mode = 0600;
 /// How long an opener waits for a creator that is still building the segment.
 inline constexpr std::chrono::seconds segment_init_timeout{2};
 
@@ -186,6 +196,7 @@ class segment {
     h.type_hash = shape.type_hash;
   }
   void check_shape(const segment_shape& shape, std::optional<std::uint64_t> count) const;
+  static void check_owner(int fd, const std::string& name);
   static std::size_t total_size(const segment_shape& shape, std::uint64_t count,
                                 std::string_view name);
   [[noreturn]] static void fail_boost(const boost::interprocess::interprocess_exception& e,
@@ -262,7 +273,7 @@ inline segment segment::create(std::string_view name, const segment_shape& shape
   if (sys::injected("shm_open")) sys::throw_errno("shm_open");
   try {
     bip::shared_memory_object shm(bip::create_only, s.name_.c_str(), bip::read_write,
-                                  bip::permissions(0600));
+                                  bip::permissions(segment_mode));
     // The name exists from here on: unlink it again if the rest fails.
     try {
       shm.truncate(static_cast<bip::offset_t>(total));
@@ -301,6 +312,9 @@ inline segment segment::open(std::string_view name, const segment_shape& shape,
   if (sys::injected("shm_open")) sys::throw_errno("shm_open");
   try {
     bip::shared_memory_object shm(bip::open_only, s.name_.c_str(), bip::read_write);
+    // Before reading a byte of it: a segment another user made first (or
+    // opened wide) could feed us values and read what we write.
+    check_owner(shm.get_mapping_handle().handle, s.name_);
     // A creator that just made the name may not have sized it yet.
     for (;;) {
       bip::offset_t size = 0;
@@ -360,6 +374,31 @@ inline segment segment::open_or_create(std::string_view name, const segment_shap
 
 inline bool segment::remove(std::string_view name) {
   return boost::interprocess::shared_memory_object::remove(checked_name(name).c_str());
+}
+
+// Refuses a segment this user does not own, or that others may read or
+// write: the name may have been taken first by someone else, on purpose.
+inline void segment::check_owner(int fd, const std::string& name) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) sys::throw_errno(fmt::format("fstat /{}", name).c_str());
+  uid_t me = ::geteuid();
+  mode_t mode = st.st_mode & 07777;
+  if (st.st_uid != me) {
+    throw segment_failure{
+        segment_problem::not_trusted, name,
+        fmt::format("shared memory segment '{}' belongs to user {} (mode {:04o}), not to this "
+                    "user ({}): another user may have made it first to feed or read this "
+                    "program's data; it is not opened. Remove /dev/shm/{} or use another name",
+                    name, st.st_uid, mode, me, name)};
+  }
+  if ((mode & ~segment_mode) != 0) {
+    throw segment_failure{
+        segment_problem::not_trusted, name,
+        fmt::format("shared memory segment '{}' has mode {:04o}, wider than the {:04o} procpool "
+                    "makes: other users may read or write it; it is not opened. Remove "
+                    "/dev/shm/{} or chmod it to {:04o}",
+                    name, mode, segment_mode, name, segment_mode)};
+  }
 }
 
 inline void segment::check_shape(const segment_shape& shape,

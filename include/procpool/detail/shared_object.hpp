@@ -1,12 +1,10 @@
 // One object's state in its own small anonymous shared mapping, so that an
 // object made in a parent (a mutex, an event) and its copies in children forked
-// later all refer to the same bytes. Also: deadlines on any clock, measured on
-// the steady clock.
+// later all refer to the same bytes.
 #pragma once
 
 #include <unistd.h>
 
-#include <chrono>
 #include <cstddef>
 #include <new>
 #include <type_traits>
@@ -55,30 +53,5 @@ class shared_object {
   State* state_ = nullptr;
   pid_t creator_;
 };
-
-/// The steady-clock deadline `d` from now; saturates at the clock's maximum
-/// instead of overflowing for huge durations (e.g. `duration::max()`).
-template <class Rep, class Period>
-std::chrono::steady_clock::time_point deadline_after(const std::chrono::duration<Rep, Period>& d) {
-  using std::chrono::steady_clock;
-  auto now = steady_clock::now();
-  auto room = steady_clock::time_point::max() - now;
-  if (std::chrono::duration<double>(d) >= std::chrono::duration<double>(room) / 2) {
-    return steady_clock::time_point::max();
-  }
-  return now + std::chrono::ceil<steady_clock::duration>(d);
-}
-
-/// `tp` as a point on the steady clock: itself when `Clock` is the steady
-/// clock, otherwise now plus what is left until `tp` on `Clock`.
-template <class Clock, class Duration>
-std::chrono::steady_clock::time_point to_steady(
-    const std::chrono::time_point<Clock, Duration>& tp) {
-  if constexpr (std::is_same_v<Clock, std::chrono::steady_clock>) {
-    return std::chrono::ceil<std::chrono::steady_clock::duration>(tp);
-  } else {
-    return deadline_after(tp - Clock::now());
-  }
-}
 
 }  // namespace procpool::detail

@@ -23,18 +23,28 @@ struct mutex_state {
   bool owner_died = false;
 };
 
-/// procpool::recursive_mutex: as mutex_state, plus the holder's lock depth.
+/// procpool::recursive_mutex: as mutex_state (the depth is glibc's).
 struct recursive_mutex_state {
   robust_recursive_mutex m;
-  std::uint32_t depth = 0;
   bool owner_died = false;
 };
 
-/// procpool::semaphore: the count, and a wake-up channel for waiters.
+/// procpool::semaphore and bounded_semaphore: the count, the most it may
+/// hold, and a wake-up channel for waiters.
 struct semaphore_state {
-  explicit semaphore_state(std::uint32_t initial) : count(initial) {}
+  semaphore_state(std::uint32_t initial, std::uint32_t limit) : count(initial), maximum(limit) {}
   std::atomic<std::uint32_t> count;
+  const std::uint32_t maximum;
   eventcount ec;
+};
+
+/// procpool::condition: a sequence number bumped by every notification,
+/// which waiters sleep on (futex), and how many may sleep. Nothing in it
+/// belongs to a waiter: a waiter killed at any point leaves at worst a count
+/// one too high, which costs later notifications a system call each.
+struct condition_state {
+  std::atomic<std::uint32_t> seq{0};
+  std::atomic<std::uint32_t> waiters{0};
 };
 
 /// procpool::event: the flag (0 or 1), and a wake-up channel for waiters.
@@ -50,7 +60,13 @@ inline constexpr wait_policy quiet_wait{std::chrono::microseconds(2),
                                         std::chrono::milliseconds(200)};
 
 /// Why a barrier broke (0: it did not).
-enum class barrier_break : std::uint32_t { none = 0, aborted = 1, participant_died = 2 };
+enum class barrier_break : std::uint32_t {
+  none = 0,
+  aborted = 1,
+  participant_died = 2,
+  action_failed = 3,
+  reset = 4
+};
 
 /// One participant of a barrier: a thread, known by pid, thread id and start
 /// time, and the last phase it arrived in (`generation + 1`; 0: none yet).
@@ -75,8 +91,12 @@ struct barrier_state {
   std::uint32_t parties;
   /// Arrivals in the current phase (written under `m`; read without it by `waiting()`).
   std::atomic<std::uint32_t> arrived{0};
-  /// Completed phases; waiters of a phase sleep until it changes.
+  /// Ended phases (completed, or cut short by `reset()`); waiters of a phase
+  /// sleep until it changes.
   std::atomic<std::uint32_t> generation{0};
+  /// Bit `g % 64` is set when phase `g` was ended by `reset()` rather than
+  /// completed (written before `generation` moves on).
+  std::atomic<std::uint64_t> reset_phases{0};
   /// A `barrier_break`; set once, never cleared.
   std::atomic<std::uint32_t> broken{0};
   /// Who broke it, written before `broken` (0 after abort).

@@ -26,14 +26,7 @@ namespace procpool::detail {
 class cell_lock {
  public:
   explicit cell_lock(robust_mutex& m) : m_(m) {
-    if (m_.lock() == lock_status::owner_died) {
-      try {
-        m_.mark_consistent();
-      } catch (...) {
-        m_.unlock();
-        throw;
-      }
-    }
+    m_.lock([] {});
   }
   cell_lock(const cell_lock&) = delete;
   cell_lock& operator=(const cell_lock&) = delete;

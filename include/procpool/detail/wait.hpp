@@ -7,6 +7,7 @@
 #include <optional>
 #include <thread>
 
+#include "clock.hpp"
 #include "futex.hpp"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -23,8 +24,6 @@ inline void cpu_relax() noexcept {
   asm volatile("yield");
 #endif
 }
-
-using steady = std::chrono::steady_clock;
 
 /// How a wait spins and sleeps.
 struct wait_policy {
@@ -62,11 +61,12 @@ wait_status wait_for_condition(eventcount& ec, Ready&& ready,
     }
     auto slice = policy.slice;
     if (deadline) {
-      auto left = *deadline - steady::now();
-      if (left <= steady::duration::zero()) {
+      auto now = steady::now();
+      if (*deadline <= now) {  // compared first: `deadline - now` overflows for a far past deadline
         ec.cancel();
         return wait_status::timeout;
       }
+      auto left = *deadline - now;
       if (left < slice) slice = std::chrono::duration_cast<std::chrono::nanoseconds>(left);
     }
     ec.wait(key, slice);
