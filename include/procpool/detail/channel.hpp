@@ -44,6 +44,7 @@
 #include "../codec.hpp"
 #include "../errors.hpp"
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "liveness.hpp"
 #include "ring.hpp"
 #include "robust_mutex.hpp"
@@ -353,10 +354,10 @@ class queue_core {
   bool closed() const noexcept { return q_->closed.load(std::memory_order_acquire) != 0; }
   /// Messages held at some recent moment.
   std::size_t size_approx() const noexcept {
-    return static_cast<std::size_t>(q_->count.load(std::memory_order_relaxed));
+    return int_cast<std::size_t>(q_->count.load(std::memory_order_relaxed));
   }
   /// Data bytes.
-  std::size_t capacity() const noexcept { return static_cast<std::size_t>(q_->capacity); }
+  std::size_t capacity() const noexcept { return int_cast<std::size_t>(q_->capacity); }
 
   /// How waits spin and sleep.
   wait_policy policy;
@@ -508,7 +509,7 @@ inline wait_policy pipe_end::streaming_policy() const noexcept {
 // Large messages move in chunks of a quarter of the ring, each published
 // (or released) at once, so that writer and reader copy at the same time.
 inline std::size_t pipe_end::chunk() const noexcept {
-  return static_cast<std::size_t>(map_->ring_written_by(end_)->capacity / 4);
+  return int_cast<std::size_t>(map_->ring_written_by(end_)->capacity / 4);
 }
 
 inline void pipe_end::write_stream(const void* data, std::size_t size) {
@@ -536,7 +537,7 @@ inline void pipe_end::write_stream(const void* data, std::size_t size) {
 inline void pipe_end::read_exact(void* dst, std::size_t n, std::size_t message_size,
                                  const char* op) {
   auto out = static_cast<std::byte*>(dst);
-  const std::size_t most = static_cast<std::size_t>(map_->ring_written_by(1 - end_)->capacity / 4);
+  const std::size_t most = int_cast<std::size_t>(map_->ring_written_by(1 - end_)->capacity / 4);
   while (n > 0) {
     std::size_t k = std::min({in_.available(1), n, most});
     if (k == 0) {
@@ -614,9 +615,9 @@ T read_contiguous(std::size_t size, pipe_source& source) {
   const std::size_t step = std::max<std::size_t>(1, (64 * 1024) / sizeof(element));
   const std::size_t trusted = (std::size_t(256) << 20) / sizeof(element);
   T out;
-  out.reserve(std::min(static_cast<std::size_t>(count), trusted));
+  out.reserve(std::min(int_cast<std::size_t>(count), trusted));
   for (std::size_t done = 0; done < count;) {
-    std::size_t k = std::min(static_cast<std::size_t>(count) - done, step);
+    std::size_t k = std::min(int_cast<std::size_t>(count) - done, step);
     out.resize(done + k);
     source.read(out.data() + done, k * sizeof(element));
     done += k;
@@ -815,8 +816,8 @@ inline std::uint64_t queue_core::used() const noexcept {
 
 inline void queue_core::copy_in(std::uint64_t at, const void* src, std::size_t n) noexcept {
   if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t cap = static_cast<std::size_t>(q_->capacity);
-  std::size_t off = static_cast<std::size_t>(at % cap);
+  std::size_t cap = int_cast<std::size_t>(q_->capacity);
+  std::size_t off = int_cast<std::size_t>(at % cap);
   std::size_t first = std::min(n, cap - off);
   std::memcpy(data_ + off, src, first);
   std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
@@ -824,8 +825,8 @@ inline void queue_core::copy_in(std::uint64_t at, const void* src, std::size_t n
 
 inline void queue_core::copy_out(std::uint64_t at, void* dst, std::size_t n) const noexcept {
   if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t cap = static_cast<std::size_t>(q_->capacity);
-  std::size_t off = static_cast<std::size_t>(at % cap);
+  std::size_t cap = int_cast<std::size_t>(q_->capacity);
+  std::size_t off = int_cast<std::size_t>(at % cap);
   std::size_t first = std::min(n, cap - off);
   std::memcpy(dst, data_ + off, first);
   std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
@@ -880,7 +881,7 @@ inline queue_core::pop_result queue_core::pop(std::vector<std::byte>& out, bool 
         repair();
         continue;
       }
-      out.resize(static_cast<std::size_t>(size));
+      out.resize(int_cast<std::size_t>(size));
       copy_out(head + queue_header_bytes, out.data(), out.size());
       stage(queue_stage::pop_copied);
       q_->head.store(head + queue_header_bytes + size, std::memory_order_release);  // the commit

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "shm.hpp"
 #include "wait.hpp"
 
@@ -84,17 +85,17 @@ class ring_writer {
   std::size_t capacity() const noexcept { return capacity_; }
   /// Bytes that can be put now without waiting.
   std::size_t free_space() noexcept {
-    std::size_t f = capacity_ - static_cast<std::size_t>(tail_ - head_cache_);
+    std::size_t f = capacity_ - int_cast<std::size_t>(tail_ - head_cache_);
     if (f == 0 || f < capacity_ / 2) {
       head_cache_ = r_->head.load(std::memory_order_acquire);
-      f = capacity_ - static_cast<std::size_t>(tail_ - head_cache_);
+      f = capacity_ - int_cast<std::size_t>(tail_ - head_cache_);
     }
     return f;
   }
   /// Copies `n` bytes in, unpublished; `n` must not exceed `free_space()`.
   void put(const void* src, std::size_t n) noexcept {
     if (n == 0) return;  // src may be null then, which memcpy does not allow
-    std::size_t at = static_cast<std::size_t>(tail_ & mask_);
+    std::size_t at = int_cast<std::size_t>(tail_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(data_ + at, src, first);
     std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
@@ -179,22 +180,22 @@ class ring_reader {
   /// when fewer than `want` bytes are known, so a caller waiting for `want`
   /// bytes (a message header, say) sees them once they are published.
   std::size_t available(std::size_t want = sizeof(std::uint64_t)) noexcept {
-    std::size_t a = static_cast<std::size_t>(tail_cache_ - head_);
+    std::size_t a = int_cast<std::size_t>(tail_cache_ - head_);
     if (a < want) {
       tail_cache_ = r_->tail.load(std::memory_order_acquire);
-      a = static_cast<std::size_t>(tail_cache_ - head_);
+      a = int_cast<std::size_t>(tail_cache_ - head_);
     }
     return a;
   }
   /// Refreshes the view of the writer's progress, then returns `available()`.
   std::size_t refresh() noexcept {
     tail_cache_ = r_->tail.load(std::memory_order_acquire);
-    return static_cast<std::size_t>(tail_cache_ - head_);
+    return int_cast<std::size_t>(tail_cache_ - head_);
   }
   /// Copies `n` bytes out; `n` must not exceed `available()`. Space is freed on `release()`.
   void get(void* dst, std::size_t n) noexcept {
     if (n == 0) return;  // dst may be null then, which memcpy does not allow
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(dst, data_ + at, first);
     std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
@@ -203,7 +204,7 @@ class ring_reader {
   /// A pointer to the next `n` bytes if they are available and contiguous, else null.
   const std::byte* peek(std::size_t n) noexcept {
     if (available(n) < n) return nullptr;
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     return at + n <= capacity_ ? data_ + at : nullptr;
   }
   /// Skips `n` bytes (after `peek`).
@@ -220,11 +221,11 @@ class ring_reader {
   std::optional<std::size_t> next_message_size() noexcept {
     if (available() < sizeof(std::uint64_t)) return std::nullopt;
     std::uint64_t size;
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(sizeof size, capacity_ - at);
     std::memcpy(&size, data_ + at, first);
     std::memcpy(reinterpret_cast<std::byte*>(&size) + first, data_, sizeof size - first);
-    return static_cast<std::size_t>(size);
+    return int_cast<std::size_t>(size);
   }
 
   /// Reads the next message into `out` (resized to fit), waiting as needed;

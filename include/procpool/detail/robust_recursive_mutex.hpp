@@ -15,6 +15,7 @@
 #include <ctime>
 #include <system_error>
 
+#include "int_cast.hpp"
 #include "robust_mutex.hpp"
 
 namespace procpool::detail {
@@ -50,8 +51,8 @@ class robust_recursive_mutex {
     return result(polled_lock_until(&m_, deadline), "pthread_mutex_trylock");
 #else
     auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch());
-    timespec ts{static_cast<time_t>(ns.count() / 1'000'000'000),
-                static_cast<long>(ns.count() % 1'000'000'000)};
+    timespec ts{int_cast<time_t>(ns.count() / 1'000'000'000),
+                int_cast<long>(ns.count() % 1'000'000'000)};
     return result(pthread_mutex_clocklock(&m_, CLOCK_MONOTONIC, &ts), "pthread_mutex_clocklock");
 #endif
   }
