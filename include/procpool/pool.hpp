@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <initializer_list>
 #include <iterator>
 #include <memory>
 #include <optional>
@@ -28,6 +29,7 @@
 
 #include "codec.hpp"
 #include "detail/clock.hpp"
+#include "detail/call_checks.hpp"
 #include "detail/pool_engine.hpp"
 #include "errors.hpp"
 #include "process.hpp"
@@ -69,7 +71,7 @@ struct pool_options {
   /// naming the exception. Workers start with SIGINT and SIGTERM at their
   /// default actions, whatever the parent's handlers; the initializer may
   /// change that.
-  std::function<void()> initializer;
+  std::function<void()> initializer{};  // {}: designated initializers may leave it out
   /// Replace a worker after it ran this many items; 0 means never.
   std::size_t max_tasks_per_child = 0;
   /// An item running longer than this is abandoned: its worker is killed and
@@ -83,7 +85,7 @@ struct pool_options {
   bool progress = false;
   /// Called with the progress of `map`, `starmap` and `imap` (at most ten
   /// times a second, and once at the end); replaces the bar when set.
-  std::function<void(const progress_info&)> on_progress;
+  std::function<void(const progress_info&)> on_progress{};
 };
 
 template <class R>
@@ -153,11 +155,21 @@ class pool {
   /// the first three.
   template <class Range>
   auto map(Range&& inputs);
+  /// `map` over a braced list of items: `p.map({1, 2, 3})`.
+  template <class T>
+  auto map(std::initializer_list<T> inputs) {
+    return map(std::vector<T>(inputs));
+  }
 
   /// `map` for a function of several arguments: each item is a tuple (or pair)
   /// whose elements are passed as the arguments (Python's `Pool.starmap`).
   template <class Range>
   auto starmap(Range&& inputs);
+  /// `starmap` over a braced list of tuples: `p.starmap({std::tuple(1, 2), std::tuple(3, 4)})`.
+  template <class T>
+  auto starmap(std::initializer_list<T> inputs) {
+    return starmap(std::vector<T>(inputs));
+  }
 
   /// A lazy range of results in input order (Python's `Pool.imap`). Input is
   /// read only as workers need it and at most a few chunks per worker are in
@@ -166,16 +178,32 @@ class pool {
   /// Dropping the range cancels what is left of the call.
   template <class Range>
   auto imap(Range&& inputs);
+  /// `imap` over a braced list of items, copied into the range.
+  template <class T>
+  auto imap(std::initializer_list<T> inputs) {
+    return imap(std::vector<T>(inputs));
+  }
 
   /// A lazy range of `(index, result)` pairs in the order they finish
   /// (Python's `Pool.imap_unordered`).
   template <class Range>
   auto imap_unordered(Range&& inputs);
+  /// `imap_unordered` over a braced list of items, copied into the range.
+  template <class T>
+  auto imap_unordered(std::initializer_list<T> inputs) {
+    return imap_unordered(std::vector<T>(inputs));
+  }
 
   /// Runs `f(args...)` in a worker and returns a future for its result
   /// (Python's `apply_async`). The future's `get()` drives the pool.
   template <class... Args>
   auto submit(Args&&... args);
+  /// `submit` of a function that takes a container, given as a braced list:
+  /// `p.submit({1, 2, 3})` sends a `std::vector`.
+  template <class T>
+  auto submit(std::initializer_list<T> items) {
+    return submit(std::vector<T>(items));
+  }
 
   /// Accepts no more calls; work in flight still completes. Safe from any thread.
   void close() noexcept { engine_->close(); }
@@ -352,13 +380,15 @@ void pool<F>::terminate() noexcept {
 template <class F>
 template <class Range>
 auto pool<F>::map(Range&& inputs) {
-  return run_map<detail::invoke_one>(inputs, "map");
+  if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+    return run_map<detail::invoke_one>(inputs, "map");
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::starmap(Range&& inputs) {
-  return run_map<detail::invoke_apply>(inputs, "starmap");
+  if constexpr (detail::check_map<detail::call_shape::tuple_item, F, Range>())
+    return run_map<detail::invoke_apply>(inputs, "starmap");
 }
 
 /// A lazy range of results from `pool::imap`: an input range of `R`, in input order.
@@ -520,23 +550,23 @@ class [[nodiscard]] imap_unordered_range {
 template <class F>
 template <class Range>
 auto pool<F>::imap(Range&& inputs) {
-  return calls_.template imap<true>(std::forward<Range>(inputs));
+  if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+    return calls_.template imap<true>(std::forward<Range>(inputs));
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::imap_unordered(Range&& inputs) {
-  return calls_.template imap<false>(std::forward<Range>(inputs));
+  if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+    return calls_.template imap<false>(std::forward<Range>(inputs));
 }
 
 template <class F>
 template <class... Args>
 auto pool<F>::submit(Args&&... args) {
   using Tuple = std::tuple<std::decay_t<Args>...>;
-  static_assert(is_sendable_v<Tuple>,
-                "procpool: an argument of submit cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
-  return submit_as<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
+  if constexpr (detail::check_submit<F, Tuple>())
+    return submit_as<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
 }
 
 namespace detail {
@@ -587,13 +617,9 @@ template <class F, class Handlers>
 template <class Invoke, class Range>
 auto call_front<F, Handlers>::run_map(Range& inputs, const char* name) {
   using Item = range_item_t<Range>;
-  static_assert(is_sendable_v<Item>,
-                "procpool: the items of this range cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_sendable<0, Item>());
   using Result = call_result_t<F, Item, Invoke>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_result<Result>());
   using Begin = decltype(std::begin(inputs));
   using End = decltype(std::end(inputs));
   driver_->check_usable(name);
@@ -642,13 +668,9 @@ template <class F, class Handlers>
 template <bool Ordered, class Range>
 auto call_front<F, Handlers>::imap(Range&& inputs) {
   using Item = range_item_t<Range>;
-  static_assert(is_sendable_v<Item>,
-                "procpool: the items of this range cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_sendable<0, Item>());
   using Result = call_result_t<F, Item, invoke_one>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_result<Result>());
   scoped_use use(*driver_, Ordered ? "imap" : "imap_unordered");
   driver_->check_usable(Ordered ? "imap" : "imap_unordered");
   std::size_t chunk = chunk_size_;
@@ -680,9 +702,7 @@ template <class F, class Handlers>
 template <class Invoke, class Item>
 auto call_front<F, Handlers>::submit(Item item) {
   using Result = call_result_t<F, Item, Invoke>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_result<Result>());
   using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void, Result>;
   scoped_use use(*driver_, "submit");
   driver_->check_usable("submit");

@@ -51,6 +51,7 @@
 #include "../errors.hpp"
 #include "clock.hpp"
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "liveness.hpp"
 #include "ring.hpp"
 #include "robust_mutex.hpp"
@@ -923,9 +924,9 @@ T read_contiguous(std::size_t size, pipe_source& source) {
   const std::size_t step = std::max<std::size_t>(1, (64 * 1024) / sizeof(element));
   const std::size_t trusted = (std::size_t(256) << 20) / sizeof(element);
   T out;
-  out.reserve(std::min(static_cast<std::size_t>(count), trusted));
+  out.reserve(std::min(int_cast<std::size_t>(count), trusted));
   for (std::size_t done = 0; done < count;) {
-    std::size_t k = std::min(static_cast<std::size_t>(count) - done, step);
+    std::size_t k = std::min(int_cast<std::size_t>(count) - done, step);
     out.resize(done + k);
     source.read(out.data() + done, k * sizeof(element));
     done += k;

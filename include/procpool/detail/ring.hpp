@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "shm.hpp"
 #include "wait.hpp"
 
@@ -107,7 +108,7 @@ class ring_writer {
   /// Copies `n` bytes in, unpublished; `n` must not exceed `free_space()`.
   void put(const void* src, std::size_t n) noexcept {
     if (n == 0) return;  // src may be null then, which memcpy does not allow
-    std::size_t at = static_cast<std::size_t>(tail_ & mask_);
+    std::size_t at = int_cast<std::size_t>(tail_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(data_ + at, src, first);
     std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
@@ -213,7 +214,7 @@ class ring_reader {
   /// Copies `n` bytes out; `n` must not exceed `available()`. Space is freed on `release()`.
   void get(void* dst, std::size_t n) noexcept {
     if (n == 0) return;  // dst may be null then, which memcpy does not allow
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(dst, data_ + at, first);
     std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
@@ -222,7 +223,7 @@ class ring_reader {
   /// A pointer to the next `n` bytes if they are available and contiguous, else null.
   const std::byte* peek(std::size_t n) noexcept {
     if (available(n) < n) return nullptr;
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     return at + n <= capacity_ ? data_ + at : nullptr;
   }
   /// Skips `n` bytes (after `peek`).
@@ -239,11 +240,11 @@ class ring_reader {
   std::optional<std::size_t> next_message_size() noexcept {
     if (available() < sizeof(std::uint64_t)) return std::nullopt;
     std::uint64_t size;
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(sizeof size, capacity_ - at);
     std::memcpy(&size, data_ + at, first);
     std::memcpy(reinterpret_cast<std::byte*>(&size) + first, data_, sizeof size - first);
-    return static_cast<std::size_t>(size);
+    return int_cast<std::size_t>(size);
   }
 
   /// Reads the next message into `out` (resized to fit), waiting as needed;
