@@ -16,6 +16,9 @@
 //   startup  pool construction + destruction with 1, 2, 4 workers; bare
 //            fork + _exit + waitpid of as many children
 //   imap     imap over a lazy input of n items; the parent's peak RSS
+//   heavy    a few long tasks (sleeps of 100-400 ms) on 2 and 4 workers:
+//            whether every idle worker gets work (the ideal is the
+//            longest chain of tasks a perfect scheduler could not avoid)
 //
 // Every result is checked; a wrong one fails the program (exit code 1).
 //
@@ -844,13 +847,70 @@ void bench_imap() {
         {{"peak_rss_kib", {peak_rss_kib()}}, {"base_rss_kib", {base}}}});
 }
 
+// ---------------------------------------------------------------------------
+// 8: a few heavy tasks. Sleeping tasks, so that 4 workers on a 2-core machine
+// still overlap: what is measured is the scheduling, not the CPU.
+
+struct heavy_scenario {
+  int id;
+  const char* what;
+  unsigned workers;
+  std::size_t chunk;  // 0: submit each task on its own
+  std::vector<int> ms;
+  int ideal_ms;
+};
+
+std::vector<heavy_scenario> heavy_scenarios() {
+  return {{1, "2 submits of 300 ms, 2 workers", 2, 0, {300, 300}, 300},
+          {2, "map of 4 x 300 ms, chunk 1, 4 workers", 4, 1, {300, 300, 300, 300}, 300},
+          {3, "map of 8 x 300 ms, chunk 2, 4 workers", 4, 2, std::vector<int>(8, 300), 600},
+          {4, "map of 400 ms then 4 x 100 ms, chunk 1, 2 workers", 2, 1,
+           {400, 100, 100, 100, 100}, 400}};
+}
+
+void bench_heavy() {
+  // Durations are scaled down for quick and validation runs.
+  double scale = opts.validate ? 0.02 : opts.quick ? 0.25 : 1.0;
+  int reps = opts.reps(3);
+  auto task = [](int us) {
+    ::usleep(static_cast<useconds_t>(us));
+    return us;
+  };
+  for (auto& s : heavy_scenarios()) {
+    if (!opts.wanted("procpool")) break;
+    std::vector<int> us;
+    for (int m : s.ms) us.push_back(static_cast<int>(m * scale * 1000));
+    procpool::pool_options o;
+    o.workers = s.workers;
+    o.chunk_size = s.chunk;
+    procpool::pool pool(task, o);
+    pool.map(std::vector<int>(s.workers, 0));  // every worker started and warm
+    record r{"heavy", "procpool", double(s.id), double(us.size()), {},
+             {{"ideal_s", {s.ideal_ms * scale / 1e3}}}};
+    for (int k = 0; k < reps; ++k) {
+      auto t = clock_type::now();
+      std::vector<int> got;
+      if (s.chunk == 0) {
+        std::vector<procpool::future<int>> fs;
+        for (int u : us) fs.push_back(pool.submit(u));
+        for (auto& f : fs) got.push_back(f.get());
+      } else {
+        got = pool.map(us);
+      }
+      r.samples.push_back(seconds_since(t));
+      if (got != us) fail(fmt::format("heavy {}: wrong results", s.id));
+    }
+    emit(r);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const char* usage =
       "usage: pool_bench [--quick] [--validate] [--json] [--items N] [--only IMPL,...] [--tag "
       "TAG]\n"
-      "                  [tiny|chunks|cpu|latency|big|startup|imap]...\n"
+      "                  [tiny|chunks|cpu|latency|big|startup|imap|heavy]...\n"
       "  --quick      fewer items and repetitions\n"
       "  --validate   smallest sizes, one repetition, no timings: a correctness check\n"
       "  --json       one JSON object per result line, for bench/run.py\n"
@@ -891,7 +951,7 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, void (*)()>> all = {
       {"tiny", bench_tiny},       {"chunks", bench_chunks}, {"cpu", bench_cpu},
       {"latency", bench_latency}, {"big", bench_big},       {"startup", bench_startup},
-      {"imap", bench_imap}};
+      {"imap", bench_imap},       {"heavy", bench_heavy}};
   if (cases.empty())
     for (auto& [name, fn] : all) cases.push_back(name);
   for (auto& c : cases) {

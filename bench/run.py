@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ["tiny", "chunks", "cpu", "latency", "big", "startup", "imap"]
+CASES = ["tiny", "chunks", "cpu", "latency", "big", "startup", "imap", "heavy"]
 
 # The item counts of the imap case, one process each (peak RSS is per process).
 IMAP_ITEMS = {
@@ -842,6 +842,34 @@ def section_imap(add, R, info):
     add("")
 
 
+HEAVY_NAMES = {1: "2 `submit`s of 300 ms, 2 workers",
+               2: "`map` of 4 × 300 ms, chunk 1, 4 workers",
+               3: "`map` of 8 × 300 ms, chunk 2, 4 workers",
+               4: "`map` of one 400 ms task, then 4 × 100 ms, chunk 1, 2 workers"}
+
+
+def section_heavy(add, R, info):
+    """Section 8. A few heavy tasks: is the scheduling work-conserving?"""
+    add("## 8. A few heavy tasks")
+    add("")
+    add("Few tasks, each long: the time is decided by which worker gets which task, not by "
+        "copying. The tasks sleep, so that 4 workers overlap on any number of cores. *Ideal* is "
+        "what a scheduler that never leaves a worker idle while a task waits reaches; Python's "
+        "pool, whose workers pull tasks from one queue, is the reference.")
+    add("")
+    rows = []
+    for x in R.xs("heavy", "procpool"):
+        a, p = R.med("heavy", "procpool", x), R.med("heavy", "py_pool", x)
+        rr = R.get("heavy", "procpool", x)
+        ideal = rr["ideal_s"][0] if rr and "ideal_s" in rr else None
+        rows.append([HEAVY_NAMES.get(int(x), str(x)),
+                     f"{fmt_num(ideal)} s" if ideal else "?",
+                     f"{fmt_num(a)} s" + (f" ({a / ideal:.2f}× ideal)" if ideal else ""),
+                     f"{fmt_num(p)} s" + (f" ({p / ideal:.2f}× ideal)" if ideal and p else "")])
+    add(table(["", "ideal", "procpool", "Python `Pool`"], rows))
+    add("")
+
+
 def page(R, info, meta):
     L = []
     add = L.append
@@ -886,7 +914,7 @@ def page(R, info, meta):
 
     sections = [("tiny", section_tiny), ("chunks", section_chunks), ("cpu", section_cpu),
                 ("latency", section_latency), ("big", section_big), ("startup", section_startup),
-                ("imap", section_imap)]
+                ("imap", section_imap), ("heavy", section_heavy)]
     for case, section in sections:
         if R.has(case):
             section(add, R, info)

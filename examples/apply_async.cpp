@@ -60,7 +60,7 @@ int main() {
   try {
     refused.get();
   } catch (const procpool::task_error& e) {
-    fmt::print("Task failed: item {} threw {}: {}\n", e.index(), e.type_name(), e.message());
+    fmt::print("Task failed: it threw {}: {}\n", e.type_name(), e.message());
   }
 
   // The pool is still usable after a task failed.

@@ -60,7 +60,7 @@ bool is_prime(std::uint32_t n, const std::vector<std::uint32_t>& primes) {
 std::uint32_t count_block(std::uint32_t start, const std::vector<std::uint32_t>& primes) {
   std::uint32_t end = std::min(start + block_size, bound);
   std::uint32_t count = 0;
-  for (std::uint32_t n = start; n < end; ++n) count += is_prime(n, primes) ? 1 : 0;
+  for (std::uint32_t n = start; n < end; ++n) count += is_prime(n, primes) ? 1u : 0u;
   return count;
 }
 

@@ -71,8 +71,8 @@ int main() {
   std::sort(squares.begin(), squares.end());
   bool each_once = true;
   long sum = 0;
-  for (int i = 0; i < static_cast<int>(squares.size()); ++i) {
-    if (squares[i].first != i + 1) each_once = false;
+  for (std::size_t i = 0; i < squares.size(); ++i) {
+    if (squares[i].first != static_cast<int>(i) + 1) each_once = false;
     sum += squares[i].second;
   }
   fmt::print("{} consumers squared {} numbers, each exactly once: {}\n", consumers, squares.size(),

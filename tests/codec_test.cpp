@@ -265,6 +265,33 @@ std::bitset<N> procpool_decode(reader& in, type_tag<std::bitset<N>>) {
 }
 }  // namespace procpool
 
+// A type of a library we do not own that converts from std::string (as
+// std::filesystem::path does), customized in namespace procpool as the guide
+// says. Its hooks must not capture the types that convert to it.
+namespace vendor {
+struct label {
+  label(std::string t) : text(std::move(t)) {}  // NOLINT: implicit on purpose
+  std::string text;
+};
+}  // namespace vendor
+namespace procpool {
+inline void procpool_encode(writer& out, const vendor::label& l) {
+  encode(out, std::string("label:") + l.text);
+}
+inline vendor::label procpool_decode(reader& in, type_tag<vendor::label>) {
+  std::string text = decode<std::string>(in);
+  if (text.rfind("label:", 0) != 0) throw decode_error(in.offset(), "not a label");
+  return vendor::label(text.substr(6));
+}
+}  // namespace procpool
+
+namespace {
+// Derives from a class with hooks: the base's hooks would slice it.
+struct audited_account : account {
+  std::string auditor;
+};
+}  // namespace
+
 namespace {
 
 // ---------------------------------------------------------------------------
@@ -765,6 +792,39 @@ TEST_CASE("a type from another namespace is customized in namespace procpool", "
   CHECK_THROWS_AS(decode<std::bitset<12>>(bad), decode_error);
 }
 
+TEST_CASE("a customization point matches its exact type only", "[codec]") {
+  STATIC_REQUIRE(procpool::is_sendable_v<std::string>);
+  STATIC_REQUIRE(procpool::is_sendable_v<vendor::label>);
+  STATIC_REQUIRE(procpool::is_sendable_v<std::vector<std::string>>);
+  // A std::string still goes as a string: a u64 length and its characters.
+  const std::vector<std::byte> text = encode(std::string("abc"));
+  CHECK(text.size() == 8 + 3);
+  CHECK(decode<std::string>(text) == "abc");
+  // The label goes through its hook.
+  const std::vector<std::byte> label = encode(vendor::label("abc"));
+  CHECK(label.size() == 8 + 9);
+  CHECK(decode<vendor::label>(label).text == "abc");
+  CHECK_THROWS_AS(decode<vendor::label>(text), decode_error);
+  // A class derived from one with hooks is not sliced through the base's hooks.
+  STATIC_REQUIRE(!procpool::is_encodable_v<audited_account>);
+  STATIC_REQUIRE(procpool::is_sendable_v<account>);
+}
+
+TEST_CASE("a std::filesystem::path is sendable as its native string", "[codec]") {
+  STATIC_REQUIRE(procpool::is_sendable_v<std::filesystem::path>);
+  for (const std::filesystem::path& p :
+       {std::filesystem::path(), std::filesystem::path("/tmp/a b/\xc3\xbc.txt"),
+        std::filesystem::path("relative/../x"), std::filesystem::path(std::string(5000, 'p'))}) {
+    const std::vector<std::byte> bytes = encode(p);
+    CHECK(bytes == encode(p.native()));
+    CHECK(decode<std::filesystem::path>(bytes) == p);
+    CHECK(decode<std::filesystem::path>(bytes).native() == p.native());
+  }
+  std::map<std::filesystem::path, std::vector<std::filesystem::path>> tree{{"/a", {"/a/b", "/a/c"}},
+                                                                           {"/d", {}}};
+  CHECK(round_trip(tree) == tree);
+}
+
 TEST_CASE("a customization that writes nothing is bounded like empty elements", "[codec]") {
   std::vector<nothing> v(1000);
   CHECK(round_trip(v) == v);
@@ -1133,6 +1193,9 @@ class opaque { public: explicit opaque(int v) : v_(v) {} private: int v_; };
 enum unfixed { a, b };
 struct encode_only { int n; };
 struct with_reference { int n; const std::string& name; };
+struct with_c_array { int id; double values[4]; };
+struct base { int id; };
+struct derived : base { std::string name; };
 void procpool_encode(procpool::writer&, const encode_only&);
 void check(procpool::writer& w, procpool::reader& r) {
   procpool::encode(w, 1);
@@ -1152,6 +1215,8 @@ void check(procpool::writer& w, procpool::reader& r) {
   (void)procpool::decode<std::string_view>(r);
   (void)procpool::decode<encode_only>(r);
   (void)procpool::decode<with_reference>(r);
+  procpool::encode(w, with_c_array{});
+  (void)procpool::decode<std::vector<derived>>(r);
 #endif
 }
 )";
@@ -1162,14 +1227,17 @@ void check(procpool::writer& w, procpool::reader& r) {
       "procpool cannot send std::unique_ptr, std::shared_ptr or std::weak_ptr",
       "procpool cannot send unions: it cannot know which member is active.",
       "procpool does not know how to send this class",
-      "procpool cannot send C arrays: use std::array<T, N>",
+      "procpool cannot send C arrays",
+      "use std::array<T, N>",
+      "procpool cannot send a struct with a base class field by field",
       "procpool cannot send a C string (char pointer)",
       "procpool cannot send references",
       "procpool cannot decode an enum without a fixed underlying type",
       "procpool cannot decode std::string_view",
       "this type defines procpool_encode but no procpool_decode",
   };
-  const std::size_t expected_errors = 13;  // the pointer and reference sentences come twice
+  // The pointer, reference and C array sentences come twice.
+  const std::size_t expected_errors = 15;
 
   auto compile = [&](const std::string& flags, const std::string& log) {
     const std::string command = compiler + " " + standard + " -fsyntax-only " + flags + " -I'" +

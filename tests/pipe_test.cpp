@@ -6,6 +6,7 @@
 #include <procpool/detail/sys.hpp>
 #include <procpool/exit_status.hpp>
 #include <procpool/pipe.hpp>
+#include <procpool/sync.hpp>
 #include <support/support.hpp>
 
 #include <dirent.h>
@@ -16,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -337,6 +339,9 @@ TEST_CASE("an end used by the parent can pass to a child it forks later", "[pipe
     b.send(2);
     return 0;
   });
+  // The parent used b, so its own copy would keep b open for a: it lets go,
+  // as it would close a descriptor it handed to the child.
+  b.close();
   CHECK(a.recv() == 2);
   CHECK(reap(child).success());
   CHECK_THROWS_WITH(a.recv(), Catch::Contains("has exited"));
@@ -410,4 +415,225 @@ TEST_CASE("pipes leave no descriptor, mapping or child behind", "[pipe][fork]") 
   }
   CHECK(open_fd_count() == fds);
   CHECK(child_count() == children);
+}
+
+// ---------------------------------------------------------------------------
+// Sharing an end between processes (one at a time) and closing inherited copies
+
+TEST_CASE("an end used in turn by two processes loses nothing: A, then B, then A", "[pipe][fork]") {
+  auto [a, b] = procpool::pipe<int>();
+  SECTION("sending") {
+    b.send(1);
+    pid_t child = spawn([&b = b] {
+      b.send(2);
+      return 0;
+    });
+    REQUIRE(reap(child).success());
+    b.send(3);
+    CHECK(a.recv() == 1);
+    CHECK(a.recv() == 2);
+    CHECK(a.recv() == 3);
+    CHECK_FALSE(a.poll());
+  }
+  SECTION("receiving") {
+    for (int i = 1; i <= 3; ++i) a.send(i);
+    CHECK(b.recv() == 1);
+    pid_t child = spawn([&b = b] { return b.recv() == 2 ? 0 : 1; });
+    REQUIRE(reap(child).success());
+    CHECK(b.recv() == 3);
+    CHECK_FALSE(b.poll());
+  }
+  SECTION("streamed messages larger than the buffer, both ways") {
+    auto [c, d] = procpool::pipe<std::string>(4096);
+    std::string big(20000, 'x');
+    pid_t helper = spawn([&, &c = c, &d = d] {
+      // Reads what the parent, then the middle child, then the parent sent on d.
+      for (int i = 0; i < 3; ++i)
+        if (c.recv() != big + std::to_string(i)) return 1;
+      return 0;
+    });
+    d.send(big + "0");
+    pid_t middle = spawn([&, &d = d] {
+      d.send(big + "1");
+      return 0;
+    });
+    CHECK(reap(middle).success());
+    d.send(big + "2");
+    CHECK(reap(helper).success());
+  }
+}
+
+TEST_CASE("many writers share one end under a lock (CPython _TestBarrier.test_thousand)",
+          "[pipe][fork]") {
+  constexpr int writers = 5, passes = 200;
+  auto [reader, writer] = procpool::pipe<int>();
+  procpool::mutex lock;
+  procpool::barrier round(writers);
+  std::vector<pid_t> pids;
+  for (int w = 0; w < writers; ++w)
+    pids.push_back(spawn([&, &writer = writer] {
+      for (int i = 0; i < passes; ++i) {
+        round.arrive_and_wait();
+        std::lock_guard<procpool::mutex> hold(lock);
+        writer.send(i);
+      }
+      return 0;
+    }));
+  int wrong = 0;
+  for (int i = 0; i < passes; ++i)
+    for (int w = 0; w < writers; ++w)
+      if (reader.recv() != i) ++wrong;
+  CHECK(wrong == 0);
+  CHECK(procpool_test::all_succeeded(pids));
+}
+
+TEST_CASE("writers that come and go one after another: every message, then closed",
+          "[pipe][fork]") {
+  // Each writer sends under the lock and ends at once, often before the next
+  // one has even started: the end stays open while any process holds it.
+  constexpr int writers = 6, each = 50;
+  auto [reader, writer] = procpool::pipe<int>();
+  procpool::mutex lock;
+  std::vector<pid_t> pids;
+  for (int w = 0; w < writers; ++w)
+    pids.push_back(spawn([&, w, &writer = writer] {
+      for (int i = 0; i < each; ++i) {
+        std::lock_guard<procpool::mutex> hold(lock);
+        writer.send(w * 1000 + i);
+      }
+      return 0;
+    }));
+  writer.close();  // the parent's copy: the children hold theirs
+  std::vector<int> next(writers, 0);
+  int wrong = 0, got = 0;
+  std::string end;
+  try {
+    for (;;) {
+      int v = reader.recv();
+      int w = v / 1000;
+      if (w < 0 || w >= writers || v % 1000 != next[static_cast<std::size_t>(w)]++) ++wrong;
+      ++got;
+    }
+  } catch (const channel_closed& e) {
+    end = e.what();
+  }
+  CHECK(got == writers * each);
+  CHECK(wrong == 0);
+  CHECK_THAT(end, Catch::Contains("has exited"));
+  CHECK(procpool_test::all_succeeded(pids));
+}
+
+TEST_CASE("a child closing its inherited copy of an end leaves it open for the parent",
+          "[pipe][fork]") {
+  // Python's idiom: each process closes the end it does not use.
+  auto [a, b] = procpool::pipe<int>();
+  go_signal closed, may_exit;
+  pid_t child = spawn([&, &a = a, &b = b] {
+    a.close();  // nobody has used a yet: this closes the child's copy only
+    closed.give();
+    int v = b.recv();
+    b.send(v + 1);
+    may_exit.await();
+    return 0;
+  });
+  b.close();  // the parent's copy of the child's end, before the child used it
+  REQUIRE(closed.await());
+  a.send(41);
+  CHECK(a.recv() == 42);
+  may_exit.give();
+  CHECK(reap(child).success());
+  CHECK_THROWS_WITH(a.recv(), Catch::Contains("has exited"));
+}
+
+TEST_CASE("a child that closes both inherited ends and exits leaves the pipe to the parent",
+          "[pipe][fork]") {
+  auto [a, b] = procpool::pipe<int>();
+  pid_t child = spawn([&a = a, &b = b] {
+    a.close();
+    b.close();
+    return 0;
+  });
+  REQUIRE(reap(child).success());
+  a.send(7);
+  CHECK(b.recv() == 7);
+  b.send(8);
+  CHECK(a.recv() == 8);
+}
+
+TEST_CASE("a one-way pipe carries values one way only (CPython _TestConnection.test_duplex_false)",
+          "[pipe][fork]") {
+  auto [reader, writer] = procpool::pipe<std::string>(procpool::one_way);
+  CHECK(reader.readable());
+  CHECK_FALSE(reader.writable());
+  CHECK(writer.writable());
+  CHECK_FALSE(writer.readable());
+  pid_t child = spawn([&reader = reader, &writer = writer] {
+    reader.close();
+    writer.send("hello");
+    writer.send(std::string(100000, 'w'));  // larger than nothing: streams as usual
+    return 0;
+  });
+  writer.close();
+  CHECK(reader.recv() == "hello");
+  CHECK(reader.recv() == std::string(100000, 'w'));
+  CHECK(reap(child).success());
+  CHECK_THROWS_WITH(reader.recv(), Catch::Contains("has exited"));
+  CHECK_THROWS_WITH(reader.send("back"), Catch::Contains("one-way pipe"));
+
+  auto [r2, w2] = procpool::pipe<int>(procpool::one_way, 4096);
+  CHECK_THROWS_AS(w2.recv(), procpool::error);
+  CHECK_THROWS_AS(w2.poll(), procpool::error);
+  CHECK_THROWS_AS(w2.try_recv(), procpool::error);
+  CHECK_THROWS_AS(r2.send(1), procpool::error);
+  w2.send(3);
+  CHECK(r2.recv() == 3);
+  procpool::connection<int> moved = std::move(w2);
+  CHECK(moved.writable());
+  CHECK_FALSE(w2.writable());
+}
+
+TEST_CASE("shutdown closes an end for every process that holds it", "[pipe][fork]") {
+  auto [a, b] = procpool::pipe<int>();
+  go_signal shut, may_exit;
+  pid_t child = spawn([&, &b = b] {
+    b.send(1);
+    shut.await();
+    try {
+      b.send(2);  // the parent shut this end down: closed for the child too
+    } catch (const channel_closed&) {
+      may_exit.await();
+      return 0;
+    }
+    return 1;
+  });
+  CHECK(a.recv() == 1);
+  b.shutdown();  // the parent's copy, but for everyone
+  CHECK(b.closed());
+  shut.give();
+  CHECK_THROWS_WITH(a.recv(), Catch::Contains("closed by process " + std::to_string(::getpid())));
+  may_exit.give();
+  CHECK(reap(child).success());
+}
+
+TEST_CASE("an end inherited by a grandchild stays open until the grandchild lets go",
+          "[pipe][fork]") {
+  auto [a, b] = procpool::pipe<int>();
+  go_signal may_exit;
+  pid_t child = spawn([&, &a = a, &b = b] {
+    a.close();
+    b.send(1);
+    pid_t grandchild = spawn([&b = b] {
+      b.send(2);
+      return 0;
+    });
+    b.close();  // the child's copy; the grandchild holds its own
+    may_exit.await();
+    return procpool_test::reap(grandchild).success() ? 0 : 1;
+  });
+  b.close();
+  CHECK(a.recv_for(30s) == 1);
+  CHECK(a.recv_for(30s) == 2);
+  may_exit.give();
+  CHECK(reap(child).success());
+  CHECK_THROWS_AS(a.recv(), channel_closed);
 }

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <thread>
@@ -443,4 +444,297 @@ TEST_CASE("producers and consumers killed at random moments leave the queue inta
   CHECK(broken == 0);
   q.push(make_item(1));
   CHECK(q.pop().id == 1);
+}
+
+// ---------------------------------------------------------------------------
+// A peer that overwrites the queue's shared state
+
+namespace {
+
+using procpool::detail::queue_core;
+
+/// Runs `corrupt` on a queue of 4096 bytes holding two messages, then
+/// `use` in a child; the child exits 0 when `use` throws channel_corrupted,
+/// 1 when it returns, 2 for any other exception. A read or write outside the
+/// queue kills the child (or ASan reports it).
+template <class Corrupt, class Use>
+exit_status after_corruption(Corrupt corrupt, Use use) {
+  queue_core core(4096);
+  const char hello[] = "hello";
+  REQUIRE(core.push(hello, sizeof hello, false, std::nullopt));
+  REQUIRE(core.push(hello, sizeof hello, false, std::nullopt));
+  corrupt(core.shared_block());
+  return reap(spawn([&] {
+    try {
+      use(core);
+    } catch (const procpool::channel_corrupted&) {
+      return 0;
+    } catch (...) {
+      return 2;
+    }
+    return 1;
+  }));
+}
+
+void pop_all(queue_core& core) {
+  std::vector<std::byte> out;
+  for (int i = 0; i < 4; ++i) (void)core.pop(out, false, std::nullopt);
+}
+
+void push_some(queue_core& core) {
+  std::vector<std::byte> item(100, std::byte{7});
+  for (int i = 0; i < 60; ++i) (void)core.push(item.data(), item.size(), false, std::nullopt);
+}
+
+void write_header(procpool::detail::queue_block& b, std::uint64_t size) {
+  // The header of the oldest message, at the start of the data bytes (nothing popped yet).
+  auto* data = reinterpret_cast<std::byte*>(&b) +
+               procpool::detail::align_up(sizeof(procpool::detail::queue_block),
+                                          procpool::detail::cache_line);
+  std::memcpy(data, &size, sizeof size);
+}
+
+}  // namespace
+
+TEST_CASE("a queue whose shared positions and lengths are overwritten raises channel_corrupted",
+          "[queue][fork]") {
+  using block = procpool::detail::queue_block;
+  SECTION("a header of 64 MiB with a tail to match") {
+    CHECK(after_corruption(
+              [](block& b) {
+                write_header(b, 64u << 20);
+                b.tail.store(b.head.load() + 8 + (64u << 20));
+              },
+              pop_all) == exit_status::exited(0));
+  }
+  SECTION("a header longer than what is queued") {
+    CHECK(after_corruption([](block& b) { write_header(b, 3000); }, pop_all) ==
+          exit_status::exited(0));
+  }
+  SECTION("a head beyond the tail") {
+    CHECK(after_corruption([](block& b) { b.head.store(b.tail.load() + 100); }, pop_all) ==
+          exit_status::exited(0));
+    CHECK(after_corruption([](block& b) { b.head.store(b.tail.load() + 100); }, push_some) ==
+          exit_status::exited(0));
+  }
+  SECTION("a tail far beyond the capacity") {
+    CHECK(after_corruption([](block& b) { b.tail.store(b.tail.load() + (1u << 30)); }, push_some) ==
+          exit_status::exited(0));
+  }
+  SECTION("a capacity of 1 GiB") {
+    auto grow = [](block& b) { b.capacity = 1u << 30; };
+    // The capacity each process knows is its own: the queue goes on as before.
+    CHECK(after_corruption(grow, pop_all) == exit_status::exited(1));
+    CHECK(after_corruption(
+              [&](block& b) {
+                grow(b);
+                b.tail.store(b.head.load() + (512u << 20));
+              },
+              push_some) == exit_status::exited(0));
+  }
+  SECTION("the queue stays corrupt, and safe, for every later call") {
+    queue_core core(4096);
+    const char hello[] = "hello";
+    REQUIRE(core.push(hello, sizeof hello, false, std::nullopt));
+    write_header(core.shared_block(), 1u << 20);
+    std::vector<std::byte> out;
+    for (int i = 0; i < 3; ++i) {
+      CHECK_THROWS_AS(core.pop(out, false, std::nullopt), procpool::channel_corrupted);
+      CHECK_THROWS_WITH(core.pop(out, true, std::nullopt), Catch::Contains("corrupt"));
+    }
+    core.close();  // still possible
+    CHECK(core.closed());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Python's queue names: qsize, empty, full, maxsize, JoinableQueue
+
+TEST_CASE("an item too large for the queue: the error says what capacity it needs", "[queue]") {
+  procpool::queue<std::string> q(4096);
+  std::string big(10000, 'b');  // encodes to 10008 bytes, needs 10016 in the queue
+  CHECK_THROWS_WITH(q.push(big), Catch::Contains("at least 10016 bytes") &&
+                                     Catch::Contains("queue<T>(capacity_bytes)") &&
+                                     Catch::Contains("pipe"));
+  procpool::queue<std::string> sized(10016);
+  CHECK(sized.try_push(big));
+  CHECK(sized.pop() == big);
+}
+
+TEST_CASE("size, empty and full follow pushes and pops (CPython _TestQueue.test_qsize)",
+          "[queue]") {
+  procpool::queue<int> q(1024, 3);
+  CHECK(q.max_items() == 3);
+  CHECK(q.size() == 0);
+  CHECK(q.empty());
+  CHECK_FALSE(q.full());
+  q.push(5);
+  CHECK(q.size() == 1);
+  CHECK_FALSE(q.empty());
+  q.push(6);
+  CHECK(q.size() == 2);
+  q.push(7);
+  CHECK(q.size() == 3);
+  CHECK(q.full());  // the item limit, with bytes to spare
+  CHECK_FALSE(q.try_push(8));
+  CHECK_FALSE(q.push_for(8, 20ms));
+  CHECK(q.pop() == 5);
+  CHECK(q.size() == 2);
+  CHECK_FALSE(q.full());
+  CHECK(q.try_push(8));
+  CHECK(q.pop() == 6);
+  CHECK(q.pop() == 7);
+  CHECK(q.pop() == 8);
+  CHECK(q.size() == 0);
+  CHECK(q.empty());
+
+  procpool::queue<int> bytes(36);  // three ints of 12 bytes: full by its bytes
+  CHECK(bytes.max_items() == procpool::unlimited_items);
+  for (int i = 0; i < 3; ++i) CHECK(bytes.try_push(i));
+  CHECK(bytes.full());
+  CHECK_THROWS_AS(procpool::queue<int>(1024, 0), procpool::error);
+}
+
+TEST_CASE("a push waiting on the item limit is released by a pop in another process",
+          "[queue][fork]") {
+  procpool::queue<int> q(64 * 1024, 2);
+  q.push(1);
+  q.push(2);
+  pid_t pusher = spawn([&] {
+    q.push(3);
+    return 0;
+  });
+  wait_until_sleeping(pusher);
+  CHECK(q.size() == 2);
+  CHECK(q.pop() == 1);
+  CHECK(reap(pusher).success());
+  CHECK(q.pop() == 2);
+  CHECK(q.pop() == 3);
+}
+
+TEST_CASE("items pushed before and after a fork come out in order (CPython test_fork)",
+          "[queue][fork]") {
+  procpool::queue<int> q;
+  for (int i = 0; i < 10; ++i) q.push(i);
+  pid_t child = spawn([&] {
+    for (int i = 10; i < 20; ++i) q.push(i);
+    return 0;
+  });
+  std::vector<int> got;
+  for (int i = 0; i < 20; ++i) got.push_back(q.pop());
+  std::vector<int> want(20);
+  for (int i = 0; i < 20; ++i) want[static_cast<std::size_t>(i)] = i;
+  CHECK(got == want);
+  CHECK_FALSE(q.try_pop());
+  CHECK(reap(child).success());
+}
+
+TEST_CASE("task_done and join across processes (CPython _TestQueue.test_task_done)",
+          "[queue][fork]") {
+  procpool::queue<int> q;
+  CHECK(q.join_for(0s));  // nothing pushed: nothing unfinished
+  constexpr int workers = 4, items = 10;
+  // Each worker takes items until it gets -1, marking each one done, the -1 too.
+  std::vector<pid_t> pids;
+  for (int w = 0; w < workers; ++w)
+    pids.push_back(spawn([&] {
+      for (;;) {
+        int v = q.pop();
+        q.task_done();
+        if (v < 0) return 0;
+      }
+    }));
+  for (int i = 0; i < items; ++i) q.push(i);
+  q.join();
+  CHECK(q.unfinished() == 0);
+  for (int w = 0; w < workers; ++w) q.push(-1);
+  CHECK(q.join_for(30s));
+  CHECK(procpool_test::all_succeeded(pids));
+  CHECK(q.empty());
+  CHECK_THROWS_WITH(q.task_done(), Catch::Contains("more times than items were pushed"));
+}
+
+TEST_CASE("join waits for the last task_done; join_for times out while items are unfinished",
+          "[queue][fork]") {
+  procpool::queue<int> q;
+  q.push(1);
+  q.push(2);
+  CHECK(q.unfinished() == 2);
+  CHECK(q.pop() == 1);
+  q.task_done();
+  CHECK(q.unfinished() == 1);
+  auto start = clock_type::now();
+  CHECK_FALSE(q.join_for(50ms));
+  CHECK(clock_type::now() - start >= 45ms);
+  CHECK_FALSE(q.join_until(clock_type::now() + 5ms));
+  pid_t joiner = spawn([&] {
+    q.join();
+    return 0;
+  });
+  wait_until_sleeping(joiner);
+  CHECK(q.pop() == 2);
+  q.task_done();
+  CHECK(reap(joiner).success());
+  CHECK(q.join_for(0s));
+}
+
+TEST_CASE("a process killed inside a push or task_done leaves the unfinished count right",
+          "[queue][fork]") {
+  const queue_stage stages[] = {queue_stage::push_locked, queue_stage::push_copied,
+                                queue_stage::push_committed, queue_stage::done_locked};
+  procpool::queue<item> q(4096);
+  std::size_t unfinished = 0;
+  std::uint64_t next_id = 0;
+  int broken = 0;
+  for (int round = 0; round < 16; ++round) {
+    queue_stage stage = stages[round % 4];
+    q.push(make_item(next_id++));
+    ++unfinished;
+    auto [ready_read, ready_write] = procpool::detail::sys::make_pipe();
+    pid_t child = spawn([&, fd = ready_write.get()] {
+      stop_at = stage;
+      stop_signal_fd = fd;
+      procpool::detail::queue_test_hook = &stop_inside_lock;
+      if (stage == queue_stage::done_locked)
+        q.task_done();
+      else
+        q.push(make_item(next_id));
+      return 1;
+    });
+    ready_write.reset();
+    char c;
+    REQUIRE(procpool::detail::sys::read_some(ready_read.get(), &c, 1) == 1);
+    ::kill(child, SIGKILL);
+    REQUIRE(reap(child) == exit_status::killed(SIGKILL));
+    if (stage == queue_stage::push_committed) {
+      ++unfinished;
+      ++next_id;
+    }
+    if (q.unfinished() != unfinished) ++broken;
+  }
+  CHECK(broken == 0);
+  std::vector<std::uint64_t> ids;
+  CHECK(drain(q, ids));
+  for (std::size_t i = 0; i < unfinished; ++i) q.task_done();
+  CHECK(q.join_for(0s));
+}
+
+// ---------------------------------------------------------------------------
+// The channel fuzz target, fed pseudo-random inputs in every build
+
+#include "fuzz/channel_fuzz_target.hpp"
+
+TEST_CASE("a hostile peer overwriting a queue's or a pipe's shared state: safe, never stuck",
+          "[queue][pipe]") {
+  std::mt19937 rng(20261129);
+  for (int round = 0; round < 400; ++round) {
+    std::vector<std::uint8_t> bytes(1 + rng() % 300);
+    for (auto& b : bytes) b = static_cast<std::uint8_t>(rng());
+    // Mostly operations, with hostile writes rarer than in uniform bytes.
+    for (std::size_t i = 1; i < bytes.size(); ++i)
+      if ((bytes[i] & 7) == 0 && rng() % 4 != 0) bytes[i] = static_cast<std::uint8_t>(bytes[i] | 1);
+    bytes[0] = static_cast<std::uint8_t>(round);
+    CAPTURE(round);
+    CHECK(channel_fuzz::one_input(bytes.data(), bytes.size()) == 0);
+  }
 }

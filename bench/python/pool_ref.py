@@ -7,7 +7,7 @@ call, one per repetition) and per-repetition extras. Every result is checked;
 a wrong one exits with status 1.
 
 Usage: pool_ref.py [--quick] [--validate] [--json] [--items N] [CASE...]
-Cases: tiny chunks cpu latency big startup imap (default: all).
+Cases: tiny chunks cpu latency big startup imap heavy (default: all).
 --validate runs the smallest sizes once and prints no timings: a correctness check.
 """
 
@@ -381,9 +381,42 @@ def bench_imap():
              chunksize=[chunk])
 
 
+def sleep_us(us):
+    time.sleep(us / 1e6)
+    return us
+
+
+# The scenarios of pool_bench's heavy case: (id, workers, chunk or 0 for
+# apply_async each, durations in ms, ideal ms).
+HEAVY = [(1, 2, 0, [300, 300], 300),
+         (2, 4, 1, [300] * 4, 300),
+         (3, 4, 2, [300] * 8, 600),
+         (4, 2, 1, [400, 100, 100, 100, 100], 400)]
+
+
+def bench_heavy():
+    scale = 0.02 if OPTS.validate else 0.25 if OPTS.quick else 1.0
+    n_reps = reps(3)
+    for sid, workers, chunk, durations, ideal in HEAVY:
+        us = [int(m * scale * 1000) for m in durations]
+        with CTX.Pool(workers) as pool:
+            pool.map(sleep_us, [0] * workers)
+            samples = []
+            for _ in range(n_reps):
+                t = time.perf_counter()
+                if chunk == 0:
+                    out = [r.get() for r in [pool.apply_async(sleep_us, (u,)) for u in us]]
+                else:
+                    out = pool.map(sleep_us, us, chunk)
+                samples.append(time.perf_counter() - t)
+                if out != us:
+                    fail(f"heavy {sid}: wrong results")
+            emit("heavy", "py_pool", sid, len(us), samples, ideal_s=[ideal * scale / 1e3])
+
+
 CASES = {"tiny": bench_tiny, "chunks": bench_chunks, "cpu": bench_cpu,
          "latency": bench_latency, "big": bench_big, "startup": bench_startup,
-         "imap": bench_imap}
+         "imap": bench_imap, "heavy": bench_heavy}
 
 
 def main():

@@ -1,3 +1,4 @@
+// clang-format off: the table below is laid out by hand (ReflowComments would merge its rows).
 /// @file
 /// Serialization of the values a pool sends between processes: `encode` and
 /// `decode`, the `writer` and `reader` they work on, and the customization
@@ -7,11 +8,11 @@
 /// enums; `std::string` (and `std::string_view`, encoded as a string),
 /// `std::vector`, `std::array`, `std::deque`, `std::list`, `std::pair`,
 /// `std::tuple`, `std::optional`, `std::variant`, `std::monostate`, the
-/// standard maps and sets, `std::complex`, `std::chrono::duration` and
-/// `std::chrono::time_point`; and aggregates (structs with public fields and
-/// no constructors) of those, field by field through Boost.PFR, nested to any
-/// depth, recursive ones (`struct node { std::vector<node> children; }`)
-/// included.
+/// standard maps and sets, `std::complex`, `std::chrono::duration`,
+/// `std::chrono::time_point` and `std::filesystem::path`; and aggregates
+/// (structs with public fields and no constructors) of those, field by field
+/// through Boost.PFR, nested to any depth, recursive ones
+/// (`struct node { std::vector<node> children; }`) included.
 ///
 /// A type is encoded by the first rule that applies:
 /// 1. its own `procpool_encode`/`procpool_decode`, found by argument-dependent
@@ -24,40 +25,47 @@
 /// pointers, classes with private state — is refused at compile time by a
 /// `static_assert` that says why and how to opt in.
 ///
-/// Limits: aggregates with base classes, C array fields or bit-fields cannot
-/// be reflected by Boost.PFR (its own compile error says so); give them
-/// `procpool_encode`/`procpool_decode`, or use `std::array`. Reference fields
-/// are refused (a const reference field only when every field after it can be
-/// value-initialized: the check has to go through aggregate initialization). Enums need a fixed
-/// underlying type (every `enum class` has one) so that every decoded value is valid; their values
-/// are not checked against the enumerators.
+/// Limits: aggregates with base classes or C array fields cannot be reflected
+/// by Boost.PFR, and are refused with a sentence saying so; give them
+/// `procpool_encode`/`procpool_decode`, or use a field for the base and
+/// `std::array` for the array. Bit-fields cannot be reflected either (Boost.PFR's
+/// own compile error says so). Reference fields are refused (a const reference
+/// field only when every field after it can be value-initialized: the check
+/// has to go through aggregate initialization). Enums need a fixed underlying
+/// type (every `enum class` has one) so that every decoded value is valid;
+/// their values are not checked against the enumerators.
 ///
 /// ## Wire format
 ///
 /// Every process that reads a buffer runs the same binary as the one that
 /// wrote it, so numbers are in the machine's native byte order and layout.
+/// (*n* is a count, u64 and u32 are unsigned integers of 8 and 4 bytes.)
 ///
-/// | type                                | bytes                                                  |
-/// |-------------------------------------|--------------------------------------------------------|
-/// | `bool`                              | 1 byte, 0 or 1                                         |
-/// | other arithmetic types, enums       | the object's `sizeof(T)` bytes                         |
-/// | trivially sendable aggregates       | the object's `sizeof(T)` bytes, padding included       |
-/// | `std::basic_string`, `string_view`  | u64 length *n*, then *n* characters                    |
-/// | `std::vector<T>`                    | u64 count *n*, then *n* elements (one block of bytes
-/// when `T` is trivially sendable) | | `std::vector<bool>`                 | u64 count *n*, then
-/// ⌈*n*/8⌉ bytes; element *i* is bit *i* % 8 (least significant first) of byte *i* / 8; unused bits
-/// are 0 | | `std::array<T, N>`                  | *N* elements, no count | | `std::deque`,
-/// `std::list`           | u64 count, then the elements                           | | maps,
-/// multimaps                     | u64 count, then key, value, key, value... in iteration order |
-/// | sets, multisets                     | u64 count, then the keys in iteration order            |
-/// | `std::pair`, `std::tuple`           | the members in order                                   |
-/// | `std::optional<T>`                  | u8 tag: 0 (empty) or 1 followed by the value           |
-/// | `std::variant<T...>`                | u32 index of the alternative, then its value           |
-/// | `std::monostate`, `std::tuple<>`    | nothing                                                |
-/// | `std::complex<T>`                   | its `sizeof` bytes (real, then imaginary part)         |
-/// | `duration`, `time_point`            | `count()`, `time_since_epoch()`                        |
-/// | other aggregates                    | the fields in declaration order                        |
-/// | types with `procpool_encode`        | whatever it writes                                     |
+/// | type                               | bytes                                              |
+/// |------------------------------------|----------------------------------------------------|
+/// | `bool`                             | 1 byte, 0 or 1                                     |
+/// | other arithmetic types, enums      | the object's `sizeof(T)` bytes                     |
+/// | trivially sendable aggregates      | the object's `sizeof(T)` bytes, padding included   |
+/// | `std::basic_string`, `string_view` | u64 length *n*, then *n* characters                |
+/// | `std::filesystem::path`            | its `native()` string, as a `std::string`          |
+/// | `std::vector<T>`                   | u64 *n*, then *n* elements (one block when `T` is  |
+/// |                                    | trivially sendable)                                |
+/// | `std::vector<bool>`                | u64 *n*, then ⌈*n*/8⌉ bytes: element *i* is bit    |
+/// |                                    | *i* % 8 (least significant first) of byte *i* / 8; |
+/// |                                    | unused bits are 0                                  |
+/// | `std::array<T, N>`                 | *N* elements, no count                             |
+/// | `std::deque`, `std::list`          | u64 *n*, then the elements                         |
+/// | maps, multimaps                    | u64 *n*, then key, value, key, value... in         |
+/// |                                    | iteration order                                    |
+/// | sets, multisets                    | u64 *n*, then the keys in iteration order          |
+/// | `std::pair`, `std::tuple`          | the members in order                               |
+/// | `std::optional<T>`                 | u8 tag: 0 (empty), or 1 followed by the value      |
+/// | `std::variant<T...>`               | u32 index of the alternative, then its value       |
+/// | `std::monostate`, `std::tuple<>`   | nothing                                            |
+/// | `std::complex<T>`                  | its `sizeof` bytes (real, then imaginary part)     |
+/// | `duration`, `time_point`           | `count()`, `time_since_epoch()`                    |
+/// | other aggregates                   | the fields in declaration order                    |
+/// | types with `procpool_encode`       | whatever it writes                                 |
 ///
 /// Decoding trusts no byte. Every read is checked against what remains and a
 /// shortfall throws `decode_error` naming the offset and what was expected.
@@ -70,6 +78,7 @@
 /// other than 0 or 1, an optional tag other than 0 or 1, a variant index out
 /// of range and a duplicate key in a map or set without duplicates (or a
 /// `std::vector<bool>` with stray bits) are rejected too.
+// clang-format on
 #pragma once
 
 #include <algorithm>
@@ -120,6 +129,10 @@ namespace procpool {
 /// it rejects. For a type whose namespace you do not own, declare the two
 /// functions in namespace `procpool`: `writer` and `type_tag` make them
 /// visible to the lookup. These take precedence over every built-in rule.
+/// They serve their exact type only: a `procpool_encode` that takes
+/// `const money&` (or `money`), or a template more specialized than
+/// `const T&`, is used for `money`; one that would need a conversion (from a
+/// class derived from `money`, or from a type that converts to it) is not.
 template <class T>
 struct type_tag {};
 
@@ -359,7 +372,7 @@ inline void reader::consume_empty(std::uint64_t n) {
     throw decode_error(pos_, fmt::format("more than {} elements with an empty encoding (such as "
                                          "std::monostate) in one buffer",
                                          max_empty_elements));
-  empty_left_ -= static_cast<std::size_t>(n);
+  empty_left_ -= detail::int_cast<std::size_t>(n);
 }
 
 template <class T>

@@ -42,6 +42,13 @@ class task_error : public error {
         type_name_(std::move(type_name)),
         message_(std::move(message)) {}
 
+  /// The error of a task given to `submit` (or `executor::submit`), which is
+  /// no item of a call: the message names a task, and `index()` is 0.
+  static task_error in_task(pid_t pid, std::string type_name, std::string message) {
+    auto what = fmt::format("a task failed in worker {}: {}: {}", pid, type_name, message);
+    return task_error(what, 0, pid, std::move(type_name), std::move(message));
+  }
+
   /// Index of the failing item in the input of the call (0 for `submit`).
   std::size_t index() const noexcept { return index_; }
   /// Pid of the worker that ran the item.
@@ -83,14 +90,26 @@ class worker_died : public error {
         status_(status),
         index_(index) {}
 
+  /// Worker `pid` ended with `status` while running a task given to `submit`:
+  /// the message names a task, and `index()` is 0.
+  static worker_died in_task(pid_t pid, exit_status status) {
+    return worker_died(fmt::format("worker {} {} while running a task", pid, status), pid, status);
+  }
+
   /// Pid of the worker that died.
   pid_t pid() const noexcept { return pid_; }
   /// How it ended: its exit code or the signal that killed it.
   exit_status status() const noexcept { return status_; }
-  /// Index of the item it was running, in the input of the call; empty when it was idle.
+  /// Index of the item it was running, in the input of the call (0 for a
+  /// task given to `submit`). Empty when the worker was idle: it died between
+  /// chunks, or before it started the chunk charged with its death (a chunk
+  /// whose worker died three times before running it).
   std::optional<std::size_t> index() const noexcept { return index_; }
 
  private:
+  worker_died(const std::string& what, pid_t pid, exit_status status)
+      : error(what), pid_(pid), status_(status), index_(0) {}
+
   pid_t pid_;
   exit_status status_;
   std::optional<std::size_t> index_;
@@ -109,6 +128,16 @@ class timeout_error : public error {
         pid_(pid),
         timeout_(timeout) {}
 
+  /// A task given to `submit` ran past `timeout` in worker `pid`: the message
+  /// names a task, and `index()` is 0.
+  static timeout_error in_task(pid_t pid, std::chrono::nanoseconds timeout) {
+    return timeout_error(
+        fmt::format("a task ran past the task timeout of {} ms in worker {}; the worker was "
+                    "killed and replaced",
+                    std::chrono::duration<double, std::milli>(timeout).count(), pid),
+        pid, timeout);
+  }
+
   /// Index of the item that timed out, in the input of the call.
   std::size_t index() const noexcept { return index_; }
   /// Pid of the worker that ran it (now killed).
@@ -117,6 +146,9 @@ class timeout_error : public error {
   std::chrono::nanoseconds timeout() const noexcept { return timeout_; }
 
  private:
+  timeout_error(const std::string& what, pid_t pid, std::chrono::nanoseconds timeout)
+      : error(what), index_(0), pid_(pid), timeout_(timeout) {}
+
   std::size_t index_;
   pid_t pid_;
   std::chrono::nanoseconds timeout_;
@@ -142,10 +174,29 @@ class pool_closed : public error {
   /// `operation` names what was attempted, e.g. "map".
   explicit pool_closed(const char* operation)
       : error(fmt::format("{} called on a pool that was closed", operation)) {}
+
+  /// For a call, future or range that was pending when the pool stopped
+  /// (`terminate`, `join`, the destructor): `how` says what stopped it.
+  static pool_closed while_pending(const char* how) {
+    return pool_closed(fmt::format("the pool was stopped ({}) before this call finished", how),
+                       true);
+  }
+
+ private:
+  pool_closed(const std::string& what, bool) : error(what) {}
 };
 
 /// The other end of a `connection` or `queue` is gone: closed, or its process died.
 class channel_closed : public error {
+ public:
+  using error::error;
+};
+
+/// The shared state of a `connection` or `queue` holds values no correct
+/// process writes (positions or lengths beyond its capacity): memory was
+/// overwritten. Nothing outside the channel was read or written; the channel
+/// stays unusable, and each later call throws this again.
+class channel_corrupted : public error {
  public:
   using error::error;
 };
@@ -157,6 +208,12 @@ class message_too_large : public error {
   message_too_large(std::size_t size, std::size_t capacity)
       : error(
             fmt::format("a message of {} bytes cannot fit a channel of {} bytes", size, capacity)),
+        size_(size),
+        capacity_(capacity) {}
+  /// As above, with `advice` (how to size the channel) appended to the message.
+  message_too_large(std::size_t size, std::size_t capacity, const std::string& advice)
+      : error(fmt::format("a message of {} bytes cannot fit a channel of {} bytes; {}", size,
+                          capacity, advice)),
         size_(size),
         capacity_(capacity) {}
 

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <iterator>
 #include <memory>
 #include <new>
@@ -25,14 +26,6 @@ namespace procpool {
 
 namespace detail {
 
-/// True for what an executor can send as a function: a plain function pointer,
-/// or a class without state (a captureless lambda).
-template <class Fn>
-inline constexpr bool is_sendable_function_v = (std::is_pointer_v<Fn> &&
-                                                std::is_function_v<std::remove_pointer_t<Fn>>) ||
-                                               (std::is_class_v<Fn> && std::is_empty_v<Fn> &&
-                                                std::is_trivially_copyable_v<Fn>);
-
 /// A function and its arguments, as one item sent to a worker. The function
 /// travels as its address (or, stateless, as nothing): workers are forks of
 /// this process, so the address names the same code there.
@@ -45,8 +38,7 @@ struct bound_call {
 template <class Fn, class Args>
 void procpool_encode(writer& out, const bound_call<Fn, Args>& c) {
   if constexpr (std::is_pointer_v<Fn>) {
-    auto address = reinterpret_cast<std::uintptr_t>(c.fn);
-    encode(out, std::uint64_t(address));
+    encode(out, reinterpret_cast<std::uintptr_t>(c.fn));
   }
   encode(out, c.args);
 }
@@ -54,7 +46,7 @@ void procpool_encode(writer& out, const bound_call<Fn, Args>& c) {
 template <class Fn, class Args>
 bound_call<Fn, Args> procpool_decode(reader& in, type_tag<bound_call<Fn, Args>>) {
   if constexpr (std::is_pointer_v<Fn>) {
-    auto address = static_cast<std::uintptr_t>(decode<std::uint64_t>(in));
+    auto address = decode<std::uintptr_t>(in);
     Fn fn = reinterpret_cast<Fn>(address);
     return {fn, decode<Args>(in)};
   } else {
@@ -142,13 +134,20 @@ struct no_function {
 /// The failure contract is `pool`'s: `task_error`, `worker_died`,
 /// `timeout_error`, and the executor stays usable.
 ///
-/// **Thread safety:** one thread uses an executor at a time; no hidden threads.
+/// **Thread safety:** as `pool`'s: one thread uses an executor at a time, and
+/// a second thread's call is refused with `procpool::error`; no hidden threads.
 /// Not copyable, not movable.
 class executor {
  public:
-  /// Starts `workers` workers (0: `cpu_count()`).
+  /// Starts `cpu_count()` workers.
   /// **Throws:** `std::system_error` if a worker cannot be forked.
-  explicit executor(unsigned workers = 0) : executor(options_for(workers)) {}
+  executor() : executor(pool_options{}) {}
+  /// Starts `workers` workers (0: `cpu_count()`).
+  /// **Throws:** `procpool::error` if `workers` is negative or above
+  /// `max_workers`; `std::system_error` if a worker cannot be forked.
+  template <class Count,
+            std::enable_if_t<std::is_integral_v<Count> && !std::is_same_v<Count, bool>, int> = 0>
+  explicit executor(Count workers) : executor(options_for(workers)) {}
   /// Starts an executor as `options` say.
   explicit executor(pool_options options) : pool_(detail::no_function{}, std::move(options)) {}
 
@@ -158,13 +157,10 @@ class executor {
   template <class Fn, class... Args>
   auto submit(Fn fn, Args&&... args) {
     using fn_t = std::decay_t<Fn>;
-    static_assert(detail::is_sendable_function_v<fn_t>,
-                  "procpool::executor runs plain functions and captureless lambdas: their code "
-                  "is at the same address in the worker processes. A lambda with captures "
-                  "carries state the executor cannot send; use procpool::pool for it.");
-    using call_t = detail::bound_call<fn_t, std::tuple<std::decay_t<Args>...>>;
-    return pool_.template submit_as<detail::invoke_bound>(
-        call_t{fn, std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...)});
+    using args_t = std::tuple<std::decay_t<Args>...>;
+    if constexpr (detail::check_executor_function<fn_t>() && detail::check_submit<fn_t, args_t>())
+      return pool_.template submit_as<detail::invoke_bound>(
+          detail::bound_call<fn_t, args_t>{fn, args_t(std::forward<Args>(args)...)});
   }
 
   /// Applies `fn` to every item of `inputs` in the workers; results in input order.
@@ -172,12 +168,16 @@ class executor {
   template <class Fn, class Range>
   auto map(Fn fn, const Range& inputs) {
     using fn_t = std::decay_t<Fn>;
-    static_assert(detail::is_sendable_function_v<fn_t>,
-                  "procpool::executor runs plain functions and captureless lambdas: their code "
-                  "is at the same address in the worker processes. A lambda with captures "
-                  "carries state the executor cannot send; use procpool::pool for it.");
-    detail::bound_range<fn_t, Range> bound(fn, inputs);
-    return pool_.template run_map<detail::invoke_bound>(bound, "map");
+    if constexpr (detail::check_executor_function<fn_t>() &&
+                  detail::check_map<detail::call_shape::executor_item, fn_t, const Range&>()) {
+      detail::bound_range<fn_t, Range> bound(fn, inputs);
+      return pool_.template run_map<detail::invoke_bound>(bound, "map");
+    }
+  }
+  /// `map` over a braced list of items: `ex.map(&square, {1, 2, 3})`.
+  template <class Fn, class T>
+  auto map(Fn fn, std::initializer_list<T> inputs) {
+    return map(fn, std::vector<T>(inputs));
   }
 
   /// Accepts no more tasks; tasks in flight still complete.
@@ -192,9 +192,18 @@ class executor {
   std::vector<pid_t> pids() const { return pool_.pids(); }
 
  private:
-  static pool_options options_for(unsigned workers) {
+  template <class Count>
+  static pool_options options_for(Count workers) {
+    if constexpr (std::is_signed_v<Count>) {
+      if (workers < 0)
+        throw error(fmt::format(
+            "an executor needs a positive number of workers (or 0 for cpu_count()); {} were "
+            "asked for",
+            static_cast<long long>(workers)));
+    }
+    detail::check_worker_count(static_cast<unsigned long long>(workers));
     pool_options o;
-    o.workers = workers;
+    o.workers = static_cast<unsigned>(workers);
     return o;
   }
   pool<detail::no_function> pool_;

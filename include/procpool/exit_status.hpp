@@ -67,6 +67,7 @@ class exit_status {
 
 }  // namespace procpool
 
+/// @cond
 /// Formats an `exit_status` as its `to_string()`.
 template <>
 struct fmt::formatter<procpool::exit_status> : fmt::formatter<std::string> {
@@ -75,3 +76,4 @@ struct fmt::formatter<procpool::exit_status> : fmt::formatter<std::string> {
     return fmt::formatter<std::string>::format(s.to_string(), ctx);
   }
 };
+/// @endcond

@@ -323,8 +323,10 @@ class pool {
   procpool::detail::call_front<F, detail::handlers> calls_;
 };
 
+/// Deduces `mpi::pool<F>` from the callable.
 template <class F>
 pool(F) -> pool<F>;
+/// Deduces `mpi::pool<F>` from the callable and options.
 template <class F>
 pool(F, pool_options) -> pool<F>;
 

@@ -8,22 +8,28 @@
 /// ```
 #pragma once
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <initializer_list>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
 #include "codec.hpp"
 #include "detail/clock.hpp"
+#include "detail/call_checks.hpp"
 #include "detail/pool_engine.hpp"
 #include "errors.hpp"
 #include "process.hpp"
@@ -31,10 +37,30 @@
 
 namespace procpool {
 
+/// The most workers a pool or an executor may have. Each worker is a process
+/// with two rings of `ring_bytes` and a descriptor, and no machine procpool
+/// runs on has more than a few hundred cores: 4096 is 16 times the largest
+/// core count of common servers (256), so a count above it is a mistake (a
+/// negative number converted to `unsigned`, a byte count passed as a count),
+/// refused with a message rather than tried as gigabytes of rings and
+/// thousands of forks.
+inline constexpr unsigned max_workers = 4096;
+
+namespace detail {
+/// Refuses a worker count above `max_workers`.
+inline void check_worker_count(unsigned long long workers) {
+  if (workers > max_workers)
+    throw error(fmt::format(
+        "{} workers were asked for; a pool has at most procpool::max_workers = {} (a count this "
+        "large is usually a negative number converted to unsigned)",
+        workers, max_workers));
+}
+}  // namespace detail
+
 /// How a pool runs. A plain aggregate: assign members one by one in C++17,
 /// or use designated initializers in C++20 (`{.workers = 4, .chunk_size = 100}`).
 struct pool_options {
-  /// Worker processes; 0 means `cpu_count()`.
+  /// Worker processes; 0 means `cpu_count()`; at most `max_workers`.
   unsigned workers = 0;
   /// Items per chunk sent to a worker; 0 means Python's default,
   /// `ceil(n / (4 * workers))`. Chunks are also cut short so that one fits
@@ -45,7 +71,7 @@ struct pool_options {
   /// naming the exception. Workers start with SIGINT and SIGTERM at their
   /// default actions, whatever the parent's handlers; the initializer may
   /// change that.
-  std::function<void()> initializer;
+  std::function<void()> initializer{};  // {}: designated initializers may leave it out
   /// Replace a worker after it ran this many items; 0 means never.
   std::size_t max_tasks_per_child = 0;
   /// An item running longer than this is abandoned: its worker is killed and
@@ -59,7 +85,7 @@ struct pool_options {
   bool progress = false;
   /// Called with the progress of `map`, `starmap` and `imap` (at most ten
   /// times a second, and once at the end); replaces the bar when set.
-  std::function<void(const progress_info&)> on_progress;
+  std::function<void(const progress_info&)> on_progress{};
 };
 
 template <class R>
@@ -85,9 +111,15 @@ class imap_unordered_range;
 /// ran and is replaced; an item past `task_timeout` raises `timeout_error`.
 /// The pool stays usable after each of these.
 ///
-/// **Thread safety:** like a standard container: one thread uses a pool at a
-/// time. The calling thread does all the work of sending and collecting; the
-/// pool runs no threads of its own, so replacing a worker by `fork()` is safe.
+/// **Thread safety:** one thread uses a pool at a time, its futures and
+/// ranges included. A call from a second thread while one is under way, or
+/// from inside a callback the pool runs (`on_progress`, an input iterator, an
+/// encoder, a decoder), throws `procpool::error` and touches nothing. `close()`
+/// is safe from any thread, and so is `terminate()`: from another thread it
+/// stops the pool at the busy thread's next step (its call raises
+/// `pool_closed`) and returns once the workers are reaped. The calling thread
+/// does all the work of sending and collecting; the pool runs no threads of
+/// its own, so replacing a worker by `fork()` is safe.
 ///
 /// **Fork safety:** create pools before starting threads (see the guide's
 /// gotchas). Not copyable, not movable: the workers hold on to `f` where it is.
@@ -99,12 +131,17 @@ class pool {
   /// memory cannot be mapped; no worker is left running then.
   explicit pool(F f) : pool(std::move(f), pool_options{}) {}
   /// Starts `workers` workers running `f`.
-  /// **Throws:** `procpool::error` if `workers` is 0; as above otherwise.
-  pool(F f, unsigned workers) : pool(std::move(f), options_with_workers(workers)) {}
+  /// **Throws:** `procpool::error` if `workers` is 0, negative or above
+  /// `max_workers`; as above otherwise.
+  template <class Count,
+            std::enable_if_t<std::is_integral_v<Count> && !std::is_same_v<Count, bool>, int> = 0>
+  pool(F f, Count workers) : pool(std::move(f), options_with_workers(workers)) {}
   /// Starts a pool as `options` say.
-  /// **Throws:** `procpool::error` if `options.workers` is 0 after defaulting; as above otherwise.
+  /// **Throws:** `procpool::error` if `options.workers` is above `max_workers`,
+  /// or 0 after defaulting; as above otherwise.
   pool(F f, pool_options options);
-  /// Finishes the work in flight and stops the workers (see `join`); never throws.
+  /// Finishes the work in flight and stops the workers (see `join`); never
+  /// throws. Open `imap` ranges end: their next step raises `pool_closed`.
   ~pool();
   pool(const pool&) = delete;
   pool& operator=(const pool&) = delete;
@@ -118,11 +155,21 @@ class pool {
   /// the first three.
   template <class Range>
   auto map(Range&& inputs);
+  /// `map` over a braced list of items: `p.map({1, 2, 3})`.
+  template <class T>
+  auto map(std::initializer_list<T> inputs) {
+    return map(std::vector<T>(inputs));
+  }
 
   /// `map` for a function of several arguments: each item is a tuple (or pair)
   /// whose elements are passed as the arguments (Python's `Pool.starmap`).
   template <class Range>
   auto starmap(Range&& inputs);
+  /// `starmap` over a braced list of tuples: `p.starmap({std::tuple(1, 2), std::tuple(3, 4)})`.
+  template <class T>
+  auto starmap(std::initializer_list<T> inputs) {
+    return starmap(std::vector<T>(inputs));
+  }
 
   /// A lazy range of results in input order (Python's `Pool.imap`). Input is
   /// read only as workers need it and at most a few chunks per worker are in
@@ -131,39 +178,75 @@ class pool {
   /// Dropping the range cancels what is left of the call.
   template <class Range>
   auto imap(Range&& inputs);
+  /// `imap` over a braced list of items, copied into the range.
+  template <class T>
+  auto imap(std::initializer_list<T> inputs) {
+    return imap(std::vector<T>(inputs));
+  }
 
   /// A lazy range of `(index, result)` pairs in the order they finish
   /// (Python's `Pool.imap_unordered`).
   template <class Range>
   auto imap_unordered(Range&& inputs);
+  /// `imap_unordered` over a braced list of items, copied into the range.
+  template <class T>
+  auto imap_unordered(std::initializer_list<T> inputs) {
+    return imap_unordered(std::vector<T>(inputs));
+  }
 
   /// Runs `f(args...)` in a worker and returns a future for its result
   /// (Python's `apply_async`). The future's `get()` drives the pool.
   template <class... Args>
   auto submit(Args&&... args);
+  /// `submit` of a function that takes a container, given as a braced list:
+  /// `p.submit({1, 2, 3})` sends a `std::vector`.
+  template <class T>
+  auto submit(std::initializer_list<T> items) {
+    return submit(std::vector<T>(items));
+  }
 
-  /// Accepts no more calls; work in flight still completes.
+  /// Accepts no more calls; work in flight still completes. Safe from any thread.
   void close() noexcept { engine_->close(); }
-  /// Finishes the work in flight, then stops the workers: stop frames, a
-  /// bounded wait, SIGTERM, SIGKILL. Every worker is reaped. Implies `close()`.
-  void join() { engine_->join(); }
-  /// Stops the workers now (SIGTERM, then SIGKILL after a bounded wait) and reaps them.
-  void terminate() noexcept { engine_->terminate(); }
+  /// Finishes the work in flight (pending futures included), then stops the
+  /// workers: stop frames, a bounded wait, SIGTERM, SIGKILL. Every worker is
+  /// reaped. Implies `close()`. Open `imap` ranges are not waited for: they
+  /// end, and their next step raises `pool_closed`.
+  /// **Throws:** `procpool::error` when another thread is using the pool.
+  void join() {
+    detail::scoped_use use(*engine_, "join");
+    engine_->join();
+  }
+  /// Stops the workers now (SIGTERM, then SIGKILL after a bounded wait) and
+  /// reaps them. Every pending call, future and range raises `pool_closed`.
+  /// From a callback of the pool's, the pool stops when the callback returns;
+  /// from another thread, at that thread's next step, and this waits for it.
+  void terminate() noexcept;
 
   /// Number of worker processes.
   unsigned workers() const noexcept { return engine_->size(); }
-  /// Pids of the workers now (they change as workers are replaced).
-  std::vector<pid_t> pids() const { return engine_->pids(); }
+  /// Pids of the workers now (they change as workers are replaced); 0 for a stopped one.
+  /// **Throws:** `procpool::error` when another thread is using the pool.
+  std::vector<pid_t> pids() const {
+    detail::scoped_use use(*engine_, "pids");
+    return engine_->pids();
+  }
 
  private:
   template <class R>
   friend class future;
   friend class executor;
 
-  static pool_options options_with_workers(unsigned workers) {
-    pool_options o;
-    o.workers = workers;
+  template <class Count>
+  static pool_options options_with_workers(Count workers) {
+    if constexpr (std::is_signed_v<Count>) {
+      if (workers < 0)
+        throw error(fmt::format("a pool needs a positive number of workers; {} were asked for",
+                                static_cast<long long>(workers)));
+    }
     if (workers == 0) throw error("a pool needs at least one worker; 0 were asked for");
+    detail::check_worker_count(static_cast<unsigned long long>(workers));
+    pool_options o;
+    o.workers = static_cast<unsigned>(workers);
     return o;
   }
   template <class Invoke, class Range>
@@ -181,12 +264,16 @@ class pool {
   detail::call_front<F, detail::local_handlers> calls_;
 };
 
+/// Deduces `pool<F>` from the callable.
 template <class F>
 pool(F) -> pool<F>;
+/// Deduces `pool<F>` from the callable and a number of workers.
 template <class F>
 pool(F, unsigned) -> pool<F>;
+/// Deduces `pool<F>` from the callable and a number of workers.
 template <class F>
 pool(F, int) -> pool<F>;
+/// Deduces `pool<F>` from the callable and options.
 template <class F>
 pool(F, pool_options) -> pool<F>;
 
@@ -195,7 +282,8 @@ pool(F, pool_options) -> pool<F>;
 /// Waiting on a future drives the pool that made it: the calling thread sends
 /// and collects for every call in flight. Move-only.
 ///
-/// **Thread safety:** use a future from the thread that uses its pool.
+/// **Thread safety:** use a future from the thread that uses its pool; used
+/// while another thread is in a call of the pool, it throws `procpool::error`.
 template <class R>
 class [[nodiscard]] future {
  public:
@@ -203,8 +291,10 @@ class [[nodiscard]] future {
   /// True when the result (or error) has arrived; does not wait.
   bool ready() const;
   /// Waits for the result and returns it (moves it out: call once).
-  /// **Throws:** `task_error`, `worker_died`, `timeout_error`; `pool_closed` when
-  /// the pool was stopped before the task ran; `procpool::error` for an empty future.
+  /// **Throws:** `task_error`, `worker_died`, `timeout_error` (their messages
+  /// name a task); `pool_closed` when the pool was stopped before the task
+  /// finished; `procpool::error` for an empty future, or when another thread is
+  /// using the pool.
   R get();
   /// Waits at most `d`; true if the result is ready.
   template <class Rep, class Period>
@@ -221,7 +311,10 @@ class [[nodiscard]] future {
   friend class detail::call_front;
   future(std::shared_ptr<state> s, std::weak_ptr<detail::driver> d)
       : state_(std::move(s)), driver_(std::move(d)) {}
-  void wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) const;
+  void wait_until(detail::driver* d,
+                  std::optional<std::chrono::steady_clock::time_point> deadline) const;
+  void rethrow_failure() const;
+  R take();
   std::shared_ptr<state> state_;
   std::weak_ptr<detail::driver> driver_;
 };
@@ -238,6 +331,7 @@ struct future<R>::state {
 
 template <class F>
 pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(options)) {
+  detail::check_worker_count(options_.workers);
   if (options_.workers == 0) options_.workers = cpu_count();
   detail::engine_config config;
   config.workers = options_.workers;
@@ -254,22 +348,47 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
 template <class F>
 pool<F>::~pool() {
   try {
-    engine_->join();
+    join();
   } catch (...) {
-    engine_->terminate();
+    terminate();
+  }
+}
+
+template <class F>
+void pool<F>::terminate() noexcept {
+  auto& e = *engine_;
+  for (;;) {
+    switch (e.try_enter()) {
+      case detail::driver::entry::entered:
+        e.terminate();
+        e.leave();
+        return;
+      case detail::driver::entry::reentrant:
+        // Called from a callback: the queues may be in use below; the driving
+        // loop stops the pool when the callback returns.
+        e.request_stop();
+        return;
+      case detail::driver::entry::other_thread:
+        // Wake the busy thread; it stops the pool at its next step and leaves.
+        e.request_stop();
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        break;
+    }
   }
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::map(Range&& inputs) {
-  return run_map<detail::invoke_one>(inputs, "map");
+  if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+    return run_map<detail::invoke_one>(inputs, "map");
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::starmap(Range&& inputs) {
-  return run_map<detail::invoke_apply>(inputs, "starmap");
+  if constexpr (detail::check_map<detail::call_shape::tuple_item, F, Range>())
+    return run_map<detail::invoke_apply>(inputs, "starmap");
 }
 
 /// A lazy range of results from `pool::imap`: an input range of `R`, in input order.
@@ -282,19 +401,26 @@ class [[nodiscard]] imap_range {
   /// Input iterator over the results.
   class iterator {
    public:
+    ///@{
+    /// The standard input-iterator types, read by `std::iterator_traits`.
     using iterator_category = std::input_iterator_tag;
     using value_type = R;
     using difference_type = std::ptrdiff_t;
     using pointer = R*;
     using reference = R&;
+    ///@}
 
     iterator() = default;
+    /// The current result.
     reference operator*() const { return range_->current_.second; }
+    /// The current result's members.
     pointer operator->() const { return &range_->current_.second; }
+    /// Moves to the next result, waiting for it.
     iterator& operator++() {
       range_->advance();
       return *this;
     }
+    /// Moves to the next result, waiting for it (an input iterator's `it++`).
     void operator++(int) { ++*this; }
     friend bool operator==(const iterator& a, const iterator& b) {
       return a.at_end() == b.at_end();
@@ -316,7 +442,9 @@ class [[nodiscard]] imap_range {
   /// The end of the results.
   iterator end() noexcept { return iterator(); }
 
+  /// Moves the call to a new range; the moved-from one is empty.
   imap_range(imap_range&&) noexcept = default;
+  /// Moves the call to this range; the moved-from one is empty.
   imap_range& operator=(imap_range&&) noexcept = default;
   ~imap_range() { cancel(); }
 
@@ -326,13 +454,14 @@ class [[nodiscard]] imap_range {
   imap_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::driver> d)
       : state_(std::move(s)), driver_(std::move(d)) {}
   void advance() {
+    auto d = driver_.lock();
+    std::optional<detail::scoped_use> use;
+    if (d) use.emplace(*d, "imap iteration");
     started_ = true;
     done_ = !state_->next(current_);
   }
   void cancel() noexcept {
-    if (state_ && !done_) {
-      if (auto d = driver_.lock()) d->cancel(*state_);
-    }
+    if (state_ && !done_) detail::drop_call(driver_, *state_);
   }
   std::shared_ptr<detail::imap_state<R>> state_;
   std::weak_ptr<detail::driver> driver_;
@@ -350,19 +479,26 @@ class [[nodiscard]] imap_unordered_range {
   /// Input iterator over `(index, result)` pairs.
   class iterator {
    public:
+    ///@{
+    /// The standard input-iterator types, read by `std::iterator_traits`.
     using iterator_category = std::input_iterator_tag;
     using value_type = std::pair<std::size_t, R>;
     using difference_type = std::ptrdiff_t;
     using pointer = value_type*;
     using reference = value_type&;
+    ///@}
 
     iterator() = default;
+    /// The current result.
     reference operator*() const { return range_->current_; }
+    /// The current result's members.
     pointer operator->() const { return &range_->current_; }
+    /// Moves to the next result, waiting for it.
     iterator& operator++() {
       range_->advance();
       return *this;
     }
+    /// Moves to the next result, waiting for it (an input iterator's `it++`).
     void operator++(int) { ++*this; }
     friend bool operator==(const iterator& a, const iterator& b) {
       return a.at_end() == b.at_end();
@@ -384,12 +520,12 @@ class [[nodiscard]] imap_unordered_range {
   /// The end of the results.
   iterator end() noexcept { return iterator(); }
 
+  /// Moves the call to a new range; the moved-from one is empty.
   imap_unordered_range(imap_unordered_range&&) noexcept = default;
+  /// Moves the call to this range; the moved-from one is empty.
   imap_unordered_range& operator=(imap_unordered_range&&) noexcept = default;
   ~imap_unordered_range() {
-    if (state_ && !done_) {
-      if (auto d = driver_.lock()) d->cancel(*state_);
-    }
+    if (state_ && !done_) detail::drop_call(driver_, *state_);
   }
 
  private:
@@ -398,6 +534,9 @@ class [[nodiscard]] imap_unordered_range {
   imap_unordered_range(std::shared_ptr<detail::imap_state<R>> s, std::weak_ptr<detail::driver> d)
       : state_(std::move(s)), driver_(std::move(d)) {}
   void advance() {
+    auto d = driver_.lock();
+    std::optional<detail::scoped_use> use;
+    if (d) use.emplace(*d, "imap_unordered iteration");
     started_ = true;
     done_ = !state_->next(current_);
   }
@@ -411,23 +550,23 @@ class [[nodiscard]] imap_unordered_range {
 template <class F>
 template <class Range>
 auto pool<F>::imap(Range&& inputs) {
-  return calls_.template imap<true>(std::forward<Range>(inputs));
+  if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+    return calls_.template imap<true>(std::forward<Range>(inputs));
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::imap_unordered(Range&& inputs) {
-  return calls_.template imap<false>(std::forward<Range>(inputs));
+  if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+    return calls_.template imap<false>(std::forward<Range>(inputs));
 }
 
 template <class F>
 template <class... Args>
 auto pool<F>::submit(Args&&... args) {
   using Tuple = std::tuple<std::decay_t<Args>...>;
-  static_assert(is_sendable_v<Tuple>,
-                "procpool: an argument of submit cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
-  return submit_as<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
+  if constexpr (detail::check_submit<F, Tuple>())
+    return submit_as<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
 }
 
 namespace detail {
@@ -447,7 +586,10 @@ class call_front {
 
   /// `map` (Invoke = invoke_one) or `starmap` (invoke_apply): results in input order.
   template <class Invoke, class Range>
-  auto map(Range& inputs, const char* name);
+  auto map(Range& inputs, const char* name) {
+    scoped_use use(*driver_, name);
+    return run_map<Invoke>(inputs, name);
+  }
   /// `imap` (Ordered) or `imap_unordered`.
   template <bool Ordered, class Range>
   auto imap(Range&& inputs);
@@ -456,6 +598,9 @@ class call_front {
   auto submit(Item item);
 
  private:
+  template <class Invoke, class Range>
+  auto run_map(Range& inputs, const char* name);
+
   std::size_t default_chunk(std::size_t n) const noexcept {
     if (chunk_size_) return chunk_size_;
     std::size_t parts = 4 * std::size_t(driver_->parallelism());
@@ -470,22 +615,18 @@ class call_front {
 
 template <class F, class Handlers>
 template <class Invoke, class Range>
-auto call_front<F, Handlers>::map(Range& inputs, const char* name) {
+auto call_front<F, Handlers>::run_map(Range& inputs, const char* name) {
   using Item = range_item_t<Range>;
-  static_assert(is_sendable_v<Item>,
-                "procpool: the items of this range cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_sendable<0, Item>());
   using Result = call_result_t<F, Item, Invoke>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_result<Result>());
   using Begin = decltype(std::begin(inputs));
   using End = decltype(std::end(inputs));
   driver_->check_usable(name);
   if constexpr (!has_size<Range>::value && !is_forward_iterator_v<Begin>) {
     // A single-pass range without a size: read it all first, as Python does.
     std::vector<Item> items(std::begin(inputs), std::end(inputs));
-    return map<Invoke>(items, name);
+    return run_map<Invoke>(items, name);
   } else {
     std::size_t n;
     if constexpr (has_size<Range>::value)
@@ -501,7 +642,14 @@ auto call_front<F, Handlers>::map(Range& inputs, const char* name) {
         std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n),
         driver_->chunk_bytes(), results, progress_reporter(progress_, on_progress_, n));
     driver_->start(call);
-    driver_->drive([&] { return call->finished(); });
+    // However this scope ends (results, an error, an exception from a
+    // callback or the driver), the call ends with it: nothing keeps using
+    // `inputs` or `results` after it.
+    call_guard guard(*driver_, *call);
+    driver_->drive([&] {
+      call->report_progress();
+      return call->finished();
+    });
     call->rethrow_if_failed();
     if constexpr (std::is_same_v<Result, std::monostate>) {
       return;
@@ -520,13 +668,10 @@ template <class F, class Handlers>
 template <bool Ordered, class Range>
 auto call_front<F, Handlers>::imap(Range&& inputs) {
   using Item = range_item_t<Range>;
-  static_assert(is_sendable_v<Item>,
-                "procpool: the items of this range cannot be sent to a worker process; see "
-                "codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_sendable<0, Item>());
   using Result = call_result_t<F, Item, invoke_one>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_result<Result>());
+  scoped_use use(*driver_, Ordered ? "imap" : "imap_unordered");
   driver_->check_usable(Ordered ? "imap" : "imap_unordered");
   std::size_t chunk = chunk_size_;
   std::size_t total = 0;
@@ -557,10 +702,9 @@ template <class F, class Handlers>
 template <class Invoke, class Item>
 auto call_front<F, Handlers>::submit(Item item) {
   using Result = call_result_t<F, Item, Invoke>;
-  static_assert(is_sendable_v<Result>,
-                "procpool: the function's result type cannot be sent back from a worker process; "
-                "see codec.hpp for the types procpool can send and how to make a type sendable.");
+  static_assert(check_result<Result>());
   using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void, Result>;
+  scoped_use use(*driver_, "submit");
   driver_->check_usable("submit");
   auto call = std::make_shared<submit_call<F, Handlers, Item, Invoke, Result>>(std::move(item));
   driver_->start(call);
@@ -575,23 +719,49 @@ auto call_front<F, Handlers>::submit(Item item) {
 template <class R>
 bool future<R>::ready() const {
   if (!state_) return false;
+  auto d = driver_.lock();
+  std::optional<detail::scoped_use> use;
+  if (d) use.emplace(*d, "future::ready");
   return state_->call->finished();
 }
 
 template <class R>
-void future<R>::wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) const {
-  if (!state_) throw error("get() or wait on an empty future");
+void future<R>::wait_until(detail::driver* d,
+                           std::optional<std::chrono::steady_clock::time_point> deadline) const {
   auto& call = *state_->call;
   if (call.finished()) return;
-  auto d = driver_.lock();
   if (!d) throw pool_closed("future::get");
-  d->drive_until([&] { return call.finished(); }, deadline);
+  try {
+    d->drive_until([&] { return call.finished(); }, deadline);
+  } catch (...) {
+    // The wait broke (the pool stopped, a system call failed): the task ends with it.
+    call.abort(std::current_exception());
+    d->cancel(call);
+    throw;
+  }
 }
 
 template <class R>
-R future<R>::get() {
-  wait_until(std::nullopt);
-  state_->call->rethrow_if_failed();
+void future<R>::rethrow_failure() const {
+  // A task is no item of a call: its errors say "a task", not "item 0".
+  // Subclasses (the MPI engine's) word their messages themselves.
+  try {
+    state_->call->rethrow_if_failed();
+  } catch (const task_error& e) {
+    if (typeid(e) != typeid(task_error)) throw;
+    throw task_error::in_task(e.pid(), e.type_name(), e.message());
+  } catch (const worker_died& e) {
+    if (typeid(e) != typeid(worker_died) || !e.index()) throw;
+    throw worker_died::in_task(e.pid(), e.status());
+  } catch (const timeout_error& e) {
+    if (typeid(e) != typeid(timeout_error)) throw;
+    throw timeout_error::in_task(e.pid(), e.timeout());
+  }
+}
+
+template <class R>
+R future<R>::take() {
+  rethrow_failure();
   auto& result = *state_->result;
   if (!result) throw error("future::get called twice");
   if constexpr (std::is_void_v<R>) {
@@ -604,17 +774,38 @@ R future<R>::get() {
 }
 
 template <class R>
+R future<R>::get() {
+  if (!state_) throw error("get() on an empty future");
+  auto d = driver_.lock();
+  std::optional<detail::scoped_use> use;
+  if (d) use.emplace(*d, "future::get");
+  wait_until(d.get(), std::nullopt);
+  return take();
+}
+
+template <class R>
 template <class Rep, class Period>
 bool future<R>::wait_for(std::chrono::duration<Rep, Period> d) const {
-  wait_until(detail::deadline_after(d));
+  if (!state_) throw error("wait_for on an empty future");
+  auto deadline = detail::deadline_after(d);
+  auto driver = driver_.lock();
+  std::optional<detail::scoped_use> use;
+  if (driver) use.emplace(*driver, "future::wait_for");
+  wait_until(driver.get(), deadline);
   return state_->call->finished();
 }
 
 template <class R>
 template <class Rep, class Period>
 std::optional<detail::stored_t<R>> future<R>::get_for(std::chrono::duration<Rep, Period> d) {
-  if (!wait_for(d)) return std::nullopt;
-  state_->call->rethrow_if_failed();
+  if (!state_) throw error("get_for on an empty future");
+  auto deadline = std::chrono::steady_clock::now() + d;
+  auto driver = driver_.lock();
+  std::optional<detail::scoped_use> use;
+  if (driver) use.emplace(*driver, "future::get_for");
+  wait_until(driver.get(), deadline);
+  if (!state_->call->finished()) return std::nullopt;
+  rethrow_failure();
   auto& result = *state_->result;
   if (!result) throw error("future::get called twice");
   std::optional<detail::stored_t<R>> out(std::move(*result));

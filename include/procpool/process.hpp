@@ -123,7 +123,7 @@ inline std::optional<unsigned> cgroup_cpu_limit() {
 struct process_options {
   /// Name reported by `name()` and, in the child, by `current_process()`;
   /// empty means "process-N", N counting the processes this parent started.
-  std::string name;
+  std::string name{};
   /// When true the child is killed (SIGKILL) as soon as the process that
   /// started it dies, so no orphan outlives a crashed parent.
   bool die_with_parent = false;
@@ -316,7 +316,7 @@ struct process_info {
   /// `getpid()`.
   pid_t pid;
   /// "main", the name given to `process`, or "process-N".
-  std::string name;
+  std::string name{};
 };
 
 /// The calling process: its pid and name (Python's `current_process()`).
@@ -335,7 +335,7 @@ inline unsigned cpu_count() {
     if (end != env && *end == '\0' && n > 0) return static_cast<unsigned>(n);
   }
   unsigned n = 0;
-  for (int cpus = 1024; cpus <= (1 << 20) && n == 0; cpus *= 2) {
+  for (std::size_t cpus = 1024; cpus <= (std::size_t{1} << 20) && n == 0; cpus *= 2) {
     cpu_set_t* set = CPU_ALLOC(cpus);
     if (set == nullptr) break;
     std::size_t size = CPU_ALLOC_SIZE(cpus);

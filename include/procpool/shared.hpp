@@ -36,6 +36,7 @@
 #include <span>
 #endif
 
+#include "detail/int_cast.hpp"
 #include "detail/segment.hpp"
 #include "detail/type_name.hpp"
 #include "detail/value_cell.hpp"
@@ -525,7 +526,7 @@ detail::segment_shape shared_array<T>::shape() {
 template <class T>
 void shared_array<T>::fill(const T* value) {
   T* p = static_cast<T*>(segment_.payload());
-  size_ = static_cast<std::size_t>(segment_.count());
+  size_ = detail::int_cast<std::size_t>(segment_.count());
   try {
     if (value != nullptr) {
       std::uninitialized_fill_n(p, size_, *value);
@@ -566,7 +567,7 @@ shared_array<T>::shared_array(open_only_t, std::string_view name)
     : segment_(detail::with_segment_errors(
           [&] { return detail::segment::open(name, shape(), std::nullopt); })),
       data_(std::launder(static_cast<T*>(segment_.payload()))),
-      size_(static_cast<std::size_t>(segment_.count())) {}
+      size_(detail::int_cast<std::size_t>(segment_.count())) {}
 
 template <class T>
 shared_array<T>::shared_array(open_or_create_t, std::string_view name, std::size_t n) {
@@ -577,7 +578,7 @@ shared_array<T>::shared_array(open_or_create_t, std::string_view name, std::size
     fill(nullptr);
   } else {
     data_ = std::launder(static_cast<T*>(segment_.payload()));
-    size_ = static_cast<std::size_t>(segment_.count());
+    size_ = detail::int_cast<std::size_t>(segment_.count());
   }
 }
 

@@ -1,6 +1,6 @@
 # Builds and runs tests/cmake/consumer/main.cpp the way a user would consume
 # procpool. Run with cmake -P and:
-#   MODE        subdirectory | package | copied-include | pkg-config
+#   MODE        subdirectory | fetchcontent | package | copied-include | pkg-config
 #   SOURCE_DIR  procpool's source tree
 #   BINARY_DIR  procpool's build tree (for MODE package and pkg-config: installed from)
 #   WORK_DIR    an empty scratch directory of this test's own
@@ -26,7 +26,7 @@ if(MODE STREQUAL "package" OR MODE STREQUAL "pkg-config")
   run("${CMAKE_COMMAND}" --install "${BINARY_DIR}" --prefix "${prefix}")
 endif()
 
-if(MODE STREQUAL "subdirectory" OR MODE STREQUAL "package")
+if(MODE STREQUAL "subdirectory" OR MODE STREQUAL "fetchcontent" OR MODE STREQUAL "package")
   set(how "${MODE}")
   run("${CMAKE_COMMAND}" -S "${consumer}" -B "${WORK_DIR}/build" -G Ninja
       "-DCMAKE_CXX_COMPILER=${CXX}" "-DHOW=${how}" "-DPROCPOOL_SOURCE_DIR=${SOURCE_DIR}"

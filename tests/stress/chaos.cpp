@@ -1,6 +1,11 @@
 // Chaos run: many maps on one pool whose function, chosen at random per item
 // from a printed seed, returns, throws, aborts, SIGKILLs itself, exits, hangs
-// past the task timeout, or allocates until its memory limit stops it.
+// past the task timeout, allocates until its memory limit stops it, or lies:
+// writes a hostile result frame into its own result ring. Between maps, at
+// random, a forked child uses the pool (it must be refused there, and its
+// copy's teardown must leave the parent's workers alone), and a one-worker
+// pool loses its worker while fork or pidfd_open is refused (it must get a
+// replacement once they work again).
 //
 // For every map it checks that the call either returned exactly the right
 // results or raised exactly the right error for the lowest faulty item; a
@@ -12,12 +17,17 @@
 //   stress_chaos --short          60 maps (ctest)
 //   stress_chaos --maps N --seed S
 #include <procpool/pool.hpp>
+#include <support/support.hpp>
 
 #include <fmt/format.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <dirent.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+#include <atomic>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -43,11 +53,30 @@ extern "C" const char* __asan_default_options() {
 #endif
 #endif
 
+namespace procpool::detail {
+
+/// The run's view of the engine's rings (declared by pool_engine.hpp).
+struct engine_probe {
+  static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
+  static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }
+};
+
+}  // namespace procpool::detail
+
 namespace {
 
-enum fault : int { none, throws, aborts, sigkill, exits, hangs, oom, fault_kinds };
-const char* const fault_names[] = {"none",    "throw", "abort",        "SIGKILL",
-                                   "exit(5)", "hang",  "out of memory"};
+namespace pd = procpool::detail;
+
+enum fault : int { none, throws, aborts, sigkill, exits, hangs, oom, lies, fault_kinds };
+const char* const fault_names[] = {"none",    "throw", "abort",         "SIGKILL",
+                                   "exit(5)", "hang",  "out of memory", "lie"};
+
+/// What the workers need to lie, in memory shared with them.
+struct lie_table {
+  pd::ring_control* result[2] = {};
+  pd::eventcount* doorbell = nullptr;
+};
+lie_table* liars = nullptr;
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 constexpr bool sanitized = true;  // address-space limits break the sanitizers' shadow memory
@@ -111,8 +140,40 @@ long rss_kib() {
   return 0;
 }
 
+/// In a worker: writes a result frame that lies (which lie: from `seed`)
+/// into its own result ring, then waits to be killed for it.
+[[noreturn]] void lie(int seed) {
+  const std::string& name = pd::current_process_name();
+  std::size_t me = std::stoul(name.substr(name.rfind('-') + 1)) - 1;
+  procpool::writer body;
+  pd::result_header h{0, 0, 1, pd::frame_kind::results};
+  switch (seed % 4) {
+    case 0:
+      body.write("abc", 3);  // shorter than a header
+      break;
+    case 1:
+      h.count = 1u << 20;  // a count no chunk has
+      body.write(&h, sizeof h);
+      break;
+    case 2:
+      h.kind = static_cast<pd::frame_kind>(99);
+      body.write(&h, sizeof h);
+      break;
+    default:
+      h.call = ~std::uint64_t(0);  // a call never sent
+      body.write(&h, sizeof h);
+      procpool::encode(body, 0);
+      break;
+  }
+  pd::ring_writer out(liars->result[me], liars->doorbell);
+  out.write_message(body.data(), body.size(), [] { return true; });
+  for (;;) ::pause();  // its own writer would write over the lie
+}
+
 int run_item(const item& it) {
   switch (it.kind) {
+    case lies:
+      lie(it.value);
     case throws:
       throw std::domain_error("injected fault at " + std::to_string(it.value));
     case aborts:
@@ -184,12 +245,40 @@ int main(int argc, char** argv) {
       ::setrlimit(RLIMIT_AS, &limit);
     };
   }
-  procpool::pool p(run_item, options);
+  // The pool as pool<F> builds it (engine and call front), so that the run
+  // can tell lying workers where their result rings are.
+  int (*function)(const item&) = run_item;
+  pd::engine_config config;
+  config.workers = options.workers;
+  config.initializer = options.initializer;
+  config.task_timeout = options.task_timeout;
+  config.function = &function;
+  void* table =
+      ::mmap(nullptr, sizeof(lie_table), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (table == MAP_FAILED) return 3;
+  liars = new (table) lie_table();
+  auto engine = std::make_shared<pd::engine>(std::move(config));
+  pd::call_front<int (*)(const item&), pd::local_handlers> p(engine, 0, false, {});
+  for (unsigned i = 0; i < options.workers; ++i)
+    liars->result[i] = pd::engine_probe::result_ring(*engine, i);
+  liars->doorbell = pd::engine_probe::doorbell(*engine);
+
+  // A one-worker pool whose worker dies while fork or pidfd_open is refused.
+  procpool::pool_options solo_options;
+  solo_options.workers = 1;
+  procpool::pool solo(
+      +[](int x) {
+        if (x < 0) ::raise(SIGKILL);
+        return x;
+      },
+      solo_options);
+  std::size_t forked_uses = 0, refused_respawns = 0;
 
   std::signal(SIGALRM, on_watchdog);
   std::mt19937_64 rng(seed);
   std::map<int, std::size_t> injected;
   std::size_t wrong = 0, leaks = 0, ok_maps = 0, failed_maps = 0;
+  static const char* refused_call = nullptr;
   auto fds = open_fds();
   long rss_start = 0;
 
@@ -220,8 +309,58 @@ int main(int argc, char** argv) {
                  lowest < n ? fault_names[lowest_kind] : "none");
     };
     ::alarm(60);
+    if (rng() % 8 == 0) {
+      // A forked child uses the pool: refused there; its copy torn down there
+      // leaves the parent's workers as they were.
+      ++forked_uses;
+      auto pids = engine->pids();
+      pid_t child = ::fork();
+      if (child == 0) {
+        int code = 0;
+        try {
+          (void)p.map<pd::invoke_one>(items, "map");
+          code = 1;
+        } catch (const procpool::error& e) {
+          if (std::string(e.what()).find("used in pid") == std::string::npos) code = 2;
+        }
+        engine->terminate();
+        engine.reset();
+        ::_exit(code);
+      }
+      int status = 0;
+      ::waitpid(child, &status, 0);
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        report(fmt::format("a forked child's use of the pool: status {:#x}", status));
+      if (engine->pids() != pids) report("a forked child's teardown changed the parent's workers");
+    }
+    if (rng() % 10 == 0) {
+      // The one-worker pool's worker dies while replacements are refused.
+      ++refused_respawns;
+      refused_call = rng() % 2 ? "fork" : "pidfd_open";
+      pd::sys::fault_hook = [](const char* call) {
+        return std::strcmp(call, refused_call) == 0 ? EAGAIN : 0;
+      };
+      bool died = false, refused = false;
+      try {
+        (void)solo.map(std::vector<int>{-1});
+      } catch (const procpool::worker_died&) {
+        died = true;
+      } catch (const std::exception&) {
+      }
+      try {
+        (void)solo.map(std::vector<int>{1});
+      } catch (const std::system_error&) {
+        refused = true;
+      } catch (const std::exception&) {
+      }
+      pd::sys::fault_hook = nullptr;
+      if (!died || !refused)
+        report(fmt::format("refused {}: died {}, refused {}", refused_call, died, refused));
+      if (solo.map(std::vector<int>{1, 2, 3}) != std::vector<int>{1, 2, 3})
+        report("the one-worker pool did not recover");
+    }
     try {
-      auto r = p.map(items);
+      auto r = p.map<pd::invoke_one>(items, "map");
       ++ok_maps;
       if (lowest != n) report("returned although an item was faulty");
       for (std::size_t i = 0; i < n && lowest == n; ++i)
@@ -249,6 +388,12 @@ int main(int argc, char** argv) {
       ++failed_maps;
       if (e.index() != lowest || lowest_kind != hangs)
         report(fmt::format("timeout_error {}", e.what()));
+    } catch (const procpool::error& e) {
+      ++failed_maps;
+      // A lie fails its call once the chunk it lied about was resent and lied about again.
+      if (lowest_kind != lies ||
+          std::string(e.what()).find("bad result frame") == std::string::npos)
+        report(fmt::format("procpool::error {}", e.what()));
     } catch (const std::exception& e) {
       ++failed_maps;
       report(fmt::format("unexpected exception {}", e.what()));
@@ -259,7 +404,7 @@ int main(int argc, char** argv) {
     if (m % 50 == 49 || m + 1 == maps) {
       auto [all, zombies] = children();
       auto now_fds = open_fds();
-      if (zombies != 0 || all != options.workers || now_fds != fds) {
+      if (zombies != 0 || all != options.workers + solo_options.workers || now_fds != fds) {
         ++leaks;
         fmt::print("chaos: map {}: LEAK: {} children ({} zombies), {} fds (baseline {})\n", m, all,
                    zombies, now_fds, fds);
@@ -274,7 +419,8 @@ int main(int argc, char** argv) {
     ++leaks;
     fmt::print("chaos: LEAK: parent RSS grew by {} KiB\n", rss_growth);
   }
-  p.join();
+  engine->join();
+  solo.join();
   auto [all, zombies] = children();
   if (all != 0) {
     ++leaks;
@@ -289,6 +435,8 @@ int main(int argc, char** argv) {
   }
   fmt::print("chaos: seed {}: {} maps ({} returned, {} raised), {} faults injected ({})\n", seed,
              maps, ok_maps, failed_maps, faults, by_kind);
+  fmt::print("chaos: {} uses from forked children, {} deaths while respawn was refused\n",
+             forked_uses, refused_respawns);
   fmt::print("chaos: wrong results: {}, hangs: 0, leaks: {}, parent RSS growth: {} KiB\n", wrong,
              leaks, rss_growth);
   return wrong == 0 && leaks == 0 ? 0 : 1;

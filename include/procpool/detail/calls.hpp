@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +25,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -76,7 +78,11 @@ class call_state {
   virtual bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first,
                           std::uint32_t& count, std::uint64_t& handler) = 0;
   /// Decodes the results of items `first` .. `first + count - 1` from `in`.
+  /// Runs the user's decoders only: progress is reported by the caller of the call.
   virtual void on_results(std::uint64_t first, std::uint32_t count, reader& in) = 0;
+  /// True for a call read through a range (`imap`): it advances only while
+  /// someone reads it, so stopping the pool ends it rather than waiting for it.
+  virtual bool is_range() const noexcept { return false; }
 
   /// Records that item `index` failed with `e`; the lowest failing index wins.
   void fail(std::uint64_t index, std::exception_ptr e) noexcept {
@@ -89,21 +95,38 @@ class call_state {
   bool failed() const noexcept { return error_ != nullptr; }
   /// Index of the lowest failing item (when `failed()`).
   std::uint64_t error_index() const noexcept { return error_index_; }
-  /// Rethrows the error of the lowest failing item, if any.
+  /// Ends the call now with `e`, whatever is still in flight: its waiters
+  /// see `e` at their next step, its late results are dropped. The first
+  /// ending wins; a call that finished already is left alone.
+  void abort(std::exception_ptr e) noexcept {
+    if (!aborted_ && !finished()) aborted_ = std::move(e);
+    cancelled = true;
+  }
+  /// True once `abort` ended the call.
+  bool aborted() const noexcept { return aborted_ != nullptr; }
+  /// Rethrows what ended the call: the abort, else the lowest failing item's error.
   void rethrow_if_failed() const {
+    if (aborted_) std::rethrow_exception(aborted_);
     if (error_) std::rethrow_exception(error_);
   }
-  /// True when nothing of this call is in flight and nothing more will be sent.
-  bool finished() const noexcept { return in_flight == 0 && (input_done || error_ || cancelled); }
+  /// True when nothing of this call is in flight and nothing more will be
+  /// sent, or when it was aborted: its waiters have nothing more to wait for.
+  bool finished() const noexcept {
+    return aborted_ || (in_flight == 0 && (input_done || error_ || cancelled));
+  }
 
   std::uint64_t id = 0;
   std::size_t in_flight = 0;  ///< chunks sent and not yet answered
   bool input_done = false;    ///< every chunk has been made
-  bool cancelled = false;     ///< the user gave up on the call (a dropped imap range)
+  /// The user gave up on the call (a dropped range, an exception on its way
+  /// out): nothing more is sent for it and its results are dropped. Atomic:
+  /// a range dropped by another thread while the pool is busy only sets it.
+  std::atomic<bool> cancelled{false};
 
  private:
   std::uint64_t error_index_ = no_item;
   std::exception_ptr error_;
+  std::exception_ptr aborted_;
 };
 
 /// What a call needs from whoever runs its chunks: the fork engine or the MPI engine.
@@ -113,6 +136,31 @@ class call_state {
 class driver {
  public:
   virtual ~driver() = default;
+
+  /// What `try_enter` found.
+  enum class entry { entered, reentrant, other_thread };
+  /// Marks the calling thread as the one using the pool, if no thread is.
+  /// Every entry point of a pool, its futures and its ranges enters first, so
+  /// a second thread, or the same thread from inside a callback the pool runs
+  /// (`on_progress`, an input iterator, an encoder, a decoder), is refused
+  /// before it touches anything.
+  entry try_enter() noexcept {
+    std::uintptr_t expected = 0;
+    std::uintptr_t me = thread_token();
+    if (user_.compare_exchange_strong(expected, me, std::memory_order_acquire,
+                                      std::memory_order_relaxed))
+      return entry::entered;
+    return expected == me ? entry::reentrant : entry::other_thread;
+  }
+  /// Ends what `try_enter` began.
+  void leave() noexcept { user_.store(0, std::memory_order_release); }
+
+  /// The call is over for its user (returned, raised, or its handle dropped):
+  /// cancels what is left of it and forgets it, so nothing in the driver
+  /// keeps using its input or its results.
+  virtual void end_call(call_state& call) noexcept {
+    if (!call.finished()) cancel(call);
+  }
 
   /// Registers a call and queues it for sending.
   virtual void start(const std::shared_ptr<call_state>& call) = 0;
@@ -129,7 +177,81 @@ class driver {
   virtual std::size_t chunk_bytes() const noexcept = 0;
   /// How many chunks can run at once (workers, or serving ranks): sets default chunk sizes.
   virtual unsigned parallelism() const noexcept = 0;
+
+ private:
+  static std::uintptr_t thread_token() noexcept {
+    static thread_local char token;
+    return reinterpret_cast<std::uintptr_t>(&token);
+  }
+  std::atomic<std::uintptr_t> user_{0};
 };
+
+/// Holds a driver for the calling thread for one entry point (`try_enter`).
+/// **Throws:** `procpool::error` when another thread uses the pool, or when
+/// the pool is entered again from inside one of its own calls.
+class scoped_use {
+ public:
+  scoped_use(driver& d, const char* operation) : driver_(d) {
+    switch (d.try_enter()) {
+      case driver::entry::entered:
+        return;
+      case driver::entry::reentrant:
+        throw error(fmt::format(
+            "{} called on a pool from inside one of its own calls (from a callback the pool "
+            "runs: on_progress, an input iterator, an encoder or a decoder); a pool does not run "
+            "calls re-entrantly",
+            operation));
+      case driver::entry::other_thread:
+        break;
+    }
+    throw error(fmt::format(
+        "{} called on a pool that another thread is using; a pool is used by one thread at a "
+        "time: give each thread its own pool, or guard the pool with a mutex",
+        operation));
+  }
+  ~scoped_use() { driver_.leave(); }
+  scoped_use(const scoped_use&) = delete;
+  scoped_use& operator=(const scoped_use&) = delete;
+
+ private:
+  driver& driver_;
+};
+
+/// Ends a call for its user on every way out of the scope that runs it:
+/// normal return or exception (`driver::end_call`).
+class call_guard {
+ public:
+  call_guard(driver& d, call_state& call) noexcept : driver_(d), call_(call) {}
+  ~call_guard() { driver_.end_call(call_); }
+  call_guard(const call_guard&) = delete;
+  call_guard& operator=(const call_guard&) = delete;
+
+ private:
+  driver& driver_;
+  call_state& call_;
+};
+
+/// Drops the call of a range or a future whose handle is destroyed (noexcept:
+/// from a destructor). Entered: the call ends and is forgotten. From inside
+/// a callback of the pool: `end_call`, which leaves the queues alone while
+/// they are walked. While another thread uses the pool: only the call's
+/// atomic `cancelled`, which that thread's loop honours.
+inline void drop_call(const std::weak_ptr<driver>& weak, call_state& call) noexcept {
+  auto d = weak.lock();
+  if (!d) return;
+  switch (d->try_enter()) {
+    case driver::entry::entered:
+      d->end_call(call);
+      d->leave();
+      break;
+    case driver::entry::reentrant:
+      d->end_call(call);
+      break;
+    case driver::entry::other_thread:
+      call.cancelled = true;
+      break;
+  }
+}
 
 /// Calls the pool's function on one item.
 struct invoke_one {
@@ -185,16 +307,26 @@ constexpr bool is_forward_iterator_v =
 
 /// Encodes up to `limit` items from [it, end) into `out`, stopping early when
 /// the chunk passes `max_bytes` (after at least one item). Returns the count.
+/// When reading or encoding an item throws (the input's iterator, the item's
+/// `procpool_encode`), the items before it stay encoded, the failing one is
+/// cut off, and `failure` holds the exception: the input ends there.
 template <class It, class End>
 std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
-                         std::size_t max_bytes) {
+                         std::size_t max_bytes, std::exception_ptr& failure) {
   std::size_t start = out.size();
+  std::size_t mark = start;
   std::size_t k = 0;
-  while (k < limit && it != end) {
-    encode(out, *it);
-    ++it;
-    ++k;
-    if (out.size() - start >= max_bytes) break;
+  try {
+    while (k < limit && it != end) {
+      encode(out, *it);
+      ++k;
+      mark = out.size();
+      ++it;
+      if (out.size() - start >= max_bytes) break;
+    }
+  } catch (...) {
+    out.resize(mark);
+    failure = std::current_exception();
   }
   return k;
 }
@@ -238,15 +370,22 @@ class map_call final : public call_state {
     }
     std::size_t limit = std::min({chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX)});
     std::size_t k;
+    std::exception_ptr failure;
     if constexpr (is_trivially_sendable_v<Item>) {
       if (contiguous_) {
         k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
         out.write(contiguous_ + next_, k * sizeof(Item));
       } else {
-        k = encode_items(out, it_, end_, limit, chunk_bytes_);
+        k = encode_items(out, it_, end_, limit, chunk_bytes_, failure);
       }
     } else {
-      k = encode_items(out, it_, end_, limit, chunk_bytes_);
+      k = encode_items(out, it_, end_, limit, chunk_bytes_, failure);
+    }
+    if (failure) {
+      // The items before the failing one still run: the lowest failing index wins.
+      fail(next_ + k, std::move(failure));
+      input_done = true;
+      if (k == 0) return false;
     }
     first = next_;
     count = static_cast<std::uint32_t>(k);
@@ -259,6 +398,13 @@ class map_call final : public call_state {
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
     decode_results(in, out_.data() + first, count);
     done_ += count;
+  }
+
+  /// Reports progress to the user's callback or bar (called by the waiting
+  /// caller, outside the driver's collection, so the callback may throw).
+  void report_progress() {
+    if (done_ == reported_) return;
+    reported_ = done_;
     progress_.update(done_, done_ == n_);
   }
 
@@ -269,6 +415,7 @@ class map_call final : public call_state {
   std::size_t n_;
   std::size_t next_ = 0;
   std::size_t done_ = 0;
+  std::size_t reported_ = 0;
   std::size_t chunk_;
   std::size_t chunk_bytes_;
   std::vector<R>& out_;
@@ -293,6 +440,7 @@ class imap_state : public call_state {
  public:
   /// Moves the next result out (the pair's index is the item's); false at the end.
   virtual bool next(std::pair<std::size_t, R>& out) = 0;
+  bool is_range() const noexcept override { return true; }
 };
 
 /// One `imap` / `imap_unordered` call: lazy input, a bounded window of results.
@@ -317,13 +465,20 @@ class imap_call final : public imap_state<R> {
     }
     if (sent_ - yielded_ >= window_) return false;  // the reader is behind: wait for it
     std::size_t limit = std::min({chunk_, max_count, std::size_t(UINT32_MAX)});
-    std::size_t k = encode_items(out, source_.it, source_.end, limit, chunk_bytes_);
+    std::exception_ptr failure;
+    std::size_t k = encode_items(out, source_.it, source_.end, limit, chunk_bytes_, failure);
+    if (failure) {
+      // The results before the failing input are still yielded, then its error.
+      this->fail(sent_ + k, std::move(failure));
+      this->input_done = true;
+      if (k == 0) return false;
+    }
     first = sent_;
     count = static_cast<std::uint32_t>(k);
     handler = Handlers::template id<F, Item, Invoke>();
     sent_ += k;
     if (grow_ && chunk_ < 4096) chunk_ *= 2;  // unknown length: start small, grow
-    if (source_.it == source_.end) this->input_done = true;
+    if (!this->input_done && source_.it == source_.end) this->input_done = true;
     return true;
   }
 
@@ -339,18 +494,19 @@ class imap_call final : public imap_state<R> {
       }
     }
     done_ += count;
-    progress_.update(done_, false);
   }
 
   bool next(std::pair<std::size_t, R>& out) override {
     auto e = driver_.lock();
     for (;;) {
+      if (this->aborted()) this->rethrow_if_failed();
       if constexpr (Ordered) {
         if (this->failed() && this->error_index() == yielded_) this->rethrow_if_failed();
         if (!window_results_.empty() && window_results_.front()) {
           out.first = yielded_++;
           out.second = std::move(*window_results_.front());
           window_results_.pop_front();
+          progress_.update(yielded_, false);
           return true;
         }
       } else {
@@ -358,6 +514,7 @@ class imap_call final : public imap_state<R> {
           out = std::move(ready_.front());
           ready_.pop_front();
           ++yielded_;
+          progress_.update(yielded_, false);
           return true;
         }
         this->rethrow_if_failed();
@@ -379,13 +536,21 @@ class imap_call final : public imap_state<R> {
       // come (only items after the failing one are cancelled), so waiting
       // for them must pump the driver rather than return at once.
       std::size_t before = done_;
-      e->drive([&] {
-        if (done_ != before) return true;
-        if (this->in_flight == 0 && (this->input_done || this->failed())) return true;
-        if (!this->failed()) return false;
-        if constexpr (Ordered) return this->error_index() == yielded_;
-        return true;
-      });
+      try {
+        e->drive([&] {
+          if (done_ != before || this->aborted()) return true;
+          if (this->in_flight == 0 && (this->input_done || this->failed())) return true;
+          if (!this->failed()) return false;
+          if constexpr (Ordered) return this->error_index() == yielded_;
+          return true;
+        });
+      } catch (...) {
+        // Something outside this call broke the wait (the pool was stopped, a
+        // system call failed): the range ends with it.
+        this->abort(std::current_exception());
+        e->cancel(*this);
+        throw;
+      }
     }
   }
 
@@ -411,11 +576,18 @@ class submit_call final : public call_state {
   explicit submit_call(Args args) : args_(std::move(args)) {}
   bool next_chunk(writer& out, std::size_t, std::uint64_t& first, std::uint32_t& count,
                   std::uint64_t& handler) override {
-    encode(out, args_);
+    input_done = true;
+    std::size_t mark = out.size();
+    try {
+      encode(out, args_);
+    } catch (...) {
+      out.resize(mark);
+      fail(0, std::current_exception());
+      return false;
+    }
     first = 0;
     count = 1;
     handler = Handlers::template id<F, Args, Invoke>();
-    input_done = true;
     return true;
   }
   void on_results(std::uint64_t, std::uint32_t, reader& in) override { result = decode<R>(in); }

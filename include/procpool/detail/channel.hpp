@@ -4,20 +4,25 @@
 // and repair. The public headers add encoding and decoding on top.
 //
 // Pipe (one anonymous mapping, made before forking):
-//   pipe_block      per end: the token of the process that uses it, a closed flag
+//   pipe_block      per end: the last process to use it, a closed flag, and the
+//                   table of processes that hold it (see pipe_end_state)
 //   ring 0          end 0 writes, end 1 reads (SPSC, see ring.hpp)
 //   ring 1          end 1 writes, end 0 reads
 //
 // Queue (one anonymous mapping, made before forking):
 //   queue_block     robust mutex, committed head/tail byte counters, message
-//                   count, closed flag, eventcounts "not empty" / "not full"
+//                   count, unfinished count and the journal of a push, closed
+//                   flag, eventcounts "not empty" / "not full" / "all done"
 //   data            circular buffer of messages: u64 size, then the bytes
 //
 // A queue's shared state changes only under its mutex, and each push or pop
 // becomes visible through one store of `tail` or `head` made after the bytes
 // are in place. A process that dies holding the mutex therefore leaves either
 // the old state or the new one, never a half-written message; the next locker
-// only recounts the messages (`count` is updated after the commit).
+// only recounts the messages (`count` is updated after the commit), and
+// settles the unfinished count from the journal a push writes before its
+// commit. No process trusts a number in the block: each is checked against
+// the capacity it knows itself.
 #pragma once
 
 #include <fmt/format.h>
@@ -34,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <string>
@@ -45,6 +51,7 @@
 #include "../errors.hpp"
 #include "clock.hpp"
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "liveness.hpp"
 #include "ring.hpp"
 #include "robust_mutex.hpp"
@@ -115,18 +122,41 @@ inline bool process_alive(process_token t) noexcept {
 // ---------------------------------------------------------------------------
 // Pipe
 
+/// Most processes that can hold one end of a pipe at once and be watched:
+/// each has a slot in the end's table. Beyond it an end is never found gone
+/// through deaths, only through `pipe_end::shutdown`.
+inline constexpr std::size_t pipe_max_holders = 128;
+
+/// Flags of a holder slot, in bits of the pid half of a token that no Linux
+/// pid reaches (pids stay below 2^22).
+inline constexpr std::uint64_t holder_pending = std::uint64_t{1} << 31;  ///< a fork in progress
+inline constexpr std::uint64_t holder_used = std::uint64_t{1} << 30;  ///< the holder used the end
+inline constexpr std::uint64_t holder_flags = holder_pending | holder_used;
+
 /// The shared state of one end of a pipe.
+///
+/// A process *holds* an end from the moment it makes the pipe or is forked
+/// by a process that holds it, until it closes its handle or ends; each
+/// holder has a slot with its token. A slot reserved by a parent for the
+/// child it is forking holds the parent's token and `holder_pending` until
+/// the child writes its own token there.
 struct pipe_end_state {
-  /// Token of the process that last used the end; 0 while nobody has.
+  /// Token of the process that used the end last; 0 while nobody has.
   alignas(cache_line) std::atomic<process_token> user{0};
-  /// Set once by `close()` in the process that used the end.
+  /// Token of the last process that closed its handle after using the end.
+  std::atomic<process_token> closed_by{0};
+  /// Set once the end is closed for every process: its last holder closed
+  /// it, or a holder called `shutdown()`.
   std::atomic<std::uint32_t> closed{0};
+  /// Holders that found the table full: the end is then never found gone by deaths.
+  std::atomic<std::uint32_t> untracked{0};
+  /// Holder slots: a token with flags, or 0 when free.
+  alignas(cache_line) std::atomic<std::uint64_t> holders[pipe_max_holders];
 };
 
-/// The shared header of a pipe: both ends, and the process that made it.
+/// The shared header of a pipe: both ends.
 struct pipe_block {
   pipe_end_state ends[2];
-  process_token creator = 0;
 };
 
 /// A pipe's mapping: the block and the two rings. Shared by the two
@@ -141,11 +171,15 @@ class pipe_mapping {
   pipe_block& block() noexcept { return *block_; }
   /// The ring that `end` writes and the other end reads.
   ring_control* ring_written_by(int end) noexcept { return rings_[end]; }
+  /// Data bytes mapped for each ring (known to this process, not read from
+  /// shared memory): no ring may claim more.
+  std::size_t ring_room() const noexcept { return ring_room_; }
 
  private:
   shared_mapping map_;
   pipe_block* block_ = nullptr;
   ring_control* rings_[2] = {nullptr, nullptr};
+  std::size_t ring_room_ = 0;
 };
 
 /// What a pipe end knows of the other end.
@@ -202,12 +236,14 @@ class pipe_source {
 
 /// One end of a pipe as one process sees it: the byte-level work behind
 /// `connection<T>`. Move-only; the destructor closes it (see `close`).
+///
+/// Every open `pipe_end` of a process is listed in a registry, so that a
+/// fork makes the child a holder of each (see `pipe_end_state`).
 class pipe_end {
  public:
   pipe_end() noexcept = default;
-  /// End `end` (0 or 1) of the pipe in `mapping`.
-  pipe_end(std::shared_ptr<pipe_mapping> mapping, int end) noexcept
-      : map_(std::move(mapping)), end_(end) {}
+  /// End `end` (0 or 1) of the pipe in `mapping`; this process holds it.
+  pipe_end(std::shared_ptr<pipe_mapping> mapping, int end) noexcept;
   pipe_end(pipe_end&& o) noexcept { *this = std::move(o); }
   pipe_end& operator=(pipe_end&& o) noexcept;
   pipe_end(const pipe_end&) = delete;
@@ -232,9 +268,11 @@ class pipe_end {
   /// True when a message has begun to arrive or the peer is gone. Waits for
   /// either until `deadline` (forever when empty) if `block`.
   bool poll(bool block, std::optional<steady::time_point> deadline);
-  /// Closes this end for the peer when this process is the one using it;
-  /// in any case releases this process's handle.
+  /// Releases this process's hold on the end. When no other process holds it
+  /// any more, the end is closed for every process (the peer sees it closed).
   void close() noexcept;
+  /// Closes the end for every process that holds it, then releases this handle.
+  void shutdown() noexcept;
   /// True when this object holds no end (closed or moved from).
   bool closed() const noexcept { return map_ == nullptr; }
 
@@ -242,13 +280,20 @@ class pipe_end {
   wait_policy policy;
 
  private:
+  friend class pipe_source;
+  friend struct pipe_end_registry;
+
   pipe_end_state& mine() noexcept { return map_->block().ends[end_]; }
   pipe_end_state& theirs() noexcept { return map_->block().ends[1 - end_]; }
   void claim(const char* op);
+  void take_over(process_token t);
   peer_state peer(bool check_process) noexcept;
   peer_state peer_throttled() noexcept;
-  bool message_begun() noexcept { return in_.available() >= sizeof(std::uint64_t); }
+  bool message_begun() { return in_bytes(sizeof(std::uint64_t)) >= sizeof(std::uint64_t); }
+  std::size_t in_bytes(std::size_t want);
+  std::size_t out_space();
   [[noreturn]] void throw_gone(const char* op, peer_state st);
+  [[noreturn]] void throw_corrupt(const char* what);
   template <class Consume>
   void read_begun(const char* op, Consume& consume);
   void write_stream(const void* data, std::size_t size);
@@ -257,7 +302,11 @@ class pipe_end {
   [[noreturn]] void throw_cut_off(const char* op, std::size_t message_size);
   wait_policy streaming_policy() const noexcept;
   std::size_t chunk() const noexcept;
-  friend class pipe_source;
+  // Holder slots (see pipe_end_state), process-local bookkeeping.
+  void hold() noexcept;
+  void release_hold() noexcept;
+  void reserve_fork_slot() noexcept;
+  void adopt_fork_slot(process_token child) noexcept;
 
   std::shared_ptr<pipe_mapping> map_;
   int end_ = 0;
@@ -267,11 +316,38 @@ class pipe_end {
   peer_state gone_ = peer_state::present;  // sticky once the peer is found gone
   steady::time_point next_check_{};        // next throttled check that the peer runs
   bool broken_ = false;                    // a message was cut off by a dying peer
+  int slot_ = -1;             // this process's holder slot in mine(); -1 when untracked
+  int fork_slot_ = -1;        // the slot reserved for a child while a fork is in progress
+  bool marked_used_ = false;  // this process's slot says it used the end
+  pipe_end* prev_ = nullptr;  // the registry's list of open ends of this process
+  pipe_end* next_ = nullptr;
   // Where a message that does not lie whole in the ring is put together.
   // Not zero-filled, grown as bytes arrive (never from the header alone),
   // kept for the next message.
   std::unique_ptr<std::byte[]> buffer_;
   std::size_t buffer_capacity_ = 0;
+};
+
+/// The open `pipe_end`s of this process, and the fork handlers that make a
+/// child a holder of each: before the fork a slot is reserved in each end
+/// (so a parent that closes its handle right after forking does not close
+/// the end), in the child it receives the child's token. A fork that fails
+/// leaves its reserved slots to the parent: those ends are then seen held
+/// until the parent ends.
+struct pipe_end_registry {
+  std::mutex lock;
+  pipe_end* first = nullptr;
+
+  /// The registry of this process (never destroyed: ends may close during exit).
+  static pipe_end_registry& get() noexcept;
+  void add(pipe_end* e) noexcept;
+  void remove(pipe_end* e) noexcept;
+  /// Under `lock`: puts `e` on the list, or takes it off.
+  void link(pipe_end* e) noexcept;
+  void unlink(pipe_end* e) noexcept;
+  static void before_fork() noexcept;
+  static void after_fork_parent() noexcept;
+  static void after_fork_child() noexcept;
 };
 
 // ---------------------------------------------------------------------------
@@ -280,27 +356,39 @@ class pipe_end {
 /// Where a queue operation stands, for `queue_test_hook`.
 enum class queue_stage {
   push_locked,     ///< push holds the mutex
-  push_copied,     ///< push wrote the message bytes, not yet committed
-  push_committed,  ///< push stored the new tail, message count not yet updated
+  push_copied,     ///< push wrote the message bytes and its journal, not yet committed
+  push_committed,  ///< push stored the new tail; unfinished and message counts not yet updated
   pop_locked,      ///< pop holds the mutex
   pop_copied,      ///< pop copied the message out, not yet committed
   pop_committed,   ///< pop stored the new head, message count not yet updated
+  done_locked,     ///< task_done holds the mutex
 };
 
 /// Test hook: when set, called at each stage of a queue push or pop while
 /// the queue's mutex is held (tests make a child stop there, then kill it).
 inline void (*queue_test_hook)(queue_stage) = nullptr;
 
-/// The shared part of a queue.
+/// No limit on the number of items in a queue (only its bytes).
+inline constexpr std::size_t queue_unlimited_items = static_cast<std::size_t>(-1);
+
+/// The shared part of a queue. Every field but the eventcounts changes only
+/// under `mutex`.
 struct queue_block {
   robust_mutex mutex;
   alignas(cache_line) std::atomic<std::uint64_t> head{0};  ///< bytes ever popped (committed)
   std::atomic<std::uint64_t> tail{0};                      ///< bytes ever pushed (committed)
   std::atomic<std::uint64_t> count{0};                     ///< messages held (after commits)
+  std::atomic<std::uint64_t> unfinished{0};  ///< messages pushed and not yet `task_done`
+  /// A push in progress: the tail it commits and the unfinished count that
+  /// goes with it, so that a repair after its death knows which one holds.
+  std::atomic<std::uint64_t> journal_tail{0};
+  std::atomic<std::uint64_t> journal_unfinished{0};
+  std::atomic<std::uint32_t> journal_active{0};
   std::atomic<std::uint32_t> closed{0};
-  std::uint64_t capacity = 0;  ///< data bytes
+  std::uint64_t capacity = 0;  ///< data bytes (for a reader of the mapping; never trusted)
   alignas(cache_line) eventcount not_empty;
   alignas(cache_line) eventcount not_full;
+  alignas(cache_line) eventcount all_done;  ///< notified when `unfinished` drops to 0
 };
 
 /// Bytes a message header takes in a queue.
@@ -308,38 +396,65 @@ inline constexpr std::size_t queue_header_bytes = sizeof(std::uint64_t);
 
 /// A queue's mapping and the byte-level push and pop. Shared by every handle
 /// of a process through a `shared_ptr`; every forked child inherits it.
+///
+/// Every position, length and count read from the shared block is checked
+/// against the capacity this process knows (its own copy, not the shared
+/// one): a queue whose block was overwritten raises `channel_corrupted` and
+/// never reads or writes outside its data bytes.
 class queue_core {
  public:
   /// How `pop` ended.
   enum class pop_result { popped, empty, closed };
 
-  /// Maps a queue of `capacity` data bytes.
-  /// **Throws:** `procpool::error` when `capacity` cannot hold a message;
-  /// `std::system_error` naming mmap.
-  explicit queue_core(std::size_t capacity);
+  /// Maps a queue of `capacity` data bytes holding at most `max_items` messages.
+  /// **Throws:** `procpool::error` when `capacity` cannot hold a message or
+  /// `max_items` is 0; `std::system_error` naming mmap.
+  explicit queue_core(std::size_t capacity, std::size_t max_items = queue_unlimited_items);
   queue_core(const queue_core&) = delete;
   queue_core& operator=(const queue_core&) = delete;
 
   /// Pushes the `size` bytes at `data`. Waits for room until `deadline`
   /// (forever when empty) if `block`. Returns false when there was no room
-  /// in time. **Throws:** `message_too_large`, `channel_closed` (closed queue).
+  /// in time. **Throws:** `message_too_large`, `channel_closed` (closed
+  /// queue), `channel_corrupted`.
   bool push(const void* data, std::size_t size, bool block,
             std::optional<steady::time_point> deadline);
   /// Pops the oldest message into `out`. Waits for one until `deadline`
-  /// (forever when empty) if `block`. `closed` once the queue is closed and empty.
+  /// (forever when empty) if `block`. `closed` once the queue is closed and
+  /// empty. **Throws:** `channel_corrupted`.
   pop_result pop(std::vector<std::byte>& out, bool block,
                  std::optional<steady::time_point> deadline);
   /// Refuses further pushes and wakes every waiter.
   void close();
+  /// Marks one popped message as processed. **Throws:** `procpool::error`
+  /// when every pushed message is marked already; `channel_corrupted`.
+  void task_done();
+  /// Waits until every pushed message is marked processed, until `deadline`
+  /// (forever when empty); false on timeout.
+  bool join(std::optional<steady::time_point> deadline);
 
   /// True once `close()` was called in any process.
   bool closed() const noexcept { return q_->closed.load(std::memory_order_acquire) != 0; }
-  /// Messages held at some recent moment.
+  /// Messages held at some recent moment (read without the lock).
   std::size_t size_approx() const noexcept {
-    return static_cast<std::size_t>(q_->count.load(std::memory_order_relaxed));
+    return static_cast<std::size_t>(std::min<std::uint64_t>(
+        q_->count.load(std::memory_order_relaxed), capacity_ / queue_header_bytes));
   }
+  /// How full the queue is now, read under the lock.
+  struct fill {
+    std::size_t items;       ///< messages held
+    std::size_t free_bytes;  ///< data bytes free
+    std::size_t unfinished;  ///< messages pushed and not yet marked done
+  };
+  /// **Throws:** `channel_corrupted`.
+  fill state();
   /// Data bytes.
-  std::size_t capacity() const noexcept { return static_cast<std::size_t>(q_->capacity); }
+  std::size_t capacity() const noexcept { return capacity_; }
+  /// Most messages held at once.
+  std::size_t max_items() const noexcept { return max_items_; }
+
+  /// The shared block, as another process could overwrite it (tests, fuzzing).
+  queue_block& shared_block() noexcept { return *q_; }
 
   /// How waits spin and sleep.
   wait_policy policy;
@@ -348,7 +463,9 @@ class queue_core {
   class guard;
   bool lock(std::optional<steady::time_point> deadline);
   void repair() noexcept;
+  void check(std::uint64_t head, std::uint64_t tail, const char* op) const;
   std::uint64_t used() const noexcept;
+  bool room_for(std::uint64_t need) const noexcept;
   void copy_in(std::uint64_t at, const void* src, std::size_t n) noexcept;
   void copy_out(std::uint64_t at, void* dst, std::size_t n) const noexcept;
   static void stage(queue_stage s) {
@@ -358,6 +475,8 @@ class queue_core {
   shared_mapping map_;
   queue_block* q_ = nullptr;
   std::byte* data_ = nullptr;
+  std::size_t capacity_ = 0;   // this process's own copy: never read back from shared memory
+  std::size_t max_items_ = 0;  // likewise
 };
 
 // ---------------------------------------------------------------------------
@@ -373,14 +492,161 @@ inline pipe_mapping::pipe_mapping(std::size_t buffer_bytes) {
   map_ = shared_mapping(header + 2 * ring_bytes);
   auto* base = static_cast<std::byte*>(map_.data());
   block_ = new (base) pipe_block();
-  block_->creator = this_process_token();
   rings_[0] = ring_control::create(base + header, capacity);
   rings_[1] = ring_control::create(base + header + ring_bytes, capacity);
+  ring_room_ = capacity;
+}
+
+inline pipe_end_registry& pipe_end_registry::get() noexcept {
+  static pipe_end_registry* r = [] {
+    auto* made = new pipe_end_registry();
+    ::pthread_atfork(&before_fork, &after_fork_parent, &after_fork_child);
+    return made;
+  }();
+  return *r;
+}
+
+inline void pipe_end_registry::add(pipe_end* e) noexcept {
+  std::lock_guard<std::mutex> hold(lock);
+  link(e);
+}
+
+inline void pipe_end_registry::remove(pipe_end* e) noexcept {
+  std::lock_guard<std::mutex> hold(lock);
+  unlink(e);
+}
+
+inline void pipe_end_registry::link(pipe_end* e) noexcept {
+  e->prev_ = nullptr;
+  e->next_ = first;
+  if (first != nullptr) first->prev_ = e;
+  first = e;
+}
+
+inline void pipe_end_registry::unlink(pipe_end* e) noexcept {
+  if (e->prev_ != nullptr) e->prev_->next_ = e->next_;
+  if (e->next_ != nullptr) e->next_->prev_ = e->prev_;
+  if (first == e) first = e->next_;
+  e->prev_ = e->next_ = nullptr;
+}
+
+// The registry stays locked from here to the end of the fork, so no end
+// opens, closes or moves while its slots are handed over.
+inline void pipe_end_registry::before_fork() noexcept {
+  auto& r = get();
+  r.lock.lock();
+  for (pipe_end* e = r.first; e != nullptr; e = e->next_) e->reserve_fork_slot();
+}
+
+inline void pipe_end_registry::after_fork_parent() noexcept {
+  auto& r = get();
+  for (pipe_end* e = r.first; e != nullptr; e = e->next_) e->fork_slot_ = -1;
+  r.lock.unlock();
+}
+
+inline void pipe_end_registry::after_fork_child() noexcept {
+  auto& r = get();
+  forget_process_token();
+  process_token child = this_process_token();
+  for (pipe_end* e = r.first; e != nullptr; e = e->next_) e->adopt_fork_slot(child);
+  r.lock.unlock();
+}
+
+// True while the process in holder slot value `v` runs (a pending slot: its parent).
+inline bool holder_alive(std::uint64_t v) noexcept {
+  return v != 0 && process_alive(v & ~holder_flags);
+}
+
+// True when a process other than `except` (0: none) holds `s`; frees the
+// slots of holders that ended on the way, so the table does not fill up.
+// `except_used` is set when `except` holds it and has used it.
+inline bool other_holder_alive(pipe_end_state& s, process_token except,
+                               bool* except_holds = nullptr, bool* except_used = nullptr) noexcept {
+  bool found = false;
+  for (auto& slot : s.holders) {
+    std::uint64_t v = slot.load(std::memory_order_acquire);
+    if (v == 0) continue;
+    if ((v & ~holder_flags) == except && (v & holder_pending) == 0) {
+      if (except_holds != nullptr) *except_holds = true;
+      if (except_used != nullptr && (v & holder_used) != 0) *except_used = true;
+      continue;
+    }
+    if (holder_alive(v)) {
+      found = true;
+      break;
+    }
+    slot.compare_exchange_strong(v, 0, std::memory_order_acq_rel);
+  }
+  return found;
+}
+
+inline pipe_end::pipe_end(std::shared_ptr<pipe_mapping> mapping, int end) noexcept
+    : map_(std::move(mapping)), end_(end) {
+  if (!map_) return;
+  hold();
+  pipe_end_registry::get().add(this);
+}
+
+// Takes a free holder slot for this process.
+inline void pipe_end::hold() noexcept {
+  const std::uint64_t me = this_process_token();
+  for (std::size_t i = 0; i < pipe_max_holders; ++i) {
+    std::uint64_t expected = 0;
+    if (mine().holders[i].compare_exchange_strong(expected, me, std::memory_order_acq_rel)) {
+      slot_ = static_cast<int>(i);
+      return;
+    }
+  }
+  slot_ = -1;
+  mine().untracked.fetch_add(1, std::memory_order_relaxed);
+}
+
+// Frees this process's slot, if it is still ours (shared memory may say otherwise).
+inline void pipe_end::release_hold() noexcept {
+  if (slot_ < 0) return;
+  auto& slot = mine().holders[slot_];
+  std::uint64_t v = slot.load(std::memory_order_acquire);
+  if ((v & ~holder_flags) == this_process_token() && (v & holder_pending) == 0)
+    slot.compare_exchange_strong(v, 0, std::memory_order_acq_rel);
+  slot_ = -1;
+}
+
+// Before a fork (registry locked): a slot for the child, in the parent's name until it comes.
+inline void pipe_end::reserve_fork_slot() noexcept {
+  fork_slot_ = -1;
+  const std::uint64_t pending = this_process_token() | holder_pending;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (std::size_t i = 0; i < pipe_max_holders; ++i) {
+      std::uint64_t expected = 0;
+      if (mine().holders[i].compare_exchange_strong(expected, pending, std::memory_order_acq_rel)) {
+        fork_slot_ = static_cast<int>(i);
+        return;
+      }
+    }
+    if (pass == 0) (void)other_holder_alive(mine(), 0);  // frees the slots of ended holders
+  }
+  mine().untracked.fetch_add(1, std::memory_order_relaxed);
+}
+
+// In the child: the slot reserved before the fork becomes the child's.
+inline void pipe_end::adopt_fork_slot(process_token child) noexcept {
+  slot_ = fork_slot_;
+  fork_slot_ = -1;
+  marked_used_ = false;
+  user_ = 0;
+  gone_ = peer_state::present;
+  next_check_ = {};
+  if (slot_ >= 0) mine().holders[slot_].store(child, std::memory_order_release);
 }
 
 inline pipe_end& pipe_end::operator=(pipe_end&& o) noexcept {
   if (this != &o) {
     close();
+    // Under the registry's lock: a fork in another thread sees the end in
+    // `o` or in this object, never half moved.
+    auto& registry = pipe_end_registry::get();
+    std::lock_guard<std::mutex> hold(registry.lock);
+    if (o.map_) registry.unlink(&o);
     map_ = std::move(o.map_);
     end_ = o.end_;
     user_ = std::exchange(o.user_, 0);
@@ -389,9 +655,13 @@ inline pipe_end& pipe_end::operator=(pipe_end&& o) noexcept {
     gone_ = o.gone_;
     next_check_ = o.next_check_;
     broken_ = o.broken_;
+    slot_ = std::exchange(o.slot_, -1);
+    fork_slot_ = -1;
+    marked_used_ = o.marked_used_;
     buffer_ = std::move(o.buffer_);
     buffer_capacity_ = std::exchange(o.buffer_capacity_, 0);
     policy = o.policy;
+    if (map_) registry.link(this);
   }
   return *this;
 }
@@ -400,44 +670,91 @@ inline void pipe_end::require_open(const char* op) const {
   if (!map_) throw channel_closed(fmt::format("{} on a closed (or moved-from) connection", op));
 }
 
-// Makes this process the user of the end. A process that takes over an end
-// (a forked child, say) starts from the shared counters, not from the views
-// it inherited.
+inline void pipe_end::throw_corrupt(const char* what) {
+  broken_ = true;
+  throw channel_corrupted(fmt::format(
+      "end {} of a pipe: its shared state is corrupt ({}); memory was overwritten, and the pipe "
+      "cannot be used any more",
+      end_, what));
+}
+
+// Makes this process the user of the end. A process that uses the end after
+// another one did (a forked child, or the parent again after its child)
+// starts from the shared counters, not from the views it had.
 inline void pipe_end::claim(const char* op) {
   require_open(op);
-  if (mine().closed.load(std::memory_order_acquire) != 0)
-    throw channel_closed(fmt::format("{} on end {} of a pipe, which process {} closed", op, end_,
-                                     token_pid(mine().user.load(std::memory_order_relaxed))));
-  process_token t = this_process_token();
-  if (t != user_) {
-    user_ = t;
-    out_ = ring_writer(map_->ring_written_by(end_));
-    in_ = ring_reader(map_->ring_written_by(1 - end_));
-    next_check_ = {};
-    mine().user.store(t, std::memory_order_release);
-  }
+  auto& m = mine();
+  if (m.closed.load(std::memory_order_acquire) != 0)
+    throw channel_closed(
+        fmt::format("{} on end {} of a pipe, which process {} closed for every "
+                    "process",
+                    op, end_, token_pid(m.closed_by.load(std::memory_order_relaxed))));
   if (broken_)
     throw channel_closed(fmt::format(
-        "{} on end {} of a pipe whose other end's process died in the middle of a message", op,
-        end_));
+        "{} on end {} of a pipe whose other end's process died in the middle of a message (or "
+        "whose shared state is corrupt)",
+        op, end_));
+  process_token t = this_process_token();
+  if (t != user_ || m.user.load(std::memory_order_acquire) != t) take_over(t);
+  if (!marked_used_ && slot_ >= 0) {
+    m.holders[slot_].fetch_or(holder_used, std::memory_order_acq_rel);
+    marked_used_ = true;
+  }
 }
 
+inline void pipe_end::take_over(process_token t) {
+  out_ = ring_writer(map_->ring_written_by(end_));
+  in_ = ring_reader(map_->ring_written_by(1 - end_));
+  // The capacities come from shared memory: they must be ones this process mapped.
+  for (std::size_t c : {out_.capacity(), in_.capacity()})
+    if (c < 64 || c > map_->ring_room() || (c & (c - 1)) != 0) {
+      out_ = ring_writer();
+      in_ = ring_reader();
+      user_ = 0;
+      throw_corrupt("a ring capacity that was never mapped");
+    }
+  user_ = t;
+  next_check_ = {};
+  gone_ = peer_state::present;
+  mine().user.store(t, std::memory_order_release);
+}
+
+// Bytes readable now; throws when the writer's counter is corrupt.
+inline std::size_t pipe_end::in_bytes(std::size_t want) {
+  std::size_t n = in_.available(want);
+  if (in_.corrupt()) throw_corrupt("a write position beyond the ring");
+  return n;
+}
+
+// Room to write now; throws when the reader's counter is corrupt.
+inline std::size_t pipe_end::out_space() {
+  std::size_t n = out_.free_space();
+  if (out_.corrupt()) throw_corrupt("a read position beyond the ring");
+  return n;
+}
+
+// The other end is gone when it was closed for every process, or when no
+// process other than this one holds it and this one never used it while
+// another process did (so nothing this process does not do itself can ever
+// come through it).
 inline peer_state pipe_end::peer(bool check_process) noexcept {
   if (gone_ != peer_state::present) return gone_;
-  if (theirs().closed.load(std::memory_order_acquire) != 0) return gone_ = peer_state::closed;
-  if (check_process) {
-    process_token u = theirs().user.load(std::memory_order_acquire);
-    // Nobody has used the other end yet, or this process uses both: it is there.
-    if (u != 0 && u != user_ && !process_alive(u)) {
-      // It may have closed the end just before it exited.
-      if (theirs().closed.load(std::memory_order_acquire) != 0) return gone_ = peer_state::closed;
-      return gone_ = peer_state::exited;
-    }
-  }
-  return peer_state::present;
+  auto& th = theirs();
+  if (th.closed.load(std::memory_order_acquire) != 0) return gone_ = peer_state::closed;
+  if (!check_process || th.untracked.load(std::memory_order_relaxed) != 0)
+    return peer_state::present;
+  process_token me = this_process_token();
+  bool i_hold = false, i_used = false;
+  if (other_holder_alive(th, me, &i_hold, &i_used) || i_used) return peer_state::present;
+  process_token u = th.user.load(std::memory_order_acquire);
+  if (i_hold && (u == 0 || u == me)) return peer_state::present;  // only this process can use it
+  if (th.closed.load(std::memory_order_acquire) != 0) return gone_ = peer_state::closed;
+  if (u != 0 && th.closed_by.load(std::memory_order_acquire) == u)
+    return gone_ = peer_state::closed;
+  return gone_ = peer_state::exited;
 }
 
-// The closed flag on every call; whether the peer's process runs at most once
+// The closed flag on every call; whether the peer's holders run at most once
 // per sleep slice, so a busy sender makes no system call per message.
 inline peer_state pipe_end::peer_throttled() noexcept {
   auto st = peer(false);
@@ -449,16 +766,22 @@ inline peer_state pipe_end::peer_throttled() noexcept {
 }
 
 inline void pipe_end::throw_gone(const char* op, peer_state st) {
-  pid_t pid = token_pid(theirs().user.load(std::memory_order_acquire));
-  if (st == peer_state::closed)
+  auto& th = theirs();
+  pid_t user = token_pid(th.user.load(std::memory_order_acquire));
+  if (st == peer_state::closed) {
+    pid_t by = token_pid(th.closed_by.load(std::memory_order_acquire));
     throw channel_closed(
-        fmt::format("{} on end {} of a pipe: the other end (end {}) was closed "
-                    "by process {}",
-                    op, end_, 1 - end_, pid));
+        fmt::format("{} on end {} of a pipe: the other end (end {}) was closed by process {}", op,
+                    end_, 1 - end_, by != 0 ? by : user));
+  }
+  if (user == 0)
+    throw channel_closed(
+        fmt::format("{} on end {} of a pipe: no process holds the other end (end {}) any more", op,
+                    end_, 1 - end_));
   throw channel_closed(
       fmt::format("{} on end {} of a pipe: process {}, which used the other end "
-                  "(end {}), has exited",
-                  op, end_, pid, 1 - end_));
+                  "(end {}), has exited, and no other process holds that end",
+                  op, end_, user, 1 - end_));
 }
 
 inline void pipe_end::send(const void* head, std::size_t head_size, const void* body,
@@ -467,7 +790,7 @@ inline void pipe_end::send(const void* head, std::size_t head_size, const void* 
   auto st = peer_throttled();
   if (st != peer_state::present) throw_gone("send", st);
   std::uint64_t header = head_size + body_size;
-  if (out_.free_space() >= sizeof header + header) {  // the common case: one publish
+  if (out_space() >= sizeof header + header) {  // the common case: one publish
     out_.put(&header, sizeof header);
     out_.put(head, head_size);
     out_.put(body, body_size);
@@ -491,17 +814,17 @@ inline wait_policy pipe_end::streaming_policy() const noexcept {
 // Large messages move in chunks of a quarter of the ring, each published
 // (or released) at once, so that writer and reader copy at the same time.
 inline std::size_t pipe_end::chunk() const noexcept {
-  return static_cast<std::size_t>(map_->ring_written_by(end_)->capacity / 4);
+  return out_.capacity() / 4;
 }
 
 inline void pipe_end::write_stream(const void* data, std::size_t size) {
   auto p = static_cast<const std::byte*>(data);
   const std::size_t most = chunk();
   while (size > 0) {
-    std::size_t n = std::min({size, out_.free_space(), most});
+    std::size_t n = std::min({size, out_space(), most});
     if (n == 0) {
       auto ws = wait_for_condition(
-          out_.writable(), [this] { return out_.free_space() > 0; }, std::nullopt,
+          out_.writable(), [this] { return out_.free_space() > 0 || out_.corrupt(); }, std::nullopt,
           [this] { return peer(true) == peer_state::present; }, streaming_policy());
       if (ws != wait_status::ready) throw_gone("send", peer(true));
       continue;
@@ -519,13 +842,13 @@ inline void pipe_end::write_stream(const void* data, std::size_t size) {
 inline void pipe_end::read_exact(void* dst, std::size_t n, std::size_t message_size,
                                  const char* op) {
   auto out = static_cast<std::byte*>(dst);
-  const std::size_t most = static_cast<std::size_t>(map_->ring_written_by(1 - end_)->capacity / 4);
+  const std::size_t most = in_.capacity() / 4;
   while (n > 0) {
-    std::size_t k = std::min({in_.available(1), n, most});
+    std::size_t k = std::min({in_bytes(1), n, most});
     if (k == 0) {
       in_.release();
       auto ws = wait_for_condition(
-          in_.readable(), [this] { return in_.available(1) > 0; }, std::nullopt,
+          in_.readable(), [this] { return in_.available(1) > 0 || in_.corrupt(); }, std::nullopt,
           [this] { return peer(true) == peer_state::present; }, streaming_policy());
       if (ws != wait_status::ready) throw_cut_off(op, message_size);
       continue;
@@ -542,10 +865,14 @@ inline void pipe_end::read_exact(void* dst, std::size_t n, std::size_t message_s
 inline void pipe_end::discard(std::size_t n) noexcept {
   while (n > 0) {
     std::size_t k = std::min(in_.available(1), n);
+    if (in_.corrupt()) {
+      broken_ = true;
+      return;
+    }
     if (k == 0) {
       in_.release();
       auto ws = wait_for_condition(
-          in_.readable(), [this] { return in_.available(1) > 0; }, std::nullopt,
+          in_.readable(), [this] { return in_.available(1) > 0 || in_.corrupt(); }, std::nullopt,
           [this] { return peer(true) == peer_state::present; }, streaming_policy());
       if (ws != wait_status::ready) {
         broken_ = true;
@@ -597,9 +924,9 @@ T read_contiguous(std::size_t size, pipe_source& source) {
   const std::size_t step = std::max<std::size_t>(1, (64 * 1024) / sizeof(element));
   const std::size_t trusted = (std::size_t(256) << 20) / sizeof(element);
   T out;
-  out.reserve(std::min(static_cast<std::size_t>(count), trusted));
+  out.reserve(std::min(int_cast<std::size_t>(count), trusted));
   for (std::size_t done = 0; done < count;) {
-    std::size_t k = std::min(static_cast<std::size_t>(count) - done, step);
+    std::size_t k = std::min(int_cast<std::size_t>(count) - done, step);
     out.resize(done + k);
     source.read(out.data() + done, k * sizeof(element));
     done += k;
@@ -616,6 +943,7 @@ bool pipe_end::receive(const char* op, bool block, std::optional<steady::time_po
     if (st != peer_state::present) {
       // Messages sent before the peer left are still delivered.
       if (in_.refresh() >= sizeof(std::uint64_t)) break;
+      if (in_.corrupt()) throw_corrupt("a write position beyond the ring");
       throw_gone(op, st);
     }
     if (!block) return false;
@@ -632,9 +960,9 @@ bool pipe_end::receive(const char* op, bool block, std::optional<steady::time_po
 template <class Consume>
 void pipe_end::read_begun(const char* op, Consume& consume) {
   std::size_t size = *in_.next_message_size();
-  std::size_t total = sizeof(std::uint64_t) + size;
+  std::size_t total = size < in_.capacity() ? sizeof(std::uint64_t) + size : 0;
   // A message that lies whole and unwrapped in the ring is decoded in place.
-  if (size < map_->ring_written_by(1 - end_)->capacity && in_.available(total) >= total) {
+  if (size < in_.capacity() && in_bytes(total) >= total) {
     if (const std::byte* p = in_.peek(total)) {
       struct release_on_exit {
         ring_reader& in;
@@ -694,25 +1022,32 @@ inline bool pipe_end::poll(bool block, std::optional<steady::time_point> deadlin
 
 inline void pipe_end::close() noexcept {
   if (!map_) return;
+  pipe_end_registry::get().remove(this);
+  auto& m = mine();
   process_token t = this_process_token();
-  auto& me = mine();
-  process_token u = me.user.load(std::memory_order_acquire);
-  // The process using the end closes it for the peer. So does a process that
-  // is not the pipe's maker and closes an end nobody used yet (a child done
-  // with its end). The maker closing an unused end, or any process closing
-  // an end another process uses, only drops its own handle, as closing an
-  // inherited descriptor would.
-  bool mine_to_close = u == t || (u == 0 && t != map_->block().creator);
-  if (mine_to_close && me.closed.load(std::memory_order_relaxed) == 0) {
-    me.user.store(t, std::memory_order_relaxed);
-    me.closed.store(1, std::memory_order_release);
-    map_->ring_written_by(end_)->readable.notify();      // a peer waiting in recv
-    map_->ring_written_by(1 - end_)->writable.notify();  // a peer waiting in send
-  }
+  if (marked_used_ || user_ == t) m.closed_by.store(t, std::memory_order_release);
+  release_hold();
+  // The last holder closes the end for every process.
+  if (m.untracked.load(std::memory_order_relaxed) == 0 && !other_holder_alive(m, 0))
+    m.closed.store(1, std::memory_order_release);
+  // Either way a peer waiting in recv or send looks again: it may be the
+  // only holder left of this end.
+  map_->ring_written_by(end_)->readable.notify();
+  map_->ring_written_by(1 - end_)->writable.notify();
   map_.reset();
   user_ = 0;
+  slot_ = -1;
+  marked_used_ = false;
   out_ = ring_writer();
   in_ = ring_reader();
+}
+
+inline void pipe_end::shutdown() noexcept {
+  if (!map_) return;
+  auto& m = mine();
+  m.closed_by.store(this_process_token(), std::memory_order_release);
+  m.closed.store(1, std::memory_order_release);
+  close();
 }
 
 // ---------------------------------------------------------------------------
@@ -733,13 +1068,14 @@ class queue_core::guard {
   robust_mutex* m_;
 };
 
-inline queue_core::queue_core(std::size_t capacity) {
+inline queue_core::queue_core(std::size_t capacity, std::size_t max_items) {
   constexpr std::size_t minimum = 2 * queue_header_bytes;
   if (capacity < minimum || capacity > (std::size_t{1} << 40))
     throw error(
         fmt::format("a queue needs a capacity between {} bytes and 1 TiB; {} bytes were "
                     "asked for",
                     minimum, capacity));
+  if (max_items == 0) throw error("a queue needs room for at least one item; 0 were asked for");
   std::size_t header = align_up(sizeof(queue_block), cache_line);
   map_ = shared_mapping(header + capacity);
   auto* base = static_cast<std::byte*>(map_.data());
@@ -748,6 +1084,8 @@ inline queue_core::queue_core(std::size_t capacity) {
   q_ = new (base) queue_block();
   q_->capacity = capacity;
   data_ = base + header;
+  capacity_ = capacity;
+  max_items_ = max_items;
 }
 
 // Locks the mutex; after a holder died, repairs the state it guards and
@@ -767,27 +1105,49 @@ inline bool queue_core::lock(std::optional<steady::time_point> deadline) {
   return true;
 }
 
+// Under the mutex: throws channel_corrupted unless head and tail describe at
+// most `capacity_` bytes and the message count fits them.
+inline void queue_core::check(std::uint64_t head, std::uint64_t tail, const char* op) const {
+  std::uint64_t used = tail - head;
+  std::uint64_t count = q_->count.load(std::memory_order_relaxed);
+  if (used > capacity_ || count > used / queue_header_bytes || (used != 0 && count == 0))
+    throw channel_corrupted(
+        fmt::format("queue {}: the queue's shared state is corrupt ({} bytes and {} items "
+                    "queued in a queue of {} bytes); memory was overwritten, and the queue "
+                    "cannot be used any more",
+                    op, static_cast<std::int64_t>(used), count, capacity_));
+}
+
 // Under the mutex, after its holder died. Every commit is one store, so head
-// and tail are whole; only `count` may lag. Recount the messages, checking
-// each size against what remains (a failed check cannot happen, but would cut
-// the queue at the last good message rather than hand out garbage), and wake
-// waiters the dead process may have owed a notification.
+// and tail are whole; `count` may lag, and `unfinished` is settled by the
+// journal of a push that died. Recount the messages, checking each size
+// against what remains (a corrupt queue is left as it is: the next push or
+// pop reports it), and wake waiters the dead process may have owed a
+// notification.
 inline void queue_core::repair() noexcept {
   std::uint64_t head = q_->head.load(std::memory_order_relaxed);
   std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
-  std::uint64_t at = head;
-  std::uint64_t messages = 0;
-  while (tail - at >= queue_header_bytes) {
-    std::uint64_t size;
-    copy_out(at, &size, sizeof size);
-    if (size > tail - at - queue_header_bytes) break;
-    at += queue_header_bytes + size;
-    ++messages;
+  if (q_->journal_active.load(std::memory_order_relaxed) != 0) {
+    if (tail == q_->journal_tail.load(std::memory_order_relaxed))
+      q_->unfinished.store(q_->journal_unfinished.load(std::memory_order_relaxed),
+                           std::memory_order_relaxed);
+    q_->journal_active.store(0, std::memory_order_relaxed);
   }
-  if (at != tail) q_->tail.store(at, std::memory_order_release);
-  q_->count.store(messages, std::memory_order_relaxed);
+  if (tail - head <= capacity_) {
+    std::uint64_t at = head;
+    std::uint64_t messages = 0;
+    while (tail - at >= queue_header_bytes) {
+      std::uint64_t size;
+      copy_out(at, &size, sizeof size);
+      if (size > tail - at - queue_header_bytes) break;
+      at += queue_header_bytes + size;
+      ++messages;
+    }
+    if (at == tail) q_->count.store(messages, std::memory_order_relaxed);
+  }
   q_->not_empty.notify();
   q_->not_full.notify();
+  if (q_->unfinished.load(std::memory_order_relaxed) == 0) q_->all_done.notify();
 }
 
 // Bytes in use; head is read first, so the answer is never below the truth.
@@ -796,28 +1156,39 @@ inline std::uint64_t queue_core::used() const noexcept {
   return q_->tail.load(std::memory_order_acquire) - head;
 }
 
+// Whether a message of `need` bytes (header included) fits now, read without
+// the lock. A corrupt state says yes, so that the caller locks and reports it.
+inline bool queue_core::room_for(std::uint64_t need) const noexcept {
+  std::uint64_t u = used();
+  if (u > capacity_) return true;
+  return capacity_ - u >= need && q_->count.load(std::memory_order_relaxed) < max_items_;
+}
+
 inline void queue_core::copy_in(std::uint64_t at, const void* src, std::size_t n) noexcept {
   if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t cap = static_cast<std::size_t>(q_->capacity);
-  std::size_t off = static_cast<std::size_t>(at % cap);
-  std::size_t first = std::min(n, cap - off);
+  std::size_t off = static_cast<std::size_t>(at % capacity_);
+  std::size_t first = std::min(n, capacity_ - off);
   std::memcpy(data_ + off, src, first);
   std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
 }
 
 inline void queue_core::copy_out(std::uint64_t at, void* dst, std::size_t n) const noexcept {
   if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t cap = static_cast<std::size_t>(q_->capacity);
-  std::size_t off = static_cast<std::size_t>(at % cap);
-  std::size_t first = std::min(n, cap - off);
+  std::size_t off = static_cast<std::size_t>(at % capacity_);
+  std::size_t first = std::min(n, capacity_ - off);
   std::memcpy(dst, data_ + off, first);
   std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
 }
 
 inline bool queue_core::push(const void* data, std::size_t size, bool block,
                              std::optional<steady::time_point> deadline) {
-  const std::uint64_t cap = q_->capacity;
-  if (size > cap - queue_header_bytes) throw message_too_large(size, capacity());
+  if (size > capacity_ - queue_header_bytes)
+    throw message_too_large(
+        size, capacity_,
+        fmt::format("each item takes its encoded size plus {} bytes in a queue, so this one "
+                    "needs a queue of at least {} bytes: make it with queue<T>(capacity_bytes), "
+                    "or send items this large through a pipe, which streams them",
+                    queue_header_bytes, size + queue_header_bytes));
   const std::uint64_t need = queue_header_bytes + size;
   for (;;) {
     if (!lock(deadline)) return false;
@@ -825,15 +1196,24 @@ inline bool queue_core::push(const void* data, std::size_t size, bool block,
     stage(queue_stage::push_locked);
     if (q_->closed.load(std::memory_order_relaxed) != 0)
       throw channel_closed("queue push: the queue is closed");
+    std::uint64_t head = q_->head.load(std::memory_order_relaxed);
     std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
-    if (cap - (tail - q_->head.load(std::memory_order_relaxed)) >= need) {
+    check(head, tail, "push");
+    std::uint64_t count = q_->count.load(std::memory_order_relaxed);
+    if (capacity_ - (tail - head) >= need && count < max_items_) {
       std::uint64_t header = size;
       copy_in(tail, &header, sizeof header);
       copy_in(tail + queue_header_bytes, data, size);
+      std::uint64_t unfinished = q_->unfinished.load(std::memory_order_relaxed) + 1;
+      q_->journal_tail.store(tail + need, std::memory_order_relaxed);
+      q_->journal_unfinished.store(unfinished, std::memory_order_relaxed);
+      q_->journal_active.store(1, std::memory_order_relaxed);
       stage(queue_stage::push_copied);
       q_->tail.store(tail + need, std::memory_order_release);  // the commit
       stage(queue_stage::push_committed);
-      q_->count.fetch_add(1, std::memory_order_relaxed);
+      q_->unfinished.store(unfinished, std::memory_order_relaxed);
+      q_->journal_active.store(0, std::memory_order_relaxed);
+      q_->count.store(count + 1, std::memory_order_relaxed);
       g.unlock();
       q_->not_empty.notify();
       return true;
@@ -841,8 +1221,8 @@ inline bool queue_core::push(const void* data, std::size_t size, bool block,
     g.unlock();
     if (!block) return false;
     auto ws = wait_for_condition(
-        q_->not_full, [&] { return closed() || cap - used() >= need; }, deadline,
-        [] { return true; }, policy);
+        q_->not_full, [&] { return closed() || room_for(need); }, deadline, [] { return true; },
+        policy);
     if (ws == wait_status::timeout) return false;
   }
 }
@@ -855,14 +1235,15 @@ inline queue_core::pop_result queue_core::pop(std::vector<std::byte>& out, bool 
     stage(queue_stage::pop_locked);
     std::uint64_t head = q_->head.load(std::memory_order_relaxed);
     std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
+    check(head, tail, "pop");
     if (tail != head) {
-      std::uint64_t size;
-      copy_out(head, &size, sizeof size);
-      if (tail - head < queue_header_bytes ||
-          size > tail - head - queue_header_bytes) {  // cannot happen: commits are whole
-        repair();
-        continue;
-      }
+      std::uint64_t size = 0;
+      if (tail - head >= queue_header_bytes) copy_out(head, &size, sizeof size);
+      if (tail - head < queue_header_bytes || size > tail - head - queue_header_bytes)
+        throw channel_corrupted(fmt::format(
+            "queue pop: the queue's shared state is corrupt (an item of {} bytes where {} "
+            "bytes are queued); memory was overwritten, and the queue cannot be used any more",
+            size, tail - head));
       out.resize(static_cast<std::size_t>(size));
       copy_out(head + queue_header_bytes, out.data(), out.size());
       stage(queue_stage::pop_copied);
@@ -890,6 +1271,35 @@ inline void queue_core::close() {
   g.unlock();
   q_->not_empty.notify();
   q_->not_full.notify();
+}
+
+inline void queue_core::task_done() {
+  (void)lock(std::nullopt);
+  guard g(q_->mutex);
+  stage(queue_stage::done_locked);
+  std::uint64_t unfinished = q_->unfinished.load(std::memory_order_relaxed);
+  if (unfinished == 0) throw error("queue task_done: called more times than items were pushed");
+  q_->unfinished.store(unfinished - 1, std::memory_order_release);
+  g.unlock();
+  if (unfinished == 1) q_->all_done.notify();
+}
+
+inline bool queue_core::join(std::optional<steady::time_point> deadline) {
+  auto ws = wait_for_condition(
+      q_->all_done, [&] { return q_->unfinished.load(std::memory_order_acquire) == 0; }, deadline,
+      [] { return true; }, policy);
+  return ws == wait_status::ready;
+}
+
+inline queue_core::fill queue_core::state() {
+  (void)lock(std::nullopt);
+  guard g(q_->mutex);
+  std::uint64_t head = q_->head.load(std::memory_order_relaxed);
+  std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
+  check(head, tail, "size");
+  return {static_cast<std::size_t>(q_->count.load(std::memory_order_relaxed)),
+          capacity_ - static_cast<std::size_t>(tail - head),
+          static_cast<std::size_t>(q_->unfinished.load(std::memory_order_relaxed))};
 }
 
 }  // namespace procpool::detail

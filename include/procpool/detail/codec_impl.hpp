@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <list>
 #include <map>
@@ -43,6 +44,7 @@
 #include <vector>
 
 #include "../errors.hpp"
+#include "int_cast.hpp"
 #include "type_name.hpp"
 
 namespace procpool::detail {
@@ -116,30 +118,70 @@ template <class T>
 }
 
 // ---------------------------------------------------------------------------
-// The customization point, found by argument-dependent lookup. These
-// declarations only make the names known here; they never match a call.
+// The customization point, found by argument-dependent lookup.
 
+namespace hook {
+// Where the hooks are looked up and called. These declarations only hide the
+// names of the enclosing namespaces, so that argument-dependent lookup alone
+// finds the user's functions; they never match a call.
 void procpool_encode() = delete;
 void procpool_decode() = delete;
 
 template <class T, class = void>
-struct has_custom_encode : std::false_type {};
+struct encode_found : std::false_type {};
 template <class T>
-struct has_custom_encode<
+struct encode_found<
     T, std::void_t<decltype(procpool_encode(std::declval<writer&>(), std::declval<const T&>()))>>
     : std::true_type {};
 
 template <class T, class = void>
-struct custom_decode {
+struct decode_found {
   static constexpr bool found = false;
   using result = void;
 };
 template <class T>
-struct custom_decode<
+struct decode_found<
     T, std::void_t<decltype(procpool_decode(std::declval<reader&>(), type_tag<T>{}))>> {
   static constexpr bool found = true;
   using result = decltype(procpool_decode(std::declval<reader&>(), type_tag<T>{}));
 };
+
+template <class T>
+void call_encode(writer& out, const T& value) {
+  procpool_encode(out, value);
+}
+template <class T>
+T call_decode(reader& in) {
+  return procpool_decode(in, type_tag<T>{});
+}
+}  // namespace hook
+
+namespace hook_probe {
+// A hook is for its exact type only: one declared for std::filesystem::path
+// must not capture std::string, which converts to a path, nor a hook for a
+// base class its derived classes. This probe matches every type exactly, so
+// an overload chosen over it takes `const T&` (or `T`) itself, or is a more
+// specialized template; a hook that needs a conversion loses to it. An
+// ambiguous call means a template hook exactly as good: exact too. Never called.
+struct inexact {};
+template <class U>
+inexact procpool_encode(writer&, const U&);
+
+template <class T, class = void>
+struct exact : std::true_type {};
+template <class T>
+struct exact<
+    T, std::void_t<decltype(procpool_encode(std::declval<writer&>(), std::declval<const T&>()))>>
+    : std::bool_constant<!std::is_same_v<
+          decltype(procpool_encode(std::declval<writer&>(), std::declval<const T&>())), inexact>> {
+};
+}  // namespace hook_probe
+
+template <class T>
+struct has_custom_encode
+    : std::bool_constant<hook::encode_found<T>::value && hook_probe::exact<T>::value> {};
+template <class T>
+using custom_decode = hook::decode_found<T>;
 
 template <class T>
 inline constexpr bool is_custom_v = has_custom_encode<T>::value || custom_decode<T>::found;
@@ -156,6 +198,7 @@ enum class refusal {
   smart_pointer,
   union_type,
   c_array,
+  base_class,
   unfixed_enum,
   view,
   no_custom_encode,
@@ -192,7 +235,12 @@ constexpr bool report() {
                 "procpool cannot send unions: it cannot know which member is active. Use "
                 "std::variant, or define procpool_encode/procpool_decode for your type.");
   static_assert(R != refusal::c_array,
-                "procpool cannot send C arrays: use std::array<T, N> (or std::string for text).");
+                "procpool cannot send C arrays, fields of a struct included: use "
+                "std::array<T, N> (or std::string for text).");
+  static_assert(R != refusal::base_class,
+                "procpool cannot send a struct with a base class field by field: inherited "
+                "fields cannot be reflected. Make the base a field instead (struct derived { "
+                "base b; ... }), or define procpool_encode/procpool_decode for the derived type.");
   static_assert(R != refusal::unfixed_enum,
                 "procpool cannot decode an enum without a fixed underlying type: a value outside "
                 "the range of its enumerators would be undefined behaviour. Declare it with one "
@@ -328,7 +376,7 @@ std::size_t read_count(reader& in) {
     if (n > std::uint64_t{in.remaining()} + in.empty_allowance())
       throw_count<C>(at, n, MinElement, in);
   }
-  return static_cast<std::size_t>(n);
+  return int_cast<std::size_t>(n);
 }
 
 /// Calls `one()` `n` times to decode `n` elements of at least `MinElement`
@@ -414,6 +462,19 @@ struct builtin<std::basic_string<C, Tr, A>> : builtin_base {
   }
 };
 
+/// A path goes as its native string (`std::string` on POSIX).
+template <>
+struct builtin<std::filesystem::path> : builtin_base {
+  using native = std::filesystem::path::string_type;
+  static constexpr std::size_t min_size = sizeof(std::uint64_t);
+  static void encode(writer& out, const std::filesystem::path& p) {
+    builtin<native>::encode(out, p.native());
+  }
+  static std::filesystem::path decode(reader& in) {
+    return std::filesystem::path(builtin<native>::decode(in));
+  }
+};
+
 template <class C, class Tr>
 struct builtin<std::basic_string_view<C, Tr>> : builtin_base {
   static constexpr refusal self_decode = refusal::view;
@@ -488,7 +549,7 @@ struct builtin<std::vector<bool, A>> : builtin_base {
     if (n % 8 != 0 && std::to_integer<unsigned>(p[bytes - 1]) >> (n % 8) != 0)
       throw decode_error(in.offset() - 1, fmt::format("unused bits set in the last byte of {}",
                                                       codec_type_name<T>()));
-    T v(static_cast<std::size_t>(n));
+    T v(int_cast<std::size_t>(n));
     for (std::size_t i = 0; i < n; ++i) v[i] = std::to_integer<unsigned>(p[i / 8] >> (i % 8)) & 1u;
     return v;
   }
@@ -775,6 +836,140 @@ struct builtin<std::complex<F>> : builtin_base {
   }
 };
 
+// The probes below convert to any field type, and so does a converting
+// constructor template of the field (std::optional's, say): GCC's -Wconversion
+// then says which of the two it chose, in a check that only asks whether an
+// initialization compiles. Nothing is converted at run time.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wconversion"
+#endif
+
+// ---------------------------------------------------------------------------
+// What Boost.PFR cannot reflect, found first. PFR fails the build deep inside
+// itself for an aggregate with a base class or a C array field; these checks
+// run before anything reaches PFR, so that procpool's sentence comes first.
+//
+// The probes appear in unevaluated operands only and are never called. They
+// are defined all the same: clang 14 in C++20 mode reports a probe converting
+// to a type without linkage (a test's local aggregate) as used but undefined.
+struct as_prvalue {
+  template <class U>
+  [[noreturn]] operator U() const&& noexcept {
+    std::abort();
+  }
+};
+struct as_mutable_lvalue {
+  template <class U, std::enable_if_t<!std::is_const_v<U>, int> = 0>
+  [[noreturn]] operator U&() const&& noexcept {
+    std::abort();
+  }
+};
+template <std::size_t>
+using prvalue_at = as_prvalue;
+
+template <class T, class Probes, class = void>
+struct initializable : std::false_type {};
+template <class T, class... Probes>
+struct initializable<T, type_list<Probes...>, std::void_t<decltype(T{Probes{}...})>>
+    : std::true_type {};
+
+/// Converts to the base classes of `T` only: the first initializer of an
+/// aggregate goes to its first base, if it has one.
+template <class T>
+struct as_base_of {
+  template <class U, std::enable_if_t<std::is_base_of_v<U, T> && !std::is_same_v<U, T>, int> = 0>
+  [[noreturn]] operator U() const&& noexcept {
+    std::abort();
+  }
+};
+
+template <class T, std::size_t... I>
+constexpr bool base_initializes(std::index_sequence<I...>) noexcept {
+  return initializable<T, type_list<as_base_of<T>, prvalue_at<I>...>>::value;
+}
+
+/// Whether the aggregate `T` has a base class. The fields after the base are
+/// left out when they can be, given probes otherwise (up to 16 of them).
+template <class T, std::size_t Trailing = 0>
+constexpr bool has_base_class() noexcept {
+  if constexpr (base_initializes<T>(std::make_index_sequence<Trailing>{}))
+    return true;
+  else if constexpr (Trailing < 16 && !std::is_default_constructible_v<T>)
+    return has_base_class<T, Trailing + 1>();
+  else
+    return false;
+}
+
+template <class T, class Before, class After, class = void>
+struct initializable_with_braces : std::false_type {};
+template <class T, class... Before, class... After>
+struct initializable_with_braces<T, type_list<Before...>, type_list<After...>,
+                                 std::void_t<decltype(T{Before{}..., {}, After{}...})>>
+    : std::true_type {};
+
+template <class Indices>
+struct prvalue_list;
+template <std::size_t... I>
+struct prvalue_list<std::index_sequence<I...>> {
+  using type = type_list<prvalue_at<I>...>;
+};
+template <std::size_t N>
+using prvalues = typename prvalue_list<std::make_index_sequence<N>>::type;
+
+/// Whether `T{p, ..., p, {}, p, ..., p}` compiles, with `Before` probes before
+/// the empty braces and `After` after them.
+template <class T, std::size_t Before, std::size_t After>
+inline constexpr bool braces_at_v =
+    initializable_with_braces<T, prvalues<Before>, prvalues<After>>::value;
+
+// Probes alone initialize a C array field element by element (brace elision),
+// so PFR counts `N` initializers where the fields are fewer. Empty braces at
+// the first element of an array field initialize the whole array instead:
+// then the initializers after them are too many, while fewer fit.
+template <class T, std::size_t Slot, std::size_t N, std::size_t After = 0>
+constexpr bool fewer_fit_after() noexcept {
+  if constexpr (After + 1 >= N - Slot)
+    return false;
+  else if constexpr (braces_at_v<T, Slot, After>)
+    return true;
+  else
+    return fewer_fit_after<T, Slot, N, After + 1>();
+}
+
+template <class T, std::size_t N, std::size_t Slot = 0>
+constexpr bool c_array_from() noexcept {
+  if constexpr (Slot >= N)
+    return false;
+  else if constexpr (!braces_at_v<T, Slot, N - Slot - 1> && fewer_fit_after<T, Slot, N>())
+    return true;
+  else
+    return c_array_from<T, N, Slot + 1>();
+}
+
+/// Whether the aggregate `T` (without a base class) has a C array field of
+/// more than one element. One of a single element PFR reflects, as an array.
+template <class T>
+constexpr bool has_c_array_field() noexcept {
+  return c_array_from<T, boost::pfr::tuple_size_v<T>>();
+}
+
+/// Why Boost.PFR cannot reflect the aggregate `T`, if it cannot.
+enum class unreflectable { no, base_class, c_array };
+template <class T>
+constexpr unreflectable reflection_problem() noexcept {
+  if constexpr (has_base_class<T>())
+    return unreflectable::base_class;
+  else if constexpr (has_c_array_field<T>())
+    return unreflectable::c_array;
+  else
+    return unreflectable::no;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 // ---------------------------------------------------------------------------
 // Aggregates, through Boost.PFR.
 
@@ -824,8 +1019,8 @@ struct fields_codec {
 
 template <class T>
 struct custom_codec {
-  static void encode(writer& out, const T& v) { procpool_encode(out, v); }
-  static T decode(reader& in) { return procpool_decode(in, type_tag<T>{}); }
+  static void encode(writer& out, const T& v) { hook::call_encode(out, v); }
+  static T decode(reader& in) { return hook::call_decode<T>(in); }
 };
 
 template <class T>
@@ -849,9 +1044,12 @@ constexpr codec_kind kind_of() noexcept {
     return codec_kind::refused;
   else if constexpr (builtin<T>::known)
     return builtin<T>::trivial ? codec_kind::trivial : codec_kind::builtin;
-  else if constexpr (is_aggregate_class_v<T>)
-    return aggregate_trivial<T>() ? codec_kind::trivial : codec_kind::fields;
-  else
+  else if constexpr (is_aggregate_class_v<T>) {
+    if constexpr (reflection_problem<T>() != unreflectable::no)
+      return codec_kind::refused;
+    else
+      return aggregate_trivial<T>() ? codec_kind::trivial : codec_kind::fields;
+  } else
     return codec_kind::refused;
 }
 
@@ -922,6 +1120,11 @@ struct analysis_of_parts<Decode, type_list<Parts...>, Seen> {
   using type = typename first_refusal<analysis_t<Decode, Parts, Seen>...>::type;
 };
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wconversion"  // as for the probes above
+#endif
+
 // Boost.PFR reports a reference field as the type it refers to, so reference
 // fields are found by aggregate initialization instead, three ways:
 // - a non-const lvalue reference cannot bind the prvalues of `as_prvalue`;
@@ -930,30 +1133,6 @@ struct analysis_of_parts<Decode, type_list<Parts...>, Seen> {
 //   where `T{p0, ..., pI}` works, and field I accepts `{}`, it is a reference;
 // - an rvalue reference cannot bind the lvalue of `as_mutable_lvalue`, which
 //   any copyable field accepts.
-// The probes appear in unevaluated operands only and are never called. They
-// are defined all the same: clang 14 in C++20 mode reports a probe converting
-// to a type without linkage (a test's local aggregate) as used but undefined.
-struct as_prvalue {
-  template <class U>
-  [[noreturn]] operator U() const&& noexcept {
-    std::abort();
-  }
-};
-struct as_mutable_lvalue {
-  template <class U, std::enable_if_t<!std::is_const_v<U>, int> = 0>
-  [[noreturn]] operator U&() const&& noexcept {
-    std::abort();
-  }
-};
-template <std::size_t>
-using prvalue_at = as_prvalue;
-
-template <class T, class Probes, class = void>
-struct initializable : std::false_type {};
-template <class T, class... Probes>
-struct initializable<T, type_list<Probes...>, std::void_t<decltype(T{Probes{}...})>>
-    : std::true_type {};
-
 template <class F>
 void take_by_copy(F);
 template <class F, class = void>
@@ -992,6 +1171,10 @@ constexpr bool has_reference_field(std::index_sequence<I...>) noexcept {
   else
     return (is_reference_field<T, I>() || ...);
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 template <bool Decode, class T, class Seen, std::size_t... I>
 auto analyze_fields(std::index_sequence<I...>)
@@ -1034,7 +1217,12 @@ constexpr auto analyze() {
     else
       return tid<typename analysis_of_parts<Decode, typename builtin<U>::parts, inner>::type>{};
   } else if constexpr (is_aggregate_class_v<U>) {
-    if constexpr (has_reference_field<U>(field_indices<U>{}))
+    constexpr unreflectable problem = reflection_problem<U>();
+    if constexpr (problem == unreflectable::base_class)
+      return tid<verdict<refusal::base_class, U>>{};
+    else if constexpr (problem == unreflectable::c_array)
+      return tid<verdict<refusal::c_array, U>>{};
+    else if constexpr (has_reference_field<U>(field_indices<U>{}))
       return tid<verdict<refusal::reference, U>>{};
     else
       return tid<typename decltype(analyze_fields<Decode, U, inner>(field_indices<U>{}))::type>{};

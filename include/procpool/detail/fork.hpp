@@ -1,8 +1,9 @@
-// Fork hygiene (DESIGN §6): flush buffered output before forking, warn once
+// Fork hygiene: flush buffered output before forking, warn once
 // when forking a threaded parent, end children with _exit, die with the parent.
 #pragma once
 
 #include <fmt/format.h>
+#include <pthread.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -31,6 +32,29 @@ inline std::atomic<bool> warned_threaded_fork{false};
 /// plus helper threads of a runtime whose state children never touch (an MPI
 /// library's progress threads; see `mpi::session`).
 inline std::atomic<std::size_t> fork_safe_threads{1};
+
+/// The pid of this process, as `this_pid()` last learnt it.
+inline std::atomic<pid_t> cached_pid{0};
+
+/// Learns this process's pid again (an `atfork` child handler, so every child
+/// forked through `fork()` learns its own at once).
+inline void refresh_cached_pid() noexcept {
+  cached_pid.store(::getpid(), std::memory_order_relaxed);
+}
+
+/// This process's pid without a system call on every use: cached, and
+/// refreshed in each child that `fork()` (ours or the user's) makes, through
+/// a `pthread_atfork` handler installed on first use. Only a child made by a
+/// raw `clone` system call, which skips the handlers, would see its parent's.
+inline pid_t this_pid() noexcept {
+  static const bool installed = [] {
+    ::pthread_atfork(nullptr, nullptr, refresh_cached_pid);
+    refresh_cached_pid();
+    return true;
+  }();
+  (void)installed;
+  return cached_pid.load(std::memory_order_relaxed);
+}
 
 /// Flushes C stdio and the standard C++ streams, so buffered text is written
 /// once by its writer rather than once more by each child that inherits it.

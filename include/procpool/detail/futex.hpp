@@ -14,6 +14,7 @@
 #include <ctime>
 #include <optional>
 
+#include "int_cast.hpp"
 #include "sys.hpp"
 
 namespace procpool::detail {
@@ -32,8 +33,8 @@ inline bool futex_wait(std::atomic<std::uint32_t>* word, std::uint32_t expected,
   timespec* tsp = nullptr;
   if (timeout) {
     auto ns = timeout->count() < 0 ? 0 : timeout->count();
-    ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
-    ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    ts.tv_sec = int_cast<time_t>(ns / 1'000'000'000);
+    ts.tv_nsec = int_cast<long>(ns % 1'000'000'000);
     tsp = &ts;
   }
   long r = ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), FUTEX_WAIT, expected, tsp,

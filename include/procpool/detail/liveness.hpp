@@ -17,6 +17,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "int_cast.hpp"
+
 namespace procpool::detail {
 
 /// One thread of one process, told apart from later threads that reuse its ids.
@@ -42,8 +44,7 @@ struct proc_thread_state {
 inline proc_thread_state read_proc_thread(pid_t pid, pid_t tid) noexcept {
   proc_thread_state out;
   char path[64];
-  std::snprintf(path, sizeof path, "/proc/%d/task/%d/stat", static_cast<int>(pid),
-                static_cast<int>(tid));
+  std::snprintf(path, sizeof path, "/proc/%d/task/%d/stat", int_cast<int>(pid), int_cast<int>(tid));
   int fd = ::open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return out;
   char buf[1024];

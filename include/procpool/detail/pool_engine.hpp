@@ -21,9 +21,11 @@
 #pragma once
 
 #include <fmt/format.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -48,6 +50,7 @@
 #include "calls.hpp"
 #include "fork.hpp"
 #include "futex.hpp"
+#include "liveness.hpp"
 #include "ring.hpp"
 #include "shm.hpp"
 #include "sys.hpp"
@@ -63,9 +66,17 @@ enum class frame_kind : std::uint32_t {
   error = 4,        // worker -> parent: `count` results, then index, type name, message
   skipped = 5,      // worker -> parent: chunk cancelled; `count` results done before it was
   init_failed = 6,  // worker -> parent: the initializer threw: type name, message
+  revoked = 7,      // worker -> parent: the parent took this chunk back before it started
 };
 
+/// The high bit of `worker_slot::claim`: the parent took back the frame it names.
+inline constexpr std::uint64_t revoked_bit = std::uint64_t(1) << 63;
+
 struct worker_context;
+
+/// Test access to an engine's internals: declared here, defined only by
+/// tests and fuzz targets that play a hostile worker.
+struct engine_probe;
 
 /// Runs one chunk in a worker: decodes items from `in`, calls the function,
 /// encodes results into `out` after the result header the caller wrote.
@@ -100,6 +111,11 @@ struct worker_slot {
   alignas(cache_line) std::atomic<std::uint64_t> current{no_item};  // item index running now
   std::atomic<std::uint64_t> current_call{0};
   std::atomic<std::int64_t> started_ns{0};  // steady clock, when `current` started
+  // The sequence number of the next task frame the worker may start. The
+  // worker claims frame s by moving it from s to s + 1; the parent takes frame
+  // s back (to give it to an idle worker) by moving it from s to
+  // s | revoked_bit. Whoever moves first wins, so a chunk runs exactly once.
+  alignas(cache_line) std::atomic<std::uint64_t> claim{0};
 };
 
 /// What a worker process knows about itself.
@@ -133,27 +149,6 @@ inline void patch_result_header(writer& out, const result_header& h) noexcept {
   std::memcpy(out.data(), &h, sizeof h);
 }
 
-/// Hands a result frame to its call: the results it carries, then, for an
-/// error frame, the failure `failure(index, type, message)` makes from the
-/// failing index, type name and message that follow (anything after them is
-/// left in `in` for the caller). A frame that cannot be decoded fails the call
-/// at its first item. A cancelled call takes nothing.
-template <class MakeFailure>
-void deliver_frame(call_state& call, const result_header& h, reader& in, MakeFailure&& failure) {
-  if (call.cancelled) return;
-  try {
-    if (h.count > 0) call.on_results(h.first, h.count, in);
-    if (h.kind == frame_kind::error) {
-      auto index = decode<std::uint64_t>(in);
-      auto type = decode<std::string>(in);
-      auto message = decode<std::string>(in);
-      call.fail(index, failure(index, std::move(type), std::move(message)));
-    }
-  } catch (const decode_error&) {
-    call.fail(h.first, std::current_exception());
-  }
-}
-
 /// The type name and message of the exception being handled.
 inline std::pair<std::string, std::string> describe_current_exception() {
   std::string type = "unknown exception";
@@ -164,6 +159,41 @@ inline std::pair<std::string, std::string> describe_current_exception() {
     return {type, e.what()};
   } catch (...) {
     return {type, "(not derived from std::exception)"};
+  }
+}
+
+/// Hands a result frame to its call: the results it carries, then, for an
+/// error frame, the failure `failure(index, type, message)` makes from the
+/// failing index, type name and message that follow (anything after them is
+/// left in `in` for the caller). A frame that cannot be decoded fails the call
+/// at its first item, whatever the decoder threw: a `decode_error` as it is,
+/// anything else as a `decode_error` naming its type and `what()`. Never
+/// throws, so the caller always consumes the frame. A cancelled call takes nothing.
+template <class MakeFailure>
+void deliver_frame(call_state& call, const result_header& h, reader& in,
+                   MakeFailure&& failure) noexcept {
+  if (call.cancelled) return;
+  try {
+    try {
+      if (h.count > 0) call.on_results(h.first, h.count, in);
+      if (h.kind == frame_kind::error) {
+        auto index = decode<std::uint64_t>(in);
+        auto type = decode<std::string>(in);
+        auto message = decode<std::string>(in);
+        call.fail(index, failure(index, std::move(type), std::move(message)));
+      }
+    } catch (const decode_error&) {
+      call.fail(h.first, std::current_exception());
+    } catch (...) {
+      auto [type, message] = describe_current_exception();
+      call.fail(h.first, std::make_exception_ptr(decode_error(
+                             in.offset(), fmt::format("the results of items {} to {} could not be "
+                                                      "decoded: the decoder threw {}: {}",
+                                                      h.first, h.first + h.count, type, message))));
+    }
+  } catch (...) {
+    // Not even the failure could be made (out of memory): the call ends anyway.
+    call.abort(std::current_exception());
   }
 }
 
@@ -239,8 +269,14 @@ class engine final : public driver {
   bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
   /// The user gave up on `call`: stop sending it, skip its queued items.
   void cancel(call_state& call) noexcept override;
+  /// The call is over for its user: cancels what is left of it and, unless
+  /// collection is under way, drops it from the queues at once.
+  void end_call(call_state& call) noexcept override;
+  /// Asks the thread driving the pool to stop it (as `terminate`) at its next
+  /// step, where that is safe: from another thread, or from a callback.
+  void request_stop() noexcept;
 
-  /// No more calls; work in flight still completes.
+  /// No more calls; work in flight still completes. Safe from any thread.
   void close() noexcept { closed_ = true; }
   /// True after close(), terminate() or join().
   bool closed() const noexcept { return closed_; }
@@ -252,8 +288,9 @@ class engine final : public driver {
 
   /// Number of worker processes.
   unsigned size() const noexcept { return static_cast<unsigned>(workers_.size()); }
-  /// Pids of the workers running now (0 for a slot being replaced).
-  std::vector<pid_t> pids() const;
+  /// Pids of the workers running now (0 for a slot being replaced). Reaps and
+  /// replaces workers that died since the last call first.
+  std::vector<pid_t> pids();
   /// The chunk size the engine can carry without streaming, in bytes.
   std::size_t chunk_bytes() const noexcept override { return chunk_bytes_; }
   /// Number of workers.
@@ -262,6 +299,7 @@ class engine final : public driver {
   void check_usable(const char* operation) const override;
 
  private:
+  friend struct engine_probe;
   struct chunk {
     std::shared_ptr<call_state> call;
     std::uint64_t call_id = 0;
@@ -270,6 +308,9 @@ class engine final : public driver {
     std::vector<std::byte> bytes;  // the whole ring message: u64 size, header, items
     std::size_t sent = 0;
     unsigned retries = 0;
+    std::uint64_t seq = 0;    // the frame's number in its worker's ring (see worker_slot::claim)
+    bool revoked = false;     // taken back: its worker answers it with `revoked`, unrun
+    unsigned bad_frames = 0;  // answers to it that were lies
   };
   struct worker {
     pid_t pid = 0;
@@ -279,34 +320,55 @@ class engine final : public driver {
     ring_control* result = nullptr;
     ring_writer to;
     ring_reader from;
-    std::deque<chunk> inflight;  // in the order sent
-    std::size_t items_sent = 0;  // toward max_tasks_per_child
+    std::deque<chunk> inflight;     // in the order sent
+    std::size_t items_sent = 0;     // toward max_tasks_per_child
+    std::uint64_t frames_sent = 0;  // task frames put in the ring since the worker started
     std::vector<std::byte> inbuf;
     std::size_t in_need = 0;  // bytes of a partly received message still to come
     bool receiving = false;
     bool timed_out = false;
     std::uint64_t timed_out_item = no_item;
+    std::size_t frames = 0;              // frames taken from this worker
+    bool header_checked = false;         // of the frame being received in pieces
+    std::string bad_frame;               // why its last frame was refused; empty if none
+    steady::time_point stopped_since{};  // when it was first seen stopped (SIGSTOP)
   };
 
   static constexpr std::size_t max_inflight = 2;
+  /// No honest result frame is this large; a larger length prefix is a lie.
+  static constexpr std::uint64_t max_frame_bytes = std::uint64_t(1) << 40;
 
   void spawn(std::size_t w);
   [[noreturn]] void worker_main(std::size_t w);
   bool pump();
   bool send_pending(worker& w);
-  bool fill(worker& w);
+  bool fill(worker& w, std::size_t up_to);
+  bool take_back_for_idle();
+  bool can_take_back() const;
   bool make_chunk(worker& w, chunk& c);
-  bool receive(worker& w);
+  bool receive(worker& w, bool may_drop = true);
   void handle_frame(worker& w, const std::byte* data, std::size_t size);
+  std::string check_header(const worker& w, const result_header& h, std::size_t size) const;
+  void drop_worker(std::size_t w);
   void finish_chunk(worker& w);
   bool check_health(bool force);
   void on_death(std::size_t w, exit_status status);
   bool retire_if_due(std::size_t w);
   bool any_ready();
   void reap_all(std::chrono::milliseconds grace, bool send_stop) noexcept;
-  bool wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout) noexcept;
-  void respawn_missing();
+  bool wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout,
+                 exit_status* status = nullptr) noexcept;
+  bool reap_if_exited(std::size_t w);
+  void reap_exited();
+  void kill_worker(const worker& w, int sig) noexcept;
+  bool respawn_missing();
+  bool owned() const noexcept { return this_pid() == parent_; }
+  void check_owner(const char* operation) const;
+  void enter(const char* operation);
+  void release_foreign() noexcept;
   void release_call(const std::shared_ptr<call_state>& call) noexcept;
+  void forget(call_state& call) noexcept;
+  void end_calls(bool ranges_only) noexcept;
 
   engine_config config_;
   pid_t parent_ = 0;
@@ -318,10 +380,14 @@ class engine final : public driver {
   std::deque<std::shared_ptr<call_state>> sending_;  // calls with chunks still to make
   std::deque<chunk> resend_;                         // chunks a dead worker never started
   std::vector<std::vector<std::byte>> spare_buffers_;
+  std::vector<std::weak_ptr<call_state>> live_;  // every call started and not yet over
+  std::size_t prune_live_at_ = 64;
   std::uint64_t next_call_id_ = 1;
   steady::time_point next_health_check_{};
   std::exception_ptr broken_;
-  bool closed_ = false;
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> stop_requested_{false};
+  bool driving_ = false;  // inside drive_until: the queues are being walked
   bool stopped_ = false;
   writer scratch_;
 };
@@ -361,6 +427,12 @@ inline engine::engine(engine_config config) : config_(std::move(config)), parent
 
 inline engine::~engine() {
   if (stopped_) return;
+  if (!owned()) {
+    // A copy in a forked child (or in a worker that called exit()): the
+    // workers are not its own; it lets go of its descriptors and no more.
+    release_foreign();
+    return;
+  }
   try {
     join();
   } catch (...) {
@@ -377,6 +449,8 @@ inline void engine::spawn(std::size_t i) {
   new (&w.result->readable) eventcount();
   new (&w.result->writable) eventcount();
   w.slot->current.store(no_item);
+  w.slot->claim.store(0);
+  w.frames_sent = 0;
   w.to = ring_writer(w.task);
   w.from = ring_reader(w.result);
   w.inbuf.clear();
@@ -384,6 +458,10 @@ inline void engine::spawn(std::size_t i) {
   w.receiving = false;
   w.timed_out = false;
   w.items_sent = 0;
+  w.frames = 0;
+  w.header_checked = false;
+  w.bad_frame.clear();
+  w.stopped_since = {};
   // Signals stay blocked across the fork, so one that arrives before the
   // worker has reset its handlers waits, and then acts as the default says.
   sigset_t all, old;
@@ -397,9 +475,12 @@ inline void engine::spawn(std::size_t i) {
     throw;
   }
   if (pid == 0) {
-    // Ctrl-C and terminate() stop a worker even when the parent handles
-    // those signals itself (handlers are inherited across fork); the parent
-    // then learns of it as worker_died. An initializer may change this.
+    // A process group of its own, so that the worker's own children are
+    // signalled with it (the parent sets it too: whichever runs first).
+    ::setpgid(0, 0);
+    // terminate() stops a worker even when the parent handles SIGTERM
+    // itself (handlers are inherited across fork); the parent then learns of
+    // it as worker_died. An initializer may change this.
     ::signal(SIGINT, SIG_DFL);
     ::signal(SIGTERM, SIG_DFL);
     ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
@@ -407,12 +488,19 @@ inline void engine::spawn(std::size_t i) {
   }
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
   try {
+    sys::setpgid(pid, pid);
+  } catch (const std::system_error&) {
+    // The child already did it (EACCES after it exec'd, which ours never
+    // do), or died (ESRCH): either way its group is what it is.
+  }
+  try {
     w.pidfd = sys::pidfd_open(pid);
   } catch (...) {
     // No descriptor to watch it by (EMFILE): the worker must not run unwatched.
-    sys::kill(pid, SIGKILL);
-    int status = 0;
-    sys::waitpid(pid, &status, 0);
+    w.pid = pid;
+    kill_worker(w, SIGKILL);
+    wait_exit(w, std::nullopt);
+    w.pid = 0;
     throw;
   }
   w.pid = pid;
@@ -421,6 +509,9 @@ inline void engine::spawn(std::size_t i) {
 inline void engine::worker_main(std::size_t i) {
   try {
     die_with_parent(parent_);
+    // The pidfds of its siblings are the parent's business, not this
+    // worker's: every worker holds the same descriptors, whenever forked.
+    for (auto& sibling : workers_) sibling.pidfd.reset();
     current_process_name() = fmt::format("pool-worker-{}", i + 1);
 
     auto& w = workers_[i];
@@ -444,6 +535,7 @@ inline void engine::worker_main(std::size_t i) {
       }
     }
     std::vector<std::byte> buffer;
+    std::uint64_t seq = 0;  // task frames taken from the ring so far
     for (;;) {
       auto st = wait_for_condition(
           w.task->readable, [&] { return in.available() >= sizeof(std::uint64_t); }, std::nullopt,
@@ -471,11 +563,20 @@ inline void engine::worker_main(std::size_t i) {
       if (h.kind == frame_kind::stop) exit_child(0);
       reader items(frame + sizeof h, size - sizeof h);
       result.clear();
-      result_header placeholder{};
-      result.write(&placeholder, sizeof placeholder);
-      ctx.call = h.call;
-      reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
-      w.slot->current.store(no_item, std::memory_order_release);
+      std::uint64_t expected = seq;
+      if (w.slot->claim.compare_exchange_strong(expected, seq + 1, std::memory_order_acq_rel)) {
+        result_header placeholder{};
+        result.write(&placeholder, sizeof placeholder);
+        ctx.call = h.call;
+        reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
+        w.slot->current.store(no_item, std::memory_order_release);
+      } else {
+        // The parent took this chunk back for an idle worker: answer it unrun.
+        w.slot->claim.store(seq + 1, std::memory_order_release);
+        result_header r{h.call, h.first, 0, frame_kind::revoked};
+        result.write(&r, sizeof r);
+      }
+      ++seq;
       if (in_place) {
         in.skip(sizeof(std::uint64_t) + size);
         in.release();
@@ -491,16 +592,59 @@ inline void engine::worker_main(std::size_t i) {
 }
 
 inline void engine::check_usable(const char* operation) const {
+  check_owner(operation);
   if (broken_) std::rethrow_exception(broken_);
   if (closed_) throw pool_closed(operation);
 }
 
 inline void engine::start(const std::shared_ptr<call_state>& call) {
+  enter("a call");
+  if (stopped_) throw pool_closed("a call");
+  if (live_.size() >= prune_live_at_) {
+    // Forget calls that are over; amortized, so that many pending futures
+    // cost O(1) each.
+    live_.erase(std::remove_if(live_.begin(), live_.end(),
+                               [](const std::weak_ptr<call_state>& c) {
+                                 auto p = c.lock();
+                                 return !p || p->finished();
+                               }),
+                live_.end());
+    prune_live_at_ = std::max<std::size_t>(64, 2 * live_.size());
+  }
+  live_.push_back(call);
   call->id = next_call_id_++;
   sending_.push_back(call);
 }
 
+inline void engine::end_call(call_state& call) noexcept {
+  if (!call.finished()) cancel(call);
+  if (!driving_) forget(call);
+}
+
+inline void engine::forget(call_state& call) noexcept {
+  // Chunks already in a worker's ring stay counted until their answers come
+  // (they are dropped then); nothing queued here survives.
+  sending_.erase(
+      std::remove_if(sending_.begin(), sending_.end(),
+                     [&](const std::shared_ptr<call_state>& c) { return c.get() == &call; }),
+      sending_.end());
+  for (auto it = resend_.begin(); it != resend_.end();) {
+    if (it->call.get() == &call) {
+      --call.in_flight;
+      it = resend_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+inline void engine::request_stop() noexcept {
+  stop_requested_ = true;
+  shared_->doorbell.notify();
+}
+
 inline void engine::cancel(call_state& call) noexcept {
+  if (!owned()) return;  // the workers are another process's
   call.cancelled = true;
   shared_->cancel_from.store(0, std::memory_order_relaxed);
   shared_->cancel_call.store(call.id, std::memory_order_release);
@@ -516,14 +660,33 @@ inline void engine::release_call(const std::shared_ptr<call_state>& call) noexce
 
 inline bool engine::drive_until(function_ref<bool()> done,
                                 std::optional<steady::time_point> deadline) {
+  struct driving {
+    bool& flag;
+    bool was;
+    explicit driving(bool& f) : flag(f), was(f) { flag = true; }
+    ~driving() { flag = was; }
+  };
+  check_owner("waiting for results");
   while (!done()) {
+    if (stop_requested_.exchange(false)) {
+      // terminate() from another thread or from a callback: stop here, where
+      // no queue is being walked.
+      terminate();
+      if (done()) break;
+      throw pool_closed::while_pending("terminate");
+    }
+    if (stopped_) throw pool_closed::while_pending("terminate, join or the destructor");
     if (broken_) std::rethrow_exception(broken_);
-    bool progress = pump();
-    if (check_health(false)) continue;
-    if (progress) continue;
+    {
+      driving in_drive(driving_);
+      bool progress = pump();
+      if (check_health(false)) continue;
+      if (progress) continue;
+    }
     if (done()) break;
+    driving in_drive(driving_);
     auto st = wait_for_condition(
-        shared_->doorbell, [&] { return any_ready(); }, deadline,
+        shared_->doorbell, [&] { return stop_requested_.load() || any_ready(); }, deadline,
         [&] { return !check_health(false); }, config_.parent_wait);
     if (st == wait_status::timeout) return done();
   }
@@ -541,6 +704,24 @@ inline bool engine::any_ready() {
       }
     }
   }
+  return can_take_back();
+}
+
+inline bool engine::can_take_back() const {
+  // An idle worker, and a chunk waiting behind one its worker has started.
+  bool idle = false;
+  for (auto& w : workers_)
+    if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
+        !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
+      idle = true;
+  if (!idle || !resend_.empty()) return false;
+  for (auto& w : workers_) {
+    if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
+    const chunk& c = w.inflight.back();
+    if (!c.revoked && c.sent == c.bytes.size() &&
+        w.slot->claim.load(std::memory_order_acquire) == c.seq)
+      return true;
+  }
   return false;
 }
 
@@ -548,23 +729,73 @@ inline bool engine::pump() {
   bool progress = false;
   for (auto& w : workers_)
     if (w.pid != 0) progress |= receive(w);
-  // Fill the lowest-numbered workers first: back-to-back small tasks then go to
-  // a worker that is still awake instead of waking a sleeping one each time.
-  for (auto& w : workers_) {
-    if (w.pid == 0) continue;
-    progress |= fill(w);
-    progress |= send_pending(w);
+  // Work-conserving: first one chunk for every worker that has none, then a
+  // second for each, so no worker waits while another holds two. Lowest-
+  // numbered workers first: back-to-back small tasks then go to a worker that
+  // is still awake instead of waking a sleeping one each time.
+  for (std::size_t up_to = 1; up_to <= max_inflight; ++up_to)
+    for (auto& w : workers_)
+      if (w.pid != 0) progress |= fill(w, up_to);
+  // With nothing left to make, an idle worker takes over a chunk that waits
+  // behind a long one in a busy worker's ring.
+  if (take_back_for_idle()) {
+    for (auto& w : workers_)
+      if (w.pid != 0) progress |= fill(w, 1);
+    progress = true;
   }
+  for (auto& w : workers_)
+    if (w.pid != 0) progress |= send_pending(w);
   return progress;
 }
 
-inline bool engine::fill(worker& w) {
+inline bool engine::take_back_for_idle() {
+  if (!resend_.empty()) return false;
+  std::size_t idle = 0;
+  for (auto& w : workers_)
+    if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
+        !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
+      ++idle;
+  if (idle == 0) return false;
+  bool took = false;
+  for (auto& w : workers_) {
+    if (idle == 0) break;
+    if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
+    // Only a chunk whose predecessor is running (the worker claimed it) and
+    // whose bytes are all in the ring: the worker reads past it either way.
+    chunk& c = w.inflight.back();
+    if (c.revoked || c.sent != c.bytes.size() || !c.call || c.call->cancelled || c.call->failed())
+      continue;
+    std::uint64_t expected = c.seq;
+    if (!w.slot->claim.compare_exchange_strong(expected, c.seq | revoked_bit,
+                                               std::memory_order_acq_rel))
+      continue;
+    c.revoked = true;
+    w.items_sent -= std::min<std::size_t>(w.items_sent, c.count);
+    chunk copy;
+    copy.call = c.call;
+    copy.call_id = c.call_id;
+    copy.first = c.first;
+    copy.count = c.count;
+    copy.bytes = c.bytes;
+    copy.retries = c.retries;
+    copy.bad_frames = c.bad_frames;
+    ++copy.call->in_flight;
+    resend_.push_back(std::move(copy));
+    --idle;
+    took = true;
+  }
+  return took;
+}
+
+inline bool engine::fill(worker& w, std::size_t up_to) {
   bool made = false;
-  while (w.inflight.size() < max_inflight) {
+  while (w.inflight.size() < std::min(up_to, max_inflight)) {
     if (config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child) break;
     chunk c;
     if (!make_chunk(w, c)) break;
     w.items_sent += c.count;
+    c.seq = w.frames_sent++;
+    c.revoked = false;
     w.inflight.push_back(std::move(c));
     made = true;
   }
@@ -572,15 +803,21 @@ inline bool engine::fill(worker& w) {
 }
 
 inline bool engine::make_chunk(worker& w, chunk& c) {
-  if (!resend_.empty()) {
+  while (!resend_.empty()) {
     c = std::move(resend_.front());
     resend_.pop_front();
+    if (c.call->cancelled || c.call->failed()) {
+      --c.call->in_flight;  // its call is over: never run it again
+      continue;
+    }
     c.sent = 0;
     return true;
   }
   std::size_t max_count = ~std::size_t(0);
   if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
-  while (!sending_.empty()) {
+  // Each queued call is asked at most once: when every one is blocked (full
+  // windows), there is nothing to send now.
+  for (std::size_t tries = sending_.size(); tries > 0 && !sending_.empty(); --tries) {
     auto call = sending_.front();
     if (call->input_done || call->failed() || call->cancelled) {
       sending_.pop_front();
@@ -595,13 +832,11 @@ inline bool engine::make_chunk(worker& w, chunk& c) {
     std::uint64_t first = 0;
     std::uint32_t count = 0;
     if (!call->next_chunk(scratch_, max_count, first, count, handler)) {
-      // This call can send nothing now (its window is full); let the next one go.
-      if (sending_.size() > 1) {
-        sending_.pop_front();
-        sending_.push_back(call);
-        if (sending_.front() != call) continue;
-      }
-      return false;
+      sending_.pop_front();
+      // Input spent, or it failed (an item could not be read or encoded): done
+      // sending. Otherwise its window is full: let the next call go first.
+      if (!call->input_done && !call->failed()) sending_.push_back(call);
+      continue;
     }
     h = task_header{handler, call->id, first, count, frame_kind::task};
     prefix = scratch_.size() - sizeof prefix;
@@ -638,17 +873,29 @@ inline bool engine::send_pending(worker& w) {
   return sent;
 }
 
-inline bool engine::receive(worker& w) {
+inline bool engine::receive(worker& w, bool may_drop) {
+  // The worker's bytes are hostile input: its ring positions, every length
+  // and every header field are checked before anything is read by them.
   bool got = false;
-  for (;;) {
+  while (w.bad_frame.empty()) {
+    std::size_t avail = w.from.refresh();
+    if (avail > ring_capacity_) {
+      w.bad_frame =
+          fmt::format("its result ring claims {} unread bytes in {}", avail, ring_capacity_);
+      break;
+    }
     if (!w.receiving) {
-      std::size_t avail = w.from.refresh();
       auto size = w.from.next_message_size();
       if (!size) break;
+      if (*size < sizeof(result_header) || *size > max_frame_bytes) {
+        w.bad_frame = fmt::format("a frame of {} bytes", *size);
+        break;
+      }
       std::size_t total = sizeof(std::uint64_t) + *size;
       if (avail >= total) {
         if (const std::byte* p = w.from.peek(total)) {
           handle_frame(w, p + sizeof(std::uint64_t), *size);
+          if (!w.bad_frame.empty()) break;
           w.from.skip(total);
           w.from.release();
           got = true;
@@ -657,11 +904,13 @@ inline bool engine::receive(worker& w) {
       }
       std::uint64_t header;
       w.from.get(&header, sizeof header);
+      avail -= sizeof header;
       w.inbuf.clear();
       w.in_need = *size;
       w.receiving = true;
+      w.header_checked = false;
     }
-    std::size_t n = std::min(w.from.available(), w.in_need);
+    std::size_t n = std::min(avail, w.in_need);
     if (n == 0 && w.in_need > 0) break;
     std::size_t have = w.inbuf.size();
     w.inbuf.resize(have + n);
@@ -669,46 +918,149 @@ inline bool engine::receive(worker& w) {
     w.from.release();
     w.in_need -= n;
     got = true;
+    if (!w.header_checked && w.inbuf.size() >= sizeof(result_header)) {
+      // A frame that comes in pieces is judged by its header at once, not
+      // after its claimed length has been gathered.
+      result_header h;
+      std::memcpy(&h, w.inbuf.data(), sizeof h);
+      w.bad_frame = check_header(w, h, w.inbuf.size() + w.in_need);
+      if (!w.bad_frame.empty()) break;
+      w.header_checked = true;
+    }
     if (w.in_need > 0) break;
     w.receiving = false;
     handle_frame(w, w.inbuf.data(), w.inbuf.size());
   }
+  if (!w.bad_frame.empty() && may_drop) {
+    drop_worker(static_cast<std::size_t>(&w - workers_.data()));
+    return true;
+  }
   return got;
+}
+
+inline std::string engine::check_header(const worker& w, const result_header& h,
+                                        std::size_t size) const {
+  switch (h.kind) {
+    case frame_kind::results:
+    case frame_kind::error:
+    case frame_kind::skipped:
+    case frame_kind::revoked:
+      break;
+    case frame_kind::init_failed:
+      // Only a worker's first word, and about no chunk.
+      if (w.frames != 0 || h.call != 0 || h.first != 0 || h.count != 0)
+        return "an initializer failure after it had begun serving";
+      return {};
+    default:
+      return fmt::format("a frame of unknown kind {}", static_cast<std::uint32_t>(h.kind));
+  }
+  if (size > max_frame_bytes) return fmt::format("a frame of {} bytes", size);
+  if (w.inflight.empty()) return "an answer while it owed none";
+  const chunk& c = w.inflight.front();
+  if (c.sent != c.bytes.size()) return "an answer to a chunk it had not yet been sent whole";
+  if (h.call != c.call_id)
+    return fmt::format("an answer for call {} where call {} was due", h.call, c.call_id);
+  if (h.first != c.first)
+    return fmt::format("an answer from item {} where item {} was due", h.first, c.first);
+  // A chunk taken back is answered unrun, and only such a chunk is.
+  if ((h.kind == frame_kind::revoked) != c.revoked)
+    return c.revoked ? "results for a chunk taken back from it" : "a chunk given back unasked";
+  if (h.kind == frame_kind::revoked)
+    return h.count == 0 && size == sizeof h ? std::string() : "a chunk given back with results";
+  // A whole chunk's results, or fewer before an error or a cancellation.
+  bool count_ok = h.kind == frame_kind::results ? h.count == c.count : h.count < c.count;
+  if (!count_ok) return fmt::format("{} results for a chunk of {} items", h.count, c.count);
+  return {};
 }
 
 inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t size) {
   result_header h;
   if (size < sizeof h) {
-    broken_ = std::make_exception_ptr(error(
-        fmt::format("worker {} sent a frame of {} bytes, shorter than a header", w.pid, size)));
+    w.bad_frame = fmt::format("a frame of {} bytes, shorter than a header", size);
     return;
   }
   std::memcpy(&h, data, sizeof h);
+  w.bad_frame = check_header(w, h, size);
+  if (!w.bad_frame.empty()) return;
+  ++w.frames;
   reader in(data + sizeof h, size - sizeof h);
   if (h.kind == frame_kind::init_failed) {
-    std::string type = decode<std::string>(in);
-    std::string message = decode<std::string>(in);
+    std::string type, message;
+    try {
+      type = decode<std::string>(in);
+      message = decode<std::string>(in);
+    } catch (const decode_error& e) {
+      w.bad_frame = fmt::format("an initializer failure that does not decode ({})", e.what());
+      return;
+    }
     broken_ = std::make_exception_ptr(error(
         fmt::format("the pool's initializer failed in worker {}: {}: {}; the pool cannot run tasks",
                     w.pid, type, message)));
     closed_ = true;
     return;
   }
-  if (w.inflight.empty() || w.inflight.front().call_id != h.call ||
-      w.inflight.front().first != h.first) {
-    broken_ = std::make_exception_ptr(error(fmt::format(
-        "worker {} answered a chunk it was not sent (call {}, item {})", w.pid, h.call, h.first)));
+  if (h.kind == frame_kind::error && h.count == 0) {
+    // The failing item comes first: it must be the chunk's first item.
+    reader look = in;
+    std::uint64_t index = no_item;
+    try {
+      index = decode<std::uint64_t>(look);
+    } catch (const decode_error&) {
+    }
+    if (index != h.first) {
+      w.bad_frame = fmt::format("an error for item {} in a chunk from item {}", index, h.first);
+      return;
+    }
+  }
+  if (h.kind == frame_kind::revoked) {
+    finish_chunk(w);  // its copy runs elsewhere
     return;
   }
   auto& call = *w.inflight.front().call;
   bool failed_before = call.failed();
+  bool error_decoded = false;
+  std::string lie;
   deliver_frame(call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
+    error_decoded = true;
+    if (index != h.first + h.count) {
+      // Results came before it: the failing item is the one after them.
+      lie =
+          fmt::format("an error for item {} after results up to item {}", index, h.first + h.count);
+      return std::make_exception_ptr(error(fmt::format(
+          "worker {} sent a bad result frame ({}); it was killed and replaced", w.pid, lie)));
+    }
     return std::make_exception_ptr(task_error(index, w.pid, std::move(type), std::move(message)));
   });
+  bool failed_now = call.failed() && !failed_before;
+  // Every byte of the frame must have been asked for (a frame that did not
+  // decode failed its call already, and its rest is not looked at).
+  if (lie.empty() && !call.cancelled && in.remaining() != 0 &&
+      (h.kind == frame_kind::error ? error_decoded : !failed_now))
+    lie = fmt::format("{} bytes past the end of its answer", in.remaining());
+  if (!lie.empty()) {
+    // The frame's results were taken already: its call fails rather than
+    // taking them again from another worker.
+    call.fail(
+        h.first,
+        std::make_exception_ptr(error(fmt::format(
+            "worker {} sent a bad result frame ({}); it was killed and replaced", w.pid, lie))));
+    w.bad_frame = std::move(lie);
+    return;
+  }
   // Workers skip the rest of a call that this frame failed.
   if (!call.cancelled && (h.kind == frame_kind::error || call.failed() != failed_before))
     release_call(w.inflight.front().call);
   finish_chunk(w);
+}
+
+inline void engine::drop_worker(std::size_t i) {
+  // A worker that sent a bad frame is not trusted with another byte: killed,
+  // reaped, replaced; on_death settles its chunks.
+  auto& w = workers_[i];
+  kill_worker(w, SIGKILL);
+  exit_status status = exit_status::killed(SIGKILL);
+  wait_exit(w, std::nullopt, &status);
+  on_death(i, status);
 }
 
 inline void engine::finish_chunk(worker& w) {
@@ -725,8 +1077,8 @@ inline bool engine::check_health(bool force) {
   auto now = steady::now();
   if (!force && now < next_health_check_) return false;
   next_health_check_ = now + std::chrono::milliseconds(5);
-  bool changed = false;
-  respawn_missing();
+  // A replacement forked now waits for chunks: that is a change too.
+  bool changed = respawn_missing();
   for (std::size_t i = 0; i < workers_.size(); ++i) {
     auto& w = workers_[i];
     if (w.pid == 0) continue;
@@ -739,14 +1091,27 @@ inline bool engine::check_health(bool force) {
             current == w.slot->current.load(std::memory_order_acquire)) {
           w.timed_out = true;
           w.timed_out_item = current;
-          sys::kill(w.pid, SIGKILL);
+          kill_worker(w, SIGKILL);
         }
       }
     }
-    int status = 0;
-    pid_t r = sys::waitpid(w.pid, &status, w.timed_out ? 0 : WNOHANG);
-    if (r == w.pid) {
-      on_death(i, exit_status::from_wait_status(status));
+    if (closed_ && !w.inflight.empty()) {
+      // Once the pool is closed, a worker stopped (SIGSTOP) with work in
+      // hand is given `stop_grace` to be continued, then killed: join and
+      // the destructor wait only for work that can finish.
+      auto state = read_proc_thread(w.pid, w.pid);
+      if (state.readable && (state.state == 'T' || state.state == 't')) {
+        if (w.stopped_since == steady::time_point{}) {
+          w.stopped_since = now;
+        } else if (now - w.stopped_since > config_.stop_grace) {
+          kill_worker(w, SIGKILL);
+          w.stopped_since = {};
+        }
+      } else {
+        w.stopped_since = {};
+      }
+    }
+    if (reap_if_exited(i)) {
       changed = true;
     } else if (retire_if_due(i)) {
       changed = true;  // a fresh worker waits for chunks
@@ -755,11 +1120,57 @@ inline bool engine::check_health(bool force) {
   return changed;
 }
 
+inline bool engine::reap_if_exited(std::size_t i) {
+  auto& w = workers_[i];
+  siginfo_t info{};
+  // A timed-out worker was sent SIGKILL: wait for it.
+  sys::waitid(P_PID, static_cast<id_t>(w.pid), &info,
+              WEXITED | WNOWAIT | (w.timed_out ? 0 : WNOHANG));
+  if (info.si_pid != w.pid) return false;
+  exit_status status = exit_status::killed(SIGKILL);
+  wait_exit(w, std::nullopt, &status);  // kills what is left of its group, reaps it
+  on_death(i, status);
+  return true;
+}
+
+inline void engine::reap_exited() {
+  // One poll over the pidfds says which workers ended; only those are waited for.
+  pollfd fds[64];
+  for (std::size_t base = 0; base < workers_.size(); base += 64) {
+    std::size_t n = std::min<std::size_t>(64, workers_.size() - base);
+    bool any = false;
+    for (std::size_t k = 0; k < n; ++k) {
+      auto& w = workers_[base + k];
+      fds[k] = pollfd{w.pid != 0 && w.pidfd ? w.pidfd.get() : -1, POLLIN, 0};
+      any |= w.pid != 0 && !w.pidfd;  // no pidfd on this kernel: ask waitid
+    }
+    int ready = sys::poll(fds, static_cast<nfds_t>(n), 0);
+    if (ready == 0 && !any) continue;
+    for (std::size_t k = 0; k < n; ++k) {
+      auto& w = workers_[base + k];
+      if (w.pid == 0) continue;
+      if ((fds[k].revents & POLLIN) || !w.pidfd) reap_if_exited(base + k);
+    }
+  }
+}
+
+inline void engine::kill_worker(const worker& w, int sig) noexcept {
+  if (w.pid <= 0) return;
+  try {
+    // The worker and whatever it started, in its group; the worker alone if
+    // the group is gone already.
+    if (!sys::kill_group(w.pid, sig)) sys::kill(w.pid, sig);
+  } catch (const std::system_error&) {
+    // EPERM: not ours to signal any more. Nothing else can be done here.
+  }
+}
+
 inline void engine::on_death(std::size_t i, exit_status status) {
   auto& w = workers_[i];
   pid_t pid = w.pid;
-  // Results the worker finished before it died still count.
-  if (!w.receiving) receive(w);
+  // Results the worker finished before it died still count (not those of a
+  // worker that lied: nothing more is read from it).
+  if (!w.receiving && w.bad_frame.empty()) receive(w, false);
   w.pid = 0;
   w.pidfd.reset();
   auto current = w.slot->current.load(std::memory_order_acquire);
@@ -767,9 +1178,28 @@ inline void engine::on_death(std::size_t i, exit_status status) {
   while (!w.inflight.empty()) {
     chunk c = std::move(w.inflight.front());
     w.inflight.pop_front();
+    if (c.revoked) {  // its copy runs elsewhere
+      --c.call->in_flight;
+      continue;
+    }
     bool ran =
         first_chunk && current != no_item && current >= c.first && current < c.first + c.count;
-    if (first_chunk && w.timed_out) {
+    if (first_chunk && !w.bad_frame.empty()) {
+      // The chunk its bad frame claimed to answer: another worker runs it
+      // once; a second lie about it fails its call.
+      if (!c.call->failed() && !c.call->cancelled && c.bad_frames++ == 0) {
+        resend_.push_back(std::move(c));
+        first_chunk = false;
+        continue;
+      }
+      if (!c.call->cancelled) {
+        c.call->fail(c.first, std::make_exception_ptr(error(fmt::format(
+                                  "worker {} sent a bad result frame ({}); it was killed and "
+                                  "replaced",
+                                  pid, w.bad_frame))));
+        release_call(c.call);
+      }
+    } else if (first_chunk && w.timed_out) {
       c.call->fail(w.timed_out_item, std::make_exception_ptr(timeout_error(w.timed_out_item, pid,
                                                                            config_.task_timeout)));
       release_call(c.call);
@@ -816,11 +1246,10 @@ inline bool engine::retire_if_due(std::size_t i) {
     w.to.put(frame.data(), frame.size());
     w.to.publish();
   } else {
-    sys::kill(w.pid, SIGKILL);
+    kill_worker(w, SIGKILL);
   }
-  pid_t pid = w.pid;
   if (!wait_exit(w, config_.stop_grace)) {
-    sys::kill(pid, SIGKILL);
+    kill_worker(w, SIGKILL);
     wait_exit(w, std::nullopt);
   }
   w.pid = 0;
@@ -829,37 +1258,57 @@ inline bool engine::retire_if_due(std::size_t i) {
   return true;
 }
 
-inline bool engine::wait_exit(worker& w,
-                              std::optional<std::chrono::milliseconds> timeout) noexcept {
+inline bool engine::wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout,
+                              exit_status* status) noexcept {
   auto deadline = timeout ? steady::now() + *timeout : steady::time_point::max();
   for (;;) {
-    int status = 0;
-    pid_t r = ::waitpid(w.pid, &status, WNOHANG);
-    if (r == w.pid || (r == -1 && errno == ECHILD)) return true;
-    if (!timeout) {
-      if (::waitpid(w.pid, &status, 0) == -1 && errno == EINTR) continue;
-      return true;
+    siginfo_t info{};
+    try {
+      // Seen exited but not reaped: while it is a zombie its pid names its
+      // group and no other, so what is left of the group is killed now.
+      sys::waitid(P_PID, static_cast<id_t>(w.pid), &info,
+                  WEXITED | WNOWAIT | (timeout ? WNOHANG : 0));
+      if (info.si_pid == w.pid) {
+        kill_worker(w, SIGKILL);
+        int raw = 0;
+        if (sys::waitpid(w.pid, &raw, 0) == w.pid && status)
+          *status = exit_status::from_wait_status(raw);
+        return true;
+      }
+    } catch (const std::system_error& e) {
+      // ECHILD: reaped by someone else (SIGCHLD ignored); its group goes all
+      // the same. Another error leaves it to the caller's next step.
+      if (e.code().value() == ECHILD || !timeout) {
+        kill_worker(w, SIGKILL);
+        return true;
+      }
     }
     auto left = deadline - steady::now();
     if (left <= steady::duration::zero()) return false;
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(left).count() + 1;
     if (w.pidfd) {
       pollfd pfd{w.pidfd.get(), POLLIN, 0};
-      ::poll(&pfd, 1, static_cast<int>(std::min<long long>(ms, 100)));
+      try {
+        sys::poll(&pfd, 1, static_cast<int>(std::min<long long>(ms, 100)));
+      } catch (const std::system_error&) {
+        ::usleep(1000);
+      }
     } else {
       ::usleep(1000);  // no pidfd on this kernel: poll the child's state every millisecond
     }
   }
 }
 
-inline void engine::respawn_missing() {
-  if (broken_ || stopped_) return;
+inline bool engine::respawn_missing() {
+  if (broken_ || stopped_) return false;
   std::exception_ptr refused;
   bool any_alive = false;
+  bool spawned = false;
   for (std::size_t i = 0; i < workers_.size(); ++i) {
     if (workers_[i].pid == 0) {
       try {
         spawn(i);
+        spawned = true;
       } catch (const std::system_error&) {
         refused = std::current_exception();
         continue;
@@ -870,27 +1319,85 @@ inline void engine::respawn_missing() {
   // While some worker lives the calls go on with it, and the empty slots are
   // tried again at the next health check; with none, nothing can progress.
   if (refused && !any_alive) std::rethrow_exception(refused);
+  return spawned;
 }
 
-inline std::vector<pid_t> engine::pids() const {
+inline void engine::check_owner(const char* operation) const {
+  if (owned()) return;
+  throw error(fmt::format(
+      "{}: a pool made by pid {} used in pid {}; a pool belongs to the process that made it "
+      "(make a new one in this process)",
+      operation, parent_, this_pid()));
+}
+
+inline void engine::enter(const char* operation) {
+  check_owner(operation);
+  if (stopped_) return;
+  // Workers that died since the last call (say, while the pool was idle)
+  // are reaped and replaced now: no zombie outlives the next call.
+  reap_exited();
+  respawn_missing();
+}
+
+inline void engine::release_foreign() noexcept {
+  stopped_ = true;
+  closed_ = true;
+  for (auto& w : workers_) {
+    w.pidfd.reset();
+    w.pid = 0;
+  }
+}
+
+inline std::vector<pid_t> engine::pids() {
+  if (owned() && !stopped_) {
+    try {
+      enter("pids");
+    } catch (const std::system_error&) {
+      // No replacement can be forked now: its slot shows 0.
+    }
+  }
   std::vector<pid_t> out;
   for (auto& w : workers_) out.push_back(w.pid);
   return out;
 }
 
 inline void engine::join() {
+  check_owner("join");
   if (stopped_) return;
   closed_ = true;
-  // Finish what is in flight; a broken pool has nothing left worth waiting for.
+  // Open ranges advance only while read, and their reader is the thread now
+  // joining: they end here. Futures and chunks in flight can finish: wait for
+  // them, unless the pool is broken and nothing is worth waiting for.
+  end_calls(true);
   if (!broken_) {
-    drive([&] {
-      if (!sending_.empty() || !resend_.empty()) return false;
-      for (auto& w : workers_)
-        if (!w.inflight.empty()) return false;
-      return true;
-    });
+    try {
+      drive([&] {
+        for (auto& c : sending_)
+          if (!c->input_done && !c->failed() && !c->cancelled) return false;
+        for (auto& c : resend_)
+          if (!c.call->cancelled && !c.call->failed()) return false;
+        for (auto& w : workers_)
+          if (!w.inflight.empty()) return false;
+        return true;
+      });
+    } catch (...) {
+      terminate();
+      throw;
+    }
   }
   reap_all(config_.stop_grace, true);
+}
+
+// Ends, with pool_closed, every call still pending (or only the open ranges).
+inline void engine::end_calls(bool ranges_only) noexcept {
+  for (auto& weak : live_) {
+    auto call = weak.lock();
+    if (!call || call->finished() || (ranges_only && !call->is_range())) continue;
+    call->abort(std::make_exception_ptr(
+        pool_closed::while_pending(ranges_only ? "join or the destructor, with the range open"
+                                               : "terminate, join or the destructor")));
+    cancel(*call);
+  }
 }
 
 inline void engine::terminate() noexcept {
@@ -900,6 +1407,11 @@ inline void engine::terminate() noexcept {
 }
 
 inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) noexcept {
+  if (!owned()) {
+    // Not this process's workers: no stop frames, signals or waits.
+    release_foreign();
+    return;
+  }
   stopped_ = true;
   std::uint64_t size = sizeof(task_header);
   task_header h{0, 0, 0, 0, frame_kind::stop};
@@ -910,7 +1422,7 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
       w.to.put(&h, sizeof h);
       w.to.publish();
     } else {
-      sys::kill(w.pid, SIGTERM);
+      kill_worker(w, SIGTERM);
     }
   }
   auto deadline = steady::now() + grace;
@@ -918,29 +1430,26 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
     if (w.pid == 0) continue;
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now());
     if (!wait_exit(w, std::max(left, std::chrono::milliseconds(0)))) {
-      ::kill(w.pid, SIGTERM);
+      kill_worker(w, SIGTERM);
       if (!wait_exit(w, std::chrono::milliseconds(100))) {
-        ::kill(w.pid, SIGKILL);
+        kill_worker(w, SIGKILL);
         wait_exit(w, std::nullopt);
       }
     }
     w.pid = 0;
     w.pidfd.reset();
   }
-  // Calls still waiting for answers get none.
+  // Calls still waiting for answers get none: every pending call, sent or
+  // not, ends with pool_closed.
+  end_calls(false);
   for (auto& w : workers_) {
-    for (auto& c : w.inflight) {
-      --c.call->in_flight;
-      if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
-    }
+    for (auto& c : w.inflight) --c.call->in_flight;
     w.inflight.clear();
   }
-  for (auto& c : resend_) {
-    --c.call->in_flight;
-    if (!c.call->failed()) c.call->fail(c.first, std::make_exception_ptr(pool_closed("a task")));
-  }
+  for (auto& c : resend_) --c.call->in_flight;
   resend_.clear();
   sending_.clear();
+  live_.clear();
 }
 
 }  // namespace procpool::detail

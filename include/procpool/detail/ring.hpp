@@ -11,6 +11,12 @@
 // Messages are `u64 size` + `size` bytes. A message larger than the ring is
 // streamed through it: the writer waits for space as the reader drains, so no
 // message is too large.
+//
+// The other side's counter is read from memory another process can write,
+// so a view never lets it claim more than the ring holds: a counter that
+// says so marks the view `corrupt()` and counts as no bytes (no space), and
+// a view's capacity is read once, when it is made. No byte outside the ring
+// is ever touched, whatever the shared counters say.
 #pragma once
 
 #include <algorithm>
@@ -22,6 +28,7 @@
 #include <vector>
 
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "shm.hpp"
 #include "wait.hpp"
 
@@ -83,18 +90,25 @@ class ring_writer {
   /// The ring's capacity in bytes.
   std::size_t capacity() const noexcept { return capacity_; }
   /// Bytes that can be put now without waiting.
+  /// Counts as none when the reader's counter is corrupt (see `corrupt()`).
   std::size_t free_space() noexcept {
-    std::size_t f = capacity_ - static_cast<std::size_t>(tail_ - head_cache_);
-    if (f == 0 || f < capacity_ / 2) {
+    std::uint64_t used = tail_ - head_cache_;
+    if (used > capacity_ || used == capacity_ || capacity_ - used < capacity_ / 2) {
       head_cache_ = r_->head.load(std::memory_order_acquire);
-      f = capacity_ - static_cast<std::size_t>(tail_ - head_cache_);
+      used = tail_ - head_cache_;
     }
-    return f;
+    if (used > capacity_) {  // the reader claims to have read bytes never written
+      corrupt_ = true;
+      return 0;
+    }
+    return capacity_ - static_cast<std::size_t>(used);
   }
+  /// True once the reader's counter was found claiming more than the ring holds.
+  bool corrupt() const noexcept { return corrupt_; }
   /// Copies `n` bytes in, unpublished; `n` must not exceed `free_space()`.
   void put(const void* src, std::size_t n) noexcept {
     if (n == 0) return;  // src may be null then, which memcpy does not allow
-    std::size_t at = static_cast<std::size_t>(tail_ & mask_);
+    std::size_t at = int_cast<std::size_t>(tail_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(data_ + at, src, first);
     std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
@@ -157,6 +171,7 @@ class ring_writer {
   eventcount* on_publish_ = nullptr;
   std::uint64_t tail_ = 0;
   std::uint64_t head_cache_ = 0;
+  bool corrupt_ = false;
 };
 
 /// The consumer's view of a ring. One process reads through it at a time.
@@ -178,23 +193,28 @@ class ring_reader {
   /// Bytes ready to read now. The view of the writer's progress is refreshed
   /// when fewer than `want` bytes are known, so a caller waiting for `want`
   /// bytes (a message header, say) sees them once they are published.
+  /// Counts as none when the writer's counter is corrupt (see `corrupt()`).
   std::size_t available(std::size_t want = sizeof(std::uint64_t)) noexcept {
-    std::size_t a = static_cast<std::size_t>(tail_cache_ - head_);
-    if (a < want) {
+    std::uint64_t a = tail_cache_ - head_;
+    if (a < want || a > capacity_) {
       tail_cache_ = r_->tail.load(std::memory_order_acquire);
-      a = static_cast<std::size_t>(tail_cache_ - head_);
+      a = tail_cache_ - head_;
     }
-    return a;
+    return checked(a);
   }
   /// Refreshes the view of the writer's progress, then returns `available()`.
   std::size_t refresh() noexcept {
     tail_cache_ = r_->tail.load(std::memory_order_acquire);
-    return static_cast<std::size_t>(tail_cache_ - head_);
+    return checked(tail_cache_ - head_);
   }
+  /// True once the writer's counter was found claiming more than the ring holds.
+  bool corrupt() const noexcept { return corrupt_; }
+  /// The ring's capacity in bytes, as read when this view was made.
+  std::size_t capacity() const noexcept { return capacity_; }
   /// Copies `n` bytes out; `n` must not exceed `available()`. Space is freed on `release()`.
   void get(void* dst, std::size_t n) noexcept {
     if (n == 0) return;  // dst may be null then, which memcpy does not allow
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(n, capacity_ - at);
     std::memcpy(dst, data_ + at, first);
     std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
@@ -203,7 +223,7 @@ class ring_reader {
   /// A pointer to the next `n` bytes if they are available and contiguous, else null.
   const std::byte* peek(std::size_t n) noexcept {
     if (available(n) < n) return nullptr;
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     return at + n <= capacity_ ? data_ + at : nullptr;
   }
   /// Skips `n` bytes (after `peek`).
@@ -220,11 +240,11 @@ class ring_reader {
   std::optional<std::size_t> next_message_size() noexcept {
     if (available() < sizeof(std::uint64_t)) return std::nullopt;
     std::uint64_t size;
-    std::size_t at = static_cast<std::size_t>(head_ & mask_);
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
     std::size_t first = std::min(sizeof size, capacity_ - at);
     std::memcpy(&size, data_ + at, first);
     std::memcpy(reinterpret_cast<std::byte*>(&size) + first, data_, sizeof size - first);
-    return static_cast<std::size_t>(size);
+    return int_cast<std::size_t>(size);
   }
 
   /// Reads the next message into `out` (resized to fit), waiting as needed;
@@ -267,8 +287,15 @@ class ring_reader {
   std::uint64_t mask_ = 0;
   std::size_t capacity_ = 0;
   eventcount* on_release_ = nullptr;
+  std::size_t checked(std::uint64_t a) noexcept {
+    if (a <= capacity_) return static_cast<std::size_t>(a);
+    corrupt_ = true;  // the writer claims more bytes than the ring holds
+    return 0;
+  }
+
   std::uint64_t head_ = 0;
   std::uint64_t tail_cache_ = 0;
+  bool corrupt_ = false;
 };
 
 }  // namespace procpool::detail

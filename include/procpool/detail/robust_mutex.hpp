@@ -146,8 +146,8 @@ class basic_robust_mutex {
     return result(polled_lock_until(&m_, deadline), "pthread_mutex_trylock");
 #else
     auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch());
-    timespec ts{static_cast<time_t>(ns.count() / 1'000'000'000),
-                static_cast<long>(ns.count() % 1'000'000'000)};
+    timespec ts{int_cast<time_t>(ns.count() / 1'000'000'000),
+                int_cast<long>(ns.count() % 1'000'000'000)};
     // steady_clock is CLOCK_MONOTONIC on Linux with libstdc++ and libc++.
     return result(pthread_mutex_clocklock(&m_, CLOCK_MONOTONIC, &ts), "pthread_mutex_clocklock");
 #endif

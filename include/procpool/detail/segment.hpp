@@ -34,6 +34,7 @@
 #include <utility>
 
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "shm.hpp"
 #include "sys.hpp"
 
@@ -102,7 +103,7 @@ struct segment_shape {
         count > (std::numeric_limits<std::size_t>::max() / 2 - fixed_size) / per_element) {
       return std::nullopt;
     }
-    return fixed_size + static_cast<std::size_t>(count) * per_element;
+    return fixed_size + int_cast<std::size_t>(count) * per_element;
   }
 };
 
@@ -168,7 +169,7 @@ class segment {
 
   segment_header& header() const noexcept { return *static_cast<segment_header*>(base_); }
   void* payload() const noexcept {
-    return static_cast<char*>(base_) + static_cast<std::size_t>(header().payload_offset);
+    return static_cast<char*>(base_) + int_cast<std::size_t>(header().payload_offset);
   }
   std::uint64_t count() const noexcept { return header().count; }
   /// The name without the leading slash; empty for an anonymous segment.

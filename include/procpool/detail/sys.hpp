@@ -117,11 +117,29 @@ inline int poll(pollfd* fds, nfds_t n, int timeout_ms) {
   return checked("poll", [&] { return ::poll(fds, n, timeout_ms); });
 }
 
+/// `waitid`, EINTR retried. With WNOHANG and no change, `info->si_pid` stays 0.
+inline int waitid(idtype_t type, id_t id, siginfo_t* info, int options) {
+  return checked("waitid", [&] { return ::waitid(type, id, info, options); });
+}
+
 /// `kill`; returns false when the process no longer exists (ESRCH).
 inline bool kill(pid_t pid, int sig) {
+  if (injected("kill")) throw_errno("kill");
   if (::kill(pid, sig) == 0) return true;
   if (errno == ESRCH) return false;
   throw_errno("kill");
+}
+
+/// `kill(-group, sig)`: signals every process of process group `group`;
+/// returns false when the group has no process left (ESRCH).
+inline bool kill_group(pid_t group, int sig) {
+  return kill(-group, sig);
+}
+
+/// `setpgid(pid, group)`: moves process `pid` (0: this one) into process group
+/// `group` (0: a new group led by `pid`).
+inline void setpgid(pid_t pid, pid_t group) {
+  checked("setpgid", [&] { return ::setpgid(pid, group); });
 }
 
 /// `fork`, with nothing else: see detail/fork.hpp for the hygiene around it.

@@ -1,0 +1,40 @@
+# Compiles SOURCE with COMPILER and FLAGS (syntax only).
+# EXPECT=PASS: it must compile.
+# EXPECT=FAIL: it must not, the first error must contain every sentence
+# given on a "// expect: <sentence>" line of SOURCE, and the output every
+# sentence on an "// also: <sentence>" line.
+execute_process(COMMAND "${COMPILER}" ${FLAGS} -fsyntax-only "${SOURCE}"
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+if(EXPECT STREQUAL "PASS")
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${SOURCE} does not compile:\n${out}")
+  endif()
+  return()
+endif()
+if(rc EQUAL 0)
+  message(FATAL_ERROR "${SOURCE} compiles; it must not")
+endif()
+file(STRINGS "${SOURCE}" expectations REGEX "^// expect: ")
+if(NOT expectations)
+  message(FATAL_ERROR "${SOURCE} has no \"// expect:\" line")
+endif()
+string(REGEX MATCH "[^\n]* error: [^\n]*" first_error "${out}")
+foreach(line IN LISTS expectations)
+  string(REGEX REPLACE "^// expect: " "" sentence "${line}")
+  string(FIND "${first_error}" "${sentence}" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "the first error of ${SOURCE} is not the expected sentence\n"
+                        "expected: ${sentence}\nfirst error: ${first_error}\n--- full output:\n${out}")
+  endif()
+endforeach()
+file(STRINGS "${SOURCE}" more REGEX "^// also: ")
+foreach(line IN LISTS more)
+  string(REGEX REPLACE "^// also: " "" sentence "${line}")
+  string(FIND "${out}" "${sentence}" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "the errors of ${SOURCE} do not say: ${sentence}\n--- full output:\n${out}")
+  endif()
+endforeach()
+string(REGEX MATCHALL " error: " errors "${out}")
+list(LENGTH errors count)
+message(STATUS "first error: ${first_error} (${count} errors in all)")

@@ -1,0 +1,30 @@
+# The wire-format table in HEADER's comment is laid out by hand; CLANG_FORMAT
+# must leave every row of it as it is, each row whole (starting and ending with |).
+execute_process(COMMAND "${CLANG_FORMAT}" "--style=file" "${HEADER}"
+                WORKING_DIRECTORY "${CMAKE_CURRENT_LIST_DIR}"
+                RESULT_VARIABLE rc OUTPUT_VARIABLE formatted)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "${CLANG_FORMAT} failed on ${HEADER}")
+endif()
+file(READ "${HEADER}" original)
+# Semicolons separate CMake list items: keep them out of the rows.
+string(REPLACE ";" "<semicolon>" original "${original}")
+string(REPLACE ";" "<semicolon>" formatted "${formatted}")
+foreach(which original formatted)
+  string(REGEX MATCH "/// ## Wire format\n.*\n///\n/// Decoding trusts" section "${${which}}")
+  string(REGEX MATCHALL "\n/// [|][^\n]*" rows_${which} "${section}")
+endforeach()
+list(LENGTH rows_original count)
+if(count LESS 20)
+  message(FATAL_ERROR "${HEADER}: expected a wire-format table of at least 20 rows, found ${count}")
+endif()
+foreach(row IN LISTS rows_original)
+  if(NOT row MATCHES "^\n/// [|].*[|]$")
+    message(FATAL_ERROR "${HEADER}: a broken row of the wire-format table:${row}")
+  endif()
+endforeach()
+if(NOT rows_original STREQUAL rows_formatted)
+  string(REPLACE ";" "" shown "${rows_formatted}")
+  message(FATAL_ERROR "clang-format changes the wire-format table of ${HEADER}:${shown}")
+endif()
+message(STATUS "${count} rows survive clang-format")
