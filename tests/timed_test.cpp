@@ -246,6 +246,17 @@ TEST_CASE("queue: every timeout type and clock", "[timed]") {
   short_steady_deadlines([&](auto tp) { CHECK_FALSE(q.push_until(2, tp)); });
 }
 
+TEST_CASE("queue: join_for and join_until with every timeout type", "[timed]") {
+  procpool::queue<int> q(256);
+  q.push(1);
+  short_timeouts([&](auto d) { CHECK_FALSE(q.join_for(d)); });
+  short_steady_deadlines([&](auto tp) { CHECK_FALSE(q.join_until(tp)); });
+  CHECK(q.pop() == 1);
+  q.task_done();
+  long_timeouts([&](auto d) { CHECK(q.join_for(d)); });
+  long_steady_deadlines([&](auto tp) { CHECK(q.join_until(tp)); });
+}
+
 TEST_CASE("pipe: every timeout type and clock", "[timed]") {
   auto [a, b] = procpool::pipe<std::string>();
   short_timeouts([&, &b = b](auto d) {

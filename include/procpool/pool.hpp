@@ -799,7 +799,7 @@ template <class R>
 template <class Rep, class Period>
 std::optional<detail::stored_t<R>> future<R>::get_for(std::chrono::duration<Rep, Period> d) {
   if (!state_) throw error("get_for on an empty future");
-  auto deadline = std::chrono::steady_clock::now() + d;
+  auto deadline = detail::deadline_after(d);
   auto driver = driver_.lock();
   std::optional<detail::scoped_use> use;
   if (driver) use.emplace(*driver, "future::get_for");
