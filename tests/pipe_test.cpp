@@ -637,3 +637,29 @@ TEST_CASE("an end inherited by a grandchild stays open until the grandchild lets
   CHECK(reap(child).success());
   CHECK_THROWS_AS(a.recv(), channel_closed);
 }
+
+TEST_CASE("an empty message whose header wraps is not delivered again to the next user",
+          "[pipe][fork]") {
+  using procpool::detail::pipe_end;
+  auto mapping = std::make_shared<procpool::detail::pipe_mapping>(4096);
+  pipe_end sender(mapping, 0), receiver(mapping, 1);
+  std::size_t got = 99;
+  auto take = [&got](const std::byte*, std::size_t size) { got = size; };
+  // 8 + 4084 bytes end 4 bytes short of the ring's end: the next header wraps.
+  std::vector<char> body(4084, 'b');
+  sender.send(body.data(), body.size());
+  REQUIRE(receiver.receive("recv", true, std::nullopt, take));
+  REQUIRE(got == 4084);
+  sender.send(nullptr, 0);
+  REQUIRE(receiver.receive("recv", true, std::nullopt, take));
+  REQUIRE(got == 0);
+  sender.send("x", 1);
+  // Another process takes the end over: it starts from what was released.
+  pid_t child = spawn([&] {
+    std::size_t size = 99;
+    receiver.receive("recv", true, std::nullopt,
+                     [&size](const std::byte*, std::size_t n) { size = n; });
+    return size == 1 ? 0 : 1;
+  });
+  CHECK(reap(child).success());
+}

@@ -1006,6 +1006,9 @@ void pipe_end::read_begun(const char* op, Consume& consume) {
       read_exact(buffer_.get() + done, n, size, op);
       done += n;
     }
+    // Every byte read is released, the header of an empty message too: the
+    // next process to use this end starts from the shared counter.
+    in_.release();
     consume(static_cast<const std::byte*>(buffer_.get()), size);
   }
 }
