@@ -1169,7 +1169,7 @@ inline bool queue_core::room_for(std::uint64_t need) const noexcept {
 
 inline void queue_core::copy_in(std::uint64_t at, const void* src, std::size_t n) noexcept {
   if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t off = static_cast<std::size_t>(at % capacity_);
+  std::size_t off = int_cast<std::size_t>(at % capacity_);
   std::size_t first = std::min(n, capacity_ - off);
   std::memcpy(data_ + off, src, first);
   std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
@@ -1177,7 +1177,7 @@ inline void queue_core::copy_in(std::uint64_t at, const void* src, std::size_t n
 
 inline void queue_core::copy_out(std::uint64_t at, void* dst, std::size_t n) const noexcept {
   if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t off = static_cast<std::size_t>(at % capacity_);
+  std::size_t off = int_cast<std::size_t>(at % capacity_);
   std::size_t first = std::min(n, capacity_ - off);
   std::memcpy(dst, data_ + off, first);
   std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
@@ -1247,7 +1247,7 @@ inline queue_core::pop_result queue_core::pop(std::vector<std::byte>& out, bool 
             "queue pop: the queue's shared state is corrupt (an item of {} bytes where {} "
             "bytes are queued); memory was overwritten, and the queue cannot be used any more",
             size, tail - head));
-      out.resize(static_cast<std::size_t>(size));
+      out.resize(int_cast<std::size_t>(size));
       copy_out(head + queue_header_bytes, out.data(), out.size());
       stage(queue_stage::pop_copied);
       q_->head.store(head + queue_header_bytes + size, std::memory_order_release);  // the commit
@@ -1300,9 +1300,9 @@ inline queue_core::fill queue_core::state() {
   std::uint64_t head = q_->head.load(std::memory_order_relaxed);
   std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
   check(head, tail, "size");
-  return {static_cast<std::size_t>(q_->count.load(std::memory_order_relaxed)),
-          capacity_ - static_cast<std::size_t>(tail - head),
-          static_cast<std::size_t>(q_->unfinished.load(std::memory_order_relaxed))};
+  return {int_cast<std::size_t>(q_->count.load(std::memory_order_relaxed)),
+          capacity_ - int_cast<std::size_t>(tail - head),
+          int_cast<std::size_t>(q_->unfinished.load(std::memory_order_relaxed))};
 }
 
 }  // namespace procpool::detail

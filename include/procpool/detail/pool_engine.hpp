@@ -50,6 +50,7 @@
 #include "calls.hpp"
 #include "fork.hpp"
 #include "futex.hpp"
+#include "int_cast.hpp"
 #include "liveness.hpp"
 #include "ring.hpp"
 #include "shm.hpp"
@@ -345,6 +346,12 @@ class engine final : public driver {
   bool fill(worker& w, std::size_t up_to);
   bool take_back_for_idle();
   bool can_take_back() const;
+  /// True while a chunk's items can still change its call's outcome: the call
+  /// goes on, or failed at a later item (the lowest failing index wins, so
+  /// items before it must still run).
+  static bool still_needed(const chunk& c) noexcept {
+    return !c.call->cancelled && (!c.call->failed() || c.first < c.call->error_index());
+  }
   bool make_chunk(worker& w, chunk& c);
   bool receive(worker& w, bool may_drop = true);
   void handle_frame(worker& w, const std::byte* data, std::size_t size);
@@ -763,8 +770,7 @@ inline bool engine::take_back_for_idle() {
     // Only a chunk whose predecessor is running (the worker claimed it) and
     // whose bytes are all in the ring: the worker reads past it either way.
     chunk& c = w.inflight.back();
-    if (c.revoked || c.sent != c.bytes.size() || !c.call || c.call->cancelled || c.call->failed())
-      continue;
+    if (c.revoked || c.sent != c.bytes.size() || !c.call || !still_needed(c)) continue;
     std::uint64_t expected = c.seq;
     if (!w.slot->claim.compare_exchange_strong(expected, c.seq | revoked_bit,
                                                std::memory_order_acq_rel))
@@ -806,7 +812,7 @@ inline bool engine::make_chunk(worker& w, chunk& c) {
   while (!resend_.empty()) {
     c = std::move(resend_.front());
     resend_.pop_front();
-    if (c.call->cancelled || c.call->failed()) {
+    if (!still_needed(c)) {
       --c.call->in_flight;  // its call is over: never run it again
       continue;
     }
@@ -1144,7 +1150,7 @@ inline void engine::reap_exited() {
       fds[k] = pollfd{w.pid != 0 && w.pidfd ? w.pidfd.get() : -1, POLLIN, 0};
       any |= w.pid != 0 && !w.pidfd;  // no pidfd on this kernel: ask waitid
     }
-    int ready = sys::poll(fds, static_cast<nfds_t>(n), 0);
+    int ready = sys::poll(fds, int_cast<nfds_t>(n), 0);
     if (ready == 0 && !any) continue;
     for (std::size_t k = 0; k < n; ++k) {
       auto& w = workers_[base + k];
@@ -1187,7 +1193,7 @@ inline void engine::on_death(std::size_t i, exit_status status) {
     if (first_chunk && !w.bad_frame.empty()) {
       // The chunk its bad frame claimed to answer: another worker runs it
       // once; a second lie about it fails its call.
-      if (!c.call->failed() && !c.call->cancelled && c.bad_frames++ == 0) {
+      if (still_needed(c) && c.bad_frames++ == 0) {
         resend_.push_back(std::move(c));
         first_chunk = false;
         continue;
@@ -1206,7 +1212,7 @@ inline void engine::on_death(std::size_t i, exit_status status) {
     } else if (ran) {
       c.call->fail(current, std::make_exception_ptr(worker_died(pid, status, current)));
       release_call(c.call);
-    } else if (!c.call->failed() && !c.call->cancelled) {
+    } else if (still_needed(c)) {
       // The worker died between items: this chunk never ran, or its results
       // were lost on the way; another worker runs it. A chunk that keeps
       // finding its worker dead is charged with the death.
@@ -1375,7 +1381,7 @@ inline void engine::join() {
         for (auto& c : sending_)
           if (!c->input_done && !c->failed() && !c->cancelled) return false;
         for (auto& c : resend_)
-          if (!c.call->cancelled && !c.call->failed()) return false;
+          if (still_needed(c)) return false;
         for (auto& w : workers_)
           if (!w.inflight.empty()) return false;
         return true;

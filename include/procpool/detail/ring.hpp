@@ -101,7 +101,7 @@ class ring_writer {
       corrupt_ = true;
       return 0;
     }
-    return capacity_ - static_cast<std::size_t>(used);
+    return capacity_ - int_cast<std::size_t>(used);
   }
   /// True once the reader's counter was found claiming more than the ring holds.
   bool corrupt() const noexcept { return corrupt_; }
@@ -288,7 +288,7 @@ class ring_reader {
   std::size_t capacity_ = 0;
   eventcount* on_release_ = nullptr;
   std::size_t checked(std::uint64_t a) noexcept {
-    if (a <= capacity_) return static_cast<std::size_t>(a);
+    if (a <= capacity_) return int_cast<std::size_t>(a);
     corrupt_ = true;  // the writer claims more bytes than the ring holds
     return 0;
   }
