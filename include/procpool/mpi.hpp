@@ -155,7 +155,11 @@ class session {
   session() : session(nullptr, nullptr) {}
   /// Initializes MPI with `main`'s arguments (MPI may read and remove its own).
   session(int& argc, char**& argv) : session(&argc, &argv) {}
-  /// Finalizes MPI if this session initialized it; never throws.
+  /// Finalizes MPI if this session initialized it; never throws. A pool
+  /// still open at rank 0 is joined first (with a note on stderr: the
+  /// serving ranks would otherwise never reach `MPI_Finalize`), and the late
+  /// answers of ranks given up are waited for, for a while (see
+  /// docs/scale-out.md).
   ~session();
   session(const session&) = delete;
   session& operator=(const session&) = delete;
@@ -189,9 +193,9 @@ struct pool_options {
   /// A chunk is cut short when its items pass this many bytes (it always has
   /// at least one item). One message must stay under 2 GiB, MPI's count limit.
   std::size_t chunk_bytes = std::size_t(16) << 20;
-  /// Run once on each serving rank before it serves. If it throws, the pool
-  /// is unusable: every call at rank 0 raises `procpool::error` naming the rank
-  /// and the exception.
+  /// Run once on each serving rank before it serves, inside the pool's
+  /// constructor. If it throws, the pool is unusable: every call at rank 0,
+  /// from the first, raises `procpool::error` naming the rank and the exception.
   std::function<void()> initializer;
   /// Hierarchical mode: when set, each serving rank runs its chunks on a local
   /// `procpool::pool` with these options (`workers = 0`: every core of its
@@ -201,11 +205,15 @@ struct pool_options {
   /// A rank that holds chunks and answers nothing for this long is given up
   /// (`rank_failed`); its items are not run again. Zero waits forever, which is
   /// right under Open MPI's default, where a rank that dies ends the whole job.
-  /// Set it above the longest time one chunk can take.
+  /// Set it above the longest time one chunk can take. A rank given up
+  /// serves no later pool: they are made over the ranks left.
   std::chrono::nanoseconds rank_timeout{0};
-  /// Draw a progress bar on stderr at rank 0 during `map`, `starmap` and `imap`.
+  /// Draw a progress bar on stderr at rank 0 during `map`, `starmap` and
+  /// `imap`: when rank 0's stderr is a terminal, or `mpirun`'s is (a local
+  /// rank 0, whose stderr is a pipe to `mpirun`). Otherwise use `on_progress`.
   bool progress = false;
-  /// Called at rank 0 with the progress of `map`, `starmap` and `imap`.
+  /// Called at rank 0 with the progress of `map`, `starmap` and `imap`. If it
+  /// throws, the call it reports on ends with that exception.
   std::function<void(const progress_info&)> on_progress;
 };
 
@@ -224,7 +232,14 @@ struct handlers;
 /// every other rank the constructor serves until rank 0's pool is joined
 /// (`join()` or its destructor), then returns; `is_root()` is false there and
 /// the calls throw. So one pool is open at a time: make the next one after the
-/// previous is joined (a second open pool at rank 0 is refused with an error).
+/// previous is joined or closed (a closed one is joined by the next
+/// constructor; a second open pool at rank 0 is refused with an error).
+///
+/// **Same function everywhere:** rank 0 checks that every rank made its pool
+/// of the same function: the same type, and for a function pointer the same
+/// function (its offset in the file that holds it). Two objects of one type
+/// (a `std::function`, a lambda with different captures) cannot be told
+/// apart: compute captures the same way on every rank.
 /// With a single rank (the program started without `mpirun`) rank 0 runs every
 /// chunk itself, which is handy for debugging.
 ///
@@ -235,7 +250,9 @@ struct handlers;
 /// **Failure contract:** an exception in `f` on any rank raises
 /// `mpi::task_error` (a `procpool::task_error`) for the lowest failing index,
 /// naming the rank; a rank given up after `rank_timeout` raises
-/// `rank_failed`. The pool stays usable after both. A rank that dies is
+/// `rank_failed`. The pool stays usable after both, and after an exception
+/// from a result's decoder, an item's encoder or `on_progress` at rank 0
+/// (that call alone raises it). A rank that dies is
 /// otherwise handled by the MPI runtime: Open MPI ends the whole job, every
 /// rank, and `mpirun` names the rank and its signal (docs/scale-out.md).
 ///
@@ -245,9 +262,11 @@ template <class F>
 class pool {
  public:
   /// Makes the pool on every rank; on ranks other than 0, serves until rank
-  /// 0's pool closes. Collective: every rank of `MPI_COMM_WORLD` must call it.
-  /// **Throws:** `procpool::error` without a session, or when the ranks built
-  /// pools of different functions; `mpi_error` when MPI fails.
+  /// 0's pool closes. Collective: every rank of `MPI_COMM_WORLD` (but those
+  /// given up by an earlier pool, where it returns at once) must call it.
+  /// **Throws:** `procpool::error` without a session, when another pool is
+  /// open and not closed, when the ranks built pools of different functions,
+  /// or on a serving rank when rank 0 is gone; `mpi_error` when MPI fails.
   explicit pool(F f) : pool(std::move(f), pool_options{}) {}
   /// As above, with `options`.
   pool(F f, pool_options options);
@@ -304,10 +323,13 @@ class pool {
         Tuple(std::forward<Args>(args)...));
   }
 
-  /// No more calls; work in flight still completes.
+  /// No more calls; work in flight still completes (by `join()`, the
+  /// destructor, or the next pool's constructor, which joins a closed pool).
   void close() noexcept;
   /// Finishes the work in flight and tells every serving rank to return from
-  /// its constructor. **Throws:** `mpi_error` when MPI fails.
+  /// its constructor. An `imap` range whose reader is behind cannot finish:
+  /// it yields what has arrived, then raises `pool_closed`; so do futures and
+  /// ranges of calls never sent. **Throws:** `mpi_error` when MPI fails.
   void join();
 
  private:
@@ -931,7 +953,12 @@ inline std::vector<int> serve(MPI_Comm comm, server_base* s, const std::string& 
         in.resize(static_cast<std::size_t>(count));
         MPI_Request receive = MPI_REQUEST_NULL;
         check(MPI_Imrecv(in.data(), count, MPI_BYTE, &message, &receive), "MPI_Imrecv");
-        wait_request(receive, &root);
+        try {
+          wait_request(receive, &root);
+        } catch (...) {
+          job().parked.push_back(std::move(in));  // the receive may still write it
+          throw;
+        }
         wait.reset();
         task_header h{};
         if (in.size() >= sizeof h) std::memcpy(&h, in.data(), sizeof h);
@@ -965,7 +992,11 @@ inline std::vector<int> serve(MPI_Comm comm, server_base* s, const std::string& 
   }
   wait_request(request, &root);
   result_header bye{0, 0, 0, kind_bye};
-  check(MPI_Isend(&bye, sizeof bye, MPI_BYTE, 0, tag_result, comm, &request), "MPI_Isend");
+  sending.resize(sizeof bye);
+  std::memcpy(sending.data(), &bye, sizeof bye);
+  check(MPI_Isend(sending.data(), static_cast<int>(sending.size()), MPI_BYTE, 0, tag_result, comm,
+                  &request),
+        "MPI_Isend");
   wait_request(request, &root);
   for (;;) {
     task_header h = next_message();
@@ -1066,6 +1097,7 @@ class engine final : public procpool::detail::driver {
   std::vector<std::byte> spare_;  // a receive buffer to reuse
   procpool::writer scratch_;
   std::shared_ptr<bool> callback_threw_ = std::make_shared<bool>(false);
+  steady::time_point last_pump_ = steady::now();
   std::uint64_t next_call_id_ = 1;
   std::exception_ptr broken_;
   bool closed_ = false;
@@ -1137,6 +1169,13 @@ inline bool engine::drive_until(procpool::detail::function_ref<bool()> done,
 }
 
 inline bool engine::pump() {
+  // Silence counts only while rank 0 listens: a large answer moves only as
+  // both sides call MPI, so time rank 0 spent away (in the caller's code
+  // between calls) is not held against a rank.
+  auto now = steady::now();
+  if (now - last_pump_ > std::chrono::milliseconds(50))
+    for (auto& r : ranks_) r.last_heard += now - last_pump_;
+  last_pump_ = now;
   bool progress = receive();
   for (auto& r : ranks_) {
     if (r.lost) continue;
