@@ -308,6 +308,8 @@ TEST_CASE("hierarchical mode runs each rank's chunks on a local pool", "[mpi]") 
     CHECK(e.index() == 3100);
     CHECK(e.type_name() == "procpool::worker_died");
     CHECK(e.message().find("signal 9") != std::string::npos);
+    // The message names the item as rank 0 knows it, not its place in the chunk.
+    CHECK(e.message().find("item 3100") != std::string::npos);
   }
   auto [square, pid, ppid] = p.submit(12).get();
   CHECK(square == 144);

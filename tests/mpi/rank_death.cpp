@@ -7,13 +7,16 @@
 //   mpirun --enable-recovery -n 3 rank_death recover
 //       the job goes on; rank 0's pool gives the rank up after rank_timeout,
 //       the call raises rank_failed naming it, and the pool goes on with the
-//       other rank. Prints "recovered" when every check held (then ends the
-//       job with MPI_Abort: MPI_Finalize would wait for the dead rank); exits
-//       1 otherwise.
+//       other rank; after it is joined, the next pool is made over the ranks
+//       left. Prints "recovered" when every check held (then ends the job
+//       with MPI_Abort: MPI_Finalize would wait for the dead rank); exits 1
+//       otherwise.
 #include <fmt/format.h>
 #include <signal.h>
+#include <unistd.h>
 #include <procpool/mpi.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -32,7 +35,11 @@ int main(int argc, char** argv) {
         return 2 * x;
       },
       o);
-  if (!p.is_root()) return 0;
+  auto next_f = [](int x) { return std::make_pair(x + 1, int(::getpid())); };
+  if (!p.is_root()) {
+    procpool::mpi::pool q(next_f, o);  // the next pool, made by the live ranks
+    return 0;
+  }
 
   std::vector<int> xs(200);
   std::iota(xs.begin(), xs.end(), 0);
@@ -52,6 +59,14 @@ int main(int argc, char** argv) {
     if (out[i] != 2 * xs[i]) return 1;
   if (p.submit(21).get() != 42) return 1;
   p.join();
+  // The next pool starts over the live ranks (the dead one cannot join a
+  // collective call) and uses them all.
+  procpool::mpi::pool q(next_f, o);
+  if (q.serving_ranks() != unsigned(std::max(mpi.size() - 2, 1))) return 1;
+  auto next = q.map(xs);
+  for (std::size_t i = 0; i < xs.size(); ++i)
+    if (next[i].first != xs[i] + 1) return 1;
+  q.join();
   fmt::print("recovered\n");
   std::fflush(stdout);
   // MPI_Finalize waits for every rank, the dead one included, and may never
