@@ -684,7 +684,8 @@ inline bool engine::send_pending(worker& w) {
   bool sent = false;
   for (auto& c : w.inflight) {
     if (c.sent == c.bytes.size()) continue;
-    std::size_t n = std::min(c.bytes.size() - c.sent, w.to.free_space());
+    // The worker writes the ring's read position: never trust it past the capacity.
+    std::size_t n = std::min({c.bytes.size() - c.sent, w.to.free_space(), ring_capacity_});
     if (n == 0) break;
     w.to.put(c.bytes.data() + c.sent, n);
     c.sent += n;
