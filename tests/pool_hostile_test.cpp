@@ -320,7 +320,8 @@ enum lie_kind : int {
   trailing_bytes,    // the right header and a wrong result, then bytes nobody asked for
   error_elsewhere,   // an error frame naming an item outside the chunk
   huge_size,         // a length prefix near 2^64
-  lie_kinds
+  lie_kinds,
+  partial_prefix,  // half a length prefix, then silence: a slow worker, not a liar
 };
 const char* const lie_names[] = {
     "count past the chunk",    "3-byte frame",          "another call id",
@@ -382,6 +383,12 @@ void lie(int x) {
       procpool::encode(body, std::string("std::runtime_error"));
       procpool::encode(body, std::string("made up"));
       break;
+    case partial_prefix: {
+      pd::ring_writer out(table->result[my_worker_index()], table->doorbell);
+      out.put("\x10\x00", 2);
+      out.publish();
+      return;
+    }
     case huge_size: {
       pd::ring_writer out(table->result[my_worker_index()], table->doorbell);
       std::uint64_t size = ~std::uint64_t(0) - 4;
@@ -628,4 +635,20 @@ TEST_CASE("the pool reaches waitpid and kill through the system-call seam", "[ho
   pd::sys::fault_hook = nullptr;
   CHECK(waits >= 2);
   CHECK(kills >= 2);
+}
+
+TEST_CASE("a worker that writes half a length prefix and falls silent: a wait keeps its deadline",
+          "[hostile]") {
+  table = shared_block<hostile_table>();
+  bare_pool p(1);
+  table->kind = partial_prefix;
+  table->lies_left = 1;
+  table->call = pd::engine_probe::next_call_id(*p.engine);
+  auto f = p.calls.submit<pd::invoke_one>(1);
+  auto start = std::chrono::steady_clock::now();
+  auto got = f.get_for(300ms);  // before: the two bytes kept it spinning, past any deadline
+  auto took = std::chrono::steady_clock::now() - start;
+  CHECK_FALSE(got.has_value());
+  CHECK(took < 5s);
+  p.engine->terminate();  // the silent worker holds the task for good
 }

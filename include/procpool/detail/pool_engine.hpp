@@ -703,7 +703,11 @@ inline bool engine::drive_until(function_ref<bool()> done,
 inline bool engine::any_ready() {
   for (auto& w : workers_) {
     if (w.pid == 0) continue;
-    if (w.from.refresh() > 0) return true;
+    // Bytes short of a message's length prefix are not worth waking for: a
+    // worker that wrote a few and fell silent would keep the caller spinning
+    // past its deadline.
+    std::size_t avail = w.from.refresh();
+    if (w.receiving ? avail > 0 : avail >= sizeof(std::uint64_t)) return true;
     for (auto& c : w.inflight) {
       if (c.sent < c.bytes.size()) {
         if (w.to.free_space() > 0) return true;
@@ -868,7 +872,8 @@ inline bool engine::send_pending(worker& w) {
   bool sent = false;
   for (auto& c : w.inflight) {
     if (c.sent == c.bytes.size()) continue;
-    std::size_t n = std::min(c.bytes.size() - c.sent, w.to.free_space());
+    // The worker writes the ring's read position: never trust it past the capacity.
+    std::size_t n = std::min({c.bytes.size() - c.sent, w.to.free_space(), ring_capacity_});
     if (n == 0) break;
     w.to.put(c.bytes.data() + c.sent, n);
     c.sent += n;
