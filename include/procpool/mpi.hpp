@@ -620,7 +620,7 @@ inline void settle_graveyard() noexcept {
                        "procpool: rank %d (pid %d on %s) was given up by an mpi::pool and has not "
                        "answered since; MPI_Finalize waits for every rank and may never return: "
                        "end such a job with session::abort(code)\n",
-                       r.rank, int(r.pid), r.host.c_str());
+                       r.rank, r.pid, r.host.c_str());
       std::fflush(stderr);
     }
     if (all_gone || waited > 10 * patience) break;
@@ -1149,23 +1149,28 @@ inline unsigned engine::parallelism() const noexcept {
 inline bool engine::drive_until(procpool::detail::function_ref<bool()> done,
                                 std::optional<steady::time_point> deadline) {
   backoff wait;
-  try {
-    while (!done()) {
-      if (broken_) std::rethrow_exception(broken_);
-      if (pump()) {
-        wait.reset();
-        continue;
-      }
-      if (done()) break;
-      if (deadline && steady::now() >= *deadline) return done();
-      wait.pause();
+  // The predicate is the caller's (it may report progress, and the user's
+  // callback may throw): what it throws is that call's, never the engine's.
+  while (!done()) {
+    if (broken_) std::rethrow_exception(broken_);
+    bool progress = false;
+    try {
+      progress = pump();
+    } catch (...) {
+      // What escapes here belongs to no one call (MPI failed, memory ran
+      // out): every call is let go before the callers' frames unwind, so
+      // nothing in the engine points at their inputs or results, and later
+      // calls are refused.
+      break_with(std::current_exception());
+      throw;
     }
-  } catch (...) {
-    // What escapes here belongs to no one call (MPI failed, memory ran out):
-    // every call is let go before the callers' frames unwind, so nothing in
-    // the engine points at their inputs or results, and later calls are refused.
-    break_with(std::current_exception());
-    throw;
+    if (progress) {
+      wait.reset();
+      continue;
+    }
+    if (done()) break;
+    if (deadline && steady::now() >= *deadline) return done();
+    wait.pause();
   }
   return true;
 }
@@ -1528,7 +1533,7 @@ inline void engine::teardown() {
   members.resize(sizeof(task_header));
   task_header members_h{0, 0, 0, static_cast<std::uint32_t>(lost.size()), kind_members};
   std::memcpy(members.data(), &members_h, sizeof members_h);
-  for (int peer : lost) encode(members, std::int32_t(peer));
+  for (std::int32_t peer : lost) encode(members, peer);
   send_all(members.release());
   for (std::size_t k = 0; k < ranks_.size(); ++k) {
     if (ranks_[k].lost) continue;
@@ -1649,7 +1654,7 @@ namespace detail {
 /// a terminal, although this rank's is a pipe to it.
 inline bool launcher_has_terminal() noexcept {
   char path[64];
-  std::snprintf(path, sizeof path, "/proc/%d/fd/2", int(::getppid()));
+  std::snprintf(path, sizeof path, "/proc/%d/fd/2", ::getppid());
   char target[256] = {};
   auto n = ::readlink(path, target, sizeof target - 1);
   if (n <= 0) return false;
