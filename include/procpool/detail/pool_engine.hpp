@@ -12,8 +12,10 @@
 // function template instantiated by the parent for the chunk's item type and
 // the pool's function. Workers are forks of the parent, so that address names
 // the same code in them. The worker answers every task frame with exactly one
-// result frame (results, error or skipped), so the parent's bookkeeping of the
-// chunks in flight stays exact.
+// result frame (results, error, skipped or revoked), so the parent's
+// bookkeeping of the chunks in flight stays exact. A worker claims each frame
+// (worker_slot::claim) before it runs it; the parent may revoke a frame not
+// yet claimed and give its chunk to an idle worker.
 //
 // The parent runs no threads: whichever call the user makes (map, imap
 // iteration, future::get) drives sending and collecting for every call in
