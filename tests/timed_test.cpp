@@ -230,12 +230,12 @@ TEST_CASE("barrier: every timeout type and clock", "[timed]") {
 TEST_CASE("queue: every timeout type and clock", "[timed]") {
   procpool::queue<int> q(64);
   short_timeouts([&](auto d) { CHECK_FALSE(q.pop_for(d)); });
-  short_steady_deadlines([&](auto tp) { CHECK_FALSE(q.pop_until(tp)); });
+  short_deadlines([&](auto tp) { CHECK_FALSE(q.pop_until(tp)); });
   long_timeouts([&](auto d) {
     REQUIRE(q.push_for(7, d));
     CHECK(q.pop_for(d) == 7);
   });
-  long_steady_deadlines([&](auto tp) {
+  long_deadlines([&](auto tp) {
     REQUIRE(q.push_until(8, tp));
     CHECK(q.pop_until(tp) == 8);
   });
@@ -243,18 +243,18 @@ TEST_CASE("queue: every timeout type and clock", "[timed]") {
   while (q.try_push(1)) {
   }
   short_timeouts([&](auto d) { CHECK_FALSE(q.push_for(2, d)); });
-  short_steady_deadlines([&](auto tp) { CHECK_FALSE(q.push_until(2, tp)); });
+  short_deadlines([&](auto tp) { CHECK_FALSE(q.push_until(2, tp)); });
 }
 
 TEST_CASE("queue: join_for and join_until with every timeout type", "[timed]") {
   procpool::queue<int> q(256);
   q.push(1);
   short_timeouts([&](auto d) { CHECK_FALSE(q.join_for(d)); });
-  short_steady_deadlines([&](auto tp) { CHECK_FALSE(q.join_until(tp)); });
+  short_deadlines([&](auto tp) { CHECK_FALSE(q.join_until(tp)); });
   CHECK(q.pop() == 1);
   q.task_done();
   long_timeouts([&](auto d) { CHECK(q.join_for(d)); });
-  long_steady_deadlines([&](auto tp) { CHECK(q.join_until(tp)); });
+  long_deadlines([&](auto tp) { CHECK(q.join_until(tp)); });
 }
 
 TEST_CASE("pipe: every timeout type and clock", "[timed]") {
@@ -263,13 +263,13 @@ TEST_CASE("pipe: every timeout type and clock", "[timed]") {
     CHECK_FALSE(b.poll(d));
     CHECK_FALSE(b.recv_for(d));
   });
-  short_steady_deadlines([&, &b = b](auto tp) { CHECK_FALSE(b.recv_until(tp)); });
+  short_deadlines([&, &b = b](auto tp) { CHECK_FALSE(b.recv_until(tp)); });
   long_timeouts([&, &a = a, &b = b](auto d) {
     a.send("x");
     CHECK(b.poll(d));
     CHECK(b.recv_for(d) == std::string("x"));
   });
-  long_steady_deadlines([&, &a = a, &b = b](auto tp) {
+  long_deadlines([&, &a = a, &b = b](auto tp) {
     a.send("y");
     CHECK(b.recv_until(tp) == std::string("y"));
   });

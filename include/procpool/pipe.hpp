@@ -177,7 +177,9 @@ class connection {
   /// Receives the next value if one begins to arrive by `deadline`, else returns empty.
   ///
   /// **Throws:** as `recv`.
-  [[nodiscard]] std::optional<T> recv_until(std::chrono::steady_clock::time_point deadline);
+  template <class Clock, class Duration>
+  [[nodiscard]] std::optional<T> recv_until(
+      const std::chrono::time_point<Clock, Duration>& deadline);
 
   /// True when `recv()` would not block now: a message has begun to arrive,
   /// or the other end is gone (`recv` then throws). Like Python's `poll()`.
@@ -326,8 +328,10 @@ std::optional<T> connection<T>::recv_for(const std::chrono::duration<Rep, Period
 }
 
 template <class T>
-std::optional<T> connection<T>::recv_until(std::chrono::steady_clock::time_point deadline) {
-  return receive("recv_until", true, deadline);
+template <class Clock, class Duration>
+std::optional<T> connection<T>::recv_until(
+    const std::chrono::time_point<Clock, Duration>& deadline) {
+  return receive("recv_until", true, detail::to_steady(deadline));
 }
 
 template <class T>

@@ -130,7 +130,9 @@ class queue {
   /// Pushes `item` if there is room by `deadline`; returns false otherwise.
   ///
   /// **Throws:** as `push`.
-  [[nodiscard]] bool push_until(const T& item, std::chrono::steady_clock::time_point deadline);
+  template <class Clock, class Duration>
+  [[nodiscard]] bool push_until(const T& item,
+                                const std::chrono::time_point<Clock, Duration>& deadline);
 
   /// Pops the oldest item, waiting while the queue is empty.
   ///
@@ -156,7 +158,9 @@ class queue {
   /// once when the queue is closed and empty).
   ///
   /// **Throws:** `decode_error` as `pop`.
-  [[nodiscard]] std::optional<T> pop_until(std::chrono::steady_clock::time_point deadline);
+  template <class Clock, class Duration>
+  [[nodiscard]] std::optional<T> pop_until(
+      const std::chrono::time_point<Clock, Duration>& deadline);
 
   /// Closes the queue for every process: pushes throw from now on, pops
   /// drain what is left (see the file comment). Closing twice does nothing.
@@ -177,7 +181,8 @@ class queue {
   [[nodiscard]] bool join_for(const std::chrono::duration<Rep, Period>& timeout);
 
   /// Waits until `deadline` at most for `join()`; true when no item is unfinished.
-  [[nodiscard]] bool join_until(std::chrono::steady_clock::time_point deadline);
+  template <class Clock, class Duration>
+  [[nodiscard]] bool join_until(const std::chrono::time_point<Clock, Duration>& deadline);
 
   /// True once the queue was closed, by any process.
   [[nodiscard]] bool closed() const noexcept { return core_->closed(); }
@@ -261,8 +266,9 @@ bool queue<T>::push_for(const T& item, const std::chrono::duration<Rep, Period>&
 }
 
 template <class T>
-bool queue<T>::push_until(const T& item, std::chrono::steady_clock::time_point deadline) {
-  return push_impl(item, true, deadline);
+template <class Clock, class Duration>
+bool queue<T>::push_until(const T& item, const std::chrono::time_point<Clock, Duration>& deadline) {
+  return push_impl(item, true, detail::to_steady(deadline));
 }
 
 template <class T>
@@ -301,8 +307,9 @@ std::optional<T> queue<T>::pop_for(const std::chrono::duration<Rep, Period>& tim
 }
 
 template <class T>
-std::optional<T> queue<T>::pop_until(std::chrono::steady_clock::time_point deadline) {
-  return pop_impl(true, deadline, false);
+template <class Clock, class Duration>
+std::optional<T> queue<T>::pop_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return pop_impl(true, detail::to_steady(deadline), false);
 }
 
 template <class T>
@@ -329,8 +336,9 @@ bool queue<T>::join_for(const std::chrono::duration<Rep, Period>& timeout) {
 }
 
 template <class T>
-bool queue<T>::join_until(std::chrono::steady_clock::time_point deadline) {
-  return core_->join(deadline);
+template <class Clock, class Duration>
+bool queue<T>::join_until(const std::chrono::time_point<Clock, Duration>& deadline) {
+  return core_->join(detail::to_steady(deadline));
 }
 
 }  // namespace procpool
