@@ -864,8 +864,12 @@ std::vector<heavy_scenario> heavy_scenarios() {
   return {{1, "2 submits of 300 ms, 2 workers", 2, 0, {300, 300}, 300},
           {2, "map of 4 x 300 ms, chunk 1, 4 workers", 4, 1, {300, 300, 300, 300}, 300},
           {3, "map of 8 x 300 ms, chunk 2, 4 workers", 4, 2, std::vector<int>(8, 300), 600},
-          {4, "map of 400 ms then 4 x 100 ms, chunk 1, 2 workers", 2, 1,
-           {400, 100, 100, 100, 100}, 400}};
+          {4,
+           "map of 400 ms then 4 x 100 ms, chunk 1, 2 workers",
+           2,
+           1,
+           {400, 100, 100, 100, 100},
+           400}};
 }
 
 void bench_heavy() {
@@ -885,8 +889,8 @@ void bench_heavy() {
     o.chunk_size = s.chunk;
     procpool::pool pool(task, o);
     pool.map(std::vector<int>(s.workers, 0));  // every worker started and warm
-    record r{"heavy", "procpool", double(s.id), double(us.size()), {},
-             {{"ideal_s", {s.ideal_ms * scale / 1e3}}}};
+    record r{"heavy",           "procpool", double(s.id),
+             double(us.size()), {},         {{"ideal_s", {s.ideal_ms * scale / 1e3}}}};
     for (int k = 0; k < reps; ++k) {
       auto t = clock_type::now();
       std::vector<int> got;

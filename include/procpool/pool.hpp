@@ -28,8 +28,8 @@
 #include <vector>
 
 #include "codec.hpp"
-#include "detail/clock.hpp"
 #include "detail/call_checks.hpp"
+#include "detail/clock.hpp"
 #include "detail/pool_engine.hpp"
 #include "errors.hpp"
 #include "process.hpp"
