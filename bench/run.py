@@ -293,7 +293,7 @@ def ms(seconds):
 
 
 # What procpool's parent does with the bytes of a map, as the code stands
-# (include/procpool/detail/pool_engine.hpp and pool.hpp); the explanations of
+# (include/procpool/detail/engine/fork_engine.hpp and pool.hpp); the explanations of
 # missed goals refer to it.
 DATA_PATH = (
     "The parent sends and collects alone, on one core: it encodes each chunk into a scratch "
@@ -905,7 +905,7 @@ def page(R, info, meta):
     if missed:
         add("### Where a goal is missed, what the remaining cost is made of")
         add("")
-        add("*procpool's data path, as the code stands* (`include/procpool/detail/pool_engine.hpp`, "
+        add("*procpool's data path, as the code stands* (`include/procpool/detail/engine/fork_engine.hpp`, "
             "`pool.hpp`). " + DATA_PATH)
         add("")
         for x in missed:

@@ -10,10 +10,10 @@
 #include <fmt/format.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <procpool/detail/fork.hpp>
-#include <procpool/detail/futex.hpp>
-#include <procpool/detail/shm.hpp>
-#include <procpool/detail/sys.hpp>
+#include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/os/sys.hpp>
+#include <procpool/detail/transport/futex.hpp>
+#include <procpool/detail/transport/shm.hpp>
 #include <procpool/pipe.hpp>
 #include <procpool/queue.hpp>
 

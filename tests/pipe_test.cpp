@@ -1,9 +1,9 @@
 // pipe<T> and connection<T>: round trips of every kind of value across a fork,
 // a message far larger than the buffer, ping-pong, and every way the other end
 // can go away — closed, exited, killed — with recv and send failing promptly.
-#include <procpool/detail/fork.hpp>
-#include <procpool/detail/liveness.hpp>
-#include <procpool/detail/sys.hpp>
+#include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/os/liveness.hpp>
+#include <procpool/detail/os/sys.hpp>
 #include <procpool/exit_status.hpp>
 #include <procpool/pipe.hpp>
 #include <procpool/sync.hpp>

@@ -37,7 +37,7 @@ namespace pd = procpool::detail;
 
 namespace procpool::detail {
 
-/// The tests' view of an engine's internals (declared by pool_engine.hpp).
+/// The tests' view of an engine's internals (declared by detail/engine/fork_engine.hpp).
 struct engine_probe {
   static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }

@@ -2,10 +2,10 @@
 // consumers, close semantics, the try and timed variants, oversized items,
 // blocking on a full queue, and recovery from processes killed while they
 // hold the queue's lock.
-#include <procpool/detail/fork.hpp>
-#include <procpool/detail/liveness.hpp>
-#include <procpool/detail/shm.hpp>
-#include <procpool/detail/sys.hpp>
+#include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/os/liveness.hpp>
+#include <procpool/detail/os/sys.hpp>
+#include <procpool/detail/transport/shm.hpp>
 #include <procpool/exit_status.hpp>
 #include <procpool/queue.hpp>
 

@@ -1,11 +1,11 @@
 // The SPSC byte ring under pipes and pools: messages around the ring's size
 // and far beyond it across a fork, wrap-around, a reader whose writer died,
 // and a two-thread stress run that ThreadSanitizer can check.
-#include <procpool/detail/channel.hpp>
-#include <procpool/detail/fork.hpp>
-#include <procpool/detail/ring.hpp>
-#include <procpool/detail/shm.hpp>
-#include <procpool/detail/sys.hpp>
+#include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/os/sys.hpp>
+#include <procpool/detail/transport/channel.hpp>
+#include <procpool/detail/transport/ring.hpp>
+#include <procpool/detail/transport/shm.hpp>
 #include <procpool/exit_status.hpp>
 
 #include <catch2/catch.hpp>

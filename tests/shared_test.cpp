@@ -4,7 +4,7 @@
 // provoked for real. Named segments are checked not to outlive the tests in /dev/shm.
 //
 // Children never use Catch2: they report through their exit code (0 = good).
-#include <procpool/detail/fork.hpp>
+#include <procpool/detail/os/fork.hpp>
 #include <procpool/shared.hpp>
 #include <procpool/sync.hpp>
 #include <support/support.hpp>

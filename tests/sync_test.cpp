@@ -11,7 +11,7 @@
 //
 // Children never use Catch2: they report through their exit code (0 = good),
 // and the parent asserts.
-#include <procpool/detail/fork.hpp>
+#include <procpool/detail/os/fork.hpp>
 #include <procpool/shared.hpp>
 #include <procpool/sync.hpp>
 #include <support/support.hpp>

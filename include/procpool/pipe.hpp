@@ -67,7 +67,7 @@
 #include <utility>
 
 #include "codec.hpp"
-#include "detail/channel.hpp"
+#include "detail/transport/channel.hpp"
 #include "errors.hpp"
 
 namespace procpool {

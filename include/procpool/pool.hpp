@@ -28,9 +28,9 @@
 #include <vector>
 
 #include "codec.hpp"
-#include "detail/call_checks.hpp"
-#include "detail/clock.hpp"
-#include "detail/pool_engine.hpp"
+#include "detail/calls/call_checks.hpp"
+#include "detail/engine/fork_engine.hpp"
+#include "detail/os/clock.hpp"
 #include "errors.hpp"
 #include "process.hpp"
 #include "progress.hpp"

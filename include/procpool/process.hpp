@@ -26,10 +26,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "detail/clock.hpp"
-#include "detail/fork.hpp"
-#include "detail/sys.hpp"
-#include "detail/type_name.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/os/fork.hpp"
+#include "detail/os/sys.hpp"
+#include "detail/os/type_name.hpp"
 #include "exit_status.hpp"
 
 namespace procpool {

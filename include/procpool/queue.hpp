@@ -65,7 +65,7 @@
 #include <vector>
 
 #include "codec.hpp"
-#include "detail/channel.hpp"
+#include "detail/transport/channel.hpp"
 #include "errors.hpp"
 
 namespace procpool {

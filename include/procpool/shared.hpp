@@ -37,9 +37,9 @@
 #endif
 
 #include "detail/int_cast.hpp"
-#include "detail/segment.hpp"
-#include "detail/type_name.hpp"
-#include "detail/value_cell.hpp"
+#include "detail/os/type_name.hpp"
+#include "detail/sync/segment.hpp"
+#include "detail/sync/value_cell.hpp"
 #include "errors.hpp"
 
 namespace procpool {

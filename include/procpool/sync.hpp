@@ -41,11 +41,11 @@
 #include <optional>
 #include <type_traits>
 
-#include "detail/clock.hpp"
-#include "detail/liveness.hpp"
-#include "detail/shared_object.hpp"
-#include "detail/sync_state.hpp"
-#include "detail/wait.hpp"
+#include "detail/os/clock.hpp"
+#include "detail/os/liveness.hpp"
+#include "detail/sync/shared_object.hpp"
+#include "detail/sync/sync_state.hpp"
+#include "detail/transport/wait.hpp"
 #include "errors.hpp"
 
 namespace procpool {

@@ -42,9 +42,9 @@
 // matter of liveness that no check on our side can answer.
 #pragma once
 
-#include <procpool/detail/channel.hpp>
-#include <procpool/detail/ring.hpp>
-#include <procpool/detail/shm.hpp>
+#include <procpool/detail/transport/channel.hpp>
+#include <procpool/detail/transport/ring.hpp>
+#include <procpool/detail/transport/shm.hpp>
 #include <procpool/errors.hpp>
 
 #include <algorithm>

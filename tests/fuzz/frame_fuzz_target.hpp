@@ -60,8 +60,8 @@
 #pragma once
 
 #include <procpool/codec.hpp>
-#include <procpool/detail/channel.hpp>
-#include <procpool/detail/ring.hpp>
+#include <procpool/detail/transport/channel.hpp>
+#include <procpool/detail/transport/ring.hpp>
 #include <procpool/errors.hpp>
 #include <procpool/pipe.hpp>
 

@@ -27,7 +27,7 @@
 //   5 error a    an error frame after a % 4 results, honest or not (a & 4)
 //   6 skipped a  a "skipped" frame with a % 4 results
 //   7 drive      as 4
-#include <procpool/detail/pool_engine.hpp>
+#include <procpool/detail/engine/fork_engine.hpp>
 #include <procpool/errors.hpp>
 #include <procpool/pool.hpp>
 
@@ -46,7 +46,7 @@
 
 namespace procpool::detail {
 
-/// The harness's view of the engine (declared by pool_engine.hpp).
+/// The harness's view of the engine (declared by detail/engine/fork_engine.hpp).
 struct engine_probe {
   struct owed {
     std::uint64_t call, first;

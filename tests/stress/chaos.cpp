@@ -55,7 +55,7 @@ extern "C" const char* __asan_default_options() {
 
 namespace procpool::detail {
 
-/// The run's view of the engine's rings (declared by pool_engine.hpp).
+/// The run's view of the engine's rings (declared by detail/engine/fork_engine.hpp).
 struct engine_probe {
   static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }

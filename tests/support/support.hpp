@@ -2,9 +2,9 @@
 // children (for the no-leak, no-zombie checks), and a one-byte go signal.
 #pragma once
 
-#include <procpool/detail/fork.hpp>
-#include <procpool/detail/liveness.hpp>
-#include <procpool/detail/sys.hpp>
+#include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/os/liveness.hpp>
+#include <procpool/detail/os/sys.hpp>
 #include <procpool/exit_status.hpp>
 
 #include <catch2/catch.hpp>

@@ -45,7 +45,7 @@
 
 #include "../errors.hpp"
 #include "int_cast.hpp"
-#include "type_name.hpp"
+#include "os/type_name.hpp"
 
 namespace procpool::detail {
 

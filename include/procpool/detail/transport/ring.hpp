@@ -27,8 +27,8 @@
 #include <new>
 #include <vector>
 
+#include "../int_cast.hpp"
 #include "futex.hpp"
-#include "int_cast.hpp"
 #include "shm.hpp"
 #include "wait.hpp"
 

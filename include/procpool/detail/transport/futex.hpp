@@ -14,8 +14,8 @@
 #include <ctime>
 #include <optional>
 
-#include "int_cast.hpp"
-#include "sys.hpp"
+#include "../int_cast.hpp"
+#include "../os/sys.hpp"
 
 namespace procpool::detail {
 

@@ -11,7 +11,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "../codec.hpp"
+#include "../../codec.hpp"
 
 namespace procpool::detail {
 

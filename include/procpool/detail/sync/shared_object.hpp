@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "shm.hpp"
+#include "../transport/shm.hpp"
 
 namespace procpool::detail {
 

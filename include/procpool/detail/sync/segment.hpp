@@ -33,10 +33,10 @@
 #include <typeinfo>
 #include <utility>
 
-#include "futex.hpp"
-#include "int_cast.hpp"
-#include "shm.hpp"
-#include "sys.hpp"
+#include "../int_cast.hpp"
+#include "../os/sys.hpp"
+#include "../transport/futex.hpp"
+#include "../transport/shm.hpp"
 
 namespace procpool::detail {
 

@@ -47,18 +47,18 @@
 #include <utility>
 #include <vector>
 
-#include "../codec.hpp"
-#include "../errors.hpp"
-#include "calls.hpp"
-#include "fork.hpp"
-#include "futex.hpp"
-#include "int_cast.hpp"
-#include "liveness.hpp"
-#include "ring.hpp"
-#include "shm.hpp"
-#include "sys.hpp"
-#include "type_name.hpp"
-#include "wait.hpp"
+#include "../../codec.hpp"
+#include "../../errors.hpp"
+#include "../calls/calls.hpp"
+#include "../int_cast.hpp"
+#include "../os/fork.hpp"
+#include "../os/liveness.hpp"
+#include "../os/sys.hpp"
+#include "../os/type_name.hpp"
+#include "../transport/futex.hpp"
+#include "../transport/ring.hpp"
+#include "../transport/shm.hpp"
+#include "../transport/wait.hpp"
 
 namespace procpool::detail {
 

@@ -1,7 +1,7 @@
 // What every kind of pool shares, whatever runs its chunks: the calls in
 // flight (map, imap, submit) that cut their input into chunks and take their
 // results back, and the driver interface they use to wait. The fork-based
-// engine (pool_engine.hpp) and the MPI engine (mpi.hpp) are two drivers.
+// engine (engine/fork_engine.hpp) and the MPI engine (mpi.hpp) are two drivers.
 //
 // A chunk names the code that runs it by a 64-bit token from a `Handlers`
 // policy: `Handlers::id<F, Item, Invoke>()`. Forked workers share the
@@ -30,9 +30,9 @@
 #include <variant>
 #include <vector>
 
-#include "../codec.hpp"
-#include "../errors.hpp"
-#include "../progress.hpp"
+#include "../../codec.hpp"
+#include "../../errors.hpp"
+#include "../../progress.hpp"
 
 namespace procpool::detail {
 

@@ -23,7 +23,8 @@
 #include <system_error>
 #include <thread>
 
-#include "clock.hpp"
+#include "../int_cast.hpp"
+#include "../os/clock.hpp"
 
 #if !defined(__GLIBC__)
 #error "procpool's robust mutexes read glibc's pthread_mutex_t (owner and count words)"

@@ -47,14 +47,14 @@
 #include <utility>
 #include <vector>
 
-#include "../codec.hpp"
-#include "../errors.hpp"
-#include "clock.hpp"
+#include "../../codec.hpp"
+#include "../../errors.hpp"
+#include "../int_cast.hpp"
+#include "../os/clock.hpp"
+#include "../os/liveness.hpp"
+#include "../sync/robust_mutex.hpp"
 #include "futex.hpp"
-#include "int_cast.hpp"
-#include "liveness.hpp"
 #include "ring.hpp"
-#include "robust_mutex.hpp"
 #include "shm.hpp"
 #include "wait.hpp"
 

@@ -13,7 +13,7 @@
 #include <system_error>
 #include <utility>
 
-#include "sys.hpp"
+#include "../os/sys.hpp"
 
 namespace procpool::detail {
 

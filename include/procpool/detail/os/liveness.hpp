@@ -17,7 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "int_cast.hpp"
+#include "../int_cast.hpp"
 
 namespace procpool::detail {
 

@@ -7,7 +7,7 @@
 #include <optional>
 #include <thread>
 
-#include "clock.hpp"
+#include "../os/clock.hpp"
 #include "futex.hpp"
 
 #if defined(__x86_64__) || defined(__i386__)

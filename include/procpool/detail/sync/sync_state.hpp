@@ -9,10 +9,10 @@
 #include <chrono>
 #include <cstdint>
 
-#include "futex.hpp"
+#include "../transport/futex.hpp"
+#include "../transport/wait.hpp"
 #include "robust_mutex.hpp"
 #include "robust_recursive_mutex.hpp"
-#include "wait.hpp"
 
 namespace procpool::detail {
 
