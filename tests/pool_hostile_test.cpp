@@ -41,7 +41,7 @@ namespace procpool::detail {
 struct engine_probe {
   static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }
-  static std::uint64_t next_call_id(const engine& e) { return e.next_call_id_; }
+  static std::uint64_t next_call_id(const engine& e) { return e.dispatch_.next_call_id(); }
 };
 
 }  // namespace procpool::detail

@@ -51,6 +51,7 @@ set(files
   include/procpool/procpool.hpp
   include/procpool/pool.hpp
   include/procpool/mpi.hpp
+  include/procpool/mpi/pool.hpp
   include/procpool/detail/transport/ring.hpp
   share/cmake/procpool/procpoolConfig.cmake
   share/cmake/procpool/procpoolConfigVersion.cmake

@@ -7,13 +7,15 @@
 //               task ring    parent -> worker, chunk frames
 //               result ring  worker -> parent, one result frame per chunk
 //
-// Frames are ring messages. A task frame is a task_header followed by the
-// chunk's items, encoded back to back; its `handler` is the address of a
-// function template instantiated by the parent for the chunk's item type and
-// the pool's function. Workers are forks of the parent, so that address names
-// the same code in them. The worker answers every task frame with exactly one
-// result frame (results, error, skipped or revoked), so the parent's
-// bookkeeping of the chunks in flight stays exact. A worker claims each frame
+// Frames (dispatch/frame.hpp) are ring messages: a u64 length, then the
+// frame. A task frame's `handler` is the address of a function template
+// instantiated by the parent for the chunk's item type and the pool's
+// function. Workers are forks of the parent, so that address names the same
+// code in them. The worker answers every task frame with exactly one result
+// frame (results, error, skipped or revoked), so the parent's bookkeeping of
+// the chunks in flight stays exact. Calls, chunks and the checks on answers
+// are the dispatcher's (dispatch/dispatcher.hpp); this file is the transport:
+// workers, rings, deaths, timeouts. A worker claims each frame
 // (worker_slot::claim) before it runs it; the parent may revoke a frame not
 // yet claimed and give its chunk to an idle worker.
 //
@@ -50,6 +52,8 @@
 #include "../../codec.hpp"
 #include "../../errors.hpp"
 #include "../calls/calls.hpp"
+#include "../dispatch/dispatcher.hpp"
+#include "../dispatch/frame.hpp"
 #include "../int_cast.hpp"
 #include "../os/fork.hpp"
 #include "../os/liveness.hpp"
@@ -61,16 +65,6 @@
 #include "../transport/wait.hpp"
 
 namespace procpool::detail {
-
-enum class frame_kind : std::uint32_t {
-  task = 1,         // parent -> worker: a chunk to run
-  stop = 2,         // parent -> worker: exit now
-  results = 3,      // worker -> parent: `count` encoded results
-  error = 4,        // worker -> parent: `count` results, then index, type name, message
-  skipped = 5,      // worker -> parent: chunk cancelled; `count` results done before it was
-  init_failed = 6,  // worker -> parent: the initializer threw: type name, message
-  revoked = 7,      // worker -> parent: the parent took this chunk back before it started
-};
 
 /// The high bit of `worker_slot::claim`: the parent took back the frame it names.
 inline constexpr std::uint64_t revoked_bit = std::uint64_t(1) << 63;
@@ -85,21 +79,6 @@ struct engine_probe;
 /// encodes results into `out` after the result header the caller wrote.
 using chunk_handler = void (*)(worker_context&, reader& in, std::uint64_t first,
                                std::uint32_t count, writer& out);
-
-struct task_header {
-  std::uint64_t handler;  // chunk_handler, as an integer
-  std::uint64_t call;
-  std::uint64_t first;
-  std::uint32_t count;
-  frame_kind kind;
-};
-
-struct result_header {
-  std::uint64_t call;
-  std::uint64_t first;
-  std::uint32_t count;  // results that follow
-  frame_kind kind;
-};
 
 /// The part of the mapping every process sees.
 struct engine_shared {
@@ -147,90 +126,15 @@ struct chunk_cancelled {
   std::uint32_t done;
 };
 
-/// Writes the result header at the front of `out` (space reserved by the caller).
-inline void patch_result_header(writer& out, const result_header& h) noexcept {
-  std::memcpy(out.data(), &h, sizeof h);
-}
-
-/// The type name and message of the exception being handled.
-inline std::pair<std::string, std::string> describe_current_exception() {
-  std::string type = "unknown exception";
-  if (auto* t = abi::__cxa_current_exception_type()) type = demangle(t->name());
-  try {
-    throw;
-  } catch (const std::exception& e) {
-    return {type, e.what()};
-  } catch (...) {
-    return {type, "(not derived from std::exception)"};
-  }
-}
-
-/// Hands a result frame to its call: the results it carries, then, for an
-/// error frame, the failure `failure(index, type, message)` makes from the
-/// failing index, type name and message that follow (anything after them is
-/// left in `in` for the caller). A frame that cannot be decoded fails the call
-/// at its first item, whatever the decoder threw: a `decode_error` as it is,
-/// anything else as a `decode_error` naming its type and `what()`. Never
-/// throws, so the caller always consumes the frame. A cancelled call takes nothing.
-template <class MakeFailure>
-void deliver_frame(call_state& call, const result_header& h, reader& in,
-                   MakeFailure&& failure) noexcept {
-  if (call.cancelled) return;
-  try {
-    try {
-      if (h.count > 0) call.on_results(h.first, h.count, in);
-      if (h.kind == frame_kind::error) {
-        auto index = decode<std::uint64_t>(in);
-        auto type = decode<std::string>(in);
-        auto message = decode<std::string>(in);
-        call.fail(index, failure(index, std::move(type), std::move(message)));
-      }
-    } catch (const decode_error&) {
-      call.fail(h.first, std::current_exception());
-    } catch (...) {
-      auto [type, message] = describe_current_exception();
-      call.fail(h.first, std::make_exception_ptr(decode_error(
-                             in.offset(), fmt::format("the results of items {} to {} could not be "
-                                                      "decoded: the decoder threw {}: {}",
-                                                      h.first, h.first + h.count, type, message))));
-    }
-  } catch (...) {
-    // Not even the failure could be made (out of memory): the call ends anyway.
-    call.abort(std::current_exception());
-  }
-}
-
 /// The generic handler: items of type `Item`, function called through `Invoke`.
 /// `Invoke::call(F&, Item&&)` returns the result to encode.
 template <class F, class Item, class Invoke>
 void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32_t count,
                writer& out) {
   F& f = *static_cast<F*>(ctx.function);
-  result_header h{ctx.call, first, 0, frame_kind::results};
-  std::uint32_t done = 0;
-  std::size_t mark = out.size();
-  try {
-    for (; done < count; ++done) {
-      if (!ctx.begin_item(first + done)) {
-        h.kind = frame_kind::skipped;
-        break;
-      }
-      mark = out.size();
-      auto item = decode<Item>(in);
-      encode(out, Invoke::call(f, item));
-    }
-  } catch (...) {
-    // Results before the failing item stay; a result the failing item may
-    // have half-encoded is cut off.
-    h.kind = frame_kind::error;
-    auto [type, message] = describe_current_exception();
-    out.resize(mark);
-    encode(out, std::uint64_t(first + done));
-    encode(out, type);
-    encode(out, message);
-  }
-  h.count = done;
-  patch_result_header(out, h);
+  patch_result_header(out,
+                      run_items<Item, Invoke>(f, in, ctx.call, first, count, out,
+                                              [&](std::uint64_t i) { return ctx.begin_item(i); }));
 }
 
 /// Handler tokens for forked workers: the address of the handler, the same
@@ -303,17 +207,11 @@ class engine final : public driver {
 
  private:
   friend struct engine_probe;
-  struct chunk {
-    std::shared_ptr<call_state> call;
-    std::uint64_t call_id = 0;
-    std::uint64_t first = 0;
-    std::uint32_t count = 0;
-    std::vector<std::byte> bytes;  // the whole ring message: u64 size, header, items
-    std::size_t sent = 0;
-    unsigned retries = 0;
-    std::uint64_t seq = 0;    // the frame's number in its worker's ring (see worker_slot::claim)
-    bool revoked = false;     // taken back: its worker answers it with `revoked`, unrun
-    unsigned bad_frames = 0;  // answers to it that were lies
+  /// A chunk as the fork engine carries it.
+  struct chunk : detail::chunk {
+    std::size_t sent = 0;   // bytes of it in the worker's ring
+    std::uint64_t seq = 0;  // the frame's number in its worker's ring (see worker_slot::claim)
+    bool revoked = false;   // taken back: its worker answers it with `revoked`, unrun
   };
   struct worker {
     pid_t pid = 0;
@@ -348,13 +246,7 @@ class engine final : public driver {
   bool fill(worker& w, std::size_t up_to);
   bool take_back_for_idle();
   bool can_take_back() const;
-  /// True while a chunk's items can still change its call's outcome: the call
-  /// goes on, or failed at a later item (the lowest failing index wins, so
-  /// items before it must still run).
-  static bool still_needed(const chunk& c) noexcept {
-    return !c.call->cancelled && (!c.call->failed() || c.first < c.call->error_index());
-  }
-  bool make_chunk(worker& w, chunk& c);
+  static bool still_needed(const chunk& c) noexcept { return dispatcher::still_needed(c); }
   bool receive(worker& w, bool may_drop = true);
   void handle_frame(worker& w, const std::byte* data, std::size_t size);
   std::string check_header(const worker& w, const result_header& h, std::size_t size) const;
@@ -386,19 +278,13 @@ class engine final : public driver {
   std::size_t ring_capacity_ = 0;
   std::size_t chunk_bytes_ = 0;
   std::vector<worker> workers_;
-  std::deque<std::shared_ptr<call_state>> sending_;  // calls with chunks still to make
-  std::deque<chunk> resend_;                         // chunks a dead worker never started
-  std::vector<std::vector<std::byte>> spare_buffers_;
-  std::vector<std::weak_ptr<call_state>> live_;  // every call started and not yet over
-  std::size_t prune_live_at_ = 64;
-  std::uint64_t next_call_id_ = 1;
+  dispatcher dispatch_{sizeof(std::uint64_t)};  // frames in the rings follow their length
   steady::time_point next_health_check_{};
   std::exception_ptr broken_;
   std::atomic<bool> closed_{false};
   std::atomic<bool> stop_requested_{false};
   bool driving_ = false;  // inside drive_until: the queues are being walked
   bool stopped_ = false;
-  writer scratch_;
 };
 
 // ---------------------------------------------------------------------------
@@ -609,20 +495,7 @@ inline void engine::check_usable(const char* operation) const {
 inline void engine::start(const std::shared_ptr<call_state>& call) {
   enter("a call");
   if (stopped_) throw pool_closed("a call");
-  if (live_.size() >= prune_live_at_) {
-    // Forget calls that are over; amortized, so that many pending futures
-    // cost O(1) each.
-    live_.erase(std::remove_if(live_.begin(), live_.end(),
-                               [](const std::weak_ptr<call_state>& c) {
-                                 auto p = c.lock();
-                                 return !p || p->finished();
-                               }),
-                live_.end());
-    prune_live_at_ = std::max<std::size_t>(64, 2 * live_.size());
-  }
-  live_.push_back(call);
-  call->id = next_call_id_++;
-  sending_.push_back(call);
+  dispatch_.start(call);
 }
 
 inline void engine::end_call(call_state& call) noexcept {
@@ -633,18 +506,7 @@ inline void engine::end_call(call_state& call) noexcept {
 inline void engine::forget(call_state& call) noexcept {
   // Chunks already in a worker's ring stay counted until their answers come
   // (they are dropped then); nothing queued here survives.
-  sending_.erase(
-      std::remove_if(sending_.begin(), sending_.end(),
-                     [&](const std::shared_ptr<call_state>& c) { return c.get() == &call; }),
-      sending_.end());
-  for (auto it = resend_.begin(); it != resend_.end();) {
-    if (it->call.get() == &call) {
-      --call.in_flight;
-      it = resend_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  dispatch_.forget(call);
 }
 
 inline void engine::request_stop() noexcept {
@@ -727,7 +589,7 @@ inline bool engine::can_take_back() const {
     if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
         !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
       idle = true;
-  if (!idle || !resend_.empty()) return false;
+  if (!idle || dispatch_.resending()) return false;
   for (auto& w : workers_) {
     if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
     const chunk& c = w.inflight.back();
@@ -762,7 +624,7 @@ inline bool engine::pump() {
 }
 
 inline bool engine::take_back_for_idle() {
-  if (!resend_.empty()) return false;
+  if (dispatch_.resending()) return false;
   std::size_t idle = 0;
   for (auto& w : workers_)
     if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
@@ -783,16 +645,9 @@ inline bool engine::take_back_for_idle() {
       continue;
     c.revoked = true;
     w.items_sent -= std::min<std::size_t>(w.items_sent, c.count);
-    chunk copy;
-    copy.call = c.call;
-    copy.call_id = c.call_id;
-    copy.first = c.first;
-    copy.count = c.count;
-    copy.bytes = c.bytes;
-    copy.retries = c.retries;
-    copy.bad_frames = c.bad_frames;
+    detail::chunk copy = c;  // the same frame, for another worker
     ++copy.call->in_flight;
-    resend_.push_back(std::move(copy));
+    dispatch_.resend(std::move(copy));
     --idle;
     took = true;
   }
@@ -803,8 +658,11 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
   bool made = false;
   while (w.inflight.size() < std::min(up_to, max_inflight)) {
     if (config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child) break;
+    std::size_t max_count = ~std::size_t(0);
+    if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
     chunk c;
-    if (!make_chunk(w, c)) break;
+    if (!dispatch_.next_chunk(c, max_count)) break;
+    c.sent = 0;
     w.items_sent += c.count;
     c.seq = w.frames_sent++;
     c.revoked = false;
@@ -812,62 +670,6 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
     made = true;
   }
   return made;
-}
-
-inline bool engine::make_chunk(worker& w, chunk& c) {
-  while (!resend_.empty()) {
-    c = std::move(resend_.front());
-    resend_.pop_front();
-    if (!still_needed(c)) {
-      --c.call->in_flight;  // its call is over: never run it again
-      continue;
-    }
-    c.sent = 0;
-    return true;
-  }
-  std::size_t max_count = ~std::size_t(0);
-  if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
-  // Each queued call is asked at most once: when every one is blocked (full
-  // windows), there is nothing to send now.
-  for (std::size_t tries = sending_.size(); tries > 0 && !sending_.empty(); --tries) {
-    auto call = sending_.front();
-    if (call->input_done || call->failed() || call->cancelled) {
-      sending_.pop_front();
-      continue;
-    }
-    scratch_.clear();
-    std::uint64_t prefix = 0;
-    task_header h{};
-    scratch_.write(&prefix, sizeof prefix);
-    scratch_.write(&h, sizeof h);
-    std::uint64_t handler = 0;
-    std::uint64_t first = 0;
-    std::uint32_t count = 0;
-    if (!call->next_chunk(scratch_, max_count, first, count, handler)) {
-      sending_.pop_front();
-      // Input spent, or it failed (an item could not be read or encoded): done
-      // sending. Otherwise its window is full: let the next call go first.
-      if (!call->input_done && !call->failed()) sending_.push_back(call);
-      continue;
-    }
-    h = task_header{handler, call->id, first, count, frame_kind::task};
-    prefix = scratch_.size() - sizeof prefix;
-    std::memcpy(scratch_.data(), &prefix, sizeof prefix);
-    std::memcpy(scratch_.data() + sizeof prefix, &h, sizeof h);
-    if (!spare_buffers_.empty()) {
-      c.bytes = std::move(spare_buffers_.back());
-      spare_buffers_.pop_back();
-    }
-    c.bytes.assign(scratch_.data(), scratch_.data() + scratch_.size());
-    c.call = call;
-    c.call_id = call->id;
-    c.first = first;
-    c.count = count;
-    c.sent = 0;
-    ++call->in_flight;
-    return true;
-  }
-  return false;
 }
 
 inline bool engine::send_pending(worker& w) {
@@ -971,19 +773,16 @@ inline std::string engine::check_header(const worker& w, const result_header& h,
   if (w.inflight.empty()) return "an answer while it owed none";
   const chunk& c = w.inflight.front();
   if (c.sent != c.bytes.size()) return "an answer to a chunk it had not yet been sent whole";
-  if (h.call != c.call_id)
-    return fmt::format("an answer for call {} where call {} was due", h.call, c.call_id);
-  if (h.first != c.first)
-    return fmt::format("an answer from item {} where item {} was due", h.first, c.first);
   // A chunk taken back is answered unrun, and only such a chunk is.
-  if ((h.kind == frame_kind::revoked) != c.revoked)
+  if ((h.kind == frame_kind::revoked) != c.revoked) {
+    if (h.call != c.call_id || h.first != c.first) return dispatcher::check_answer(c, h, size);
     return c.revoked ? "results for a chunk taken back from it" : "a chunk given back unasked";
+  }
   if (h.kind == frame_kind::revoked)
-    return h.count == 0 && size == sizeof h ? std::string() : "a chunk given back with results";
-  // A whole chunk's results, or fewer before an error or a cancellation.
-  bool count_ok = h.kind == frame_kind::results ? h.count == c.count : h.count < c.count;
-  if (!count_ok) return fmt::format("{} results for a chunk of {} items", h.count, c.count);
-  return {};
+    return h.call == c.call_id && h.first == c.first && h.count == 0 && size == sizeof h
+               ? std::string()
+               : "a chunk given back with results";
+  return dispatcher::check_answer(c, h, size);
 }
 
 inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t size) {
@@ -1012,57 +811,28 @@ inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t s
     closed_ = true;
     return;
   }
-  if (h.kind == frame_kind::error && h.count == 0) {
-    // The failing item comes first: it must be the chunk's first item.
-    reader look = in;
-    std::uint64_t index = no_item;
-    try {
-      index = decode<std::uint64_t>(look);
-    } catch (const decode_error&) {
-    }
-    if (index != h.first) {
-      w.bad_frame = fmt::format("an error for item {} in a chunk from item {}", index, h.first);
-      return;
-    }
-  }
   if (h.kind == frame_kind::revoked) {
     finish_chunk(w);  // its copy runs elsewhere
     return;
   }
-  auto& call = *w.inflight.front().call;
-  bool failed_before = call.failed();
-  bool error_decoded = false;
-  std::string lie;
-  deliver_frame(call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
-    error_decoded = true;
-    if (index != h.first + h.count) {
-      // Results came before it: the failing item is the one after them.
-      lie =
-          fmt::format("an error for item {} after results up to item {}", index, h.first + h.count);
-      return std::make_exception_ptr(error(fmt::format(
-          "worker {} sent a bad result frame ({}); it was killed and replaced", w.pid, lie)));
-    }
-    return std::make_exception_ptr(task_error(index, w.pid, std::move(type), std::move(message)));
-  });
-  bool failed_now = call.failed() && !failed_before;
-  // Every byte of the frame must have been asked for (a frame that did not
-  // decode failed its call already, and its rest is not looked at).
-  if (lie.empty() && !call.cancelled && in.remaining() != 0 &&
-      (h.kind == frame_kind::error ? error_decoded : !failed_now))
-    lie = fmt::format("{} bytes past the end of its answer", in.remaining());
-  if (!lie.empty()) {
-    // The frame's results were taken already: its call fails rather than
-    // taking them again from another worker.
-    call.fail(
-        h.first,
-        std::make_exception_ptr(error(fmt::format(
-            "worker {} sent a bad result frame ({}); it was killed and replaced", w.pid, lie))));
-    w.bad_frame = std::move(lie);
+  auto& c = w.inflight.front();
+  pid_t pid = w.pid;
+  auto lie = [pid](const std::string& reason) {
+    return std::make_exception_ptr(error(fmt::format(
+        "worker {} sent a bad result frame ({}); it was killed and replaced", pid, reason)));
+  };
+  auto d = dispatcher::deliver(
+      c, h, in,
+      [pid](std::uint64_t index, std::string type, std::string message, reader&) {
+        return std::make_exception_ptr(task_error(index, pid, std::move(type), std::move(message)));
+      },
+      lie);
+  if (!d.lie.empty()) {
+    w.bad_frame = std::move(d.lie);
     return;
   }
   // Workers skip the rest of a call that this frame failed.
-  if (!call.cancelled && (h.kind == frame_kind::error || call.failed() != failed_before))
-    release_call(w.inflight.front().call);
+  if (!c.call->cancelled && (h.kind == frame_kind::error || d.failed_now)) release_call(c.call);
   finish_chunk(w);
 }
 
@@ -1077,12 +847,7 @@ inline void engine::drop_worker(std::size_t i) {
 }
 
 inline void engine::finish_chunk(worker& w) {
-  chunk& c = w.inflight.front();
-  --c.call->in_flight;
-  if (spare_buffers_.size() < 2 * workers_.size()) {
-    c.bytes.clear();
-    spare_buffers_.push_back(std::move(c.bytes));
-  }
+  dispatch_.settle(w.inflight.front());
   w.inflight.pop_front();
 }
 
@@ -1192,7 +957,7 @@ inline void engine::on_death(std::size_t i, exit_status status) {
     chunk c = std::move(w.inflight.front());
     w.inflight.pop_front();
     if (c.revoked) {  // its copy runs elsewhere
-      --c.call->in_flight;
+      dispatch_.settle(c);
       continue;
     }
     bool ran =
@@ -1201,7 +966,7 @@ inline void engine::on_death(std::size_t i, exit_status status) {
       // The chunk its bad frame claimed to answer: another worker runs it
       // once; a second lie about it fails its call.
       if (still_needed(c) && c.bad_frames++ == 0) {
-        resend_.push_back(std::move(c));
+        dispatch_.resend(std::move(c));
         first_chunk = false;
         continue;
       }
@@ -1224,14 +989,14 @@ inline void engine::on_death(std::size_t i, exit_status status) {
       // were lost on the way; another worker runs it. A chunk that keeps
       // finding its worker dead is charged with the death.
       if (++c.retries < 3) {
-        resend_.push_back(std::move(c));
+        dispatch_.resend(std::move(c));
         first_chunk = false;
         continue;
       }
       c.call->fail(c.first, std::make_exception_ptr(worker_died(pid, status, c.first)));
       release_call(c.call);
     }
-    --c.call->in_flight;
+    dispatch_.settle(c);
     first_chunk = false;
   }
   if (!broken_ && !stopped_) {
@@ -1385,10 +1150,7 @@ inline void engine::join() {
   if (!broken_) {
     try {
       drive([&] {
-        for (auto& c : sending_)
-          if (!c->input_done && !c->failed() && !c->cancelled) return false;
-        for (auto& c : resend_)
-          if (still_needed(c)) return false;
+        if (dispatch_.work_queued()) return false;
         for (auto& w : workers_)
           if (!w.inflight.empty()) return false;
         return true;
@@ -1403,14 +1165,11 @@ inline void engine::join() {
 
 // Ends, with pool_closed, every call still pending (or only the open ranges).
 inline void engine::end_calls(bool ranges_only) noexcept {
-  for (auto& weak : live_) {
-    auto call = weak.lock();
-    if (!call || call->finished() || (ranges_only && !call->is_range())) continue;
-    call->abort(std::make_exception_ptr(
-        pool_closed::while_pending(ranges_only ? "join or the destructor, with the range open"
-                                               : "terminate, join or the destructor")));
-    cancel(*call);
-  }
+  dispatch_.end_calls(ranges_only,
+                      std::make_exception_ptr(pool_closed::while_pending(
+                          ranges_only ? "join or the destructor, with the range open"
+                                      : "terminate, join or the destructor")),
+                      [&](call_state& call) { cancel(call); });
 }
 
 inline void engine::terminate() noexcept {
@@ -1456,13 +1215,11 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
   // not, ends with pool_closed.
   end_calls(false);
   for (auto& w : workers_) {
-    for (auto& c : w.inflight) --c.call->in_flight;
+    for (auto& c : w.inflight) dispatch_.settle(c);
     w.inflight.clear();
   }
-  for (auto& c : resend_) --c.call->in_flight;
-  resend_.clear();
-  sending_.clear();
-  live_.clear();
+  dispatch_.stop(
+      std::make_exception_ptr(pool_closed::while_pending("terminate, join or the destructor")));
 }
 
 }  // namespace procpool::detail

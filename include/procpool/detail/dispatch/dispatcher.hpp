@@ -1,0 +1,313 @@
+// The dispatcher: what both engines do with calls and chunks, whatever
+// carries the chunks (shared-memory rings to forked workers, or MPI messages
+// to ranks).
+//
+//   calls        registered by start(), each with an id; queued while they
+//                have input to cut; remembered (weakly) until they are over,
+//                so that stopping the pool can end every one of them
+//   chunks       cut from the queued calls in turn (a call whose window is
+//                full lets the next one go), or taken from the resend queue
+//                first (chunks whose worker died before running them)
+//   answers      checked against the chunk they claim to answer, every field,
+//                before a byte of them is decoded; then handed to the call
+//   closing      join ends the open ranges; terminate and the destructor end
+//                every call still pending with pool_closed
+//
+// The engine owns the transport: who runs a chunk, when it is sent, what a
+// dead or silent worker means. It tells the dispatcher only what the
+// dispatcher cannot see: that a chunk goes back in the queue, or is settled.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../../codec.hpp"
+#include "../../errors.hpp"
+#include "../calls/calls.hpp"
+#include "frame.hpp"
+
+namespace procpool::detail {
+
+/// A chunk of a call on its way: made by the dispatcher, carried by an
+/// engine, answered once. Engines extend it with what their transport needs.
+struct chunk {
+  std::shared_ptr<call_state> call;
+  std::uint64_t call_id = 0;
+  std::uint64_t first = 0;
+  std::uint32_t count = 0;
+  std::vector<std::byte> bytes;  // the frame: the engine's prefix, a task_header, the items
+  unsigned retries = 0;          // times it was sent again after its worker died
+  unsigned bad_frames = 0;       // answers to it that were lies
+};
+
+/// What became of an answer handed to its call (`dispatcher::deliver`).
+struct delivery {
+  std::string lie;          // why the answer cannot be true; empty if it can
+  bool failed_now = false;  // the answer made its call fail
+};
+
+/// Calls, the chunks cut from them, and the checks on their answers.
+class dispatcher {
+ public:
+  /// `prefix` bytes come before each task frame's header in `chunk::bytes`
+  /// (the fork engine's ring messages start with their length).
+  explicit dispatcher(std::size_t prefix = 0) noexcept : prefix_(prefix) {}
+
+  /// Registers a call: gives it an id and queues it for cutting.
+  void start(const std::shared_ptr<call_state>& call) {
+    if (live_.size() >= prune_live_at_) {
+      // Forget calls that are over; amortized, so that many pending futures
+      // cost O(1) each.
+      live_.erase(std::remove_if(live_.begin(), live_.end(),
+                                 [](const std::weak_ptr<call_state>& c) {
+                                   auto p = c.lock();
+                                   return !p || p->finished();
+                                 }),
+                  live_.end());
+      prune_live_at_ = std::max<std::size_t>(64, 2 * live_.size());
+    }
+    live_.push_back(call);
+    call->id = next_call_id_++;
+    sending_.push_back(call);
+  }
+
+  /// The id the next call will get.
+  std::uint64_t next_call_id() const noexcept { return next_call_id_; }
+
+  /// True while a chunk's items can still change its call's outcome: the call
+  /// goes on, or failed at a later item (the lowest failing index wins, so
+  /// items before it must still run).
+  static bool still_needed(const chunk& c) noexcept {
+    return !c.call->cancelled && (!c.call->failed() || c.first < c.call->error_index());
+  }
+
+  /// Makes the next chunk to send into `c`, of at most `max_count` items: a
+  /// chunk to run again first, then the queued calls in turn. False when
+  /// nothing can be sent now (no input left, or every window is full).
+  bool next_chunk(chunk& c, std::size_t max_count = ~std::size_t(0)) {
+    while (!resend_.empty()) {
+      c = std::move(resend_.front());
+      resend_.pop_front();
+      if (!still_needed(c)) {
+        --c.call->in_flight;  // its call is over: never run it again
+        continue;
+      }
+      return true;
+    }
+    // Each queued call is asked at most once: when every one is blocked
+    // (full windows), there is nothing to send now.
+    for (std::size_t tries = sending_.size(); tries > 0 && !sending_.empty(); --tries) {
+      auto call = sending_.front();
+      if (call->input_done || call->failed() || call->cancelled) {
+        sending_.pop_front();
+        continue;
+      }
+      scratch_.clear();
+      scratch_.resize(prefix_ + sizeof(task_header));
+      std::uint64_t handler = 0;
+      std::uint64_t first = 0;
+      std::uint32_t count = 0;
+      bool made = false;
+      try {
+        made = call->next_chunk(scratch_, max_count, first, count, handler);
+      } catch (...) {
+        // The call cuts its chunks catching what its input throws; what
+        // escapes that (an iterator's comparison, memory) ends the call,
+        // and nothing of its input is read again.
+        sending_.pop_front();
+        call->abort(std::current_exception());
+        continue;
+      }
+      if (!made) {
+        sending_.pop_front();
+        // Input spent, or it failed (an item could not be read or encoded):
+        // done sending. Otherwise its window is full: the next call goes first.
+        if (!call->input_done && !call->failed()) sending_.push_back(call);
+        continue;
+      }
+      task_header h{handler, call->id, first, count, frame_kind::task};
+      std::memcpy(scratch_.data() + prefix_, &h, sizeof h);
+      if (prefix_ == sizeof(std::uint64_t)) {
+        std::uint64_t size = scratch_.size() - prefix_;
+        std::memcpy(scratch_.data(), &size, sizeof size);
+      }
+      c = chunk{};
+      if (!spare_.empty()) {
+        c.bytes = std::move(spare_.back());
+        spare_.pop_back();
+      }
+      c.bytes.assign(scratch_.data(), scratch_.data() + scratch_.size());
+      c.call = call;
+      c.call_id = call->id;
+      c.first = first;
+      c.count = count;
+      ++call->in_flight;
+      return true;
+    }
+    return false;
+  }
+
+  /// Queues a chunk to be sent again (its worker died before running it, or
+  /// it was taken back for an idle worker); it stays counted in its call's
+  /// `in_flight`.
+  void resend(chunk c) { resend_.push_back(std::move(c)); }
+  /// True when chunks wait to be sent again.
+  bool resending() const noexcept { return !resend_.empty(); }
+
+  /// The chunk is answered or given up: its call no longer waits for it. Its
+  /// buffer is kept for a later chunk.
+  void settle(chunk& c) noexcept {
+    if (c.call) --c.call->in_flight;
+    if (spare_.size() < 16 && c.bytes.capacity() > 0) {
+      c.bytes.clear();
+      spare_.push_back(std::move(c.bytes));
+    }
+  }
+
+  /// Checks what an answer's header claims against the chunk `c` it answers
+  /// (`size`: the whole answer, header included). Returns why it cannot be
+  /// true, or an empty string. Engine-specific kinds (revoked, bye) are the
+  /// engine's to check first.
+  static std::string check_answer(const chunk& c, const result_header& h, std::size_t size) {
+    if (h.call != c.call_id)
+      return fmt::format("an answer for call {} where call {} was due", h.call, c.call_id);
+    if (h.first != c.first)
+      return fmt::format("an answer from item {} where item {} was due", h.first, c.first);
+    switch (h.kind) {
+      case frame_kind::results:
+      case frame_kind::error:
+      case frame_kind::skipped:
+        break;
+      default:
+        return fmt::format("an answer of kind {}", static_cast<std::uint32_t>(h.kind));
+    }
+    // A whole chunk's results, or fewer before an error or a cancellation.
+    bool count_ok = h.kind == frame_kind::results ? h.count == c.count : h.count < c.count;
+    if (!count_ok) return fmt::format("{} results for a chunk of {} items", h.count, c.count);
+    if (size < sizeof h) return fmt::format("an answer of {} bytes", size);
+    return {};
+  }
+
+  /// Hands the answer `h` (its body in `in`) to the call of chunk `c`, whose
+  /// header `check_answer` passed. `failure(index, type, message, in)` makes
+  /// the error of a failed item (reading what the engine appends from `in`);
+  /// `lie(reason)` the error that fails the call when the answer turns out
+  /// false (an error for an item other than the one after the results, bytes
+  /// past its end). The results of a cancelled call are dropped. Never throws.
+  template <class MakeFailure, class MakeLie>
+  static delivery deliver(chunk& c, const result_header& h, reader& in, MakeFailure&& failure,
+                          MakeLie&& lie) noexcept {
+    delivery d;
+    auto& call = *c.call;
+    if (h.kind == frame_kind::error && h.count == 0) {
+      // The failing item comes first: it must be the chunk's first item.
+      reader look = in;
+      std::uint64_t index = no_item;
+      try {
+        index = decode<std::uint64_t>(look);
+      } catch (const decode_error&) {
+      }
+      if (index != h.first) {
+        d.lie = fmt::format("an error for item {} in a chunk from item {}", index, h.first);
+        return d;
+      }
+    }
+    bool failed_before = call.failed();
+    bool error_decoded = false;
+    deliver_frame(call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
+      error_decoded = true;
+      if (index != h.first + h.count) {
+        // Results came before it: the failing item is the one after them.
+        d.lie = fmt::format("an error for item {} after results up to item {}", index,
+                            h.first + h.count);
+        return lie(d.lie);
+      }
+      return failure(index, std::move(type), std::move(message), in);
+    });
+    d.failed_now = call.failed() && !failed_before;
+    // Every byte of the frame must have been asked for (a frame that did not
+    // decode failed its call already, and its rest is not looked at).
+    if (d.lie.empty() && !call.cancelled && in.remaining() != 0 &&
+        (h.kind == frame_kind::error ? error_decoded : !d.failed_now))
+      d.lie = fmt::format("{} bytes past the end of its answer", in.remaining());
+    if (!d.lie.empty()) {
+      // The frame's results were taken already: its call fails rather than
+      // taking them again from elsewhere.
+      call.fail(h.first, lie(d.lie));
+      d.failed_now = true;
+    }
+    return d;
+  }
+
+  /// Drops what is queued of `call` (it is over for its user); its chunks
+  /// already sent stay counted until answered.
+  void forget(call_state& call) noexcept {
+    sending_.erase(
+        std::remove_if(sending_.begin(), sending_.end(),
+                       [&](const std::shared_ptr<call_state>& c) { return c.get() == &call; }),
+        sending_.end());
+    for (auto it = resend_.begin(); it != resend_.end();) {
+      if (it->call.get() == &call) {
+        --call.in_flight;
+        it = resend_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  /// True while some queued call has input to cut, or some chunk to send
+  /// again still matters: what `join` waits for, beside the chunks out.
+  bool work_queued() const noexcept {
+    for (auto& c : sending_)
+      if (!c->input_done && !c->failed() && !c->cancelled) return true;
+    for (auto& c : resend_)
+      if (still_needed(c)) return true;
+    return false;
+  }
+
+  /// Ends with `e` every call still pending (only the open ranges when
+  /// `ranges_only`), calling `cancelled(call)` for each so the engine can
+  /// tell its workers. Their chunks out are dropped when answered.
+  template <class OnEnd>
+  void end_calls(bool ranges_only, const std::exception_ptr& e, OnEnd&& on_end) noexcept {
+    for (auto& weak : live_) {
+      auto call = weak.lock();
+      if (!call || call->finished() || (ranges_only && !call->is_range())) continue;
+      call->abort(e);
+      on_end(*call);
+    }
+  }
+
+  /// The engine stopped: every call still pending ends with `e`, and the
+  /// queues are emptied (chunks out are the engine's to settle).
+  void stop(const std::exception_ptr& e) noexcept {
+    end_calls(false, e, [](call_state&) {});
+    for (auto& c : resend_) --c.call->in_flight;
+    resend_.clear();
+    sending_.clear();
+    live_.clear();
+  }
+
+ private:
+  std::size_t prefix_;
+  std::deque<std::shared_ptr<call_state>> sending_;  // calls with chunks still to cut
+  std::deque<chunk> resend_;                         // chunks to send again
+  std::vector<std::weak_ptr<call_state>> live_;      // every call started and not yet over
+  std::size_t prune_live_at_ = 64;
+  std::uint64_t next_call_id_ = 1;
+  std::vector<std::vector<std::byte>> spare_;  // buffers of settled chunks
+  writer scratch_;
+};
+
+}  // namespace procpool::detail

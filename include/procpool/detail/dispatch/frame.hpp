@@ -1,0 +1,150 @@
+// The frames both engines speak, and the code that runs a chunk's items.
+//
+// A task frame is a task_header followed by the chunk's items, encoded back
+// to back; its `handler` is a token naming the code that runs the chunk (see
+// calls/calls.hpp, `Handlers`). Whoever runs it answers with exactly one
+// result frame: a result_header, then `count` encoded results, then, for an
+// error frame, the failing item's index, the exception's type name and
+// message, and whatever the engine adds (MPI: the pid that ran it). The fork
+// engine carries frames in shared-memory rings, the MPI engine in messages.
+#pragma once
+
+#include <cxxabi.h>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <utility>
+
+#include "../../codec.hpp"
+#include "../../errors.hpp"
+#include "../calls/calls.hpp"
+#include "../os/type_name.hpp"
+
+namespace procpool::detail {
+
+/// What a frame is.
+enum class frame_kind : std::uint32_t {
+  task = 1,         // to a worker or rank: a chunk to run
+  stop = 2,         // to a worker or rank: stop serving
+  results = 3,      // back: `count` encoded results
+  error = 4,        // back: `count` results, then index, type name, message
+  skipped = 5,      // back: chunk cancelled; `count` results done before it was
+  init_failed = 6,  // back (fork): the initializer threw: type name, message
+  revoked = 7,      // back (fork): the parent took this chunk back before it started
+  bye = 8,          // back (MPI): the rank stopped; it sends nothing more
+  members = 9,      // to a rank (MPI): the ranks given up, `count` of them, follow
+};
+
+/// The head of a frame sent to a worker or rank.
+struct task_header {
+  std::uint64_t handler;  // token of the code that runs the chunk
+  std::uint64_t call;
+  std::uint64_t first;
+  std::uint32_t count;
+  frame_kind kind;
+};
+
+/// The head of a frame sent back.
+struct result_header {
+  std::uint64_t call;
+  std::uint64_t first;
+  std::uint32_t count;  // results that follow
+  frame_kind kind;
+};
+
+/// Writes the result header at the front of `out` (space reserved by the caller).
+inline void patch_result_header(writer& out, const result_header& h) noexcept {
+  std::memcpy(out.data(), &h, sizeof h);
+}
+
+/// The type name and message of the exception being handled.
+inline std::pair<std::string, std::string> describe_current_exception() {
+  std::string type = "unknown exception";
+  if (auto* t = abi::__cxa_current_exception_type()) type = demangle(t->name());
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return {type, e.what()};
+  } catch (...) {
+    return {type, "(not derived from std::exception)"};
+  }
+}
+
+/// Appends an error's tail to a result frame: the failing index, the type
+/// name and message of the exception being handled.
+inline void encode_current_failure(writer& out, std::uint64_t index) {
+  auto [type, message] = describe_current_exception();
+  encode(out, index);
+  encode(out, type);
+  encode(out, message);
+}
+
+/// Runs the `count` items of a chunk, from item `first` of call `call`:
+/// decodes each from `in`, calls `f` through `Invoke`, encodes the result
+/// into `out`. `before(index)` runs before each item and stops the chunk
+/// (a `skipped` answer) by returning false. An exception from an item (its
+/// decoding, the call, the result's encoding) ends the chunk: the results
+/// before it stay, a result it half-encoded is cut off, and its index, type
+/// and message follow (an `error` answer). Returns the answer's header;
+/// the caller reserved its place at the front of `out`.
+template <class Item, class Invoke, class F, class Before>
+result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t first,
+                        std::uint32_t count, writer& out, Before&& before) {
+  result_header h{call, first, 0, frame_kind::results};
+  std::size_t mark = out.size();
+  try {
+    for (; h.count < count; ++h.count) {
+      if (!before(first + h.count)) {
+        h.kind = frame_kind::skipped;
+        break;
+      }
+      mark = out.size();
+      auto item = decode<Item>(in);
+      encode(out, Invoke::call(f, item));
+    }
+  } catch (...) {
+    h.kind = frame_kind::error;
+    out.resize(mark);
+    encode_current_failure(out, first + h.count);
+  }
+  return h;
+}
+
+/// Hands a result frame to its call: the results it carries, then, for an
+/// error frame, the failure `failure(index, type, message)` makes from the
+/// failing index, type name and message that follow (anything after them is
+/// left in `in` for the caller). A frame that cannot be decoded fails the call
+/// at its first item, whatever the decoder threw: a `decode_error` as it is,
+/// anything else as a `decode_error` naming its type and `what()`. Never
+/// throws, so the caller always consumes the frame. A cancelled call takes nothing.
+template <class MakeFailure>
+void deliver_frame(call_state& call, const result_header& h, reader& in,
+                   MakeFailure&& failure) noexcept {
+  if (call.cancelled) return;
+  try {
+    try {
+      if (h.count > 0) call.on_results(h.first, h.count, in);
+      if (h.kind == frame_kind::error) {
+        auto index = decode<std::uint64_t>(in);
+        auto type = decode<std::string>(in);
+        auto message = decode<std::string>(in);
+        call.fail(index, failure(index, std::move(type), std::move(message)));
+      }
+    } catch (const decode_error&) {
+      call.fail(h.first, std::current_exception());
+    } catch (...) {
+      auto [type, message] = describe_current_exception();
+      call.fail(h.first, std::make_exception_ptr(decode_error(
+                             in.offset(), fmt::format("the results of items {} to {} could not be "
+                                                      "decoded: the decoder threw {}: {}",
+                                                      h.first, h.first + h.count, type, message))));
+    }
+  } catch (...) {
+    // Not even the failure could be made (out of memory): the call ends anyway.
+    call.abort(std::current_exception());
+  }
+}
+
+}  // namespace procpool::detail

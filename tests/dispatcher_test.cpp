@@ -1,0 +1,327 @@
+// The dispatcher both engines share (detail/dispatch/dispatcher.hpp): how
+// chunks are cut from calls in turn, what becomes of chunks whose call is
+// over, how every field of an answer is checked before a byte of it is
+// decoded, and how stopping ends every call. Driven directly, without
+// workers or ranks, so each rule is seen alone; the engines' own tests
+// (pool_hostile_test, tests/mpi) show the same rules end to end.
+#include <procpool/detail/dispatch/dispatcher.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "support/support.hpp"
+
+namespace pd = procpool::detail;
+
+namespace {
+
+/// A call of `n` items, one int each, cut `per_chunk` at a time, whose
+/// results are ints; `window` chunks at most unanswered.
+class test_call final : public pd::call_state {
+ public:
+  test_call(std::size_t n, std::size_t per_chunk, std::size_t window = 1000)
+      : n_(n), per_chunk_(per_chunk), window_(window) {}
+
+  bool next_chunk(procpool::writer& out, std::size_t max_count, std::uint64_t& first,
+                  std::uint32_t& count, std::uint64_t& handler) override {
+    if (throw_on_cut) throw std::runtime_error("the input's iterator broke");
+    if (next_ >= n_) {
+      input_done = true;
+      return false;
+    }
+    if (in_flight >= window_) return false;
+    std::size_t k = std::min({per_chunk_, max_count, n_ - next_});
+    for (std::size_t i = 0; i < k; ++i) procpool::encode(out, int(next_ + i));
+    first = next_;
+    count = static_cast<std::uint32_t>(k);
+    handler = 42;
+    next_ += k;
+    if (next_ >= n_) input_done = true;
+    return true;
+  }
+  void on_results(std::uint64_t first, std::uint32_t count, procpool::reader& in) override {
+    for (std::uint32_t k = 0; k < count; ++k)
+      results.emplace_back(first + k, procpool::decode<int>(in));
+  }
+  bool is_range() const noexcept override { return range; }
+
+  std::vector<std::pair<std::uint64_t, int>> results;
+  bool throw_on_cut = false;
+  bool range = false;
+
+ private:
+  std::size_t n_, per_chunk_, window_, next_ = 0;
+};
+
+/// An answer to chunk `c`: a header and a body.
+struct answer {
+  pd::result_header h;
+  procpool::writer body;
+};
+
+answer honest(const pd::chunk& c) {
+  answer a{pd::result_header{c.call_id, c.first, c.count, pd::frame_kind::results}, {}};
+  for (std::uint32_t k = 0; k < c.count; ++k) procpool::encode(a.body, int(c.first + k) * 10);
+  return a;
+}
+
+std::exception_ptr failure(std::uint64_t index, std::string type, std::string message,
+                           procpool::reader&) {
+  return std::make_exception_ptr(
+      procpool::task_error(index, 1, std::move(type), std::move(message)));
+}
+
+std::exception_ptr lie(const std::string& why) {
+  return std::make_exception_ptr(procpool::error("lie: " + why));
+}
+
+pd::delivery deliver(pd::chunk& c, answer& a) {
+  procpool::reader in(a.body.data(), a.body.size());
+  return pd::dispatcher::deliver(c, a.h, in, failure, lie);
+}
+
+std::string what_of(const pd::call_state& call) {
+  try {
+    call.rethrow_if_failed();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_CASE("chunks are cut from the queued calls in turn, a full window lets the next go",
+          "[dispatcher]") {
+  pd::dispatcher d;
+  auto a = std::make_shared<test_call>(10, 2, /*window=*/1);
+  auto b = std::make_shared<test_call>(10, 3);
+  d.start(a);
+  d.start(b);
+  CHECK(a->id != b->id);
+  pd::chunk c1, c2, c3;
+  REQUIRE(d.next_chunk(c1));
+  CHECK(c1.call == a);
+  CHECK(c1.count == 2);
+  // a's window is full: b goes next, though a was first in the queue.
+  REQUIRE(d.next_chunk(c2));
+  CHECK(c2.call == b);
+  REQUIRE(d.next_chunk(c3));
+  CHECK(c3.call == b);
+  CHECK(c3.first == 3);
+  CHECK(a->in_flight == 1);
+  CHECK(b->in_flight == 2);
+  // The frame: a task header naming the call, then the items.
+  pd::task_header h;
+  REQUIRE(c2.bytes.size() == sizeof h + 3 * sizeof(int));
+  std::memcpy(&h, c2.bytes.data(), sizeof h);
+  CHECK(h.kind == pd::frame_kind::task);
+  CHECK(h.call == b->id);
+  CHECK(h.count == 3);
+  CHECK(h.handler == 42);
+}
+
+TEST_CASE("a length prefix is written before the header when asked", "[dispatcher]") {
+  pd::dispatcher d(sizeof(std::uint64_t));
+  auto a = std::make_shared<test_call>(1, 1);
+  d.start(a);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  std::uint64_t size = 0;
+  std::memcpy(&size, c.bytes.data(), sizeof size);
+  CHECK(size == c.bytes.size() - sizeof size);
+}
+
+TEST_CASE("an exception that escapes cutting a call ends that call alone", "[dispatcher]") {
+  pd::dispatcher d;
+  auto bad = std::make_shared<test_call>(5, 1);
+  auto good = std::make_shared<test_call>(5, 5);
+  bad->throw_on_cut = true;
+  d.start(bad);
+  d.start(good);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  CHECK(c.call == good);
+  CHECK(bad->finished());
+  CHECK(what_of(*bad) == "the input's iterator broke");
+  // Never asked again.
+  bad->throw_on_cut = false;
+  CHECK_FALSE(d.next_chunk(c));
+}
+
+TEST_CASE("a chunk sent again after its call is over is dropped, and counted out", "[dispatcher]") {
+  pd::dispatcher d;
+  auto a = std::make_shared<test_call>(4, 2);
+  d.start(a);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  d.resend(c);
+  ++a->in_flight;  // the copy, as the engines count it
+  a->cancelled = true;
+  pd::chunk next;
+  CHECK_FALSE(d.next_chunk(next));
+  CHECK(a->in_flight == 1);  // the original, still out
+  d.settle(c);
+  CHECK(a->finished());
+}
+
+TEST_CASE("items before a call's failing item still run; those after it do not", "[dispatcher]") {
+  pd::chunk before, after;
+  auto a = std::make_shared<test_call>(10, 2);
+  before.call = after.call = a;
+  before.first = 2;
+  after.first = 6;
+  a->fail(4, std::make_exception_ptr(std::runtime_error("item 4")));
+  CHECK(pd::dispatcher::still_needed(before));
+  CHECK_FALSE(pd::dispatcher::still_needed(after));
+}
+
+TEST_CASE("every field of an answer is checked against its chunk", "[dispatcher]") {
+  pd::dispatcher d;
+  auto a = std::make_shared<test_call>(4, 4);
+  d.start(a);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  auto h = pd::result_header{c.call_id, c.first, c.count, pd::frame_kind::results};
+  std::size_t size = sizeof h + 4 * sizeof(int);
+  CHECK(pd::dispatcher::check_answer(c, h, size).empty());
+
+  auto bad = h;
+  bad.call += 1;
+  CHECK_THAT(pd::dispatcher::check_answer(c, bad, size), Catch::Contains("for call"));
+  bad = h;
+  bad.first = 1;
+  CHECK_THAT(pd::dispatcher::check_answer(c, bad, size), Catch::Contains("from item 1"));
+  bad = h;
+  bad.count = 3;  // a whole chunk's results, or an error/skip before the end
+  CHECK_THAT(pd::dispatcher::check_answer(c, bad, size), Catch::Contains("3 results"));
+  bad = h;
+  bad.kind = pd::frame_kind::skipped;  // skipped with every result is a lie
+  CHECK_FALSE(pd::dispatcher::check_answer(c, bad, size).empty());
+  bad.count = 2;
+  CHECK(pd::dispatcher::check_answer(c, bad, size).empty());
+  bad = h;
+  bad.kind = static_cast<pd::frame_kind>(77);
+  CHECK_THAT(pd::dispatcher::check_answer(c, bad, size), Catch::Contains("kind 77"));
+}
+
+TEST_CASE("an honest answer reaches its call; a cancelled call takes nothing", "[dispatcher]") {
+  pd::dispatcher d;
+  auto a = std::make_shared<test_call>(3, 3);
+  d.start(a);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  auto ans = honest(c);
+  auto r = deliver(c, ans);
+  CHECK(r.lie.empty());
+  CHECK_FALSE(r.failed_now);
+  REQUIRE(a->results.size() == 3);
+  CHECK(a->results[2].second == 20);
+
+  auto b = std::make_shared<test_call>(3, 3);
+  d.start(b);
+  pd::chunk cb;
+  REQUIRE(d.next_chunk(cb));
+  b->cancelled = true;
+  auto ansb = honest(cb);
+  CHECK(deliver(cb, ansb).lie.empty());
+  CHECK(b->results.empty());
+}
+
+TEST_CASE("an error answer fails its call at the item it names", "[dispatcher]") {
+  pd::dispatcher d;
+  auto a = std::make_shared<test_call>(4, 4);
+  d.start(a);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  answer ans{pd::result_header{c.call_id, 0, 2, pd::frame_kind::error}, {}};
+  procpool::encode(ans.body, 0);
+  procpool::encode(ans.body, 10);
+  procpool::encode(ans.body, std::uint64_t(2));
+  procpool::encode(ans.body, std::string("std::runtime_error"));
+  procpool::encode(ans.body, std::string("boom"));
+  auto r = deliver(c, ans);
+  CHECK(r.lie.empty());
+  CHECK(r.failed_now);
+  CHECK(a->results.size() == 2);
+  CHECK(a->error_index() == 2);
+  CHECK_THAT(what_of(*a), Catch::Contains("boom"));
+}
+
+TEST_CASE("answers that cannot be true are named and fail their call", "[dispatcher]") {
+  pd::dispatcher d;
+  SECTION("an error for an item other than the one after the results") {
+    auto a = std::make_shared<test_call>(4, 4);
+    d.start(a);
+    pd::chunk c;
+    REQUIRE(d.next_chunk(c));
+    answer ans{pd::result_header{c.call_id, 0, 1, pd::frame_kind::error}, {}};
+    procpool::encode(ans.body, 0);
+    procpool::encode(ans.body, std::uint64_t(3));  // item 1 is the one after the results
+    procpool::encode(ans.body, std::string("t"));
+    procpool::encode(ans.body, std::string("m"));
+    auto r = deliver(c, ans);
+    CHECK_THAT(r.lie, Catch::Contains("an error for item 3 after results up to item 1"));
+    CHECK(a->error_index() == 0);
+    CHECK_THAT(what_of(*a), Catch::StartsWith("lie: "));
+  }
+  SECTION("an error with no results for an item other than the chunk's first") {
+    auto a = std::make_shared<test_call>(4, 4);
+    d.start(a);
+    pd::chunk c;
+    REQUIRE(d.next_chunk(c));
+    answer ans{pd::result_header{c.call_id, 0, 0, pd::frame_kind::error}, {}};
+    procpool::encode(ans.body, std::uint64_t(9));
+    auto r = deliver(c, ans);
+    CHECK_THAT(r.lie, Catch::Contains("an error for item 9 in a chunk from item 0"));
+  }
+  SECTION("bytes past the end of the answer") {
+    auto a = std::make_shared<test_call>(2, 2);
+    d.start(a);
+    pd::chunk c;
+    REQUIRE(d.next_chunk(c));
+    auto ans = honest(c);
+    procpool::encode(ans.body, std::uint64_t(12345));
+    auto r = deliver(c, ans);
+    CHECK_THAT(r.lie, Catch::Contains("8 bytes past the end"));
+    CHECK(a->failed());
+  }
+  SECTION("results that do not decode fail the call with a decode_error, not a lie") {
+    auto a = std::make_shared<test_call>(2, 2);
+    d.start(a);
+    pd::chunk c;
+    REQUIRE(d.next_chunk(c));
+    answer ans{pd::result_header{c.call_id, 0, 2, pd::frame_kind::results}, {}};
+    procpool::encode(ans.body, 1);  // one int where two were promised
+    auto r = deliver(c, ans);
+    CHECK(r.lie.empty());
+    CHECK(r.failed_now);
+    CHECK_THROWS_AS(a->rethrow_if_failed(), procpool::decode_error);
+  }
+}
+
+TEST_CASE("join ends the open ranges; stopping ends every pending call", "[dispatcher]") {
+  pd::dispatcher d;
+  auto range = std::make_shared<test_call>(10, 1);
+  range->range = true;
+  auto plain = std::make_shared<test_call>(10, 1);
+  d.start(range);
+  d.start(plain);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  std::vector<pd::call_state*> told;
+  d.end_calls(true, std::make_exception_ptr(procpool::pool_closed("join")),
+              [&](pd::call_state& call) { told.push_back(&call); });
+  CHECK(range->aborted());
+  CHECK_FALSE(plain->aborted());
+  REQUIRE(told.size() == 1);
+  CHECK(told[0] == range.get());
+  CHECK(d.work_queued());
+  d.stop(std::make_exception_ptr(procpool::pool_closed("terminate")));
+  CHECK(plain->aborted());
+  CHECK_THROWS_AS(plain->rethrow_if_failed(), procpool::pool_closed);
+  CHECK_FALSE(d.work_queued());
+}
