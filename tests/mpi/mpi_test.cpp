@@ -206,6 +206,21 @@ TEST_CASE("uneven work is balanced: every serving rank runs chunks, results stay
   }
 }
 
+TEST_CASE("work-conserving: as many chunks as serving ranks go one to each rank", "[mpi]") {
+  // With two chunks allowed per rank, filling the lowest rank first would
+  // give rank 1 two items while the last rank had none.
+  procpool::mpi::pool_options o;
+  o.chunk_size = 1;
+  o.chunks_per_rank = 2;
+  procpool::mpi::pool p([](int) { return world_rank; }, o);
+  if (!p.is_root()) return;
+  int serving = std::max(world_size - 1, 1);
+  std::vector<int> xs(static_cast<std::size_t>(serving));
+  auto out = p.map(xs);
+  std::set<int> ranks(out.begin(), out.end());
+  CHECK(ranks.size() == std::size_t(serving));
+}
+
 TEST_CASE("an exception on a rank raises mpi::task_error for the lowest failing item", "[mpi]") {
   procpool::mpi::pool p([](int x) {
     if (x % 1000 == 999) throw std::invalid_argument("no " + std::to_string(x));

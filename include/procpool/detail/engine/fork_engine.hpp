@@ -372,7 +372,11 @@ inline void engine::spawn(std::size_t i) {
   if (pid == 0) {
     // A process group of its own, so that the worker's own children are
     // signalled with it (the parent sets it too: whichever runs first).
-    ::setpgid(0, 0);
+    try {
+      sys::setpgid(0, 0);
+    } catch (const std::system_error&) {
+      // The parent's call below makes the group; either one is enough.
+    }
     // terminate() stops a worker even when the parent handles SIGTERM
     // itself (handlers are inherited across fork); the parent then learns of
     // it as worker_died. An initializer may change this.

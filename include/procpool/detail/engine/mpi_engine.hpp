@@ -185,7 +185,11 @@ inline bool known_gone(pid_t pid, const std::string& host) noexcept {
   int length = 0;
   if (MPI_Get_processor_name(here, &length) != MPI_SUCCESS) return false;
   if (host != std::string(here, static_cast<std::size_t>(length))) return false;
-  return ::kill(pid, 0) != 0 && errno == ESRCH;
+  try {
+    return !sys::kill(pid, 0);
+  } catch (const std::system_error&) {
+    return false;  // EPERM: it exists, as another user's process
+  }
 }
 
 /// A pool's communicator that a rank given up may still send on: kept, never
@@ -600,7 +604,7 @@ class engine final : public driver {
 
   bool pump();
   bool receive();
-  bool fill(rank_state& r);
+  bool fill(rank_state& r, unsigned up_to);
   void run_here(rank_state& r);
   void handle_frame(rank_state& r, const std::byte* data, std::size_t size);
   void finish_chunk(rank_state& r);
@@ -710,10 +714,11 @@ inline bool engine::pump() {
     for (auto& r : ranks_) r.last_heard += now - last_pump_;
   last_pump_ = now;
   bool progress = receive();
-  for (auto& r : ranks_) {
-    if (r.lost) continue;
-    progress |= fill(r);
-  }
+  // Work-conserving: one chunk for every rank that has none, then a second
+  // for each, and so on, so no rank waits while another holds several.
+  for (unsigned up_to = 1; up_to <= chunks_per_rank_; ++up_to)
+    for (auto& r : ranks_)
+      if (!r.lost) progress |= fill(r, up_to);
   if (rank_timeout_.count() > 0) progress |= check_silence();
   if (!job().graveyard.empty()) drain_graveyard();
   return progress;
@@ -759,9 +764,9 @@ inline bool engine::receive() {
   return any;
 }
 
-inline bool engine::fill(rank_state& r) {
+inline bool engine::fill(rank_state& r, unsigned up_to) {
   bool made = false;
-  while (r.inflight.size() < chunks_per_rank_) {
+  while (r.inflight.size() < std::min(up_to, chunks_per_rank_)) {
     chunk c;
     if (!dispatch_.next_chunk(c)) break;
     made = true;
