@@ -567,13 +567,16 @@ TEST_CASE("a one-way pipe carries values one way only (CPython _TestConnection.t
   CHECK_FALSE(reader.writable());
   CHECK(writer.writable());
   CHECK_FALSE(writer.readable());
-  pid_t child = spawn([&reader = reader, &writer = writer] {
+  go_signal closed;  // the parent lets go of its writer before the child can exit
+  pid_t child = spawn([&reader = reader, &writer = writer, &closed] {
     reader.close();
+    if (!closed.await()) return 1;
     writer.send("hello");
     writer.send(std::string(100000, 'w'));  // larger than nothing: streams as usual
     return 0;
   });
   writer.close();
+  closed.give();
   CHECK(reader.recv() == "hello");
   CHECK(reader.recv() == std::string(100000, 'w'));
   CHECK(reap(child).success());
