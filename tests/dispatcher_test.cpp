@@ -83,6 +83,16 @@ pd::delivery deliver(pd::chunk& c, answer& a) {
   return pd::dispatcher::deliver(c, a.h, in, failure, lie);
 }
 
+/// A call of `n` items, `per_chunk` a chunk, started on `d`; and its first chunk.
+std::pair<std::shared_ptr<test_call>, pd::chunk> first_chunk(pd::dispatcher& d, std::size_t n,
+                                                             std::size_t per_chunk) {
+  auto call = std::make_shared<test_call>(n, per_chunk);
+  d.start(call);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  return {call, std::move(c)};
+}
+
 std::string what_of(const pd::call_state& call) {
   try {
     call.rethrow_if_failed();
@@ -126,10 +136,7 @@ TEST_CASE("chunks are cut from the queued calls in turn, a full window lets the 
 
 TEST_CASE("a length prefix is written before the header when asked", "[dispatcher]") {
   pd::dispatcher d(sizeof(std::uint64_t));
-  auto a = std::make_shared<test_call>(1, 1);
-  d.start(a);
-  pd::chunk c;
-  REQUIRE(d.next_chunk(c));
+  auto [a, c] = first_chunk(d, 1, 1);
   std::uint64_t size = 0;
   std::memcpy(&size, c.bytes.data(), sizeof size);
   CHECK(size == c.bytes.size() - sizeof size);
@@ -154,10 +161,7 @@ TEST_CASE("an exception that escapes cutting a call ends that call alone", "[dis
 
 TEST_CASE("a chunk sent again after its call is over is dropped, and counted out", "[dispatcher]") {
   pd::dispatcher d;
-  auto a = std::make_shared<test_call>(4, 2);
-  d.start(a);
-  pd::chunk c;
-  REQUIRE(d.next_chunk(c));
+  auto [a, c] = first_chunk(d, 4, 2);
   d.resend(c);
   ++a->in_flight;  // the copy, as the engines count it
   a->cancelled = true;
@@ -181,10 +185,7 @@ TEST_CASE("items before a call's failing item still run; those after it do not",
 
 TEST_CASE("every field of an answer is checked against its chunk", "[dispatcher]") {
   pd::dispatcher d;
-  auto a = std::make_shared<test_call>(4, 4);
-  d.start(a);
-  pd::chunk c;
-  REQUIRE(d.next_chunk(c));
+  auto [a, c] = first_chunk(d, 4, 4);
   auto h = pd::result_header{c.call_id, c.first, c.count, pd::frame_kind::results};
   std::size_t size = sizeof h + 4 * sizeof(int);
   CHECK(pd::dispatcher::check_answer(c, h, size).empty());
@@ -210,10 +211,7 @@ TEST_CASE("every field of an answer is checked against its chunk", "[dispatcher]
 
 TEST_CASE("an honest answer reaches its call; a cancelled call takes nothing", "[dispatcher]") {
   pd::dispatcher d;
-  auto a = std::make_shared<test_call>(3, 3);
-  d.start(a);
-  pd::chunk c;
-  REQUIRE(d.next_chunk(c));
+  auto [a, c] = first_chunk(d, 3, 3);
   auto ans = honest(c);
   auto r = deliver(c, ans);
   CHECK(r.lie.empty());
@@ -221,10 +219,7 @@ TEST_CASE("an honest answer reaches its call; a cancelled call takes nothing", "
   REQUIRE(a->results.size() == 3);
   CHECK(a->results[2].second == 20);
 
-  auto b = std::make_shared<test_call>(3, 3);
-  d.start(b);
-  pd::chunk cb;
-  REQUIRE(d.next_chunk(cb));
+  auto [b, cb] = first_chunk(d, 3, 3);
   b->cancelled = true;
   auto ansb = honest(cb);
   CHECK(deliver(cb, ansb).lie.empty());
@@ -233,10 +228,7 @@ TEST_CASE("an honest answer reaches its call; a cancelled call takes nothing", "
 
 TEST_CASE("an error answer fails its call at the item it names", "[dispatcher]") {
   pd::dispatcher d;
-  auto a = std::make_shared<test_call>(4, 4);
-  d.start(a);
-  pd::chunk c;
-  REQUIRE(d.next_chunk(c));
+  auto [a, c] = first_chunk(d, 4, 4);
   answer ans{pd::result_header{c.call_id, 0, 2, pd::frame_kind::error}, {}};
   procpool::encode(ans.body, 0);
   procpool::encode(ans.body, 10);
@@ -254,10 +246,7 @@ TEST_CASE("an error answer fails its call at the item it names", "[dispatcher]")
 TEST_CASE("answers that cannot be true are named and fail their call", "[dispatcher]") {
   pd::dispatcher d;
   SECTION("an error for an item other than the one after the results") {
-    auto a = std::make_shared<test_call>(4, 4);
-    d.start(a);
-    pd::chunk c;
-    REQUIRE(d.next_chunk(c));
+    auto [a, c] = first_chunk(d, 4, 4);
     answer ans{pd::result_header{c.call_id, 0, 1, pd::frame_kind::error}, {}};
     procpool::encode(ans.body, 0);
     procpool::encode(ans.body, std::uint64_t(3));  // item 1 is the one after the results
@@ -269,20 +258,14 @@ TEST_CASE("answers that cannot be true are named and fail their call", "[dispatc
     CHECK_THAT(what_of(*a), Catch::StartsWith("lie: "));
   }
   SECTION("an error with no results for an item other than the chunk's first") {
-    auto a = std::make_shared<test_call>(4, 4);
-    d.start(a);
-    pd::chunk c;
-    REQUIRE(d.next_chunk(c));
+    auto [a, c] = first_chunk(d, 4, 4);
     answer ans{pd::result_header{c.call_id, 0, 0, pd::frame_kind::error}, {}};
     procpool::encode(ans.body, std::uint64_t(9));
     auto r = deliver(c, ans);
     CHECK_THAT(r.lie, Catch::Contains("an error for item 9 in a chunk from item 0"));
   }
   SECTION("bytes past the end of the answer") {
-    auto a = std::make_shared<test_call>(2, 2);
-    d.start(a);
-    pd::chunk c;
-    REQUIRE(d.next_chunk(c));
+    auto [a, c] = first_chunk(d, 2, 2);
     auto ans = honest(c);
     procpool::encode(ans.body, std::uint64_t(12345));
     auto r = deliver(c, ans);
@@ -290,10 +273,7 @@ TEST_CASE("answers that cannot be true are named and fail their call", "[dispatc
     CHECK(a->failed());
   }
   SECTION("results that do not decode fail the call with a decode_error, not a lie") {
-    auto a = std::make_shared<test_call>(2, 2);
-    d.start(a);
-    pd::chunk c;
-    REQUIRE(d.next_chunk(c));
+    auto [a, c] = first_chunk(d, 2, 2);
     answer ans{pd::result_header{c.call_id, 0, 2, pd::frame_kind::results}, {}};
     procpool::encode(ans.body, 1);  // one int where two were promised
     auto r = deliver(c, ans);

@@ -39,15 +39,8 @@
 
 #pragma once
 
-// Only MPI's C interface is used; keep the deprecated C++ bindings out.
-#ifndef OMPI_SKIP_MPICXX
-#define OMPI_SKIP_MPICXX 1
-#endif
-#ifndef MPICH_SKIP_MPICXX
-#define MPICH_SKIP_MPICXX 1
-#endif
+// <mpi.h> comes with mpi/errors.hpp, which keeps MPI's C++ bindings out.
 #include <dlfcn.h>
-#include <mpi.h>
 #include <signal.h>
 #include <unistd.h>
 
