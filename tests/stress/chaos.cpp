@@ -3,9 +3,12 @@
 // past the task timeout, allocates until its memory limit stops it, or lies:
 // writes a hostile result frame into its own result ring. Between maps, at
 // random, a forked child uses the pool (it must be refused there, and its
-// copy's teardown must leave the parent's workers alone), and a one-worker
+// copy's teardown must leave the parent's workers alone), a one-worker
 // pool loses its worker while fork or pidfd_open is refused (it must get a
-// replacement once they work again).
+// replacement once they work again), and exceptions escape calls on the
+// parent's side (an input iterator that throws mid-map, a loop over an imap
+// range left by an exception while its chunks are out): nothing of those
+// calls may stay in the pool.
 //
 // For every map it checks that the call either returned exactly the right
 // results or raised exactly the right error for the lowest faulty item; a
@@ -32,9 +35,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -170,6 +175,44 @@ long rss_kib() {
   for (;;) ::pause();  // its own writer would write over the lie
 }
 
+/// Thrown by the parent's own code in the middle of a call.
+struct escape : std::runtime_error {
+  escape() : std::runtime_error("escaped from the caller's code") {}
+};
+
+/// A sized input whose iterator throws `escape` when item `at` is read.
+struct throwing_range {
+  const std::vector<item>* items;
+  std::size_t at;
+  struct iterator {
+    using iterator_category = std::forward_iterator_tag;
+    using value_type = item;
+    using difference_type = std::ptrdiff_t;
+    using pointer = const item*;
+    using reference = const item&;
+    const throwing_range* range;
+    std::size_t i;
+    const item& operator*() const {
+      if (i == range->at) throw escape();
+      return (*range->items)[i];
+    }
+    iterator& operator++() {
+      ++i;
+      return *this;
+    }
+    iterator operator++(int) {
+      auto was = *this;
+      ++i;
+      return was;
+    }
+    bool operator==(const iterator& o) const { return i == o.i; }
+    bool operator!=(const iterator& o) const { return i != o.i; }
+  };
+  iterator begin() const { return {this, 0}; }
+  iterator end() const { return {this, items->size()}; }
+  std::size_t size() const { return items->size(); }
+};
+
 int run_item(const item& it) {
   switch (it.kind) {
     case lies:
@@ -272,7 +315,7 @@ int main(int argc, char** argv) {
         return x;
       },
       solo_options);
-  std::size_t forked_uses = 0, refused_respawns = 0;
+  std::size_t forked_uses = 0, refused_respawns = 0, escapes = 0;
 
   std::signal(SIGALRM, on_watchdog);
   std::mt19937_64 rng(seed);
@@ -359,6 +402,33 @@ int main(int argc, char** argv) {
       if (solo.map(std::vector<int>{1, 2, 3}) != std::vector<int>{1, 2, 3})
         report("the one-worker pool did not recover");
     }
+    if (rng() % 6 == 0) {
+      // Exceptions escape calls on the parent's side; the map below, on the
+      // same pool, must then come back exactly right.
+      ++escapes;
+      std::vector<item> clean(1 + rng() % 200);
+      for (auto& c : clean) c = item{static_cast<int>(rng() % 100000), none};
+      std::size_t at = rng() % clean.size();
+      throwing_range input{&clean, at};
+      try {
+        (void)p.map<pd::invoke_one>(input, "map");
+        report("an input that threw went unnoticed");
+      } catch (const escape&) {
+      } catch (const std::exception& e) {
+        report(fmt::format("an input that threw raised {}", e.what()));
+      }
+      try {
+        std::size_t seen = 0;
+        for (int r : p.imap<true>(clean)) {
+          if (r != clean[seen].value * 2 + 1) report(fmt::format("imap result {} is {}", seen, r));
+          if (++seen > at) throw escape();
+        }
+        report("an imap loop ran past its escape");
+      } catch (const escape&) {
+      } catch (const std::exception& e) {
+        report(fmt::format("an imap loop left by an exception raised {}", e.what()));
+      }
+    }
     try {
       auto r = p.map<pd::invoke_one>(items, "map");
       ++ok_maps;
@@ -435,8 +505,10 @@ int main(int argc, char** argv) {
   }
   fmt::print("chaos: seed {}: {} maps ({} returned, {} raised), {} faults injected ({})\n", seed,
              maps, ok_maps, failed_maps, faults, by_kind);
-  fmt::print("chaos: {} uses from forked children, {} deaths while respawn was refused\n",
-             forked_uses, refused_respawns);
+  fmt::print(
+      "chaos: {} uses from forked children, {} deaths while respawn was refused, {} calls left "
+      "by exceptions twice each\n",
+      forked_uses, refused_respawns, escapes);
   fmt::print("chaos: wrong results: {}, hangs: 0, leaks: {}, parent RSS growth: {} KiB\n", wrong,
              leaks, rss_growth);
   return wrong == 0 && leaks == 0 ? 0 : 1;
