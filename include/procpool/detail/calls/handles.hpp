@@ -64,7 +64,7 @@ class [[nodiscard]] future {
   void wait_until(detail::driver* d,
                   std::optional<std::chrono::steady_clock::time_point> deadline) const;
   void rethrow_failure() const;
-  R take();
+  detail::stored_t<R> take();
   std::shared_ptr<state> state_;
   std::weak_ptr<detail::driver> driver_;
 };
@@ -246,17 +246,13 @@ void future<R>::rethrow_failure() const {
 }
 
 template <class R>
-R future<R>::take() {
+detail::stored_t<R> future<R>::take() {
   rethrow_failure();
   auto& result = *state_->result;
   if (!result) throw error("future::get called twice");
-  if constexpr (std::is_void_v<R>) {
-    result.reset();
-  } else {
-    R r = std::move(*result);
-    result.reset();
-    return r;
-  }
+  detail::stored_t<R> r = std::move(*result);
+  result.reset();
+  return r;
 }
 
 template <class R>
@@ -266,7 +262,10 @@ R future<R>::get() {
   std::optional<detail::scoped_use> use;
   if (d) use.emplace(*d, "future::get");
   wait_until(d.get(), std::nullopt);
-  return take();
+  if constexpr (std::is_void_v<R>)
+    take();
+  else
+    return take();
 }
 
 template <class R>
@@ -291,12 +290,7 @@ std::optional<detail::stored_t<R>> future<R>::get_for(std::chrono::duration<Rep,
   if (driver) use.emplace(*driver, "future::get_for");
   wait_until(driver.get(), deadline);
   if (!state_->call->finished()) return std::nullopt;
-  rethrow_failure();
-  auto& result = *state_->result;
-  if (!result) throw error("future::get called twice");
-  std::optional<detail::stored_t<R>> out(std::move(*result));
-  result.reset();
-  return out;
+  return take();
 }
 
 }  // namespace procpool
