@@ -3,7 +3,7 @@
 # COMPILER and FLAGS (which hold -Werror). A header that needs something
 # included before it fails here. Then checks that the detail layer is closed:
 # a header under detail/ includes only other detail headers and the
-# vocabulary headers VOCABULARY (errors.hpp, codec.hpp, exit_status.hpp).
+# vocabulary headers VOCABULARY (the exception types, the codec, exit_status).
 #
 # EXCEPTIONS names headers (relative to HEADERS) that are by design a part of
 # another and are not compiled alone; the caller says why beside the list.
