@@ -2,8 +2,11 @@
 /// The exception hierarchy: one base, `procpool::error`, and narrow subclasses
 /// that carry what a caller needs to act (item index, pid, signal, sizes).
 ///
-/// Failures of system calls are `std::system_error` naming the call, not
-/// `procpool::error`.
+/// Every exception type of procpool is declared here, whatever header raises
+/// it (the pool's, the channels', the segments', the barrier's), so a caller
+/// can catch any of them with this header alone; the MPI engine's own errors
+/// stay with it, in mpi.hpp. Failures of system calls are
+/// `std::system_error` naming the call, not `procpool::error`.
 #pragma once
 
 #include <fmt/format.h>
@@ -225,6 +228,91 @@ class message_too_large : public error {
  private:
   std::size_t size_;
   std::size_t capacity_;
+};
+
+/// A named shared memory segment could not be made or opened: the name is
+/// invalid, or the segment was never initialized by its creator. Base of the
+/// narrower segment errors below.
+class segment_error : public error {
+ public:
+  /// An error about the segment `name` (without leading slash), described by `message`.
+  segment_error(std::string name, const std::string& message)
+      : error(message), name_(std::move(name)) {}
+  /// The segment's name, as given.
+  const std::string& name() const noexcept { return name_; }
+
+ private:
+  std::string name_;
+};
+
+/// `open_only` of a name that no segment has.
+class segment_not_found : public segment_error {
+ public:
+  using segment_error::segment_error;
+};
+
+/// `create_only` of a name that a segment already has.
+class segment_exists : public segment_error {
+ public:
+  using segment_error::segment_error;
+};
+
+/// The segment exists but holds something else: another kind of object, or
+/// elements of another type, size or alignment, or another number of them.
+class segment_mismatch : public segment_error {
+ public:
+  using segment_error::segment_error;
+};
+
+/// The segment exists but cannot be trusted: it belongs to another user, or
+/// its permissions let other users read or write it (wider than `0600`). It
+/// is refused before a byte of it is read; nothing else is checked.
+class segment_permission_error : public segment_error {
+ public:
+  using segment_error::segment_error;
+};
+
+/// A `barrier` can no longer complete a phase: `abort()` was called, or a
+/// participant died before arriving. Raised by every waiter of the barrier and
+/// by every later call; a broken barrier stays broken.
+class broken_barrier : public error {
+ public:
+  /// Why the barrier broke.
+  enum class reason {
+    aborted,           ///< someone called `abort()`
+    participant_died,  ///< a participant ended (or was killed) before arriving
+    action_failed,     ///< the barrier's action threw (in the participant that ran it)
+    reset,             ///< `reset()` was called while this participant waited
+  };
+
+  /// The barrier broke for `why`; `pid` and `tid` name the participant that
+  /// died (0 otherwise; `tid` is 0 when the process died inside a barrier call).
+  broken_barrier(reason why, pid_t pid, pid_t tid)
+      : error(message(why, pid, tid)), why_(why), pid_(pid), tid_(tid) {}
+
+  /// Why the barrier broke.
+  reason why() const noexcept { return why_; }
+  /// Process id of the participant that died; 0 for the other reasons.
+  pid_t pid() const noexcept { return pid_; }
+  /// Thread id of the participant that died (equal to `pid()` for a process's
+  /// main thread); 0 when aborted or when the process died inside a barrier call.
+  pid_t tid() const noexcept { return tid_; }
+
+ private:
+  static std::string message(reason why, pid_t pid, pid_t tid) {
+    if (why == reason::aborted) return "barrier broken: abort() was called";
+    if (why == reason::action_failed) return "barrier broken: its action threw an exception";
+    if (why == reason::reset) return "barrier broken: reset() was called while waiting";
+    if (tid == 0) return fmt::format("barrier broken: process {} died inside a barrier call", pid);
+    if (tid == pid) {
+      return fmt::format("barrier broken: participant process {} ended before arriving", pid);
+    }
+    return fmt::format("barrier broken: participant thread {} of process {} ended before arriving",
+                       tid, pid);
+  }
+  reason why_;
+  pid_t pid_;
+  pid_t tid_;
 };
 
 }  // namespace procpool

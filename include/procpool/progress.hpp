@@ -1,100 +1,21 @@
 /// @file
 /// Progress of long maps: a one-line bar on a terminal, or a callback.
+///
+/// - `procpool::progress_info`: how far a map has come, passed to
+///   `pool_options::on_progress` (items done, items in all, time elapsed,
+///   rate and time left).
+/// - `procpool::format_progress(info, width)`: the one-line bar the pool draws,
+///   for a callback that draws its own.
+///
+/// ```cpp
+/// procpool::pool_options o;
+/// o.on_progress = [](const procpool::progress_info& p) {
+///   std::fprintf(stderr, "\r%s", procpool::format_progress(p).c_str());
+/// };
+/// ```
+///
+/// Both are defined with the calls layer that reports them
+/// (detail/calls/progress_reporter.hpp); this is the header to include.
 #pragma once
 
-#include <fmt/format.h>
-#include <unistd.h>
-
-#include <chrono>
-#include <cstddef>
-#include <cstdio>
-#include <functional>
-#include <string>
-
-namespace procpool {
-
-/// How far a map has come; passed to `pool_options::on_progress`.
-struct progress_info {
-  /// Items whose results have arrived.
-  std::size_t done = 0;
-  /// Items in the call; 0 when the input's length is not known (a lazy `imap`).
-  std::size_t total = 0;
-  /// Time since the call started.
-  std::chrono::steady_clock::duration elapsed{};
-
-  /// Items per second so far (0 before the first result).
-  double rate() const noexcept {
-    double s = std::chrono::duration<double>(elapsed).count();
-    return s > 0 ? static_cast<double>(done) / s : 0.0;
-  }
-  /// Estimated time left, in seconds; negative when unknown.
-  double eta_seconds() const noexcept {
-    double r = rate();
-    return total > 0 && r > 0 ? static_cast<double>(total - done) / r : -1.0;
-  }
-};
-
-/// Formats a one-line bar for `info`: `[#####.....] 500/1000 50% 1.2k items/s ETA 0:01`.
-inline std::string format_progress(const progress_info& info, std::size_t width = 30) {
-  auto human = [](double v) {
-    if (v >= 1e6) return fmt::format("{:.1f}M", v / 1e6);
-    if (v >= 1e3) return fmt::format("{:.1f}k", v / 1e3);
-    return fmt::format("{:.0f}", v);
-  };
-  std::string line;
-  if (info.total > 0) {
-    std::size_t filled = info.done * width / info.total;
-    line = fmt::format("[{:#<{}}{:.<{}}] {}/{} {:3}%", "", filled, "", width - filled, info.done,
-                       info.total, info.done * 100 / info.total);
-  } else {
-    line = fmt::format("{} items", info.done);
-  }
-  line += fmt::format(" {} items/s", human(info.rate()));
-  double eta = info.eta_seconds();
-  if (eta >= 0) {
-    auto s = static_cast<long long>(eta + 0.5);
-    line += fmt::format(" ETA {}:{:02}", s / 60, s % 60);
-  }
-  return line;
-}
-
-namespace detail {
-
-/// Reports progress of one call: to the callback when there is one, else as
-/// a bar on stderr when stderr is a terminal. Redraws at most ten times a second.
-class progress_reporter {
- public:
-  progress_reporter(bool bar, std::function<void(const progress_info&)> callback, std::size_t total)
-      : callback_(std::move(callback)),
-        bar_(bar && !callback_ && ::isatty(STDERR_FILENO)),
-        start_(std::chrono::steady_clock::now()),
-        total_(total) {}
-
-  /// True when something will be reported.
-  bool active() const noexcept { return bar_ || callback_; }
-
-  /// `done` items have finished; `final` for the last report of the call.
-  void update(std::size_t done, bool final = false) {
-    if (!active()) return;
-    auto now = std::chrono::steady_clock::now();
-    if (!final && now - last_ < std::chrono::milliseconds(100)) return;
-    last_ = now;
-    progress_info info{done, total_, now - start_};
-    if (callback_) {
-      callback_(info);
-    } else {
-      fmt::print(stderr, "\r{}\x1b[K{}", format_progress(info), final ? "\n" : "");
-      std::fflush(stderr);
-    }
-  }
-
- private:
-  std::function<void(const progress_info&)> callback_;
-  bool bar_;
-  std::chrono::steady_clock::time_point start_;
-  std::chrono::steady_clock::time_point last_{};
-  std::size_t total_;
-};
-
-}  // namespace detail
-}  // namespace procpool
+#include "detail/calls/progress_reporter.hpp"

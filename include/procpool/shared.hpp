@@ -63,48 +63,6 @@ inline constexpr open_only_t open_only{};
 /// Selects the constructor that opens a named segment or makes it.
 inline constexpr open_or_create_t open_or_create{};
 
-/// A named shared memory segment could not be made or opened: the name is
-/// invalid, or the segment was never initialized by its creator. Base of the
-/// narrower segment errors below.
-class segment_error : public error {
- public:
-  /// An error about the segment `name` (without leading slash), described by `message`.
-  segment_error(std::string name, const std::string& message)
-      : error(message), name_(std::move(name)) {}
-  /// The segment's name, as given.
-  const std::string& name() const noexcept { return name_; }
-
- private:
-  std::string name_;
-};
-
-/// `open_only` of a name that no segment has.
-class segment_not_found : public segment_error {
- public:
-  using segment_error::segment_error;
-};
-
-/// `create_only` of a name that a segment already has.
-class segment_exists : public segment_error {
- public:
-  using segment_error::segment_error;
-};
-
-/// The segment exists but holds something else: another kind of object, or
-/// elements of another type, size or alignment, or another number of them.
-class segment_mismatch : public segment_error {
- public:
-  using segment_error::segment_error;
-};
-
-/// The segment exists but cannot be trusted: it belongs to another user, or
-/// its permissions let other users read or write it (wider than `0600`). It
-/// is refused before a byte of it is read; nothing else is checked.
-class segment_permission_error : public segment_error {
- public:
-  using segment_error::segment_error;
-};
-
 /// A value of type `T` in shared memory, with atomic operations — Python's
 /// `multiprocessing.Value`.
 ///

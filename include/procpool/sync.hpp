@@ -55,49 +55,6 @@ template <class Lock>
 struct condition_lock;
 }  // namespace detail
 
-/// A `barrier` can no longer complete a phase: `abort()` was called, or a
-/// participant died before arriving. Raised by every waiter of the barrier and
-/// by every later call; a broken barrier stays broken.
-class broken_barrier : public error {
- public:
-  /// Why the barrier broke.
-  enum class reason {
-    aborted,           ///< someone called `abort()`
-    participant_died,  ///< a participant ended (or was killed) before arriving
-    action_failed,     ///< the barrier's action threw (in the participant that ran it)
-    reset,             ///< `reset()` was called while this participant waited
-  };
-
-  /// The barrier broke for `why`; `pid` and `tid` name the participant that
-  /// died (0 otherwise; `tid` is 0 when the process died inside a barrier call).
-  broken_barrier(reason why, pid_t pid, pid_t tid)
-      : error(message(why, pid, tid)), why_(why), pid_(pid), tid_(tid) {}
-
-  /// Why the barrier broke.
-  reason why() const noexcept { return why_; }
-  /// Process id of the participant that died; 0 for the other reasons.
-  pid_t pid() const noexcept { return pid_; }
-  /// Thread id of the participant that died (equal to `pid()` for a process's
-  /// main thread); 0 when aborted or when the process died inside a barrier call.
-  pid_t tid() const noexcept { return tid_; }
-
- private:
-  static std::string message(reason why, pid_t pid, pid_t tid) {
-    if (why == reason::aborted) return "barrier broken: abort() was called";
-    if (why == reason::action_failed) return "barrier broken: its action threw an exception";
-    if (why == reason::reset) return "barrier broken: reset() was called while waiting";
-    if (tid == 0) return fmt::format("barrier broken: process {} died inside a barrier call", pid);
-    if (tid == pid) {
-      return fmt::format("barrier broken: participant process {} ended before arriving", pid);
-    }
-    return fmt::format("barrier broken: participant thread {} of process {} ended before arriving",
-                       tid, pid);
-  }
-  reason why_;
-  pid_t pid_;
-  pid_t tid_;
-};
-
 /// A lock shared by processes (Python's `multiprocessing.Lock`), meeting the
 /// standard's *TimedLockable*: use it with `std::lock_guard`,
 /// `std::unique_lock` and `std::scoped_lock`.

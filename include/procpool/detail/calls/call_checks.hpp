@@ -57,23 +57,47 @@ constexpr bool check_range() {
   return ok;
 }
 
-/// A value of type `T` crosses to a worker process (`Role` 0: an item; 1: an
-/// argument of submit) or back (2: a result); if not, the reason follows.
-template <int Role, class T>
+/// What a value is to the process that sends it, for the sentence that says
+/// why it cannot be sent.
+enum class sent_as {
+  item,              ///< an item of the input of map, starmap, imap, imap_unordered
+  submit_argument,   ///< an argument of a pool's or an executor's submit
+  result,            ///< a result of the function, sent back
+  rank_argument,     ///< an argument of mpi::pool::submit, sent to another rank
+  queue_item,        ///< the `T` of a `queue<T>`
+  connection_value,  ///< the `T` of a `connection<T>` (a pipe's end)
+};
+
+// The advice every sentence below ends with; spelt once, and not left defined
+// for anything that includes this header.
+#define PROCPOOL_SENDABLE_ADVICE_ \
+  "See codec.hpp for the types procpool can send and how to make a type sendable."
+
+/// A value of type `T` crosses to another process as `Role` says; if not,
+/// the build fails with a sentence that names what it is, and the next error
+/// says why `T` cannot be sent. Every check of a sent type goes through this
+/// one (the pool's, the executor's, the MPI pool's, a queue's, a connection's).
+template <sent_as Role, class T>
 constexpr bool check_sendable() {
   constexpr bool ok = is_sendable_v<T>;
-  static_assert(ok || Role != 0,
+  static_assert(ok || Role != sent_as::item,
                 "procpool: the items of this range cannot be sent to a worker process; the "
-                "next error says why. See codec.hpp for the types procpool can send and how to "
-                "make a type sendable.");
-  static_assert(ok || Role != 1,
+                "next error says why. " PROCPOOL_SENDABLE_ADVICE_);
+  static_assert(ok || Role != sent_as::submit_argument,
                 "procpool: an argument of submit cannot be sent to a worker process; the next "
-                "error says why. See codec.hpp for the types procpool can send and how to make "
-                "a type sendable.");
-  static_assert(ok || Role != 2,
+                "error says why. " PROCPOOL_SENDABLE_ADVICE_);
+  static_assert(ok || Role != sent_as::result,
                 "procpool: the function's result cannot be sent back from a worker process; the "
-                "next error says why. See codec.hpp for the types procpool can send and how to "
-                "make a type sendable.");
+                "next error says why. " PROCPOOL_SENDABLE_ADVICE_);
+  static_assert(ok || Role != sent_as::rank_argument,
+                "procpool: an argument of submit cannot be sent to another rank; the next error "
+                "says why. " PROCPOOL_SENDABLE_ADVICE_);
+  static_assert(ok || Role != sent_as::queue_item,
+                "procpool::queue<T>: T cannot be sent between processes; the next error says "
+                "why. " PROCPOOL_SENDABLE_ADVICE_);
+  static_assert(ok || Role != sent_as::connection_value,
+                "procpool::connection<T>: T cannot be sent between processes; the next error "
+                "says why. " PROCPOOL_SENDABLE_ADVICE_);
   if constexpr (!ok) {
     if constexpr (!is_encodable_v<T>)
       verify<false, T>();
@@ -82,6 +106,8 @@ constexpr bool check_sendable() {
   }
   return ok;
 }
+
+#undef PROCPOOL_SENDABLE_ADVICE_
 
 /// What the function is called with: one item (map, imap), one item by an
 /// executor, the elements of a tuple item (starmap), the arguments of submit.
@@ -131,14 +157,16 @@ constexpr bool check_result() {
   if constexpr (std::is_void_v<R>)
     return true;
   else
-    return check_sendable<2, R>();
+    return check_sendable<sent_as::result, R>();
 }
 
 /// The checks of a call of `F` on `Item`s, in order, each only once the ones
 /// before it passed.
 template <call_shape Shape, class F, class Item>
 constexpr bool check_call() {
-  if constexpr (!check_sendable < Shape == call_shape::arguments ? 1 : 0, Item > ()) {
+  constexpr sent_as role =
+      Shape == call_shape::arguments ? sent_as::submit_argument : sent_as::item;
+  if constexpr (!check_sendable<role, Item>()) {
     return false;
   } else if constexpr (!check_callable<Shape, F, Item>()) {
     return false;

@@ -1,0 +1,384 @@
+// The calls a pool runs, whatever runs their chunks: `map_call` (map and
+// starmap over a sized range, results into a vector), `imap_call` (imap and
+// imap_unordered: lazy input, a bounded window of results) and `submit_call`
+// (one task). Each cuts its input into chunks and takes their results back
+// through the `call_state` interface (call_state.hpp). The fork engine
+// (engine/fork_engine.hpp) and the MPI engine (mpi.hpp) run the chunks.
+//
+// A chunk names the code that runs it by a 64-bit token from a `Handlers`
+// policy: `Handlers::id<F, Item, Invoke>()`. Forked workers share the
+// parent's code addresses, so the local pool's token is the address of
+// `run_chunk<F, Item, Invoke>`; MPI ranks are separate programs, so theirs is
+// a registered hash of the handler's type name.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "../../codec.hpp"
+#include "../../errors.hpp"
+#include "call_state.hpp"
+#include "progress_reporter.hpp"
+
+namespace procpool::detail {
+
+/// Calls the pool's function on one item.
+struct invoke_one {
+  template <class F, class Item>
+  static decltype(auto) call(F& f, Item& item) {
+    if constexpr (std::is_void_v<std::invoke_result_t<F&, Item&>>) {
+      std::invoke(f, item);
+      return std::monostate{};
+    } else {
+      return std::invoke(f, item);
+    }
+  }
+};
+
+/// Calls the pool's function with the elements of a tuple item as arguments.
+struct invoke_apply {
+  template <class F, class Tuple>
+  static decltype(auto) call(F& f, Tuple& args) {
+    using R = decltype(std::apply(f, args));
+    if constexpr (std::is_void_v<R>) {
+      std::apply(f, args);
+      return std::monostate{};
+    } else {
+      return std::apply(f, args);
+    }
+  }
+};
+
+template <class F, class Item, class Invoke>
+using call_result_t = decltype(Invoke::call(std::declval<F&>(), std::declval<Item&>()));
+
+/// True when `Range` has `std::data` and `std::size` giving contiguous items of `Item`.
+template <class Range, class Item, class = void>
+struct is_contiguous_of : std::false_type {};
+template <class Range, class Item>
+struct is_contiguous_of<Range, Item,
+                        std::void_t<decltype(std::data(std::declval<const Range&>())),
+                                    decltype(std::size(std::declval<const Range&>()))>>
+    : std::is_same<std::remove_cv_t<
+                       std::remove_pointer_t<decltype(std::data(std::declval<const Range&>()))>>,
+                   Item> {};
+
+template <class Range, class = void>
+struct has_size : std::false_type {};
+template <class Range>
+struct has_size<Range, std::void_t<decltype(std::size(std::declval<const Range&>()))>>
+    : std::true_type {};
+
+template <class It>
+constexpr bool is_forward_iterator_v =
+    std::is_base_of_v<std::forward_iterator_tag,
+                      typename std::iterator_traits<It>::iterator_category>;
+
+/// Encodes up to `limit` items from [it, end) into `out`, stopping early when
+/// the chunk passes `max_bytes` (after at least one item). Returns the count.
+/// When reading or encoding an item throws (the input's iterator, the item's
+/// `procpool_encode`), the items before it stay encoded, the failing one is
+/// cut off, and `failure` holds the exception: the input ends there.
+template <class It, class End>
+std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
+                         std::size_t max_bytes, std::exception_ptr& failure) {
+  std::size_t start = out.size();
+  std::size_t mark = start;
+  std::size_t k = 0;
+  try {
+    while (k < limit && it != end) {
+      encode(out, *it);
+      ++k;
+      mark = out.size();
+      ++it;
+      if (out.size() - start >= max_bytes) break;
+    }
+  } catch (...) {
+    out.resize(mark);
+    failure = std::current_exception();
+  }
+  return k;
+}
+
+/// Decodes `count` results into `dest[0..count)`: one copy when they are trivially sendable.
+template <class R>
+void decode_results(reader& in, R* dest, std::size_t count) {
+  if constexpr (is_trivially_sendable_v<R>) {
+    if (count > in.remaining() / sizeof(R))
+      throw decode_error(in.offset(),
+                         fmt::format("expected {} results of {} bytes, {} bytes remain", count,
+                                     sizeof(R), in.remaining()));
+    std::memcpy(static_cast<void*>(dest), in.take(count * sizeof(R)), count * sizeof(R));
+  } else {
+    for (std::size_t k = 0; k < count; ++k) dest[k] = decode<R>(in);
+  }
+}
+
+/// One `map` or `starmap` call over a sized range, results written into a vector.
+template <class F, class Handlers, class Item, class Invoke, class It, class End, class R>
+class map_call final : public call_state {
+ public:
+  map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
+           std::size_t chunk_bytes, std::vector<R>& out, progress_reporter progress)
+      : it_(begin),
+        end_(end),
+        contiguous_(contiguous),
+        n_(n),
+        chunk_(chunk),
+        chunk_bytes_(chunk_bytes),
+        out_(out),
+        progress_(std::move(progress)) {
+    input_done = n == 0;
+  }
+
+  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
+                  std::uint64_t& handler) override {
+    if (next_ >= n_) {
+      input_done = true;
+      return false;
+    }
+    std::size_t limit = std::min({chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX)});
+    std::size_t k;
+    std::exception_ptr failure;
+    if constexpr (is_trivially_sendable_v<Item>) {
+      if (contiguous_) {
+        k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
+        out.write(contiguous_ + next_, k * sizeof(Item));
+      } else {
+        k = encode_items(out, it_, end_, limit, chunk_bytes_, failure);
+      }
+    } else {
+      k = encode_items(out, it_, end_, limit, chunk_bytes_, failure);
+    }
+    if (failure) {
+      // The items before the failing one still run: the lowest failing index wins.
+      fail(next_ + k, std::move(failure));
+      input_done = true;
+      if (k == 0) return false;
+    }
+    first = next_;
+    count = static_cast<std::uint32_t>(k);
+    handler = Handlers::template id<F, Item, Invoke>();
+    next_ += k;
+    if (next_ >= n_) input_done = true;
+    return true;
+  }
+
+  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
+    decode_results(in, out_.data() + first, count);
+    done_ += count;
+  }
+
+  /// Reports progress to the user's callback or bar (called by the waiting
+  /// caller, outside the driver's collection, so the callback may throw).
+  void report_progress() {
+    if (done_ == reported_) return;
+    reported_ = done_;
+    progress_.update(done_, done_ == n_);
+  }
+
+ private:
+  It it_;
+  End end_;
+  const Item* contiguous_;
+  std::size_t n_;
+  std::size_t next_ = 0;
+  std::size_t done_ = 0;
+  std::size_t reported_ = 0;
+  std::size_t chunk_;
+  std::size_t chunk_bytes_;
+  std::vector<R>& out_;
+  progress_reporter progress_;
+};
+
+/// Where the items of an `imap` come from: the range, owned or referred to, and a position.
+template <class Range>
+struct range_source {
+  using stored = std::conditional_t<std::is_lvalue_reference_v<Range>, Range,
+                                    std::remove_cv_t<std::remove_reference_t<Range>>>;
+  explicit range_source(Range&& r)
+      : range(std::forward<Range>(r)), it(std::begin(range)), end(std::end(range)) {}
+  stored range;
+  decltype(std::begin(std::declval<stored&>())) it;
+  decltype(std::end(std::declval<stored&>())) end;
+};
+
+/// The shared part of `imap` and `imap_unordered`: results as they come.
+template <class R>
+class imap_state : public call_state {
+ public:
+  /// Moves the next result out (the pair's index is the item's); false at the end.
+  virtual bool next(std::pair<std::size_t, R>& out) = 0;
+  bool is_range() const noexcept override { return true; }
+};
+
+/// One `imap` / `imap_unordered` call: lazy input, a bounded window of results.
+template <class F, class Handlers, class Item, class Invoke, class Range, class R, bool Ordered>
+class imap_call final : public imap_state<R> {
+ public:
+  imap_call(Range&& r, std::size_t chunk, bool grow, std::size_t chunk_bytes, std::size_t window,
+            std::weak_ptr<driver> e, progress_reporter progress)
+      : source_(std::forward<Range>(r)),
+        chunk_(chunk),
+        grow_(grow),
+        chunk_bytes_(chunk_bytes),
+        window_(window),
+        driver_(std::move(e)),
+        progress_(std::move(progress)) {}
+
+  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
+                  std::uint64_t& handler) override {
+    if (source_.it == source_.end) {
+      this->input_done = true;
+      return false;
+    }
+    if (sent_ - yielded_ >= window_) return false;  // the reader is behind: wait for it
+    std::size_t limit = std::min({chunk_, max_count, std::size_t(UINT32_MAX)});
+    std::exception_ptr failure;
+    std::size_t k = encode_items(out, source_.it, source_.end, limit, chunk_bytes_, failure);
+    if (failure) {
+      // The results before the failing input are still yielded, then its error.
+      this->fail(sent_ + k, std::move(failure));
+      this->input_done = true;
+      if (k == 0) return false;
+    }
+    first = sent_;
+    count = static_cast<std::uint32_t>(k);
+    handler = Handlers::template id<F, Item, Invoke>();
+    sent_ += k;
+    if (grow_ && chunk_ < 4096) chunk_ *= 2;  // unknown length: start small, grow
+    if (!this->input_done && source_.it == source_.end) this->input_done = true;
+    return true;
+  }
+
+  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
+    for (std::uint32_t k = 0; k < count; ++k) {
+      std::size_t index = first + k;
+      if constexpr (Ordered) {
+        std::size_t slot = index - yielded_;
+        if (window_results_.size() <= slot) window_results_.resize(slot + 1);
+        window_results_[slot] = decode<R>(in);
+      } else {
+        ready_.emplace_back(index, decode<R>(in));
+      }
+    }
+    done_ += count;
+  }
+
+  bool next(std::pair<std::size_t, R>& out) override {
+    auto e = driver_.lock();
+    for (;;) {
+      if (this->aborted()) this->rethrow_if_failed();
+      if constexpr (Ordered) {
+        if (this->failed() && this->error_index() == yielded_) this->rethrow_if_failed();
+        if (!window_results_.empty() && window_results_.front()) {
+          out.first = yielded_++;
+          out.second = std::move(*window_results_.front());
+          window_results_.pop_front();
+          progress_.update(yielded_, false);
+          return true;
+        }
+      } else {
+        if (!ready_.empty()) {
+          out = std::move(ready_.front());
+          ready_.pop_front();
+          ++yielded_;
+          progress_.update(yielded_, false);
+          return true;
+        }
+        this->rethrow_if_failed();
+      }
+      // Nothing more will arrive once nothing is in flight and the input is
+      // spent or the call failed (a failed call sends no more chunks).
+      if (this->in_flight == 0 && (this->input_done || this->failed())) {
+        this->rethrow_if_failed();
+        if (yielded_ == sent_) {
+          progress_.update(done_, true);
+          return false;
+        }
+        throw error(fmt::format("imap: {} results were sent for but never arrived",
+                                sent_ - yielded_));  // a bug, never a wait
+      }
+      if (!e) throw pool_closed("imap iteration");
+      // Drive until something changes for this call. A failure past the next
+      // index to yield is not such a change: the results before it still
+      // come (only items after the failing one are cancelled), so waiting
+      // for them must pump the driver rather than return at once.
+      std::size_t before = done_;
+      try {
+        e->drive([&] {
+          if (done_ != before || this->aborted()) return true;
+          if (this->in_flight == 0 && (this->input_done || this->failed())) return true;
+          if (!this->failed()) return false;
+          if constexpr (Ordered) return this->error_index() == yielded_;
+          return true;
+        });
+      } catch (...) {
+        // Something outside this call broke the wait (the pool was stopped, a
+        // system call failed): the range ends with it.
+        this->abort(std::current_exception());
+        e->cancel(*this);
+        throw;
+      }
+    }
+  }
+
+ private:
+  range_source<Range> source_;
+  std::size_t chunk_;
+  bool grow_;
+  std::size_t chunk_bytes_;
+  std::size_t window_;
+  std::weak_ptr<driver> driver_;
+  progress_reporter progress_;
+  std::size_t sent_ = 0;
+  std::size_t yielded_ = 0;
+  std::size_t done_ = 0;
+  std::deque<std::optional<R>> window_results_;
+  std::deque<std::pair<std::size_t, R>> ready_;
+};
+
+/// One submitted task: one item, called through `Invoke`.
+template <class F, class Handlers, class Args, class Invoke, class R>
+class submit_call final : public call_state {
+ public:
+  explicit submit_call(Args args) : args_(std::move(args)) {}
+  bool next_chunk(writer& out, std::size_t, std::uint64_t& first, std::uint32_t& count,
+                  std::uint64_t& handler) override {
+    input_done = true;
+    std::size_t mark = out.size();
+    try {
+      encode(out, args_);
+    } catch (...) {
+      out.resize(mark);
+      fail(0, std::current_exception());
+      return false;
+    }
+    first = 0;
+    count = 1;
+    handler = Handlers::template id<F, Args, Invoke>();
+    return true;
+  }
+  void on_results(std::uint64_t, std::uint32_t, reader& in) override { result = decode<R>(in); }
+  std::optional<R> result;
+
+ private:
+  Args args_;
+};
+
+}  // namespace procpool::detail
