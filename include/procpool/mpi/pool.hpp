@@ -31,6 +31,8 @@
 #include <utility>
 #include <vector>
 
+#include "../detail/calls/call_checks.hpp"
+#include "../detail/calls/call_front.hpp"
 #include "../detail/engine/mpi_engine.hpp"
 #include "../pool.hpp"
 #include "errors.hpp"
@@ -171,11 +173,10 @@ class pool {
   template <class... Args>
   auto submit(Args&&... args) {
     using Tuple = std::tuple<std::decay_t<Args>...>;
-    static_assert(is_sendable_v<Tuple>,
-                  "procpool: an argument of submit cannot be sent to another rank; see "
-                  "codec.hpp for the types procpool can send and how to make a type sendable.");
-    root_only("submit");
-    return calls_.template submit<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
+    if constexpr (detail::check_sendable<detail::sent_as::rank_argument, Tuple>()) {
+      root_only("submit");
+      return calls_.template submit<detail::invoke_apply>(Tuple(std::forward<Args>(args)...));
+    }
   }
 
   /// No more calls; work in flight still completes (by `join()`, the
