@@ -206,21 +206,10 @@ inline queue_core::queue_core(std::size_t capacity, std::size_t max_items) {
   max_items_ = max_items;
 }
 
-// Locks the mutex; after a holder died, repairs the state it guards and
-// marks the mutex consistent. False when `deadline` passed first.
+// Locks the mutex; after a holder died, repairs the state it guards (the
+// robust mutex then marks itself consistent). False when `deadline` passed first.
 inline bool queue_core::lock(std::optional<steady::time_point> deadline) {
-  lock_status s = deadline ? q_->mutex.lock_until(*deadline) : q_->mutex.lock();
-  if (s == lock_status::busy) return false;
-  if (s == lock_status::owner_died) {
-    repair();
-    try {
-      q_->mutex.mark_consistent();
-    } catch (...) {
-      q_->mutex.unlock();
-      throw;
-    }
-  }
-  return true;
+  return q_->mutex.lock_until(deadline, [this] { repair(); }) != lock_status::busy;
 }
 
 // Under the mutex: throws channel_corrupted unless head and tail describe at
