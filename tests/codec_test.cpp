@@ -1,6 +1,7 @@
 // Tests of codec.hpp: round trips of every supported type, the compile-time
 // refusals, and decoding of truncated, oversized and corrupted input.
 #include <procpool/codec.hpp>
+#include <support/support.hpp>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1119,13 +1120,7 @@ std::filesystem::path corpus_dir() {
   return std::filesystem::path(__FILE__).parent_path() / "fuzz" / "corpus" / "codec";
 }
 
-std::vector<std::byte> read_file(const std::filesystem::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> bytes(chars.size());
-  if (!chars.empty()) std::memcpy(bytes.data(), chars.data(), chars.size());
-  return bytes;
-}
+using procpool_test::read_file;
 
 }  // namespace
 

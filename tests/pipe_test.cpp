@@ -134,9 +134,9 @@ TEST_CASE("large messages of every shape stream through a small pipe", "[pipe][f
 }
 
 TEST_CASE("a message that does not decode throws decode_error and is dropped", "[pipe]") {
-  using procpool::detail::pipe_end;
+  using procpool::detail::connection_core;
   auto mapping = std::make_shared<procpool::detail::pipe_mapping>(4096);
-  pipe_end sender(mapping, 0), receiver(mapping, 1);
+  connection_core sender(mapping, 0), receiver(mapping, 1);
   // A thread sends, as messages larger than the ring wait for the reader.
   std::thread t([&] {
     // A count of 5000 four-byte elements, but 4999 elements' worth of bytes.
@@ -643,9 +643,9 @@ TEST_CASE("an end inherited by a grandchild stays open until the grandchild lets
 
 TEST_CASE("an empty message whose header wraps is not delivered again to the next user",
           "[pipe][fork]") {
-  using procpool::detail::pipe_end;
+  using procpool::detail::connection_core;
   auto mapping = std::make_shared<procpool::detail::pipe_mapping>(4096);
-  pipe_end sender(mapping, 0), receiver(mapping, 1);
+  connection_core sender(mapping, 0), receiver(mapping, 1);
   std::size_t got = 99;
   auto take = [&got](const std::byte*, std::size_t size) { got = size; };
   // 8 + 4084 bytes end 4 bytes short of the ring's end: the next header wraps.

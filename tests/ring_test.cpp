@@ -2,8 +2,8 @@
 // and far beyond it across a fork, wrap-around, a reader whose writer died,
 // and a two-thread stress run that ThreadSanitizer can check.
 #include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/os/liveness.hpp>
 #include <procpool/detail/os/sys.hpp>
-#include <procpool/detail/transport/channel.hpp>
 #include <procpool/detail/transport/ring.hpp>
 #include <procpool/detail/transport/shm.hpp>
 #include <procpool/exit_status.hpp>

@@ -40,14 +40,10 @@ namespace {
 using procpool_test::all_succeeded;
 using procpool_test::block_forever;
 using procpool_test::go_signal;
+using procpool_test::no_children_left;
 using procpool_test::open_fd_count;
 using procpool_test::reap;
 using procpool_test::spawn;
-
-bool no_children_left() {
-  int status = 0;
-  return ::waitpid(-1, &status, WNOHANG) == -1 && errno == ECHILD;
-}
 
 /// Prefix of every segment name this test program makes.
 std::string name_prefix() {

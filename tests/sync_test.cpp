@@ -11,7 +11,10 @@
 //
 // Children never use Catch2: they report through their exit code (0 = good),
 // and the parent asserts.
+#include <procpool/detail/os/clock.hpp>
 #include <procpool/detail/os/fork.hpp>
+#include <procpool/detail/sync/robust_mutex.hpp>
+#include <procpool/detail/sync/shared_object.hpp>
 #include <procpool/shared.hpp>
 #include <procpool/sync.hpp>
 #include <support/support.hpp>
@@ -30,6 +33,7 @@
 #include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -42,16 +46,11 @@ namespace {
 using procpool_test::all_succeeded;
 using procpool_test::block_forever;
 using procpool_test::go_signal;
+using procpool_test::no_children_left;
 using procpool_test::open_fd_count;
 using procpool_test::reap;
 using procpool_test::spawn;
 using procpool_test::wait_until_sleeping;
-
-/// True when this process has no child left to reap (no zombies, none running).
-bool no_children_left() {
-  int status = 0;
-  return ::waitpid(-1, &status, WNOHANG) == -1 && errno == ECHILD;
-}
 
 pid_t this_tid() {
   return static_cast<pid_t>(::syscall(SYS_gettid));
@@ -387,6 +386,122 @@ TEMPLATE_TEST_CASE("lock: leaks no descriptors, mappings or children", "[sync][f
   REQUIRE(open_fd_count() == fds);
   REQUIRE(procpool_test::shared_mapping_count() == maps);
   REQUIRE(no_children_left());
+}
+
+// ---------------------------------------------------------------------------
+// The one robust mutex template under every lock of the library (the locks
+// above, the queue's lock, shared_value's lock, the barrier's lock): each of
+// its three ways to lock repairs after a dead holder, once.
+
+#define ROBUST_KINDS procpool::detail::robust_mutex, procpool::detail::robust_recursive_mutex
+
+namespace {
+
+/// Locks `m` through entry point `how` (0: lock, 1: try_lock, 2: lock_until
+/// with a deadline, 3: lock_until without one), counting repairs in `repairs`.
+template <class M>
+procpool::detail::lock_status lock_by(M& m, int how, int& repairs) {
+  auto repair = [&] { ++repairs; };
+  switch (how) {
+    case 0:
+      return m.lock(repair);
+    case 1:
+      return m.try_lock(repair);
+    case 2:
+      return m.lock_until(procpool::detail::deadline_after(10s), repair);
+    default:
+      return m.lock_until(std::nullopt, repair);
+  }
+}
+
+/// A child that takes `m` and exits holding it.
+template <class M>
+void die_holding(M& m) {
+  pid_t kid = spawn([&] {
+    int ignored = 0;
+    return lock_by(m, 0, ignored) == procpool::detail::lock_status::busy ? 1 : 0;
+  });
+  REQUIRE(reap(kid) == exit_status::exited(0));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("robust mutex: every way to lock repairs once after a holder died",
+                   "[sync][fork]", ROBUST_KINDS) {
+  using procpool::detail::lock_status;
+  procpool::detail::shared_object<TestType> m(0);
+  for (int how = 0; how < 4; ++how) {
+    INFO("entry point " << how);
+    die_holding(*m);
+    REQUIRE_FALSE(m->locked());  // the kernel released it with its holder
+    int repairs = 0;
+    REQUIRE(lock_by(*m, how, repairs) == lock_status::owner_died);
+    REQUIRE(repairs == 1);
+    m->unlock();
+    REQUIRE(lock_by(*m, how, repairs) == lock_status::acquired);  // marked consistent
+    REQUIRE(repairs == 1);
+    m->unlock();
+  }
+  REQUIRE(no_children_left());
+}
+
+TEMPLATE_TEST_CASE("robust mutex: a repair that throws leaves it unrecoverable, and says so",
+                   "[sync][fork]", ROBUST_KINDS) {
+  procpool::detail::shared_object<TestType> m(0);
+  die_holding(*m);
+  REQUIRE_THROWS_WITH(m->lock([] { throw std::runtime_error("cannot repair"); }), "cannot repair");
+  REQUIRE_FALSE(m->locked());  // released on the way out
+  // Every later attempt fails at once, naming the call and why, in every process.
+  for (int how = 0; how < 4; ++how) {
+    int repairs = 0;
+    try {
+      auto got = lock_by(*m, how, repairs);
+      FAIL("an unrecoverable mutex was locked by entry point " << how << ": status "
+                                                                << static_cast<int>(got));
+    } catch (const std::system_error& e) {
+      CHECK(e.code().value() == ENOTRECOVERABLE);
+      CHECK_THAT(e.what(), Catch::Contains("pthread_mutex_") && Catch::Contains("repaired"));
+    }
+    CHECK(repairs == 0);
+  }
+  pid_t kid = spawn([&] {
+    try {
+      (void)m->try_lock([] {});
+    } catch (const std::system_error& e) {
+      return e.code().value() == ENOTRECOVERABLE ? 0 : 2;
+    }
+    return 1;
+  });
+  REQUIRE(reap(kid) == exit_status::exited(0));
+}
+
+TEMPLATE_TEST_CASE("robust mutex: timed and try locks give up while another process holds it",
+                   "[sync][fork]", ROBUST_KINDS) {
+  using procpool::detail::lock_status;
+  procpool::detail::shared_object<TestType> m(0);
+  go_signal held, release;
+  pid_t kid = spawn([&] {
+    int ignored = 0;
+    if (lock_by(*m, 0, ignored) != lock_status::acquired) return 1;
+    held.give();
+    release.await();
+    m->unlock();
+    return 0;
+  });
+  REQUIRE(held.await());
+  int repairs = 0;
+  REQUIRE(m->try_lock([&] { ++repairs; }) == lock_status::busy);
+  auto start = std::chrono::steady_clock::now();
+  REQUIRE(m->lock_until(procpool::detail::deadline_after(30ms), [&] { ++repairs; }) ==
+          lock_status::busy);
+  auto waited = std::chrono::steady_clock::now() - start;
+  CHECK(waited >= 30ms);
+  CHECK(waited < 5s);
+  CHECK(repairs == 0);
+  release.give();
+  REQUIRE(reap(kid) == exit_status::exited(0));
+  REQUIRE(lock_by(*m, 3, repairs) == lock_status::acquired);
+  m->unlock();
 }
 
 // ---------------------------------------------------------------------------

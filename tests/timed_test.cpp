@@ -139,12 +139,9 @@ void check_timed_lock() {
 
 }  // namespace
 
-TEST_CASE("mutex: every timeout type and clock", "[timed]") {
-  check_timed_lock<procpool::mutex>();
-}
-
-TEST_CASE("recursive_mutex: every timeout type and clock", "[timed]") {
-  check_timed_lock<procpool::recursive_mutex>();
+TEMPLATE_TEST_CASE("lock: every timeout type and clock", "[timed]", procpool::mutex,
+                   procpool::recursive_mutex) {
+  check_timed_lock<TestType>();
 }
 
 TEST_CASE("semaphore: every timeout type and clock", "[timed]") {

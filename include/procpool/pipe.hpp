@@ -67,7 +67,7 @@
 #include <utility>
 
 #include "codec.hpp"
-#include "detail/transport/channel.hpp"
+#include "detail/transport/connection_core.hpp"
 #include "errors.hpp"
 
 namespace procpool {
@@ -234,7 +234,7 @@ class connection {
                            std::optional<std::chrono::steady_clock::time_point> deadline);
   void require(bool allowed, const char* op) const;
 
-  detail::pipe_end end_;
+  detail::connection_core end_;
   writer encoded_;  // reused: once grown, sending allocates nothing
   bool can_send_ = true;
   bool can_recv_ = true;
@@ -290,7 +290,7 @@ struct decode_whole {
 // streams its elements straight into the new container.
 template <class T>
 struct decode_streamed : decode_whole<T> {
-  void stream(std::size_t size, pipe_source& source) {
+  void stream(std::size_t size, connection_source& source) {
     this->out.emplace(read_contiguous<T>(size, source));
   }
 };

@@ -65,7 +65,7 @@
 #include <vector>
 
 #include "codec.hpp"
-#include "detail/transport/channel.hpp"
+#include "detail/transport/queue_core.hpp"
 #include "errors.hpp"
 
 namespace procpool {

@@ -42,7 +42,8 @@
 // matter of liveness that no check on our side can answer.
 #pragma once
 
-#include <procpool/detail/transport/channel.hpp>
+#include <procpool/detail/transport/connection_core.hpp>
+#include <procpool/detail/transport/queue_core.hpp>
 #include <procpool/detail/transport/ring.hpp>
 #include <procpool/detail/transport/shm.hpp>
 #include <procpool/errors.hpp>
@@ -373,7 +374,7 @@ class pipe_harness {
   // A new object for `end`, made before the old one (if any) lets go, so the
   // end is never left without a holder (which would close it for good).
   void fresh(int end) {
-    pd::pipe_end made(mapping_, end);
+    pd::connection_core made(mapping_, end);
     ends_[end] = std::move(made);
     ends_[end].policy.spin = std::chrono::nanoseconds(0);
     ends_[end].policy.slice = std::chrono::nanoseconds(0);
@@ -484,7 +485,7 @@ class pipe_harness {
   std::size_t capacity_;
   std::size_t room_ = 0;
   hostile_memory hostile_;
-  pd::pipe_end ends_[2];
+  pd::connection_core ends_[2];
   int sender_ = 0;
   std::deque<std::vector<std::byte>> model_;
   std::uint64_t seq_ = 0;

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../support/support.hpp"
 #include "frame_fuzz_target.hpp"
 
 #ifndef FRAME_FUZZ_SEEDS_MAIN
@@ -29,14 +30,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
 namespace {
 
-// The bytes of the file at `path` (empty if it cannot be read).
-std::vector<std::byte> read_file(const std::filesystem::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  std::vector<char> chars((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  std::vector<std::byte> bytes(chars.size());
-  if (!chars.empty()) std::memcpy(bytes.data(), chars.data(), chars.size());
-  return bytes;
-}
+using procpool_test::read_file;
 
 }  // namespace
 

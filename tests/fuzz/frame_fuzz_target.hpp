@@ -1,5 +1,5 @@
 // The frame fuzz target: the receiving side of the shared-memory transport
-// (pipe_end::receive in channel.hpp, ring_reader::read_message in ring.hpp)
+// (connection_core::receive in connection_core.hpp, ring_reader::read_message in ring.hpp)
 // fed bytes that the fuzzer controls. Shared by the libFuzzer program and the
 // seed-corpus generator, both in frame_fuzz.cpp.
 //
@@ -19,7 +19,7 @@
 // An input is two setup bytes, then operations:
 //
 //   byte 0   bits 0-2: ring capacity, 64 << (v % 7) bytes (64 ... 4096)
-//            bit 3: receiver: 0 pipe_end::receive, 1 ring_reader::read_message
+//            bit 3: receiver: 0 connection_core::receive, 1 ring_reader::read_message
 //   byte 1   both ring counters start at byte1 * capacity / 256, so that
 //            messages wrap around the end of the ring early
 //
@@ -40,17 +40,17 @@
 //                are read and the rest of the message is in the ring.
 //                A ring_reader has no decoders: it ignores a (not p q).
 //   close        the peer closes its end; bytes it had not written are lost
-//   poll         pipe_end::poll / ring_reader::next_message_size
+//   poll         connection_core::poll / ring_reader::next_message_size
 //
 // When the input ends, the peer (unless closed) sends a last valid message,
 // and the receiver drains every message that the stream holds whole.
 //
 // A library decoder is only given a message whose bytes are all in the ring,
 // or whose peer has closed its end (then it must throw `channel_closed`):
-// `pipe_end::receive` waits for missing bytes, and no second thread could
+// `connection_core::receive` waits for missing bytes, and no second thread could
 // write them. A message that cannot lie whole in the ring goes to the
 // harness's own consumer instead, which writes the peer's next bytes between
-// its reads through `pipe_source`; ring mode writes them from
+// its reads through `connection_source`; ring mode writes them from
 // `read_message`'s `keep_waiting`.
 //
 // Two known library issues are tolerated unless FRAME_FUZZ_STRICT is set in
@@ -60,7 +60,7 @@
 #pragma once
 
 #include <procpool/codec.hpp>
-#include <procpool/detail/transport/channel.hpp>
+#include <procpool/detail/transport/connection_core.hpp>
 #include <procpool/detail/transport/ring.hpp>
 #include <procpool/errors.hpp>
 #include <procpool/pipe.hpp>
@@ -275,8 +275,8 @@ class harness {
         ASAN_POISON_MEMORY_REGION(r->data() + capacity, full_capacity_ - capacity);
       }
       ring_ = mapping_->ring_written_by(0);
-      sender_ = pd::pipe_end(mapping_, 0);
-      receiver_ = pd::pipe_end(mapping_, 1);
+      sender_ = pd::connection_core(mapping_, 0);
+      receiver_ = pd::connection_core(mapping_, 1);
       receiver_.policy.spin = std::chrono::nanoseconds(0);
       receiver_.policy.slice = std::chrono::nanoseconds(0);
     } else {
@@ -362,7 +362,7 @@ class harness {
   };
 
   /// The harness's own pipe consumer: takes a message whole in place, or
-  /// streamed through `pipe_source`, writing the peer's next bytes into the
+  /// streamed through `connection_source`, writing the peer's next bytes into the
   /// ring between its reads (so messages larger than the ring arrive whole).
   struct own_consumer {
     /// A consumer for one receive of `h`.
@@ -383,7 +383,7 @@ class harness {
     }
 
     /// Any other message, read in steps.
-    void stream(std::size_t n, pd::pipe_source& source) {
+    void stream(std::size_t n, pd::connection_source& source) {
       streamed = true;
       size = n;
       require(n == h.header(), "stream: the size is not the header's");
@@ -397,7 +397,7 @@ class harness {
           if (params.stop_rule == 2) throw consumer_stopped{};
           std::vector<std::byte> sink(left + 1);
           source.read(sink.data(), sink.size());
-          fail("pipe_source::read read past the end of a message");
+          fail("connection_source::read read past the end of a message");
         }
         h.feed(max_stream);  // the peer writes while the receiver reads
         const std::size_t position = h.at_ + 8 + got.size();
@@ -559,7 +559,7 @@ class harness {
   /// What a pipe receive did.
   enum class outcome { none, value, decode_error, closed, stopped };
 
-  /// Calls `pipe_end::receive` with `consume`; sorts out what happened.
+  /// Calls `connection_core::receive` with `consume`; sorts out what happened.
   template <class Consume>
   outcome receive(bool block, Consume& consume) {
     std::optional<pd::steady::time_point> deadline;
@@ -640,7 +640,7 @@ class harness {
       require(good_.count(at_) == 0 || !decodes_as_kind<T>(), "a valid message did not decode");
     }
     // Tolerated library quirk: for an empty message whose header straddles
-    // the end of the ring, taken without stream(), pipe_end::read_begun gets
+    // the end of the ring, taken without stream(), connection_core::read_begun gets
     // the header and calls no read_exact, so nothing releases it: the shared
     // read counter stays 8 bytes behind until the next message is released.
     advance(size, !strict() && !Streamed && size == 0 && header_wraps ? 8 : 0);
@@ -817,8 +817,8 @@ class harness {
   std::shared_ptr<pd::pipe_mapping> mapping_;          // pipe mode
   std::unique_ptr<std::byte, aligned_delete> memory_;  // ring mode
   pd::ring_control* ring_ = nullptr;                   // the ring the peer writes
-  pd::pipe_end sender_;                                // end 0, only ever closed
-  pd::pipe_end receiver_;                              // end 1 (pipe mode)
+  pd::connection_core sender_;                         // end 0, only ever closed
+  pd::connection_core receiver_;                       // end 1 (pipe mode)
   pd::ring_reader reader_;                             // ring mode
   pd::ring_writer peer_;
   std::vector<std::byte> buffer_;  // read_message's output, reused

@@ -1,5 +1,7 @@
 // Helpers shared by the test programs: counting this process's descriptors and
-// children (for the no-leak, no-zombie checks), and a one-byte go signal.
+// children (for the no-leak, no-zombie checks), a one-byte go signal, and
+// reading a whole file (fuzz corpora). Usable without Catch2's main: the
+// fuzz programs include it too.
 #pragma once
 
 #include <procpool/detail/os/fork.hpp>
@@ -12,13 +14,18 @@
 #include <dirent.h>
 #include <poll.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <thread>
 #include <utility>
@@ -97,6 +104,21 @@ inline std::size_t child_count() {
     ::closedir(d);
   }
   return n;
+}
+
+/// True when this process has no child left to reap (no zombies, none running).
+inline bool no_children_left() {
+  int status = 0;
+  return ::waitpid(-1, &status, WNOHANG) == -1 && errno == ECHILD;
+}
+
+/// The bytes of the file at `path` (empty if it cannot be read).
+inline std::vector<std::byte> read_file(const std::filesystem::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  std::vector<char> chars((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  std::vector<std::byte> bytes(chars.size());
+  if (!chars.empty()) std::memcpy(bytes.data(), chars.data(), chars.size());
+  return bytes;
 }
 
 /// State letter of process `pid` from /proc ('R', 'S', 'Z', …); '?' when gone.

@@ -1,16 +1,20 @@
-// Is a given thread of a given process still running? For waiters that must
-// notice a peer that died (the barrier). A pid alone cannot say: a dead child
-// stays a zombie, still "there" to kill(pid, 0), until its parent reaps it, and
-// pids are reused (pid_max is often 32768). So a thread is known by its pid,
-// its thread id and its start time, read from /proc.
+// Is a given process, or a given thread of a process, still running? For
+// waiters that must notice a peer that died (the barrier, the ends of a
+// pipe). A pid alone cannot say: a dead child stays a zombie, still "there"
+// to kill(pid, 0), until its parent reaps it, and pids are reused (pid_max is
+// often 32768). So a thread is known by its pid, its thread id and its start
+// time, read from /proc; a process, where one atomic word must name it, by a
+// process token (its pid and the low bits of its start time).
 #pragma once
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -111,6 +115,65 @@ inline bool still_running(const thread_identity& id) noexcept {
   if (::access("/proc/self/stat", R_OK) == 0) return false;
   if (::syscall(SYS_tgkill, id.pid, id.tid, 0) == 0) return true;
   return errno != ESRCH;
+}
+
+// ---------------------------------------------------------------------------
+// Process tokens
+
+/// A process as its peers see it: the pid in the low 32 bits and the low 32
+/// bits of its start time (clock ticks after boot; 0 when unknown) in the
+/// high 32, so that a recycled pid does not pass for a process that died.
+/// Fits one atomic word. 0 names no process.
+using process_token = std::uint64_t;
+
+/// The pid in a token.
+constexpr pid_t token_pid(process_token t) noexcept {
+  return static_cast<pid_t>(static_cast<std::uint32_t>(t));
+}
+
+/// The token of `pid` started at `start` ticks after boot.
+constexpr process_token make_process_token(pid_t pid, std::uint64_t start) noexcept {
+  return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(start)) << 32) |
+         static_cast<std::uint32_t>(pid);
+}
+
+/// This process's token once known; cleared in every forked child.
+inline std::atomic<process_token> cached_process_token{0};
+
+/// pthread_atfork child handler: the child learns its own token again.
+inline void forget_process_token() noexcept {
+  cached_process_token.store(0, std::memory_order_relaxed);
+}
+
+/// The calling process's token. After the first call in a process (which
+/// reads /proc) it costs one load: no system call on the fast path.
+inline process_token this_process_token() noexcept {
+  static const bool registered = [] {
+    ::pthread_atfork(nullptr, nullptr, &forget_process_token);
+    return true;
+  }();
+  (void)registered;
+  process_token t = cached_process_token.load(std::memory_order_relaxed);
+  if (t != 0) return t;
+  pid_t pid = ::getpid();
+  auto st = read_proc_thread(pid, pid);
+  t = make_process_token(pid, st.readable ? st.start_time : 0);
+  cached_process_token.store(t, std::memory_order_relaxed);
+  return t;
+}
+
+/// True while the process named by `t` runs: false once it exited (even while
+/// it waits as a zombie to be reaped) and false when its pid now belongs to a
+/// later process. Costs system calls: call it between sleeps, not per message.
+inline bool process_alive(process_token t) noexcept {
+  pid_t pid = token_pid(t);
+  if (pid <= 0) return true;
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+  auto st = read_proc_thread(pid, pid);
+  if (!st.readable) return ::access("/proc/self/stat", R_OK) != 0;  // gone, unless no /proc
+  if (st.state == 'Z' || st.state == 'X' || st.state == 'x') return false;
+  auto start = static_cast<std::uint32_t>(t >> 32);
+  return start == 0 || static_cast<std::uint32_t>(st.start_time) == start;
 }
 
 }  // namespace procpool::detail

@@ -5,6 +5,13 @@
 // that take a `repair` function do all of that in one place: every user of a
 // robust mutex in the library goes through them.
 //
+// A state that could not be repaired (the repair threw) is remembered in a
+// flag of our own beside the pthread mutex, which is itself marked consistent
+// and unlocked normally: glibc 2.36's pthread_mutex_clocklock mishandles a
+// mutex left "not recoverable" the POSIX way (the plain kind waits out the
+// timeout and leaves waiter bits that hang later lockers; the recursive kind
+// takes it as if nothing happened), so no mutex is ever left in that state.
+//
 // Boost.Interprocess is not used here on purpose: its interprocess_mutex
 // (Boost 1.81) answers EOWNERDEAD by unlocking without marking the mutex
 // consistent, which makes it unusable for good.
@@ -16,10 +23,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdint>
 #include <ctime>
 #include <optional>
+#include <string>
 #include <system_error>
 #include <thread>
 
@@ -116,51 +126,34 @@ class basic_robust_mutex {
   basic_robust_mutex& operator=(const basic_robust_mutex&) = delete;
 
   /// Blocks until locked; after a holder died, runs `repair()` under the lock
-  /// and marks the mutex consistent (unlocking again if either throws).
-  /// Returns `acquired` or `owner_died`.
-  /// **Throws:** `std::system_error` if the mutex is unrecoverable; what `repair` throws.
+  /// and marks the mutex consistent. Returns `acquired` or `owner_died`.
+  /// If `repair` throws, the mutex is unlocked and the guarded state known
+  /// broken: every later lock, in every process, throws `std::system_error`
+  /// (`ENOTRECOVERABLE`) at once, as POSIX specifies for robust mutexes.
+  /// **Throws:** `std::system_error` naming the pthread call when the mutex
+  /// is unrecoverable; what `repair` throws.
   template <class Repair>
   lock_status lock(Repair&& repair) {
-    return recover(lock(), repair);
+    refuse_if_unrecoverable("pthread_mutex_lock");
+    return recover(raw_lock(), repair, "pthread_mutex_lock");
   }
   /// As `lock(repair)`, but returns `busy` at once when the mutex is taken.
   template <class Repair>
   lock_status try_lock(Repair&& repair) {
-    return recover(try_lock(), repair);
+    refuse_if_unrecoverable("pthread_mutex_trylock");
+    return recover(raw_try_lock(), repair, "pthread_mutex_trylock");
   }
   /// As `lock(repair)`, but returns `busy` once `deadline` has passed (no
   /// deadline: as `lock(repair)`).
   template <class Repair>
   lock_status lock_until(std::optional<steady::time_point> deadline, Repair&& repair) {
-    return recover(deadline ? lock_until(*deadline) : lock(), repair);
+    const char* call = deadline ? "pthread_mutex_clocklock" : "pthread_mutex_lock";
+    refuse_if_unrecoverable(call);
+    return recover(deadline ? raw_lock_until(*deadline) : raw_lock(), repair, call);
   }
 
-  /// Blocks until locked, leaving recovery to the caller: after `owner_died`,
-  /// repair, then `mark_consistent()`. Prefer `lock(repair)`.
-  /// **Throws:** `std::system_error` if the mutex is unrecoverable.
-  lock_status lock() { return result(pthread_mutex_lock(&m_), "pthread_mutex_lock"); }
-  /// Locks if free now (or, recursive, held by the caller). Prefer `try_lock(repair)`.
-  lock_status try_lock() { return result(pthread_mutex_trylock(&m_), "pthread_mutex_trylock"); }
-  /// Blocks until locked or `deadline` passes (then `busy`). Prefer `lock_until(deadline, repair)`.
-  lock_status lock_until(steady::time_point deadline) {
-#if PROCPOOL_DETAIL_TSAN
-    return result(polled_lock_until(&m_, deadline), "pthread_mutex_trylock");
-#else
-    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch());
-    timespec ts{int_cast<time_t>(ns.count() / 1'000'000'000),
-                int_cast<long>(ns.count() % 1'000'000'000)};
-    // steady_clock is CLOCK_MONOTONIC on Linux with libstdc++ and libc++.
-    return result(pthread_mutex_clocklock(&m_, CLOCK_MONOTONIC, &ts), "pthread_mutex_clocklock");
-#endif
-  }
-  /// After `owner_died`, once the guarded state is repaired: makes the mutex usable again.
-  void mark_consistent() {
-    check(pthread_mutex_consistent(&m_), "pthread_mutex_consistent");
-  }
   /// Unlocks (recursive: undoes one lock). Must be called by the holder.
-  void unlock() noexcept {
-    pthread_mutex_unlock(&m_);
-  }
+  void unlock() noexcept { pthread_mutex_unlock(&m_); }
   /// Unlocks (recursive: undoes one lock) if the calling thread holds the
   /// mutex; false, changing nothing, when it does not.
   bool unlock_if_held() noexcept {
@@ -183,23 +176,69 @@ class basic_robust_mutex {
   }
 
  private:
+  // The raw pthread calls: `owner_died` leaves the mutex inconsistent, which
+  // only `recover` settles. Private, so that no caller can forget to.
+  lock_status raw_lock() {
+    return result(pthread_mutex_lock(&m_), "pthread_mutex_lock");
+  }
+  lock_status raw_try_lock() {
+    return result(pthread_mutex_trylock(&m_), "pthread_mutex_trylock");
+  }
+  lock_status raw_lock_until(steady::time_point deadline) {
+#if PROCPOOL_DETAIL_TSAN
+    return result(polled_lock_until(&m_, deadline), "pthread_mutex_trylock");
+#else
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline.time_since_epoch());
+    timespec ts{int_cast<time_t>(ns.count() / 1'000'000'000),
+                int_cast<long>(ns.count() % 1'000'000'000)};
+    // steady_clock is CLOCK_MONOTONIC on Linux with libstdc++ and libc++.
+    return result(pthread_mutex_clocklock(&m_, CLOCK_MONOTONIC, &ts), "pthread_mutex_clocklock");
+#endif
+  }
   // The futex word of a robust mutex: the holder's thread id, plus flag bits
   // (waiters, owner died) that the kernel and glibc set.
   int owner_word() const noexcept {
     return __atomic_load_n(&m_.__data.__lock, __ATOMIC_RELAXED);
   }
+  // After a raw lock: repairs after a dead holder and marks the mutex
+  // consistent. A repair that throws marks the guarded state unrecoverable
+  // for good (the mutex itself consistent and unlocked); a lock taken while
+  // that happened is given back and refused.
   template <class Repair>
-  lock_status recover(lock_status s, Repair& repair) {
+  lock_status recover(lock_status s, Repair& repair, const char* call) {
+    if (s == lock_status::busy) return s;
     if (s == lock_status::owner_died) {
+      if (unrecoverable_.load(std::memory_order_acquire) == 0) {
+        try {
+          repair();
+        } catch (...) {
+          unrecoverable_.store(1, std::memory_order_release);
+          pthread_mutex_consistent(&m_);
+          unlock();
+          throw;
+        }
+      }
       try {
-        repair();
-        mark_consistent();
+        check(pthread_mutex_consistent(&m_), "pthread_mutex_consistent");
       } catch (...) {
         unlock();
         throw;
       }
     }
+    if (unrecoverable_.load(std::memory_order_acquire) != 0) {
+      unlock();
+      throw_unrecoverable(call);
+    }
     return s;
+  }
+  void refuse_if_unrecoverable(const char* call) const {
+    if (unrecoverable_.load(std::memory_order_acquire) != 0) throw_unrecoverable(call);
+  }
+  [[noreturn]] static void throw_unrecoverable(const char* call) {
+    throw std::system_error(ENOTRECOVERABLE, std::generic_category(),
+                            std::string(call) +
+                                ": a holder died and the state this lock guards could not be "
+                                "repaired, so the lock can never be taken again");
   }
   static void check(int rc, const char* call) {
     if (rc != 0) throw std::system_error(rc, std::generic_category(), call);
@@ -213,14 +252,23 @@ class basic_robust_mutex {
       case EBUSY:
       case ETIMEDOUT:
         return lock_status::busy;
+      case ENOTRECOVERABLE:
+        throw_unrecoverable(call);
       default:
         throw std::system_error(rc, std::generic_category(), call);
     }
   }
   pthread_mutex_t m_;
+  // Set once a repair threw; never cleared (see the head of this file).
+  std::atomic<std::uint32_t> unrecoverable_{0};
 };
 
 /// A robust, process-shared mutex.
 using robust_mutex = basic_robust_mutex<robust_kind::plain>;
+
+/// A robust, recursive, process-shared mutex, for procpool::recursive_mutex.
+/// Reports a dead holder as `robust_mutex` does; the recursion count restarts
+/// at 1 for the new holder.
+using robust_recursive_mutex = basic_robust_mutex<robust_kind::recursive>;
 
 }  // namespace procpool::detail

@@ -34,6 +34,7 @@
 #include <utility>
 
 #include "../int_cast.hpp"
+#include "../os/clock.hpp"
 #include "../os/sys.hpp"
 #include "../transport/futex.hpp"
 #include "../transport/shm.hpp"
@@ -302,7 +303,9 @@ inline segment segment::open(std::string_view name, const segment_shape& shape,
   namespace bip = boost::interprocess;
   segment s;
   s.name_ = checked_name(name);
-  auto deadline = std::chrono::steady_clock::now() + segment_init_timeout;
+  // A few seconds: always within the clock's range, so the deadline is never empty.
+  const steady::time_point deadline =
+      deadline_after(segment_init_timeout).value_or(steady::time_point::max());
   auto not_initialized = [&] {
     return segment_failure{
         segment_problem::not_initialized, s.name_,
@@ -320,7 +323,7 @@ inline segment segment::open(std::string_view name, const segment_shape& shape,
     for (;;) {
       bip::offset_t size = 0;
       if (shm.get_size(size) && size >= static_cast<bip::offset_t>(sizeof(segment_header))) break;
-      if (std::chrono::steady_clock::now() >= deadline) throw not_initialized();
+      if (steady::now() >= deadline) throw not_initialized();
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     try {
@@ -342,8 +345,8 @@ inline segment segment::open(std::string_view name, const segment_shape& shape,
           fmt::format("shared memory segment '{}' was not made by procpool (as a {})", s.name_,
                       shape.what)};
     }
-    auto left = deadline - std::chrono::steady_clock::now();
-    if (left <= std::chrono::steady_clock::duration::zero()) throw not_initialized();
+    auto left = deadline - steady::now();
+    if (left <= steady::duration::zero()) throw not_initialized();
     futex_wait(&s.header().state, 0,
                std::min<std::chrono::nanoseconds>(left, std::chrono::milliseconds(10)));
   }

@@ -12,7 +12,6 @@
 #include "../transport/futex.hpp"
 #include "../transport/wait.hpp"
 #include "robust_mutex.hpp"
-#include "robust_recursive_mutex.hpp"
 
 namespace procpool::detail {
 

@@ -1,39 +1,24 @@
-// The byte-level machinery under pipe<T> and queue<T>: which process uses a
-// channel end and whether it still runs, the shared block of a pipe and the
-// view one end has of it, and the shared block of a queue with its push, pop
-// and repair. The public headers add encoding and decoding on top.
+// The core of connection<T> (pipe.hpp): the byte-level work under it, before
+// encoding and after decoding. Names: a *pipe* is the shared thing that
+// `pipe<T>()` maps (pipe_mapping: its block and its two rings, pipe_end_state:
+// the shared state of one of its two ends); a *connection* is one process's
+// handle on one end (connection_core, kept inside each connection<T>).
 //
-// Pipe (one anonymous mapping, made before forking):
+// A pipe (one anonymous mapping, made before forking):
 //   pipe_block      per end: the last process to use it, a closed flag, and the
 //                   table of processes that hold it (see pipe_end_state)
 //   ring 0          end 0 writes, end 1 reads (SPSC, see ring.hpp)
 //   ring 1          end 1 writes, end 0 reads
 //
-// Queue (one anonymous mapping, made before forking):
-//   queue_block     robust mutex, committed head/tail byte counters, message
-//                   count, unfinished count and the journal of a push, closed
-//                   flag, eventcounts "not empty" / "not full" / "all done"
-//   data            circular buffer of messages: u64 size, then the bytes
-//
-// A queue's shared state changes only under its mutex, and each push or pop
-// becomes visible through one store of `tail` or `head` made after the bytes
-// are in place. A process that dies holding the mutex therefore leaves either
-// the old state or the new one, never a half-written message; the next locker
-// only recounts the messages (`count` is updated after the commit), and
-// settles the unfinished count from the journal a push writes before its
-// commit. No process trusts a number in the block: each is checked against
-// the capacity it knows itself.
+// Which process holds or uses an end is told by process tokens
+// (os/liveness.hpp), so a recycled pid never passes for a holder that died.
 #pragma once
 
 #include <fmt/format.h>
 #include <pthread.h>
-#include <signal.h>
-#include <sys/types.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -52,79 +37,15 @@
 #include "../int_cast.hpp"
 #include "../os/clock.hpp"
 #include "../os/liveness.hpp"
-#include "../sync/robust_mutex.hpp"
-#include "futex.hpp"
 #include "ring.hpp"
 #include "shm.hpp"
 #include "wait.hpp"
 
 namespace procpool::detail {
 
-// ---------------------------------------------------------------------------
-// Process tokens
-
-/// A process as its peers see it: the pid in the low 32 bits and the low 32
-/// bits of its start time (clock ticks after boot; 0 when unknown) in the
-/// high 32, so that a recycled pid does not pass for a process that died.
-/// Fits one atomic word. 0 names no process.
-using process_token = std::uint64_t;
-
-/// The pid in a token.
-constexpr pid_t token_pid(process_token t) noexcept {
-  return static_cast<pid_t>(static_cast<std::uint32_t>(t));
-}
-
-/// The token of `pid` started at `start` ticks after boot.
-constexpr process_token make_process_token(pid_t pid, std::uint64_t start) noexcept {
-  return (static_cast<std::uint64_t>(static_cast<std::uint32_t>(start)) << 32) |
-         static_cast<std::uint32_t>(pid);
-}
-
-/// This process's token once known; cleared in every forked child.
-inline std::atomic<process_token> cached_process_token{0};
-
-/// pthread_atfork child handler: the child learns its own token again.
-inline void forget_process_token() noexcept {
-  cached_process_token.store(0, std::memory_order_relaxed);
-}
-
-/// The calling process's token. After the first call in a process (which
-/// reads /proc) it costs one load: no system call on the fast path.
-inline process_token this_process_token() noexcept {
-  static const bool registered = [] {
-    ::pthread_atfork(nullptr, nullptr, &forget_process_token);
-    return true;
-  }();
-  (void)registered;
-  process_token t = cached_process_token.load(std::memory_order_relaxed);
-  if (t != 0) return t;
-  pid_t pid = ::getpid();
-  auto st = read_proc_thread(pid, pid);
-  t = make_process_token(pid, st.readable ? st.start_time : 0);
-  cached_process_token.store(t, std::memory_order_relaxed);
-  return t;
-}
-
-/// True while the process named by `t` runs: false once it exited (even while
-/// it waits as a zombie to be reaped) and false when its pid now belongs to a
-/// later process. Costs system calls: call it between sleeps, not per message.
-inline bool process_alive(process_token t) noexcept {
-  pid_t pid = token_pid(t);
-  if (pid <= 0) return true;
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
-  auto st = read_proc_thread(pid, pid);
-  if (!st.readable) return ::access("/proc/self/stat", R_OK) != 0;  // gone, unless no /proc
-  if (st.state == 'Z' || st.state == 'X' || st.state == 'x') return false;
-  auto start = static_cast<std::uint32_t>(t >> 32);
-  return start == 0 || static_cast<std::uint32_t>(st.start_time) == start;
-}
-
-// ---------------------------------------------------------------------------
-// Pipe
-
 /// Most processes that can hold one end of a pipe at once and be watched:
 /// each has a slot in the end's table. Beyond it an end is never found gone
-/// through deaths, only through `pipe_end::shutdown`.
+/// through deaths, only through `connection_core::shutdown`.
 inline constexpr std::size_t pipe_max_holders = 128;
 
 /// Flags of a holder slot, in bits of the pid half of a token that no Linux
@@ -160,7 +81,7 @@ struct pipe_block {
 };
 
 /// A pipe's mapping: the block and the two rings. Shared by the two
-/// `pipe_end`s of a process through a `shared_ptr`; unmapped with the last.
+/// `connection_core`s of a process through a `shared_ptr`; unmapped with the last.
 class pipe_mapping {
  public:
   /// Maps a pipe with rings of (at least) `buffer_bytes` each.
@@ -185,15 +106,15 @@ class pipe_mapping {
 /// What a pipe end knows of the other end.
 enum class peer_state { present, closed, exited };
 
-class pipe_end;
-class pipe_source;
+class connection_core;
+class connection_source;
 
 /// Whether a pipe consumer takes streamed messages (has `stream(size, source)`).
 template <class C, class = void>
 struct has_stream : std::false_type {};
 template <class C>
 struct has_stream<C, std::void_t<decltype(std::declval<C&>().stream(
-                         std::size_t{}, std::declval<pipe_source&>()))>> : std::true_type {};
+                         std::size_t{}, std::declval<connection_source&>()))>> : std::true_type {};
 template <class C>
 inline constexpr bool has_stream_v = has_stream<C>::value;
 
@@ -215,8 +136,8 @@ struct contiguous_payload<std::basic_string<C, Tr, A>>
 };
 
 /// The body of one message as it streams out of a pipe, for a consumer that
-/// takes it in pieces rather than whole (see `pipe_end::receive`).
-class pipe_source {
+/// takes it in pieces rather than whole (see `connection_core::receive`).
+class connection_source {
  public:
   /// Bytes of the body not read yet.
   std::size_t remaining() const noexcept { return left_; }
@@ -225,10 +146,10 @@ class pipe_source {
   void read(void* dst, std::size_t n);
 
  private:
-  friend class pipe_end;
-  pipe_source(pipe_end& end, std::size_t size, const char* op) noexcept
+  friend class connection_core;
+  connection_source(connection_core& end, std::size_t size, const char* op) noexcept
       : end_(end), left_(size), size_(size), op_(op) {}
-  pipe_end& end_;
+  connection_core& end_;
   std::size_t left_;
   std::size_t size_;
   const char* op_;
@@ -237,18 +158,18 @@ class pipe_source {
 /// One end of a pipe as one process sees it: the byte-level work behind
 /// `connection<T>`. Move-only; the destructor closes it (see `close`).
 ///
-/// Every open `pipe_end` of a process is listed in a registry, so that a
+/// Every open `connection_core` of a process is listed in a registry, so that a
 /// fork makes the child a holder of each (see `pipe_end_state`).
-class pipe_end {
+class connection_core {
  public:
-  pipe_end() noexcept = default;
+  connection_core() noexcept = default;
   /// End `end` (0 or 1) of the pipe in `mapping`; this process holds it.
-  pipe_end(std::shared_ptr<pipe_mapping> mapping, int end) noexcept;
-  pipe_end(pipe_end&& o) noexcept { *this = std::move(o); }
-  pipe_end& operator=(pipe_end&& o) noexcept;
-  pipe_end(const pipe_end&) = delete;
-  pipe_end& operator=(const pipe_end&) = delete;
-  ~pipe_end() { close(); }
+  connection_core(std::shared_ptr<pipe_mapping> mapping, int end) noexcept;
+  connection_core(connection_core&& o) noexcept { *this = std::move(o); }
+  connection_core& operator=(connection_core&& o) noexcept;
+  connection_core(const connection_core&) = delete;
+  connection_core& operator=(const connection_core&) = delete;
+  ~connection_core() { close(); }
 
   /// Throws `channel_closed` for `op` if this end is closed or moved from.
   void require_open(const char* op) const;
@@ -258,7 +179,7 @@ class pipe_end {
             std::size_t body_size = 0);
   /// Receives one message. A message that lies whole in the ring goes to
   /// `consume(const std::byte*, std::size_t)` in place; any other goes to
-  /// `consume.stream(std::size_t size, pipe_source&)` if `Consume` has it,
+  /// `consume.stream(std::size_t size, connection_source&)` if `Consume` has it,
   /// else it is put together in a buffer and given to `consume(data, size)`.
   /// The message is consumed even if the consumer throws. Returns false when
   /// no message began before `deadline`, or at once if not `block`.
@@ -280,8 +201,8 @@ class pipe_end {
   wait_policy policy;
 
  private:
-  friend class pipe_source;
-  friend struct pipe_end_registry;
+  friend class connection_source;
+  friend struct connection_registry;
 
   pipe_end_state& mine() noexcept { return map_->block().ends[end_]; }
   pipe_end_state& theirs() noexcept { return map_->block().ends[1 - end_]; }
@@ -316,11 +237,11 @@ class pipe_end {
   peer_state gone_ = peer_state::present;  // sticky once the peer is found gone
   steady::time_point next_check_{};        // next throttled check that the peer runs
   bool broken_ = false;                    // a message was cut off by a dying peer
-  int slot_ = -1;             // this process's holder slot in mine(); -1 when untracked
-  int fork_slot_ = -1;        // the slot reserved for a child while a fork is in progress
-  bool marked_used_ = false;  // this process's slot says it used the end
-  pipe_end* prev_ = nullptr;  // the registry's list of open ends of this process
-  pipe_end* next_ = nullptr;
+  int slot_ = -1;                    // this process's holder slot in mine(); -1 when untracked
+  int fork_slot_ = -1;               // the slot reserved for a child while a fork is in progress
+  bool marked_used_ = false;         // this process's slot says it used the end
+  connection_core* prev_ = nullptr;  // the registry's list of open ends of this process
+  connection_core* next_ = nullptr;
   // Where a message that does not lie whole in the ring is put together.
   // Not zero-filled, grown as bytes arrive (never from the header alone),
   // kept for the next message.
@@ -328,159 +249,30 @@ class pipe_end {
   std::size_t buffer_capacity_ = 0;
 };
 
-/// The open `pipe_end`s of this process, and the fork handlers that make a
+/// The open `connection_core`s of this process, and the fork handlers that make a
 /// child a holder of each: before the fork a slot is reserved in each end
 /// (so a parent that closes its handle right after forking does not close
 /// the end), in the child it receives the child's token. A fork that fails
 /// leaves its reserved slots to the parent: those ends are then seen held
 /// until the parent ends.
-struct pipe_end_registry {
+struct connection_registry {
   std::mutex lock;
-  pipe_end* first = nullptr;
+  connection_core* first = nullptr;
 
   /// The registry of this process (never destroyed: ends may close during exit).
-  static pipe_end_registry& get() noexcept;
-  void add(pipe_end* e) noexcept;
-  void remove(pipe_end* e) noexcept;
+  static connection_registry& get() noexcept;
+  void add(connection_core* e) noexcept;
+  void remove(connection_core* e) noexcept;
   /// Under `lock`: puts `e` on the list, or takes it off.
-  void link(pipe_end* e) noexcept;
-  void unlink(pipe_end* e) noexcept;
+  void link(connection_core* e) noexcept;
+  void unlink(connection_core* e) noexcept;
   static void before_fork() noexcept;
   static void after_fork_parent() noexcept;
   static void after_fork_child() noexcept;
 };
 
 // ---------------------------------------------------------------------------
-// Queue
-
-/// Where a queue operation stands, for `queue_test_hook`.
-enum class queue_stage {
-  push_locked,     ///< push holds the mutex
-  push_copied,     ///< push wrote the message bytes and its journal, not yet committed
-  push_committed,  ///< push stored the new tail; unfinished and message counts not yet updated
-  pop_locked,      ///< pop holds the mutex
-  pop_copied,      ///< pop copied the message out, not yet committed
-  pop_committed,   ///< pop stored the new head, message count not yet updated
-  done_locked,     ///< task_done holds the mutex
-};
-
-/// Test hook: when set, called at each stage of a queue push or pop while
-/// the queue's mutex is held (tests make a child stop there, then kill it).
-inline void (*queue_test_hook)(queue_stage) = nullptr;
-
-/// No limit on the number of items in a queue (only its bytes).
-inline constexpr std::size_t queue_unlimited_items = static_cast<std::size_t>(-1);
-
-/// The shared part of a queue. Every field but the eventcounts changes only
-/// under `mutex`.
-struct queue_block {
-  robust_mutex mutex;
-  alignas(cache_line) std::atomic<std::uint64_t> head{0};  ///< bytes ever popped (committed)
-  std::atomic<std::uint64_t> tail{0};                      ///< bytes ever pushed (committed)
-  std::atomic<std::uint64_t> count{0};                     ///< messages held (after commits)
-  std::atomic<std::uint64_t> unfinished{0};  ///< messages pushed and not yet `task_done`
-  /// A push in progress: the tail it commits and the unfinished count that
-  /// goes with it, so that a repair after its death knows which one holds.
-  std::atomic<std::uint64_t> journal_tail{0};
-  std::atomic<std::uint64_t> journal_unfinished{0};
-  std::atomic<std::uint32_t> journal_active{0};
-  std::atomic<std::uint32_t> closed{0};
-  std::uint64_t capacity = 0;  ///< data bytes (for a reader of the mapping; never trusted)
-  alignas(cache_line) eventcount not_empty;
-  alignas(cache_line) eventcount not_full;
-  alignas(cache_line) eventcount all_done;  ///< notified when `unfinished` drops to 0
-};
-
-/// Bytes a message header takes in a queue.
-inline constexpr std::size_t queue_header_bytes = sizeof(std::uint64_t);
-
-/// A queue's mapping and the byte-level push and pop. Shared by every handle
-/// of a process through a `shared_ptr`; every forked child inherits it.
-///
-/// Every position, length and count read from the shared block is checked
-/// against the capacity this process knows (its own copy, not the shared
-/// one): a queue whose block was overwritten raises `channel_corrupted` and
-/// never reads or writes outside its data bytes.
-class queue_core {
- public:
-  /// How `pop` ended.
-  enum class pop_result { popped, empty, closed };
-
-  /// Maps a queue of `capacity` data bytes holding at most `max_items` messages.
-  /// **Throws:** `procpool::error` when `capacity` cannot hold a message or
-  /// `max_items` is 0; `std::system_error` naming mmap.
-  explicit queue_core(std::size_t capacity, std::size_t max_items = queue_unlimited_items);
-  queue_core(const queue_core&) = delete;
-  queue_core& operator=(const queue_core&) = delete;
-
-  /// Pushes the `size` bytes at `data`. Waits for room until `deadline`
-  /// (forever when empty) if `block`. Returns false when there was no room
-  /// in time. **Throws:** `message_too_large`, `channel_closed` (closed
-  /// queue), `channel_corrupted`.
-  bool push(const void* data, std::size_t size, bool block,
-            std::optional<steady::time_point> deadline);
-  /// Pops the oldest message into `out`. Waits for one until `deadline`
-  /// (forever when empty) if `block`. `closed` once the queue is closed and
-  /// empty. **Throws:** `channel_corrupted`.
-  pop_result pop(std::vector<std::byte>& out, bool block,
-                 std::optional<steady::time_point> deadline);
-  /// Refuses further pushes and wakes every waiter.
-  void close();
-  /// Marks one popped message as processed. **Throws:** `procpool::error`
-  /// when every pushed message is marked already; `channel_corrupted`.
-  void task_done();
-  /// Waits until every pushed message is marked processed, until `deadline`
-  /// (forever when empty); false on timeout.
-  bool join(std::optional<steady::time_point> deadline);
-
-  /// True once `close()` was called in any process.
-  bool closed() const noexcept { return q_->closed.load(std::memory_order_acquire) != 0; }
-  /// Messages held at some recent moment (read without the lock).
-  std::size_t size_approx() const noexcept {
-    return static_cast<std::size_t>(std::min<std::uint64_t>(
-        q_->count.load(std::memory_order_relaxed), capacity_ / queue_header_bytes));
-  }
-  /// How full the queue is now, read under the lock.
-  struct fill {
-    std::size_t items;       ///< messages held
-    std::size_t free_bytes;  ///< data bytes free
-    std::size_t unfinished;  ///< messages pushed and not yet marked done
-  };
-  /// **Throws:** `channel_corrupted`.
-  fill state();
-  /// Data bytes.
-  std::size_t capacity() const noexcept { return capacity_; }
-  /// Most messages held at once.
-  std::size_t max_items() const noexcept { return max_items_; }
-
-  /// The shared block, as another process could overwrite it (tests, fuzzing).
-  queue_block& shared_block() noexcept { return *q_; }
-
-  /// How waits spin and sleep.
-  wait_policy policy;
-
- private:
-  class guard;
-  bool lock(std::optional<steady::time_point> deadline);
-  void repair() noexcept;
-  void check(std::uint64_t head, std::uint64_t tail, const char* op) const;
-  std::uint64_t used() const noexcept;
-  bool room_for(std::uint64_t need) const noexcept;
-  void copy_in(std::uint64_t at, const void* src, std::size_t n) noexcept;
-  void copy_out(std::uint64_t at, void* dst, std::size_t n) const noexcept;
-  static void stage(queue_stage s) {
-    if (queue_test_hook != nullptr) queue_test_hook(s);
-  }
-
-  shared_mapping map_;
-  queue_block* q_ = nullptr;
-  std::byte* data_ = nullptr;
-  std::size_t capacity_ = 0;   // this process's own copy: never read back from shared memory
-  std::size_t max_items_ = 0;  // likewise
-};
-
-// ---------------------------------------------------------------------------
-// Definitions: pipe
+// Definitions
 
 inline pipe_mapping::pipe_mapping(std::size_t buffer_bytes) {
   if (buffer_bytes > (std::size_t{1} << 30))
@@ -497,33 +289,33 @@ inline pipe_mapping::pipe_mapping(std::size_t buffer_bytes) {
   ring_room_ = capacity;
 }
 
-inline pipe_end_registry& pipe_end_registry::get() noexcept {
-  static pipe_end_registry* r = [] {
-    auto* made = new pipe_end_registry();
+inline connection_registry& connection_registry::get() noexcept {
+  static connection_registry* r = [] {
+    auto* made = new connection_registry();
     ::pthread_atfork(&before_fork, &after_fork_parent, &after_fork_child);
     return made;
   }();
   return *r;
 }
 
-inline void pipe_end_registry::add(pipe_end* e) noexcept {
+inline void connection_registry::add(connection_core* e) noexcept {
   std::lock_guard<std::mutex> hold(lock);
   link(e);
 }
 
-inline void pipe_end_registry::remove(pipe_end* e) noexcept {
+inline void connection_registry::remove(connection_core* e) noexcept {
   std::lock_guard<std::mutex> hold(lock);
   unlink(e);
 }
 
-inline void pipe_end_registry::link(pipe_end* e) noexcept {
+inline void connection_registry::link(connection_core* e) noexcept {
   e->prev_ = nullptr;
   e->next_ = first;
   if (first != nullptr) first->prev_ = e;
   first = e;
 }
 
-inline void pipe_end_registry::unlink(pipe_end* e) noexcept {
+inline void connection_registry::unlink(connection_core* e) noexcept {
   if (e->prev_ != nullptr) e->prev_->next_ = e->next_;
   if (e->next_ != nullptr) e->next_->prev_ = e->prev_;
   if (first == e) first = e->next_;
@@ -532,23 +324,23 @@ inline void pipe_end_registry::unlink(pipe_end* e) noexcept {
 
 // The registry stays locked from here to the end of the fork, so no end
 // opens, closes or moves while its slots are handed over.
-inline void pipe_end_registry::before_fork() noexcept {
+inline void connection_registry::before_fork() noexcept {
   auto& r = get();
   r.lock.lock();
-  for (pipe_end* e = r.first; e != nullptr; e = e->next_) e->reserve_fork_slot();
+  for (connection_core* e = r.first; e != nullptr; e = e->next_) e->reserve_fork_slot();
 }
 
-inline void pipe_end_registry::after_fork_parent() noexcept {
+inline void connection_registry::after_fork_parent() noexcept {
   auto& r = get();
-  for (pipe_end* e = r.first; e != nullptr; e = e->next_) e->fork_slot_ = -1;
+  for (connection_core* e = r.first; e != nullptr; e = e->next_) e->fork_slot_ = -1;
   r.lock.unlock();
 }
 
-inline void pipe_end_registry::after_fork_child() noexcept {
+inline void connection_registry::after_fork_child() noexcept {
   auto& r = get();
   forget_process_token();
   process_token child = this_process_token();
-  for (pipe_end* e = r.first; e != nullptr; e = e->next_) e->adopt_fork_slot(child);
+  for (connection_core* e = r.first; e != nullptr; e = e->next_) e->adopt_fork_slot(child);
   r.lock.unlock();
 }
 
@@ -580,15 +372,15 @@ inline bool other_holder_alive(pipe_end_state& s, process_token except,
   return found;
 }
 
-inline pipe_end::pipe_end(std::shared_ptr<pipe_mapping> mapping, int end) noexcept
+inline connection_core::connection_core(std::shared_ptr<pipe_mapping> mapping, int end) noexcept
     : map_(std::move(mapping)), end_(end) {
   if (!map_) return;
   hold();
-  pipe_end_registry::get().add(this);
+  connection_registry::get().add(this);
 }
 
 // Takes a free holder slot for this process.
-inline void pipe_end::hold() noexcept {
+inline void connection_core::hold() noexcept {
   const std::uint64_t me = this_process_token();
   for (std::size_t i = 0; i < pipe_max_holders; ++i) {
     std::uint64_t expected = 0;
@@ -602,7 +394,7 @@ inline void pipe_end::hold() noexcept {
 }
 
 // Frees this process's slot, if it is still ours (shared memory may say otherwise).
-inline void pipe_end::release_hold() noexcept {
+inline void connection_core::release_hold() noexcept {
   if (slot_ < 0) return;
   auto& slot = mine().holders[slot_];
   std::uint64_t v = slot.load(std::memory_order_acquire);
@@ -612,7 +404,7 @@ inline void pipe_end::release_hold() noexcept {
 }
 
 // Before a fork (registry locked): a slot for the child, in the parent's name until it comes.
-inline void pipe_end::reserve_fork_slot() noexcept {
+inline void connection_core::reserve_fork_slot() noexcept {
   fork_slot_ = -1;
   const std::uint64_t pending = this_process_token() | holder_pending;
   for (int pass = 0; pass < 2; ++pass) {
@@ -629,7 +421,7 @@ inline void pipe_end::reserve_fork_slot() noexcept {
 }
 
 // In the child: the slot reserved before the fork becomes the child's.
-inline void pipe_end::adopt_fork_slot(process_token child) noexcept {
+inline void connection_core::adopt_fork_slot(process_token child) noexcept {
   slot_ = fork_slot_;
   fork_slot_ = -1;
   marked_used_ = false;
@@ -639,12 +431,12 @@ inline void pipe_end::adopt_fork_slot(process_token child) noexcept {
   if (slot_ >= 0) mine().holders[slot_].store(child, std::memory_order_release);
 }
 
-inline pipe_end& pipe_end::operator=(pipe_end&& o) noexcept {
+inline connection_core& connection_core::operator=(connection_core&& o) noexcept {
   if (this != &o) {
     close();
     // Under the registry's lock: a fork in another thread sees the end in
     // `o` or in this object, never half moved.
-    auto& registry = pipe_end_registry::get();
+    auto& registry = connection_registry::get();
     std::lock_guard<std::mutex> hold(registry.lock);
     if (o.map_) registry.unlink(&o);
     map_ = std::move(o.map_);
@@ -666,11 +458,11 @@ inline pipe_end& pipe_end::operator=(pipe_end&& o) noexcept {
   return *this;
 }
 
-inline void pipe_end::require_open(const char* op) const {
+inline void connection_core::require_open(const char* op) const {
   if (!map_) throw channel_closed(fmt::format("{} on a closed (or moved-from) connection", op));
 }
 
-inline void pipe_end::throw_corrupt(const char* what) {
+inline void connection_core::throw_corrupt(const char* what) {
   broken_ = true;
   throw channel_corrupted(fmt::format(
       "end {} of a pipe: its shared state is corrupt ({}); memory was overwritten, and the pipe "
@@ -681,7 +473,7 @@ inline void pipe_end::throw_corrupt(const char* what) {
 // Makes this process the user of the end. A process that uses the end after
 // another one did (a forked child, or the parent again after its child)
 // starts from the shared counters, not from the views it had.
-inline void pipe_end::claim(const char* op) {
+inline void connection_core::claim(const char* op) {
   require_open(op);
   auto& m = mine();
   if (m.closed.load(std::memory_order_acquire) != 0)
@@ -702,7 +494,7 @@ inline void pipe_end::claim(const char* op) {
   }
 }
 
-inline void pipe_end::take_over(process_token t) {
+inline void connection_core::take_over(process_token t) {
   out_ = ring_writer(map_->ring_written_by(end_));
   in_ = ring_reader(map_->ring_written_by(1 - end_));
   // The capacities come from shared memory: they must be ones this process mapped.
@@ -720,14 +512,14 @@ inline void pipe_end::take_over(process_token t) {
 }
 
 // Bytes readable now; throws when the writer's counter is corrupt.
-inline std::size_t pipe_end::in_bytes(std::size_t want) {
+inline std::size_t connection_core::in_bytes(std::size_t want) {
   std::size_t n = in_.available(want);
   if (in_.corrupt()) throw_corrupt("a write position beyond the ring");
   return n;
 }
 
 // Room to write now; throws when the reader's counter is corrupt.
-inline std::size_t pipe_end::out_space() {
+inline std::size_t connection_core::out_space() {
   std::size_t n = out_.free_space();
   if (out_.corrupt()) throw_corrupt("a read position beyond the ring");
   return n;
@@ -737,7 +529,7 @@ inline std::size_t pipe_end::out_space() {
 // process other than this one holds it and this one never used it while
 // another process did (so nothing this process does not do itself can ever
 // come through it).
-inline peer_state pipe_end::peer(bool check_process) noexcept {
+inline peer_state connection_core::peer(bool check_process) noexcept {
   if (gone_ != peer_state::present) return gone_;
   auto& th = theirs();
   if (th.closed.load(std::memory_order_acquire) != 0) return gone_ = peer_state::closed;
@@ -756,7 +548,7 @@ inline peer_state pipe_end::peer(bool check_process) noexcept {
 
 // The closed flag on every call; whether the peer's holders run at most once
 // per sleep slice, so a busy sender makes no system call per message.
-inline peer_state pipe_end::peer_throttled() noexcept {
+inline peer_state connection_core::peer_throttled() noexcept {
   auto st = peer(false);
   if (st != peer_state::present) return st;
   auto now = steady::now();
@@ -765,7 +557,7 @@ inline peer_state pipe_end::peer_throttled() noexcept {
   return peer(true);
 }
 
-inline void pipe_end::throw_gone(const char* op, peer_state st) {
+inline void connection_core::throw_gone(const char* op, peer_state st) {
   auto& th = theirs();
   pid_t user = token_pid(th.user.load(std::memory_order_acquire));
   if (st == peer_state::closed) {
@@ -784,8 +576,8 @@ inline void pipe_end::throw_gone(const char* op, peer_state st) {
                   op, end_, user, 1 - end_));
 }
 
-inline void pipe_end::send(const void* head, std::size_t head_size, const void* body,
-                           std::size_t body_size) {
+inline void connection_core::send(const void* head, std::size_t head_size, const void* body,
+                                  std::size_t body_size) {
   claim("send");
   auto st = peer_throttled();
   if (st != peer_state::present) throw_gone("send", st);
@@ -805,7 +597,7 @@ inline void pipe_end::send(const void* head, std::size_t head_size, const void* 
 // A message in the middle of its transfer: both sides are busy copying, so a
 // wait is short; spinning a little longer than usual saves a sleep and a
 // wake-up per chunk.
-inline wait_policy pipe_end::streaming_policy() const noexcept {
+inline wait_policy connection_core::streaming_policy() const noexcept {
   wait_policy p = policy;
   p.spin = std::max<std::chrono::nanoseconds>(p.spin, std::chrono::microseconds(50));
   return p;
@@ -813,11 +605,11 @@ inline wait_policy pipe_end::streaming_policy() const noexcept {
 
 // Large messages move in chunks of a quarter of the ring, each published
 // (or released) at once, so that writer and reader copy at the same time.
-inline std::size_t pipe_end::chunk() const noexcept {
+inline std::size_t connection_core::chunk() const noexcept {
   return out_.capacity() / 4;
 }
 
-inline void pipe_end::write_stream(const void* data, std::size_t size) {
+inline void connection_core::write_stream(const void* data, std::size_t size) {
   auto p = static_cast<const std::byte*>(data);
   const std::size_t most = chunk();
   while (size > 0) {
@@ -839,8 +631,8 @@ inline void pipe_end::write_stream(const void* data, std::size_t size) {
 // Copies the next `n` bytes of the message being read to `dst`, in chunks
 // released one by one. Throws when the writer dies first (the stream is then
 // cut off for good).
-inline void pipe_end::read_exact(void* dst, std::size_t n, std::size_t message_size,
-                                 const char* op) {
+inline void connection_core::read_exact(void* dst, std::size_t n, std::size_t message_size,
+                                        const char* op) {
   auto out = static_cast<std::byte*>(dst);
   const std::size_t most = in_.capacity() / 4;
   while (n > 0) {
@@ -862,7 +654,7 @@ inline void pipe_end::read_exact(void* dst, std::size_t n, std::size_t message_s
 
 // Skips the next `n` bytes of the message being read (after its consumer
 // failed). If the writer dies first the stream is cut off for good.
-inline void pipe_end::discard(std::size_t n) noexcept {
+inline void connection_core::discard(std::size_t n) noexcept {
   while (n > 0) {
     std::size_t k = std::min(in_.available(1), n);
     if (in_.corrupt()) {
@@ -886,7 +678,7 @@ inline void pipe_end::discard(std::size_t n) noexcept {
   in_.release();
 }
 
-inline void pipe_end::throw_cut_off(const char* op, std::size_t message_size) {
+inline void connection_core::throw_cut_off(const char* op, std::size_t message_size) {
   broken_ = true;
   throw channel_closed(fmt::format(
       "{} on end {} of a pipe: process {}, which used the other end (end {}), died in the "
@@ -894,7 +686,7 @@ inline void pipe_end::throw_cut_off(const char* op, std::size_t message_size) {
       op, end_, token_pid(theirs().user.load(std::memory_order_acquire)), 1 - end_, message_size));
 }
 
-inline void pipe_source::read(void* dst, std::size_t n) {
+inline void connection_source::read(void* dst, std::size_t n) {
   if (n > left_) throw decode_error(size_ - left_, "read past the end of a message");
   end_.read_exact(dst, n, size_, op_);
   left_ -= n;
@@ -903,9 +695,9 @@ inline void pipe_source::read(void* dst, std::size_t n) {
 /// Decodes a `contiguous_payload` container of `size` encoded bytes from
 /// `source`, reading the elements straight into it. Checks the count against
 /// the size before anything is reserved.
-/// **Throws:** `decode_error` when they disagree; `channel_closed` as `pipe_source::read`.
+/// **Throws:** `decode_error` when they disagree; `channel_closed` as `connection_source::read`.
 template <class T>
-T read_contiguous(std::size_t size, pipe_source& source) {
+T read_contiguous(std::size_t size, connection_source& source) {
   using element = typename T::value_type;
   std::uint64_t count = 0;
   if (size < sizeof count)
@@ -935,8 +727,8 @@ T read_contiguous(std::size_t size, pipe_source& source) {
 }
 
 template <class Consume>
-bool pipe_end::receive(const char* op, bool block, std::optional<steady::time_point> deadline,
-                       Consume&& consume) {
+bool connection_core::receive(const char* op, bool block,
+                              std::optional<steady::time_point> deadline, Consume&& consume) {
   claim(op);
   while (!message_begun()) {
     auto st = block ? peer(false) : peer_throttled();
@@ -958,7 +750,7 @@ bool pipe_end::receive(const char* op, bool block, std::optional<steady::time_po
 }
 
 template <class Consume>
-void pipe_end::read_begun(const char* op, Consume& consume) {
+void connection_core::read_begun(const char* op, Consume& consume) {
   std::size_t size = *in_.next_message_size();
   std::size_t total = size < in_.capacity() ? sizeof(std::uint64_t) + size : 0;
   // A message that lies whole and unwrapped in the ring is decoded in place.
@@ -979,7 +771,7 @@ void pipe_end::read_begun(const char* op, Consume& consume) {
   std::uint64_t header;
   in_.get(&header, sizeof header);
   if constexpr (has_stream_v<std::remove_reference_t<Consume>>) {
-    pipe_source source(*this, size, op);
+    connection_source source(*this, size, op);
     try {
       consume.stream(size, source);
     } catch (const channel_closed&) {
@@ -1013,7 +805,7 @@ void pipe_end::read_begun(const char* op, Consume& consume) {
   }
 }
 
-inline bool pipe_end::poll(bool block, std::optional<steady::time_point> deadline) {
+inline bool connection_core::poll(bool block, std::optional<steady::time_point> deadline) {
   claim("poll");
   if (message_begun() || peer_throttled() != peer_state::present) return true;
   if (!block) return false;
@@ -1023,9 +815,9 @@ inline bool pipe_end::poll(bool block, std::optional<steady::time_point> deadlin
   return ws != wait_status::timeout;
 }
 
-inline void pipe_end::close() noexcept {
+inline void connection_core::close() noexcept {
   if (!map_) return;
-  pipe_end_registry::get().remove(this);
+  connection_registry::get().remove(this);
   auto& m = mine();
   process_token t = this_process_token();
   if (marked_used_ || user_ == t) m.closed_by.store(t, std::memory_order_release);
@@ -1045,264 +837,12 @@ inline void pipe_end::close() noexcept {
   in_ = ring_reader();
 }
 
-inline void pipe_end::shutdown() noexcept {
+inline void connection_core::shutdown() noexcept {
   if (!map_) return;
   auto& m = mine();
   m.closed_by.store(this_process_token(), std::memory_order_release);
   m.closed.store(1, std::memory_order_release);
   close();
-}
-
-// ---------------------------------------------------------------------------
-// Definitions: queue
-
-// Holds a queue's mutex; unlocks on destruction.
-class queue_core::guard {
- public:
-  explicit guard(robust_mutex& m) noexcept : m_(&m) {}
-  guard(const guard&) = delete;
-  guard& operator=(const guard&) = delete;
-  ~guard() { unlock(); }
-  void unlock() noexcept {
-    if (m_ != nullptr) std::exchange(m_, nullptr)->unlock();
-  }
-
- private:
-  robust_mutex* m_;
-};
-
-inline queue_core::queue_core(std::size_t capacity, std::size_t max_items) {
-  constexpr std::size_t minimum = 2 * queue_header_bytes;
-  if (capacity < minimum || capacity > (std::size_t{1} << 40))
-    throw error(
-        fmt::format("a queue needs a capacity between {} bytes and 1 TiB; {} bytes were "
-                    "asked for",
-                    minimum, capacity));
-  if (max_items == 0) throw error("a queue needs room for at least one item; 0 were asked for");
-  std::size_t header = align_up(sizeof(queue_block), cache_line);
-  map_ = shared_mapping(header + capacity);
-  auto* base = static_cast<std::byte*>(map_.data());
-  // Constructed once, never destroyed in place: other processes may use it
-  // until they unmap it (pthread_mutex_destroy would break their locks).
-  q_ = new (base) queue_block();
-  q_->capacity = capacity;
-  data_ = base + header;
-  capacity_ = capacity;
-  max_items_ = max_items;
-}
-
-// Locks the mutex; after a holder died, repairs the state it guards and
-// marks the mutex consistent. False when `deadline` passed first.
-inline bool queue_core::lock(std::optional<steady::time_point> deadline) {
-  lock_status s = deadline ? q_->mutex.lock_until(*deadline) : q_->mutex.lock();
-  if (s == lock_status::busy) return false;
-  if (s == lock_status::owner_died) {
-    repair();
-    try {
-      q_->mutex.mark_consistent();
-    } catch (...) {
-      q_->mutex.unlock();
-      throw;
-    }
-  }
-  return true;
-}
-
-// Under the mutex: throws channel_corrupted unless head and tail describe at
-// most `capacity_` bytes and the message count fits them.
-inline void queue_core::check(std::uint64_t head, std::uint64_t tail, const char* op) const {
-  std::uint64_t used = tail - head;
-  std::uint64_t count = q_->count.load(std::memory_order_relaxed);
-  if (used > capacity_ || count > used / queue_header_bytes || (used != 0 && count == 0))
-    throw channel_corrupted(
-        fmt::format("queue {}: the queue's shared state is corrupt ({} bytes and {} items "
-                    "queued in a queue of {} bytes); memory was overwritten, and the queue "
-                    "cannot be used any more",
-                    op, static_cast<std::int64_t>(used), count, capacity_));
-}
-
-// Under the mutex, after its holder died. Every commit is one store, so head
-// and tail are whole; `count` may lag, and `unfinished` is settled by the
-// journal of a push that died. Recount the messages, checking each size
-// against what remains (a corrupt queue is left as it is: the next push or
-// pop reports it), and wake waiters the dead process may have owed a
-// notification.
-inline void queue_core::repair() noexcept {
-  std::uint64_t head = q_->head.load(std::memory_order_relaxed);
-  std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
-  if (q_->journal_active.load(std::memory_order_relaxed) != 0) {
-    if (tail == q_->journal_tail.load(std::memory_order_relaxed))
-      q_->unfinished.store(q_->journal_unfinished.load(std::memory_order_relaxed),
-                           std::memory_order_relaxed);
-    q_->journal_active.store(0, std::memory_order_relaxed);
-  }
-  if (tail - head <= capacity_) {
-    std::uint64_t at = head;
-    std::uint64_t messages = 0;
-    while (tail - at >= queue_header_bytes) {
-      std::uint64_t size;
-      copy_out(at, &size, sizeof size);
-      if (size > tail - at - queue_header_bytes) break;
-      at += queue_header_bytes + size;
-      ++messages;
-    }
-    if (at == tail) q_->count.store(messages, std::memory_order_relaxed);
-  }
-  q_->not_empty.notify();
-  q_->not_full.notify();
-  if (q_->unfinished.load(std::memory_order_relaxed) == 0) q_->all_done.notify();
-}
-
-// Bytes in use; head is read first, so the answer is never below the truth.
-inline std::uint64_t queue_core::used() const noexcept {
-  std::uint64_t head = q_->head.load(std::memory_order_acquire);
-  return q_->tail.load(std::memory_order_acquire) - head;
-}
-
-// Whether a message of `need` bytes (header included) fits now, read without
-// the lock. A corrupt state says yes, so that the caller locks and reports it.
-inline bool queue_core::room_for(std::uint64_t need) const noexcept {
-  std::uint64_t u = used();
-  if (u > capacity_) return true;
-  return capacity_ - u >= need && q_->count.load(std::memory_order_relaxed) < max_items_;
-}
-
-inline void queue_core::copy_in(std::uint64_t at, const void* src, std::size_t n) noexcept {
-  if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t off = int_cast<std::size_t>(at % capacity_);
-  std::size_t first = std::min(n, capacity_ - off);
-  std::memcpy(data_ + off, src, first);
-  std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
-}
-
-inline void queue_core::copy_out(std::uint64_t at, void* dst, std::size_t n) const noexcept {
-  if (n == 0) return;  // the pointer may be null then, which memcpy does not allow
-  std::size_t off = int_cast<std::size_t>(at % capacity_);
-  std::size_t first = std::min(n, capacity_ - off);
-  std::memcpy(dst, data_ + off, first);
-  std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
-}
-
-inline bool queue_core::push(const void* data, std::size_t size, bool block,
-                             std::optional<steady::time_point> deadline) {
-  if (size > capacity_ - queue_header_bytes)
-    throw message_too_large(
-        size, capacity_,
-        fmt::format("each item takes its encoded size plus {} bytes in a queue, so this one "
-                    "needs a queue of at least {} bytes: make it with queue<T>(capacity_bytes), "
-                    "or send items this large through a pipe, which streams them",
-                    queue_header_bytes, size + queue_header_bytes));
-  const std::uint64_t need = queue_header_bytes + size;
-  for (;;) {
-    if (!lock(deadline)) return false;
-    guard g(q_->mutex);
-    stage(queue_stage::push_locked);
-    if (q_->closed.load(std::memory_order_relaxed) != 0)
-      throw channel_closed("queue push: the queue is closed");
-    std::uint64_t head = q_->head.load(std::memory_order_relaxed);
-    std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
-    check(head, tail, "push");
-    std::uint64_t count = q_->count.load(std::memory_order_relaxed);
-    if (capacity_ - (tail - head) >= need && count < max_items_) {
-      std::uint64_t header = size;
-      copy_in(tail, &header, sizeof header);
-      copy_in(tail + queue_header_bytes, data, size);
-      std::uint64_t unfinished = q_->unfinished.load(std::memory_order_relaxed) + 1;
-      q_->journal_tail.store(tail + need, std::memory_order_relaxed);
-      q_->journal_unfinished.store(unfinished, std::memory_order_relaxed);
-      q_->journal_active.store(1, std::memory_order_relaxed);
-      stage(queue_stage::push_copied);
-      q_->tail.store(tail + need, std::memory_order_release);  // the commit
-      stage(queue_stage::push_committed);
-      q_->unfinished.store(unfinished, std::memory_order_relaxed);
-      q_->journal_active.store(0, std::memory_order_relaxed);
-      q_->count.store(count + 1, std::memory_order_relaxed);
-      g.unlock();
-      q_->not_empty.notify();
-      return true;
-    }
-    g.unlock();
-    if (!block) return false;
-    auto ws = wait_for_condition(
-        q_->not_full, [&] { return closed() || room_for(need); }, deadline, [] { return true; },
-        policy);
-    if (ws == wait_status::timeout) return false;
-  }
-}
-
-inline queue_core::pop_result queue_core::pop(std::vector<std::byte>& out, bool block,
-                                              std::optional<steady::time_point> deadline) {
-  for (;;) {
-    if (!lock(deadline)) return pop_result::empty;
-    guard g(q_->mutex);
-    stage(queue_stage::pop_locked);
-    std::uint64_t head = q_->head.load(std::memory_order_relaxed);
-    std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
-    check(head, tail, "pop");
-    if (tail != head) {
-      std::uint64_t size = 0;
-      if (tail - head >= queue_header_bytes) copy_out(head, &size, sizeof size);
-      if (tail - head < queue_header_bytes || size > tail - head - queue_header_bytes)
-        throw channel_corrupted(fmt::format(
-            "queue pop: the queue's shared state is corrupt (an item of {} bytes where {} "
-            "bytes are queued); memory was overwritten, and the queue cannot be used any more",
-            size, tail - head));
-      out.resize(int_cast<std::size_t>(size));
-      copy_out(head + queue_header_bytes, out.data(), out.size());
-      stage(queue_stage::pop_copied);
-      q_->head.store(head + queue_header_bytes + size, std::memory_order_release);  // the commit
-      stage(queue_stage::pop_committed);
-      q_->count.fetch_sub(1, std::memory_order_relaxed);
-      g.unlock();
-      q_->not_full.notify();
-      return pop_result::popped;
-    }
-    if (q_->closed.load(std::memory_order_relaxed) != 0) return pop_result::closed;
-    g.unlock();
-    if (!block) return pop_result::empty;
-    auto ws = wait_for_condition(
-        q_->not_empty, [&] { return closed() || used() != 0; }, deadline, [] { return true; },
-        policy);
-    if (ws == wait_status::timeout) return pop_result::empty;
-  }
-}
-
-inline void queue_core::close() {
-  (void)lock(std::nullopt);
-  guard g(q_->mutex);
-  q_->closed.store(1, std::memory_order_release);
-  g.unlock();
-  q_->not_empty.notify();
-  q_->not_full.notify();
-}
-
-inline void queue_core::task_done() {
-  (void)lock(std::nullopt);
-  guard g(q_->mutex);
-  stage(queue_stage::done_locked);
-  std::uint64_t unfinished = q_->unfinished.load(std::memory_order_relaxed);
-  if (unfinished == 0) throw error("queue task_done: called more times than items were pushed");
-  q_->unfinished.store(unfinished - 1, std::memory_order_release);
-  g.unlock();
-  if (unfinished == 1) q_->all_done.notify();
-}
-
-inline bool queue_core::join(std::optional<steady::time_point> deadline) {
-  auto ws = wait_for_condition(
-      q_->all_done, [&] { return q_->unfinished.load(std::memory_order_acquire) == 0; }, deadline,
-      [] { return true; }, policy);
-  return ws == wait_status::ready;
-}
-
-inline queue_core::fill queue_core::state() {
-  (void)lock(std::nullopt);
-  guard g(q_->mutex);
-  std::uint64_t head = q_->head.load(std::memory_order_relaxed);
-  std::uint64_t tail = q_->tail.load(std::memory_order_relaxed);
-  check(head, tail, "size");
-  return {int_cast<std::size_t>(q_->count.load(std::memory_order_relaxed)),
-          capacity_ - int_cast<std::size_t>(tail - head),
-          int_cast<std::size_t>(q_->unfinished.load(std::memory_order_relaxed))};
 }
 
 }  // namespace procpool::detail
