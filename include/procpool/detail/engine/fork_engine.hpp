@@ -55,6 +55,7 @@
 #include "../dispatch/dispatcher.hpp"
 #include "../dispatch/frame.hpp"
 #include "../int_cast.hpp"
+#include "../os/clock.hpp"
 #include "../os/fork.hpp"
 #include "../os/liveness.hpp"
 #include "../os/sys.hpp"
@@ -1042,7 +1043,8 @@ inline bool engine::retire_if_due(std::size_t i) {
 
 inline bool engine::wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout,
                               exit_status* status) noexcept {
-  auto deadline = timeout ? steady::now() + *timeout : steady::time_point::max();
+  auto deadline =
+      (timeout ? deadline_after(*timeout) : std::nullopt).value_or(steady::time_point::max());
   for (;;) {
     siginfo_t info{};
     try {
@@ -1201,7 +1203,7 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
       kill_worker(w, SIGTERM);
     }
   }
-  auto deadline = steady::now() + grace;
+  auto deadline = deadline_after(grace).value_or(steady::time_point::max());
   for (auto& w : workers_) {
     if (w.pid == 0) continue;
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - steady::now());
