@@ -104,46 +104,12 @@ class throwing_generator {
 };
 
 /// A sized forward range over 0 .. n-1 whose `operator*` throws at `when`.
-class throwing_forward {
- public:
-  throwing_forward(int n, int when) : n_(n), when_(when) {}
-  class iterator {
-   public:
-    using iterator_category = std::forward_iterator_tag;
-    using value_type = int;
-    using difference_type = std::ptrdiff_t;
-    using pointer = const int*;
-    using reference = int;
-    iterator() = default;
-    iterator(int i, int when) : i_(i), when_(when) {}
-    int operator*() const {
-      if (i_ == when_) throw say_when();
-      return i_;
-    }
-    iterator& operator++() {
-      ++i_;
-      return *this;
-    }
-    iterator operator++(int) {
-      auto old = *this;
-      ++i_;
-      return old;
-    }
-    bool operator==(const iterator& o) const { return i_ == o.i_; }
-    bool operator!=(const iterator& o) const { return i_ != o.i_; }
-
-   private:
-    int i_ = 0;
-    int when_ = -1;
-  };
-  iterator begin() const { return {0, when_}; }
-  iterator end() const { return {n_, when_}; }
-  std::size_t size() const { return static_cast<std::size_t>(n_); }
-
- private:
-  int n_;
-  int when_;
-};
+auto throwing_forward(int n, int when) {
+  return procpool_test::computed_range(static_cast<std::size_t>(n), [when](std::size_t i) {
+    if (static_cast<int>(i) == when) throw say_when();
+    return static_cast<int>(i);
+  });
+}
 
 std::vector<int> iota_vector(int n) {
   std::vector<int> v(static_cast<std::size_t>(n));
@@ -392,47 +358,15 @@ TEST_CASE("map from inside on_progress is refused with a clear error", "[pool]")
   REQUIRE(p.map(iota_vector(100)) == iota_vector(100));
 }
 
-namespace calls_test {
-/// An input range whose iterator calls back into the pool it feeds.
-template <class Pool>
-struct reentrant_input {
-  Pool* p;
-  struct iterator {
-    using iterator_category = std::forward_iterator_tag;
-    using value_type = int;
-    using difference_type = std::ptrdiff_t;
-    using pointer = const int*;
-    using reference = int;
-    Pool* p = nullptr;
-    int i = 0;
-    int operator*() const {
-      if (i == 3) return p->submit(i).get();
-      return i;
-    }
-    iterator& operator++() {
-      ++i;
-      return *this;
-    }
-    iterator operator++(int) {
-      auto old = *this;
-      ++i;
-      return old;
-    }
-    bool operator==(const iterator& o) const { return i == o.i; }
-    bool operator!=(const iterator& o) const { return i != o.i; }
-  };
-  iterator begin() const { return {p, 0}; }
-  iterator end() const { return {p, 8}; }
-  std::size_t size() const { return 8; }
-};
-}  // namespace calls_test
-
 TEST_CASE("the pool called from an input iterator it reads is refused with a clear error",
           "[pool]") {
   using pool_t = pool<int (*)(int)>;
   pool_t p(
       +[](int x) { return x; }, 2u);
-  reentrant_input<pool_t> input{&p};
+  // An input whose iterator calls back into the pool it feeds.
+  procpool_test::computed_range input(8, [&p](std::size_t i) {
+    return i == 3 ? p.submit(static_cast<int>(i)).get() : static_cast<int>(i);
+  });
   REQUIRE_THROWS_WITH(p.map(input), Contains("inside"));
   auto range = p.imap(input);
   REQUIRE_THROWS_WITH(

@@ -180,39 +180,6 @@ struct escape : std::runtime_error {
   escape() : std::runtime_error("escaped from the caller's code") {}
 };
 
-/// A sized input whose iterator throws `escape` when item `at` is read.
-struct throwing_range {
-  const std::vector<item>* items;
-  std::size_t at;
-  struct iterator {
-    using iterator_category = std::forward_iterator_tag;
-    using value_type = item;
-    using difference_type = std::ptrdiff_t;
-    using pointer = const item*;
-    using reference = const item&;
-    const throwing_range* range;
-    std::size_t i;
-    const item& operator*() const {
-      if (i == range->at) throw escape();
-      return (*range->items)[i];
-    }
-    iterator& operator++() {
-      ++i;
-      return *this;
-    }
-    iterator operator++(int) {
-      auto was = *this;
-      ++i;
-      return was;
-    }
-    bool operator==(const iterator& o) const { return i == o.i; }
-    bool operator!=(const iterator& o) const { return i != o.i; }
-  };
-  iterator begin() const { return {this, 0}; }
-  iterator end() const { return {this, items->size()}; }
-  std::size_t size() const { return items->size(); }
-};
-
 int run_item(const item& it) {
   switch (it.kind) {
     case lies:
@@ -409,7 +376,10 @@ int main(int argc, char** argv) {
       std::vector<item> clean(1 + rng() % 200);
       for (auto& c : clean) c = item{static_cast<int>(rng() % 100000), none};
       std::size_t at = rng() % clean.size();
-      throwing_range input{&clean, at};
+      procpool_test::computed_range input(clean.size(), [&](std::size_t i) -> const item& {
+        if (i == at) throw escape();
+        return clean[i];
+      });
       try {
         (void)p.map<pd::invoke_one>(input, "map");
         report("an input that threw went unnoticed");

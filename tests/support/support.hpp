@@ -28,6 +28,7 @@
 #include <iterator>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -211,5 +212,47 @@ inline void wait_until_sleeping(pid_t pid) {
     std::this_thread::yield();
   }
 }
+
+/// A sized forward range of `n` values, the i-th computed by `at(i)` each
+/// time an iterator is dereferenced: an input that throws at some item, calls
+/// back into the pool it feeds, or counts its reads.
+template <class At>
+class computed_range {
+ public:
+  computed_range(std::size_t n, At at) : n_(n), at_(std::move(at)) {}
+  class iterator {
+   public:
+    using iterator_category = std::forward_iterator_tag;
+    using reference = std::invoke_result_t<const At&, std::size_t>;
+    using value_type = std::decay_t<reference>;
+    using difference_type = std::ptrdiff_t;
+    using pointer = const value_type*;
+    iterator() = default;
+    iterator(const computed_range* r, std::size_t i) : r_(r), i_(i) {}
+    reference operator*() const { return r_->at_(i_); }
+    iterator& operator++() {
+      ++i_;
+      return *this;
+    }
+    iterator operator++(int) {
+      auto old = *this;
+      ++i_;
+      return old;
+    }
+    bool operator==(const iterator& o) const { return i_ == o.i_; }
+    bool operator!=(const iterator& o) const { return i_ != o.i_; }
+
+   private:
+    const computed_range* r_ = nullptr;
+    std::size_t i_ = 0;
+  };
+  iterator begin() const { return {this, 0}; }
+  iterator end() const { return {this, n_}; }
+  std::size_t size() const { return n_; }
+
+ private:
+  std::size_t n_;
+  At at_;
+};
 
 }  // namespace procpool_test
