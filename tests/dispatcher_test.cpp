@@ -264,6 +264,26 @@ TEST_CASE("answers that cannot be true are named and fail their call", "[dispatc
     auto r = deliver(c, ans);
     CHECK_THAT(r.lie, Catch::Contains("an error for item 9 in a chunk from item 0"));
   }
+  SECTION("an error past the results is a lie unless gaps are allowed, and never past the chunk") {
+    for (bool gaps : {false, true}) {
+      auto [a, c] = first_chunk(d, 6, 6);
+      answer ans{pd::result_header{c.call_id, 0, 1, pd::frame_kind::error}, {}};
+      procpool::encode(ans.body, 0);
+      procpool::encode(ans.body, std::uint64_t(4));  // items 1 to 3 ran; their results were lost
+      procpool::encode(ans.body, std::string("procpool::worker_died"));
+      procpool::encode(ans.body, std::string("signal 9"));
+      procpool::reader in(ans.body.data(), ans.body.size());
+      auto r = pd::dispatcher::deliver(c, ans.h, in, failure, lie, gaps);
+      CHECK(r.lie.empty() == gaps);
+      CHECK(a->error_index() == (gaps ? 4u : 0u));
+
+      auto [b, cb] = first_chunk(d, 6, 6);
+      answer past{pd::result_header{cb.call_id, cb.first, 0, pd::frame_kind::error}, {}};
+      procpool::encode(past.body, cb.first + 6);  // beyond the chunk: never true
+      procpool::reader in2(past.body.data(), past.body.size());
+      CHECK_FALSE(pd::dispatcher::deliver(cb, past.h, in2, failure, lie, gaps).lie.empty());
+    }
+  }
   SECTION("bytes past the end of the answer") {
     auto [a, c] = first_chunk(d, 2, 2);
     auto ans = honest(c);

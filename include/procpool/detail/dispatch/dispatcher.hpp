@@ -204,20 +204,31 @@ class dispatcher {
   /// `lie(reason)` the error that fails the call when the answer turns out
   /// false (an error for an item other than the one after the results, bytes
   /// past its end). The results of a cancelled call are dropped. Never throws.
+  ///
+  /// With `gaps`, an error may name a later item of the chunk than the one
+  /// after the results: the items between ran without failing, but their
+  /// results were lost (an MPI rank in hierarchical mode, whose local worker
+  /// died holding them). Without it, the error must follow the results.
   template <class MakeFailure, class MakeLie>
   static delivery deliver(chunk& c, const result_header& h, reader& in, MakeFailure&& failure,
-                          MakeLie&& lie) noexcept {
+                          MakeLie&& lie, bool gaps = false) noexcept {
     delivery d;
     auto& call = *c.call;
+    // Where the failing item of an error answer may be: right after the
+    // results, or (with gaps) anywhere after them within the chunk.
+    auto in_place = [&](std::uint64_t index) {
+      std::uint64_t next = h.first + h.count;
+      return gaps ? index >= next && index - c.first < c.count : index == next;
+    };
     if (h.kind == frame_kind::error && h.count == 0) {
-      // The failing item comes first: it must be the chunk's first item.
+      // No results: the failing item is checked before anything is delivered.
       reader look = in;
       std::uint64_t index = no_item;
       try {
         index = decode<std::uint64_t>(look);
       } catch (const decode_error&) {
       }
-      if (index != h.first) {
+      if (!in_place(index)) {
         d.lie = fmt::format("an error for item {} in a chunk from item {}", index, h.first);
         return d;
       }
@@ -226,7 +237,7 @@ class dispatcher {
     bool error_decoded = false;
     deliver_frame(call, h, in, [&](std::uint64_t index, std::string type, std::string message) {
       error_decoded = true;
-      if (index != h.first + h.count) {
+      if (!in_place(index)) {
         // Results came before it: the failing item is the one after them.
         d.lie = fmt::format("an error for item {} after results up to item {}", index,
                             h.first + h.count);

@@ -797,9 +797,12 @@ inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size
   result_header h;
   auto refuse = [&](const std::string& lie) {
     // Every rank runs the same program: an answer that cannot be true means
-    // memory went bad somewhere, and no later answer can be trusted.
+    // memory went bad somewhere, and no later answer can be trusted. The
+    // rank is given up too, so that stopping the pool waits for nothing more
+    // from it (its late messages are drained, and it serves no later pool).
     break_with(std::make_exception_ptr(procpool::error(fmt::format(
         "rank {} sent a bad result frame ({}); the pool cannot run tasks", r.info.rank, lie))));
+    if (!r.lost) give_up(r, steady::duration::zero());
   };
   if (size < sizeof h) return refuse(fmt::format("{} bytes, shorter than a header", size));
   std::memcpy(&h, data, sizeof h);
@@ -827,7 +830,8 @@ inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size
       [&](const std::string& lie) {
         return std::make_exception_ptr(
             procpool::error(fmt::format("rank {} sent a bad result frame ({})", who.rank, lie)));
-      });
+      },
+      /*gaps=*/true);
   if (!d.lie.empty()) return refuse(d.lie);
   finish_chunk(r);
 }
