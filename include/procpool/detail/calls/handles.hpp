@@ -235,7 +235,7 @@ void future<R>::rethrow_failure() const {
     state_->call->rethrow_if_failed();
   } catch (const task_error& e) {
     if (typeid(e) != typeid(task_error)) throw;
-    throw task_error::in_task(e.pid(), e.type_name(), e.message());
+    throw e.as_task();
   } catch (const worker_died& e) {
     if (typeid(e) != typeid(worker_died) || !e.index()) throw;
     throw worker_died::in_task(e.pid(), e.status());

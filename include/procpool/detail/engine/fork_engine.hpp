@@ -827,8 +827,10 @@ inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t s
   };
   auto d = dispatcher::deliver(
       c, h, in,
-      [pid](std::uint64_t index, std::string type, std::string message, reader&) {
-        return std::make_exception_ptr(task_error(index, pid, std::move(type), std::move(message)));
+      [pid](std::uint64_t index, std::string type, std::string message, reader& rest) {
+        auto original = decode_original(rest);
+        return std::make_exception_ptr(
+            task_error(index, pid, std::move(type), std::move(message), std::move(original)));
       },
       lie);
   if (!d.lie.empty()) {
