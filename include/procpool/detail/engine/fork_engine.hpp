@@ -176,6 +176,9 @@ class engine final : public driver {
   bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
   /// The user gave up on `call`: stop sending it, skip its queued items.
   void cancel(call_state& call) noexcept override;
+  void cancel_unsent(const std::exception_ptr& e) noexcept override {
+    if (owned()) dispatch_.cancel_unsent(e);
+  }
   /// The call is over for its user: cancels what is left of it and, unless
   /// collection is under way, drops it from the queues at once.
   void end_call(call_state& call) noexcept override;

@@ -561,6 +561,7 @@ class engine final : public driver {
   /// The user gave up on `call`: nothing more is sent for it, and its late
   /// answers are dropped.
   void cancel(call_state& call) noexcept override { call.cancelled = true; }
+  void cancel_unsent(const std::exception_ptr& e) noexcept override { dispatch_.cancel_unsent(e); }
   /// The call is over for its user: cancels what is left of it and, unless
   /// collection is under way, drops it from the queues at once.
   void end_call(call_state& call) noexcept override {
