@@ -394,7 +394,7 @@ inline bool failed_not_cancelled(const call_state& call) noexcept {
 /// turns of at most a millisecond each, so a result of any of them is seen
 /// within about a millisecond per pool. A call whose pool is gone ends with
 /// `pool_closed`; a wait on a pool that breaks (terminate from elsewhere, a
-/// system call's failure) ends that pool's calls with the error.
+/// system call's failure) ends that pool's calls with the error and throws it.
 inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool()> done,
                         std::optional<std::chrono::steady_clock::time_point> deadline) {
   for (;;) {
@@ -423,12 +423,15 @@ inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool
       try {
         d->drive_until(done, until);
       } catch (...) {
-        // The pool broke under the wait: its calls end with it, as a future's would.
+        // The wait broke (the pool stopped, a system call failed, a call
+        // from a process that does not own the pool): that pool's calls end
+        // with it, as a future's would, and the error goes on.
         for (auto& w : calls) {
           if (w.call->finished() || w.pool.lock() != d) continue;
           w.call->abort(std::current_exception());
           d->cancel(*w.call);
         }
+        throw;
       }
       if (done()) return true;
     }
