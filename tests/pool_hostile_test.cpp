@@ -382,6 +382,7 @@ void lie(int x) {
       procpool::encode(body, std::uint64_t(0));  // item 0: never in a chunk sent to a liar
       procpool::encode(body, std::string("std::runtime_error"));
       procpool::encode(body, std::string("made up"));
+      procpool::encode(body, false);  // no exception object
       break;
     case partial_prefix: {
       pd::ring_writer out(table->result[my_worker_index()], table->doorbell);

@@ -81,16 +81,24 @@
 // clang-format on
 #pragma once
 
+#include <cxxabi.h>
+
 #include <algorithm>
 #include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
+#include <string>
 #include <string_view>
 #include <type_traits>
+#include <typeinfo>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -406,6 +414,114 @@ T decode(const std::byte* data, std::size_t size) {
 template <class T>
 T decode(const std::vector<std::byte>& bytes) {
   return decode<T>(bytes.data(), bytes.size());
+}
+
+// ---------------------------------------------------------------------------
+// Exception objects: the registry of exception codecs a worker looks the
+// thrown type up in (see `task_error::original`).
+
+namespace detail {
+
+/// Encodes the exception being handled, whose type the entry was made for.
+/// Called inside a `catch` block only.
+using exception_encoder = void (*)(writer&);
+
+/// The exception codecs of this program, by the mangled name of the type.
+/// Filled before `main` by the types the program names in `original<T>()`,
+/// `rethrow_as<T>()` or `register_exception<T>()`; read by the workers.
+struct exception_registry {
+  std::mutex lock;
+  std::unordered_map<std::string, exception_encoder> encoders;
+};
+
+inline exception_registry& exception_codecs() {
+  static exception_registry registry;
+  return registry;
+}
+
+/// Adds `T`'s codec to the registry; returns true (so that a variable can hold the call).
+template <class T>
+bool add_exception_codec() {
+  static_assert(std::is_class_v<T> && !std::is_const_v<T> && !std::is_volatile_v<T>,
+                "procpool: an exception type to send back is a class type, named without const "
+                "or volatile.");
+  static_assert(is_sendable_v<T>,
+                "procpool: this exception type cannot be sent back from a worker process; give "
+                "it procpool_encode/procpool_decode (see codec.hpp) to get it back with "
+                "task_error::original<T>().");
+  auto& r = exception_codecs();
+  std::lock_guard<std::mutex> guard(r.lock);
+  r.encoders[typeid(T).name()] = [](writer& out) {
+    try {
+      throw;
+    } catch (const T& e) {
+      encode(out, e);
+    }
+  };
+  return true;
+}
+
+/// What procpool's own code reads of a `task_error`: the encoded object.
+struct exception_access {
+  static const exception_object* original(const task_error& e) noexcept {
+    return e.original_.get();
+  }
+};
+
+/// Registers `T` before `main` in every process made from the program, once
+/// anything names it.
+template <class T>
+inline const bool exception_codec_registered = add_exception_codec<T>();
+
+/// The exception being handled, encoded by its registered codec; empty when
+/// its type has none, or the codec threw. Called inside a `catch` block only.
+inline std::optional<exception_object> encode_current_exception_object() noexcept {
+  try {
+    const std::type_info* type = abi::__cxa_current_exception_type();
+    if (type == nullptr) return std::nullopt;
+    exception_encoder encoder = nullptr;
+    {
+      auto& r = exception_codecs();
+      std::lock_guard<std::mutex> guard(r.lock);
+      auto it = r.encoders.find(type->name());
+      if (it == r.encoders.end()) return std::nullopt;
+      encoder = it->second;
+    }
+    writer out;
+    encoder(out);
+    return exception_object{type->name(), out.release()};
+  } catch (...) {
+    return std::nullopt;  // the codec threw: the type name and message still go back
+  }
+}
+
+}  // namespace detail
+
+/// Registers `T`'s codec now, in this process and in the workers it forks
+/// from now on, so that a worker can send a thrown `T` back whole
+/// (`task_error::original<T>()`). Naming `original<T>()` or `rethrow_as<T>()`
+/// does this already, before `main`; call it for a type that is caught by
+/// another program (an MPI rank that names it nowhere else).
+/// **Thread safety:** safe from any thread.
+template <class T>
+void register_exception() {
+  detail::add_exception_codec<T>();
+}
+
+template <class T>
+std::optional<T> task_error::original() const {
+  (void)detail::exception_codec_registered<T>;
+  if (!original_ || original_->key != typeid(T).name()) return std::nullopt;
+  return decode<T>(original_->bytes);
+}
+
+template <class... T>
+void task_error::rethrow_as() const {
+  (void)std::initializer_list<int>{(
+      [&] {
+        if (auto e = original<T>()) throw std::move(*e);
+      }(),
+      0)...};
 }
 
 }  // namespace procpool

@@ -14,10 +14,12 @@
 
 #include <chrono>
 #include <cstddef>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "exit_status.hpp"
 
@@ -30,27 +32,66 @@ class error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+namespace detail {
+/// An exception object as a worker encoded it: the mangled name of its type
+/// (`typeid(T).name()`) and its bytes, as `encode` wrote them.
+struct exception_object {
+  std::string key;
+  std::vector<std::byte> bytes;
+};
+struct exception_access;
+}  // namespace detail
+
 /// The function of a pool threw while running an item in a worker.
 ///
 /// Raised by `map` and friends for the lowest failing index of the call (the
 /// rest of the call is cancelled), and by `future::get` for `submit`.
+///
+/// It keeps the thrown exception's type name and `what()`, and, when the
+/// worker knew how to encode the thrown type, the object itself: see
+/// `original<T>()`, `rethrow_as<T...>()` and `register_exception<T>()`.
 class task_error : public error {
  public:
   /// An error for item `index`, raised in worker `pid` as an exception of
-  /// type `type_name` whose `what()` was `message`.
-  task_error(std::size_t index, pid_t pid, std::string type_name, std::string message)
+  /// type `type_name` whose `what()` was `message`; `original` is the
+  /// exception object as the worker encoded it, if it could.
+  task_error(std::size_t index, pid_t pid, std::string type_name, std::string message,
+             std::shared_ptr<const detail::exception_object> original = {})
       : error(fmt::format("item {} failed in worker {}: {}: {}", index, pid, type_name, message)),
         index_(index),
         pid_(pid),
         type_name_(std::move(type_name)),
-        message_(std::move(message)) {}
+        message_(std::move(message)),
+        original_(std::move(original)) {}
 
   /// The error of a task given to `submit` (or `executor::submit`), which is
   /// no item of a call: the message names a task, and `index()` is 0.
-  static task_error in_task(pid_t pid, std::string type_name, std::string message) {
+  static task_error in_task(pid_t pid, std::string type_name, std::string message,
+                            std::shared_ptr<const detail::exception_object> original = {}) {
     auto what = fmt::format("a task failed in worker {}: {}: {}", pid, type_name, message);
-    return task_error(what, 0, pid, std::move(type_name), std::move(message));
+    return task_error(what, 0, pid, std::move(type_name), std::move(message), std::move(original));
   }
+  /// This error, worded as the error of a task given to `submit` (see `in_task`).
+  task_error as_task() const { return in_task(pid_, type_name_, message_, original_); }
+
+  /// The exception object the function threw, when it was of type `T`
+  /// exactly and the worker could encode it; empty otherwise (another type,
+  /// a type the worker did not know, or an encoder that threw in the worker).
+  ///
+  /// Naming `original<T>()` (or `rethrow_as<T>()`) anywhere in the program
+  /// registers `T`'s codec at program start, in every process made from the
+  /// program: forked workers, and MPI ranks, which run the same binary. `T`
+  /// must be sendable (codec.hpp): an exception class usually needs its own
+  /// `procpool_encode`/`procpool_decode`. Defined in codec.hpp, which every
+  /// pool header includes.
+  /// **Throws:** `decode_error` when the bytes do not decode as a `T`.
+  template <class T>
+  std::optional<T> original() const;
+  /// Throws the original exception as itself when it is one of `T...` (the
+  /// first that matches), so that `catch (const T&)` catches it; returns
+  /// otherwise. Registers each `T` as `original<T>()` does.
+  template <class... T>
+  void rethrow_as() const;
 
   /// Index of the failing item in the input of the call (0 for `submit`).
   std::size_t index() const noexcept { return index_; }
@@ -64,18 +105,32 @@ class task_error : public error {
  protected:
   /// For subclasses that word the message themselves (`mpi::task_error`).
   task_error(const std::string& what, std::size_t index, pid_t pid, std::string type_name,
-             std::string message)
+             std::string message, std::shared_ptr<const detail::exception_object> original = {})
       : error(what),
         index_(index),
         pid_(pid),
         type_name_(std::move(type_name)),
-        message_(std::move(message)) {}
+        message_(std::move(message)),
+        original_(std::move(original)) {}
 
  private:
+  friend struct detail::exception_access;
   std::size_t index_;
   pid_t pid_;
   std::string type_name_;
   std::string message_;
+  std::shared_ptr<const detail::exception_object> original_;
+};
+
+/// A task was cancelled before it was sent to a worker (`future::cancel`,
+/// `executor::shutdown(..., true)`): it never ran. Python's `CancelledError`.
+class task_cancelled : public error {
+ public:
+  /// `how` says what cancelled it, e.g. "future::cancel".
+  explicit task_cancelled(const char* how)
+      : error(fmt::format("the task was cancelled ({}) before it was sent to a worker; it never "
+                          "ran",
+                          how)) {}
 };
 
 /// A worker process died — killed by a signal, `exit()`, `abort()`, the

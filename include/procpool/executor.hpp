@@ -10,6 +10,8 @@
 /// ```
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -19,6 +21,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "pool.hpp"
 
@@ -72,51 +75,103 @@ struct invoke_bound {
   }
 };
 
-/// A view of a range whose items are bound to one function, one argument each.
-template <class Fn, class Range>
-class bound_range {
+/// The items of several ranges zipped, each bound to one function: item *i*
+/// calls `fn` with element *i* of each range (`Star`: with the elements of
+/// the one range's tuple item, as starmap does). Ends with the shortest
+/// range. Each range is held as `Stored` says: a reference, or owned.
+template <class Fn, bool Star, class... Stored>
+class zip_range {
+  template <class S>
+  using iter_t = decltype(std::begin(std::declval<const std::remove_reference_t<S>&>()));
+
  public:
-  using inner = decltype(std::begin(std::declval<const Range&>()));
-  using item = bound_call<Fn, std::tuple<range_item_t<Range>>>;
+  using args = typename std::conditional_t<
+      Star, std::tuple_element<0, std::tuple<range_item_t<std::remove_reference_t<Stored>>...>>,
+      std::enable_if<true, std::tuple<range_item_t<std::remove_reference_t<Stored>>...>>>::type;
+  using item = bound_call<Fn, args>;
 
   class iterator {
    public:
-    using iterator_category = std::forward_iterator_tag;
+    using iterator_category =
+        std::conditional_t<(is_forward_iterator_v<iter_t<Stored>> && ...),
+                           std::forward_iterator_tag, std::input_iterator_tag>;
     using value_type = item;
     using difference_type = std::ptrdiff_t;
     using pointer = const item*;
     using reference = item;
     iterator() = default;
-    iterator(Fn fn, inner it) : fn_(fn), it_(it) {}
-    item operator*() const { return item{fn_, std::tuple<range_item_t<Range>>(*it_)}; }
+    iterator(Fn fn, std::tuple<iter_t<Stored>...> its, std::tuple<iter_t<Stored>...> ends)
+        : fn_(fn), its_(its), ends_(ends) {}
+    item operator*() const {
+      if constexpr (Star)
+        return item{fn_, args(*std::get<0>(its_))};
+      else
+        return std::apply([&](const auto&... it) { return item{fn_, args(*it...)}; }, its_);
+    }
     iterator& operator++() {
-      ++it_;
+      std::apply([](auto&... it) { (++it, ...); }, its_);
       return *this;
     }
     iterator operator++(int) {
       auto old = *this;
-      ++it_;
+      ++*this;
       return old;
     }
-    friend bool operator==(const iterator& a, const iterator& b) { return a.it_ == b.it_; }
-    friend bool operator!=(const iterator& a, const iterator& b) { return a.it_ != b.it_; }
+    /// Equal when both are past the shortest range's end, or at the same place.
+    friend bool operator==(const iterator& a, const iterator& b) {
+      bool a_end = a.at_end();
+      bool b_end = b.at_end();
+      if (a_end || b_end) return a_end == b_end;
+      return std::get<0>(a.its_) == std::get<0>(b.its_);
+    }
+    friend bool operator!=(const iterator& a, const iterator& b) { return !(a == b); }
 
    private:
+    bool at_end() const { return at_end(std::index_sequence_for<Stored...>{}); }
+    template <std::size_t... I>
+    bool at_end(std::index_sequence<I...>) const {
+      return ((std::get<I>(its_) == std::get<I>(ends_)) || ...);
+    }
     Fn fn_{};
-    inner it_{};
+    std::tuple<iter_t<Stored>...> its_{};
+    std::tuple<iter_t<Stored>...> ends_{};
   };
 
-  bound_range(Fn fn, const Range& r) : fn_(fn), range_(r) {}
-  iterator begin() const { return iterator(fn_, std::begin(range_)); }
-  iterator end() const { return iterator(fn_, std::end(range_)); }
+  template <class... R>
+  explicit zip_range(Fn fn, R&&... ranges) : fn_(fn), ranges_(std::forward<R>(ranges)...) {}
+  iterator begin() const { return iterator(fn_, begins(), ends()); }
+  iterator end() const { return iterator(fn_, ends(), ends()); }
+  /// The shortest range's size (when every range has one).
+  template <bool Sized = (has_size<std::remove_reference_t<Stored>>::value && ...),
+            std::enable_if_t<Sized, int> = 0>
   std::size_t size() const {
-    return static_cast<std::size_t>(std::distance(std::begin(range_), std::end(range_)));
+    return std::apply(
+        [](const auto&... r) { return std::min({static_cast<std::size_t>(std::size(r))...}); },
+        ranges_);
   }
 
  private:
+  std::tuple<iter_t<Stored>...> begins() const {
+    return std::apply([](const auto&... r) { return std::make_tuple(std::begin(r)...); }, ranges_);
+  }
+  std::tuple<iter_t<Stored>...> ends() const {
+    return std::apply([](const auto&... r) { return std::make_tuple(std::end(r)...); }, ranges_);
+  }
   Fn fn_;
-  const Range& range_;
+  std::tuple<std::conditional_t<std::is_lvalue_reference_v<Stored>, Stored,
+                                std::remove_cv_t<std::remove_reference_t<Stored>>>...>
+      ranges_;
 };
+
+/// True when the last of `T...` is a `map_options`.
+template <class... T>
+constexpr bool last_is_map_options() {
+  if constexpr (sizeof...(T) == 0)
+    return false;
+  else
+    return std::is_same_v<std::decay_t<std::tuple_element_t<sizeof...(T) - 1, std::tuple<T...>>>,
+                          map_options>;
+}
 
 /// The executor's pool function: never called (each item carries its own).
 struct no_function {
@@ -163,21 +218,70 @@ class executor {
           detail::bound_call<fn_t, args_t>{fn, args_t(std::forward<Args>(args)...)});
   }
 
-  /// Applies `fn` to every item of `inputs` in the workers; results in input order.
+  /// Applies `fn` to every item of `inputs` in the workers; results in
+  /// input order. With several ranges, `fn` takes one argument from each,
+  /// and the call stops at the shortest range (Python's `map(fn, xs, ys)`).
+  /// A `map_options` after the ranges sets this call's chunk size.
   /// **Throws:** as `pool::map`.
-  template <class Fn, class Range>
-  auto map(Fn fn, const Range& inputs) {
-    using fn_t = std::decay_t<Fn>;
-    if constexpr (detail::check_executor_function<fn_t>() &&
-                  detail::check_map<detail::call_shape::executor_item, fn_t, const Range&>()) {
-      detail::bound_range<fn_t, Range> bound(fn, inputs);
-      return pool_.template run_map<detail::invoke_bound>(bound, "map");
+  template <class Fn, class Range, class... More>
+  auto map(Fn fn, const Range& inputs, const More&... more) {
+    if constexpr (detail::last_is_map_options<More...>()) {
+      auto all = std::forward_as_tuple(inputs, more...);
+      return map_ranges(fn, all, std::get<sizeof...(More)>(all),
+                        std::make_index_sequence<sizeof...(More)>{});
+    } else {
+      auto all = std::forward_as_tuple(inputs, more...);
+      return map_ranges(fn, all, map_options{}, std::make_index_sequence<sizeof...(More) + 1>{});
     }
   }
   /// `map` over a braced list of items: `ex.map(&square, {1, 2, 3})`.
   template <class Fn, class T>
-  auto map(Fn fn, std::initializer_list<T> inputs) {
-    return map(fn, std::vector<T>(inputs));
+  auto map(Fn fn, std::initializer_list<T> inputs, map_options options = {}) {
+    return map(fn, std::vector<T>(inputs), options);
+  }
+
+  /// `map` for a function of several arguments: each item is a tuple (or
+  /// pair) of the arguments (Python's `Pool.starmap`, and
+  /// `executor.map(fn, *zip(*items))`).
+  /// **Throws:** as `pool::map`.
+  template <class Fn, class Range>
+  auto starmap(Fn fn, const Range& inputs, map_options options = {}) {
+    using fn_t = std::decay_t<Fn>;
+    if constexpr (detail::check_executor_function<fn_t>() &&
+                  detail::check_map<detail::call_shape::tuple_item, fn_t, const Range&>()) {
+      detail::zip_range<fn_t, true, const Range&> bound(fn, inputs);
+      return pool_.template run_map<detail::invoke_bound>(bound, "starmap", options.chunk_size);
+    }
+  }
+
+  /// A lazy range of `fn`'s results in input order, as `pool::imap`: an
+  /// lvalue `inputs` must outlive the iteration, an rvalue is moved in.
+  /// **Throws** (from iterating): as `pool::imap`.
+  template <class Fn, class Range>
+  auto imap(Fn fn, Range&& inputs, map_options options = {}) {
+    return imap_as<true>(fn, std::forward<Range>(inputs), options);
+  }
+  /// A lazy range of `(index, result)` pairs as they finish, as `pool::imap_unordered`.
+  template <class Fn, class Range>
+  auto imap_unordered(Fn fn, Range&& inputs, map_options options = {}) {
+    return imap_as<false>(fn, std::forward<Range>(inputs), options);
+  }
+
+  /// Python's `shutdown(wait, cancel_futures)`: accepts no more tasks; with
+  /// `cancel_futures`, the tasks not yet sent to a worker are cancelled (their
+  /// futures raise `task_cancelled`) while those sent finish; with `wait`,
+  /// returns once the rest is done and the workers are stopped (`join`).
+  /// Without `wait` it returns at once; the work left runs while a future
+  /// of it is waited on, and the destructor finishes it.
+  /// **Throws:** `procpool::error` when another thread is using the executor.
+  void shutdown(bool wait = true, bool cancel_futures = false) {
+    pool_.close();
+    if (cancel_futures) {
+      detail::scoped_use use(*pool_.engine_, "shutdown");
+      pool_.engine_->cancel_unsent(
+          std::make_exception_ptr(task_cancelled("executor::shutdown with cancel_futures")));
+    }
+    if (wait) pool_.join();
   }
 
   /// Accepts no more tasks; tasks in flight still complete.
@@ -192,6 +296,36 @@ class executor {
   std::vector<pid_t> pids() const { return pool_.pids(); }
 
  private:
+  template <class Fn, class Ranges, std::size_t... I>
+  auto map_ranges(Fn fn, Ranges& ranges, map_options options, std::index_sequence<I...>) {
+    using fn_t = std::decay_t<Fn>;
+    using args_t = std::tuple<detail::range_item_t<std::tuple_element_t<I, Ranges>>...>;
+    if constexpr (sizeof...(I) == 1) {
+      if constexpr (detail::check_executor_function<fn_t>() &&
+                    detail::check_map<detail::call_shape::executor_item, fn_t,
+                                      std::tuple_element_t<0, Ranges>>()) {
+        detail::zip_range<fn_t, false, std::tuple_element_t<I, Ranges>...> bound(
+            fn, std::get<I>(ranges)...);
+        return pool_.template run_map<detail::invoke_bound>(bound, "map", options.chunk_size);
+      }
+    } else if constexpr (detail::check_executor_function<fn_t>() &&
+                         (detail::check_range<std::tuple_element_t<I, Ranges>>() && ...) &&
+                         detail::check_call<detail::call_shape::arguments, fn_t, args_t>()) {
+      detail::zip_range<fn_t, false, std::tuple_element_t<I, Ranges>...> bound(
+          fn, std::get<I>(ranges)...);
+      return pool_.template run_map<detail::invoke_bound>(bound, "map", options.chunk_size);
+    }
+  }
+  template <bool Ordered, class Fn, class Range>
+  auto imap_as(Fn fn, Range&& inputs, map_options options) {
+    using fn_t = std::decay_t<Fn>;
+    if constexpr (detail::check_executor_function<fn_t>() &&
+                  detail::check_map<detail::call_shape::executor_item, fn_t, Range>()) {
+      return pool_.calls_.template imap<Ordered, detail::invoke_bound>(
+          detail::zip_range<fn_t, false, Range>(fn, std::forward<Range>(inputs)),
+          options.chunk_size);
+    }
+  }
   template <class Count>
   static pool_options options_for(Count workers) {
     if constexpr (std::is_signed_v<Count>) {

@@ -63,6 +63,24 @@ inline void check_worker_count(unsigned long long workers) {
 }
 }  // namespace detail
 
+/// What a pool's destructor does with the work still in flight.
+enum class exit_policy {
+  /// Finish it, then stop the workers: Python's `close(); join()`, and the end
+  /// of `ProcessPoolExecutor`'s `with` block. The default.
+  wait,
+  /// Stop the workers at once (`terminate()`): Python's `with Pool() as p:`.
+  /// Pending futures and ranges raise `pool_closed`.
+  terminate,
+};
+
+/// Options of one `map`, `starmap`, `imap` or `imap_unordered` call, beside
+/// the pool's own: Python's `chunksize` argument. An aggregate:
+/// `p.map(xs, {.chunk_size = 100})` in C++20, `p.map(xs, {100})` in C++17.
+struct map_options {
+  /// Items per chunk for this call; 0 means the pool's `chunk_size`.
+  std::size_t chunk_size = 0;
+};
+
 /// How a pool runs. A plain aggregate: assign members one by one in C++17,
 /// or use designated initializers in C++20 (`{.workers = 4, .chunk_size = 100}`).
 struct pool_options {
@@ -92,6 +110,9 @@ struct pool_options {
   /// Called with the progress of `map`, `starmap` and `imap` (at most ten
   /// times a second, and once at the end); replaces the bar when set.
   std::function<void(const progress_info&)> on_progress{};
+  /// What the destructor does with work in flight: wait for it (the
+  /// default), or terminate the workers at once, as Python's `with Pool()`.
+  exit_policy on_exit = exit_policy::wait;
 };
 
 /// A pool of worker processes running `F`, made by `fork()` at construction.
@@ -135,8 +156,11 @@ class pool {
   /// **Throws:** `procpool::error` if `options.workers` is above `max_workers`,
   /// or 0 after defaulting; as above otherwise.
   pool(F f, pool_options options);
-  /// Finishes the work in flight and stops the workers (see `join`); never
-  /// throws. Open `imap` ranges end: their next step raises `pool_closed`.
+  /// With `exit_policy::wait` (the default), finishes the work in flight
+  /// and stops the workers (see `join`), as Python's `close(); join()`; with
+  /// `exit_policy::terminate`, stops them at once (see `terminate`), as
+  /// Python's `with Pool() as p:`. Never throws. Open `imap` ranges end:
+  /// their next step raises `pool_closed`.
   ~pool();
   pool(const pool&) = delete;
   pool& operator=(const pool&) = delete;
@@ -150,6 +174,9 @@ class pool {
   /// the first three.
   template <class Range>
   auto map(Range&& inputs);
+  /// `map` with options for this call (`{.chunk_size = n}`: Python's `chunksize`).
+  template <class Range>
+  auto map(Range&& inputs, map_options options);
   /// `map` over a braced list of items: `p.map({1, 2, 3})`.
   template <class T>
   auto map(std::initializer_list<T> inputs) {
@@ -160,6 +187,9 @@ class pool {
   /// whose elements are passed as the arguments (Python's `Pool.starmap`).
   template <class Range>
   auto starmap(Range&& inputs);
+  /// `starmap` with options for this call.
+  template <class Range>
+  auto starmap(Range&& inputs, map_options options);
   /// `starmap` over a braced list of tuples: `p.starmap({std::tuple(1, 2), std::tuple(3, 4)})`.
   template <class T>
   auto starmap(std::initializer_list<T> inputs) {
@@ -173,6 +203,9 @@ class pool {
   /// Dropping the range cancels what is left of the call.
   template <class Range>
   auto imap(Range&& inputs);
+  /// `imap` with options for this call.
+  template <class Range>
+  auto imap(Range&& inputs, map_options options);
   /// `imap` over a braced list of items, copied into the range.
   template <class T>
   auto imap(std::initializer_list<T> inputs) {
@@ -183,6 +216,9 @@ class pool {
   /// (Python's `Pool.imap_unordered`).
   template <class Range>
   auto imap_unordered(Range&& inputs);
+  /// `imap_unordered` with options for this call.
+  template <class Range>
+  auto imap_unordered(Range&& inputs, map_options options);
   /// `imap_unordered` over a braced list of items, copied into the range.
   template <class T>
   auto imap_unordered(std::initializer_list<T> inputs) {
@@ -245,8 +281,8 @@ class pool {
     return o;
   }
   template <class Invoke, class Range>
-  auto run_map(Range& inputs, const char* name) {
-    return calls_.template map<Invoke>(inputs, name);
+  auto run_map(Range& inputs, const char* name, std::size_t chunk = 0) {
+    return calls_.template map<Invoke>(inputs, name, chunk);
   }
   template <class Invoke, class Item>
   auto submit_as(Item item) {
@@ -293,6 +329,10 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
 
 template <class F>
 pool<F>::~pool() {
+  if (options_.on_exit == exit_policy::terminate) {
+    terminate();
+    return;
+  }
   try {
     join();
   } catch (...) {
@@ -326,29 +366,53 @@ void pool<F>::terminate() noexcept {
 template <class F>
 template <class Range>
 auto pool<F>::map(Range&& inputs) {
+  return map(std::forward<Range>(inputs), map_options{});
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::map(Range&& inputs, map_options options) {
   if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
-    return run_map<detail::invoke_one>(inputs, "map");
+    return run_map<detail::invoke_one>(inputs, "map", options.chunk_size);
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::starmap(Range&& inputs) {
+  return starmap(std::forward<Range>(inputs), map_options{});
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::starmap(Range&& inputs, map_options options) {
   if constexpr (detail::check_map<detail::call_shape::tuple_item, F, Range>())
-    return run_map<detail::invoke_apply>(inputs, "starmap");
+    return run_map<detail::invoke_apply>(inputs, "starmap", options.chunk_size);
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::imap(Range&& inputs) {
+  return imap(std::forward<Range>(inputs), map_options{});
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::imap(Range&& inputs, map_options options) {
   if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
-    return calls_.template imap<true>(std::forward<Range>(inputs));
+    return calls_.template imap<true>(std::forward<Range>(inputs), options.chunk_size);
 }
 
 template <class F>
 template <class Range>
 auto pool<F>::imap_unordered(Range&& inputs) {
+  return imap_unordered(std::forward<Range>(inputs), map_options{});
+}
+
+template <class F>
+template <class Range>
+auto pool<F>::imap_unordered(Range&& inputs, map_options options) {
   if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
-    return calls_.template imap<false>(std::forward<Range>(inputs));
+    return calls_.template imap<false>(std::forward<Range>(inputs), options.chunk_size);
 }
 
 template <class F>

@@ -278,6 +278,7 @@ void run(input& in) {
           procpool::encode(tail, std::uint64_t(hdr.first + done + ((a & 4) ? 1 : 0)));
           procpool::encode(tail, std::string("std::runtime_error"));
           procpool::encode(tail, std::string("from the fuzzer"));
+          procpool::encode(tail, false);  // no exception object
           frame.insert(frame.end(), tail.data(), tail.data() + tail.size());
         }
         h.write_message(frame);

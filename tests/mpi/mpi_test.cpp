@@ -261,6 +261,53 @@ TEST_CASE("an exception on a rank raises mpi::task_error for the lowest failing 
   CHECK(p.map(fine) == fine);
 }
 
+/// An exception with state, sent back whole from a rank.
+class rank_parse_error : public std::runtime_error {
+ public:
+  rank_parse_error(std::string what, int line) : std::runtime_error(std::move(what)), line(line) {}
+  int line;
+  friend void procpool_encode(procpool::writer& out, const rank_parse_error& e) {
+    procpool::encode(out, std::string(e.what()));
+    procpool::encode(out, e.line);
+  }
+  friend rank_parse_error procpool_decode(procpool::reader& in,
+                                          procpool::type_tag<rank_parse_error>) {
+    auto what = procpool::decode<std::string>(in);
+    return rank_parse_error(std::move(what), procpool::decode<int>(in));
+  }
+};
+
+TEST_CASE("a rank's exception comes back as itself; a rank without its codec sends none", "[mpi]") {
+  procpool::mpi::pool p([](int x) -> int {
+    if (x == 7) throw rank_parse_error("line seven", 7);
+    if (x == 8) {
+      // A rank that does not know the type (as one built without it).
+      procpool::detail::exception_codecs().encoders.erase(typeid(rank_parse_error).name());
+      throw rank_parse_error("unknown on this rank", 8);
+    }
+    return x;
+  });
+  if (!p.is_root()) return;
+  try {
+    (void)p.map(std::vector<int>{1, 7});
+    FAIL("map did not throw");
+  } catch (const procpool::task_error& e) {
+    auto o = e.original<rank_parse_error>();
+    REQUIRE(o);
+    CHECK(o->line == 7);
+    CHECK_THROWS_AS(e.rethrow_as<rank_parse_error>(), rank_parse_error);
+  }
+  try {
+    (void)p.submit(8).get();
+    FAIL("get did not throw");
+  } catch (const procpool::task_error& e) {
+    CHECK(e.message() == "unknown on this rank");
+    CHECK_FALSE(e.original<rank_parse_error>());
+  }
+  // The codec is back for the next case on rank 0 (alone, rank 0 runs the items).
+  procpool::register_exception<rank_parse_error>();
+}
+
 TEST_CASE("an item that cannot be decoded on the rank fails with decode_error's name", "[mpi]") {
   procpool::mpi::pool p([](const fragile& f) { return f.value * 2; });
   if (!p.is_root()) return;

@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -51,10 +52,11 @@ class task_error : public procpool::task_error {
   /// Item `index` failed on `rank` (process `pid` on `host`) with an exception
   /// of type `type_name` whose `what()` was `message`.
   task_error(std::size_t index, int rank, pid_t pid, std::string host, std::string type_name,
-             std::string message)
+             std::string message,
+             std::shared_ptr<const procpool::detail::exception_object> original = {})
       : procpool::task_error(fmt::format("item {} failed on rank {} (pid {} on {}): {}: {}", index,
                                          rank, pid, host, type_name, message),
-                             index, pid, type_name, message),
+                             index, pid, type_name, message, std::move(original)),
         rank_(rank),
         host_(std::move(host)) {}
   /// The rank that ran the item.

@@ -311,7 +311,8 @@ class server final : public server_base {
         mark = out.size();
       }
     } catch (const procpool::task_error& e) {
-      fail(out, mark, h, h.first + e.index(), e.type_name(), e.message(), e.pid());
+      fail(out, mark, h, h.first + e.index(), e.type_name(), e.message(), e.pid(),
+           exception_access::original(e));
     } catch (const procpool::worker_died& e) {
       auto index = h.first + e.index().value_or(h.count);
       fail(out, mark, h, index, "procpool::worker_died",
@@ -327,10 +328,11 @@ class server final : public server_base {
   }
 
   static void fail(procpool::writer& out, std::size_t mark, result_header& h, std::uint64_t index,
-                   const std::string& type, const std::string& message, pid_t pid) {
+                   const std::string& type, const std::string& message, pid_t pid,
+                   const exception_object* original = nullptr) {
     out.resize(mark);
     h.kind = frame_kind::error;
-    encode_failure(out, index, type, message, pid);
+    encode_failure(out, index, type, message, pid, original);
   }
 
   F* f_;

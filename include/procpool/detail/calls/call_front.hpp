@@ -38,24 +38,26 @@ class call_front {
         progress_(progress),
         on_progress_(std::move(on_progress)) {}
 
-  /// `map` (Invoke = invoke_one) or `starmap` (invoke_apply): results in input order.
+  /// `map` (Invoke = invoke_one) or `starmap` (invoke_apply): results in
+  /// input order. `chunk`: items per chunk for this call (0: the pool's).
   template <class Invoke, class Range>
-  auto map(Range& inputs, const char* name) {
+  auto map(Range& inputs, const char* name, std::size_t chunk = 0) {
     scoped_use use(*driver_, name);
-    return run_map<Invoke>(inputs, name);
+    return run_map<Invoke>(inputs, name, chunk);
   }
-  /// `imap` (Ordered) or `imap_unordered`.
-  template <bool Ordered, class Range>
-  auto imap(Range&& inputs);
+  /// `imap` (Ordered) or `imap_unordered`, items called through `Invoke`.
+  template <bool Ordered, class Invoke = invoke_one, class Range>
+  auto imap(Range&& inputs, std::size_t chunk = 0);
   /// One task: `item` called through `Invoke`.
   template <class Invoke, class Item>
   auto submit(Item item);
 
  private:
   template <class Invoke, class Range>
-  auto run_map(Range& inputs, const char* name);
+  auto run_map(Range& inputs, const char* name, std::size_t chunk);
 
-  std::size_t default_chunk(std::size_t n) const noexcept {
+  std::size_t default_chunk(std::size_t n, std::size_t chunk) const noexcept {
+    if (chunk) return chunk;
     if (chunk_size_) return chunk_size_;
     std::size_t parts = 4 * std::size_t(driver_->parallelism());
     return std::max<std::size_t>(1, (n + parts - 1) / parts);
@@ -69,7 +71,7 @@ class call_front {
 
 template <class F, class Handlers>
 template <class Invoke, class Range>
-auto call_front<F, Handlers>::run_map(Range& inputs, const char* name) {
+auto call_front<F, Handlers>::run_map(Range& inputs, const char* name, std::size_t chunk) {
   using Item = range_item_t<Range>;
   static_assert(check_sendable<sent_as::item, Item>());
   using Result = call_result_t<F, Item, Invoke>;
@@ -80,7 +82,7 @@ auto call_front<F, Handlers>::run_map(Range& inputs, const char* name) {
   if constexpr (!has_size<Range>::value && !is_forward_iterator_v<Begin>) {
     // A single-pass range without a size: read it all first, as Python does.
     std::vector<Item> items(std::begin(inputs), std::end(inputs));
-    return run_map<Invoke>(items, name);
+    return run_map<Invoke>(items, name, chunk);
   } else {
     std::size_t n;
     if constexpr (has_size<Range>::value)
@@ -93,7 +95,7 @@ auto call_front<F, Handlers>::run_map(Range& inputs, const char* name) {
     using Slot = std::conditional_t<default_constructible, Result, std::optional<Result>>;
     std::vector<Slot> results(n);
     auto call = std::make_shared<map_call<F, Handlers, Item, Invoke, Begin, End, Slot>>(
-        std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n),
+        std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n, chunk),
         driver_->chunk_bytes(), results, progress_reporter(progress_, on_progress_, n));
     driver_->start(call);
     // However this scope ends (results, an error, an exception from a
@@ -119,20 +121,20 @@ auto call_front<F, Handlers>::run_map(Range& inputs, const char* name) {
 }
 
 template <class F, class Handlers>
-template <bool Ordered, class Range>
-auto call_front<F, Handlers>::imap(Range&& inputs) {
+template <bool Ordered, class Invoke, class Range>
+auto call_front<F, Handlers>::imap(Range&& inputs, std::size_t chunk_size) {
   using Item = range_item_t<Range>;
   static_assert(check_sendable<sent_as::item, Item>());
-  using Result = call_result_t<F, Item, invoke_one>;
+  using Result = call_result_t<F, Item, Invoke>;
   static_assert(check_result<Result>());
   scoped_use use(*driver_, Ordered ? "imap" : "imap_unordered");
   driver_->check_usable(Ordered ? "imap" : "imap_unordered");
-  std::size_t chunk = chunk_size_;
+  std::size_t chunk = chunk_size ? chunk_size : chunk_size_;
   std::size_t total = 0;
   bool grow = false;
   if constexpr (has_size<std::remove_reference_t<Range>>::value) {
     total = static_cast<std::size_t>(std::size(inputs));
-    if (chunk == 0) chunk = default_chunk(total);
+    if (chunk == 0) chunk = default_chunk(total, 0);
   }
   if (chunk == 0) {
     chunk = 1;
@@ -140,7 +142,7 @@ auto call_front<F, Handlers>::imap(Range&& inputs) {
   }
   std::size_t window = 4 * std::size_t(driver_->parallelism()) * std::min<std::size_t>(chunk, 4096);
   if (grow) window = 4 * std::size_t(driver_->parallelism()) * 4096;
-  using call_t = imap_call<F, Handlers, Item, invoke_one, Range, Result, Ordered>;
+  using call_t = imap_call<F, Handlers, Item, Invoke, Range, Result, Ordered>;
   auto call = std::make_shared<call_t>(
       std::forward<Range>(inputs), chunk, grow, driver_->chunk_bytes(), window, driver_,
       progress_reporter(Ordered && progress_, on_progress_, total));

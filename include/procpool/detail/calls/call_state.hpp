@@ -107,6 +107,8 @@ class call_state {
   std::uint64_t id = 0;
   std::size_t in_flight = 0;  ///< chunks sent and not yet answered
   bool input_done = false;    ///< every chunk has been made
+  bool dispatched = false;    ///< a chunk of it was cut to be sent (a future can no longer cancel)
+  bool cancelled_unsent = false;  ///< ended by a cancel before anything of it was sent
   /// The user gave up on the call (a dropped range, an exception on its way
   /// out): nothing more is sent for it and its results are dropped. Atomic:
   /// a range dropped by another thread while the pool is busy only sets it.
@@ -160,6 +162,9 @@ class driver {
   void drive(function_ref<bool()> done) { drive_until(done, std::nullopt); }
   /// The user gave up on `call`: stop sending it, skip its queued items.
   virtual void cancel(call_state& call) noexcept = 0;
+  /// Ends with `e` every task (a call that is no range) of which nothing was
+  /// sent yet, and forgets it: it never runs (`executor::shutdown`).
+  virtual void cancel_unsent(const std::exception_ptr& e) noexcept = 0;
   /// Throws if no more calls can run (closed, broken).
   virtual void check_usable(const char* operation) const = 0;
   /// How many bytes of items one chunk should carry at most.

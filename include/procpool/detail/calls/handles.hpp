@@ -6,14 +6,17 @@
 // same ones through call_front.hpp without including another front end.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <iterator>
 #include <memory>
 #include <optional>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
+#include <vector>
 
 #include "../../errors.hpp"
 #include "../os/clock.hpp"
@@ -25,6 +28,7 @@ namespace procpool {
 namespace detail {
 template <class F, class Handlers>
 class call_front;
+struct future_access;
 }  // namespace detail
 
 /// The result of a task submitted to a pool or an executor (Python's `AsyncResult`).
@@ -40,6 +44,24 @@ class [[nodiscard]] future {
   future() = default;
   /// True when the result (or error) has arrived; does not wait.
   bool ready() const;
+  /// True when the task is over: its result or error arrived, it was
+  /// cancelled, or its pool stopped (Python's `done()`); does not wait.
+  /// **Throws:** `procpool::error` when another thread is using the pool.
+  bool done() const { return ready(); }
+  /// Cancels the task if nothing of it was sent to a worker yet: it never
+  /// runs, `get()` and `exception()` raise `task_cancelled`, and this returns
+  /// true (again on a second call). Returns false once the task was sent to
+  /// a worker or is over otherwise (Python's `cancel()`).
+  /// **Throws:** `procpool::error` for an empty future, or when another
+  /// thread is using the pool.
+  bool cancel();
+  /// True when `cancel()` (or `executor::shutdown(..., true)`) cancelled the task.
+  bool cancelled() const noexcept { return state_ && state_->call->cancelled_unsent; }
+  /// Waits for the task, as `get()` does, and returns its error, or null when
+  /// it succeeded; the result stays for `get()` (Python's `exception()`).
+  /// **Throws:** `task_cancelled` for a cancelled task; `procpool::error` for
+  /// an empty future, or when another thread is using the pool.
+  std::exception_ptr exception();
   /// Waits for the result and returns it (moves it out: call once).
   /// **Throws:** `task_error`, `worker_died`, `timeout_error` (their messages
   /// name a task); `pool_closed` when the pool was stopped before the task
@@ -59,6 +81,7 @@ class [[nodiscard]] future {
   struct state;
   template <class F, class Handlers>
   friend class detail::call_front;
+  friend struct detail::future_access;
   future(std::shared_ptr<state> s, std::weak_ptr<detail::driver> d)
       : state_(std::move(s)), driver_(std::move(d)) {}
   void wait_until(detail::driver* d,
@@ -235,7 +258,7 @@ void future<R>::rethrow_failure() const {
     state_->call->rethrow_if_failed();
   } catch (const task_error& e) {
     if (typeid(e) != typeid(task_error)) throw;
-    throw task_error::in_task(e.pid(), e.type_name(), e.message());
+    throw e.as_task();
   } catch (const worker_died& e) {
     if (typeid(e) != typeid(worker_died) || !e.index()) throw;
     throw worker_died::in_task(e.pid(), e.status());
@@ -253,6 +276,39 @@ detail::stored_t<R> future<R>::take() {
   detail::stored_t<R> r = std::move(*result);
   result.reset();
   return r;
+}
+
+template <class R>
+bool future<R>::cancel() {
+  if (!state_) throw error("cancel on an empty future");
+  auto& call = *state_->call;
+  if (call.cancelled_unsent) return true;
+  auto d = driver_.lock();
+  if (!d) return false;  // the pool is gone: the task ended with it
+  detail::scoped_use use(*d, "future::cancel");
+  if (call.finished() || call.dispatched) return false;
+  call.abort(std::make_exception_ptr(task_cancelled("future::cancel")));
+  call.cancelled_unsent = true;
+  d->end_call(call);  // forgets it: nothing of it is sent
+  return true;
+}
+
+template <class R>
+std::exception_ptr future<R>::exception() {
+  if (!state_) throw error("exception() on an empty future");
+  {
+    auto d = driver_.lock();
+    std::optional<detail::scoped_use> use;
+    if (d) use.emplace(*d, "future::exception");
+    wait_until(d.get(), std::nullopt);
+  }
+  if (state_->call->cancelled_unsent) state_->call->rethrow_if_failed();
+  try {
+    rethrow_failure();
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
 }
 
 template <class R>
@@ -291,6 +347,249 @@ std::optional<detail::stored_t<R>> future<R>::get_for(std::chrono::duration<Rep,
   wait_until(driver.get(), deadline);
   if (!state_->call->finished()) return std::nullopt;
   return take();
+}
+
+// ---------------------------------------------------------------------------
+// Waiting on several futures: wait() and as_completed().
+
+/// When `procpool::wait` returns (Python's `FIRST_COMPLETED`,
+/// `FIRST_EXCEPTION`, `ALL_COMPLETED`).
+enum class return_when {
+  first_completed,  ///< as soon as one future is done (or none is left)
+  first_exception,  ///< as soon as one future fails (cancelled ones do not count), else all done
+  all_completed,    ///< when every future is done
+};
+
+/// What `procpool::wait` found: the positions, in the range given, of the
+/// futures that are done and of those that are not, each in increasing order.
+struct wait_result {
+  std::vector<std::size_t> done;      ///< positions of the futures that are done
+  std::vector<std::size_t> not_done;  ///< positions of the others
+};
+
+namespace detail {
+
+/// What `wait` and `as_completed` see of a future: its call and its pool.
+struct waited_call {
+  call_state* call;
+  std::weak_ptr<driver> pool;
+};
+
+/// What the free functions read of a future.
+struct future_access {
+  template <class R>
+  static waited_call of(const future<R>& f) {
+    if (!f.state_) throw error("wait or as_completed on an empty future");
+    return {f.state_->call.get(), f.driver_};
+  }
+};
+
+/// True when `call` ended by an error other than a cancel.
+inline bool failed_not_cancelled(const call_state& call) noexcept {
+  return call.finished() && !call.cancelled_unsent && (call.failed() || call.aborted());
+}
+
+/// Drives the pools of `calls` until `done()` or `deadline`; false on
+/// timeout. One pool is driven as a future's `get` drives it; several take
+/// turns of at most a millisecond each, so a result of any of them is seen
+/// within about a millisecond per pool. A call whose pool is gone ends with
+/// `pool_closed`; a wait on a pool that breaks (terminate from elsewhere, a
+/// system call's failure) ends that pool's calls with the error and throws it.
+inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool()> done,
+                        std::optional<std::chrono::steady_clock::time_point> deadline) {
+  for (;;) {
+    if (done()) return true;
+    std::vector<std::shared_ptr<driver>> pools;
+    for (auto& w : calls) {
+      if (w.call->finished()) continue;
+      auto d = w.pool.lock();
+      if (!d) {
+        w.call->abort(
+            std::make_exception_ptr(pool_closed::while_pending("its pool was destroyed")));
+        continue;
+      }
+      if (std::find(pools.begin(), pools.end(), d) == pools.end()) pools.push_back(std::move(d));
+    }
+    if (pools.empty()) return done();
+    auto now = std::chrono::steady_clock::now();
+    if (deadline && now >= *deadline) return false;
+    for (auto& d : pools) {
+      auto until = deadline;
+      if (pools.size() > 1) {
+        auto slice = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
+        if (!until || slice < *until) until = slice;
+      }
+      scoped_use use(*d, "procpool::wait");
+      try {
+        d->drive_until(done, until);
+      } catch (...) {
+        // The wait broke (the pool stopped, a system call failed, a call
+        // from a process that does not own the pool): that pool's calls end
+        // with it, as a future's would, and the error goes on.
+        for (auto& w : calls) {
+          if (w.call->finished() || w.pool.lock() != d) continue;
+          w.call->abort(std::current_exception());
+          d->cancel(*w.call);
+        }
+        throw;
+      }
+      if (done()) return true;
+    }
+  }
+}
+
+template <class Futures>
+std::vector<waited_call> waited_calls(Futures& futures) {
+  std::vector<waited_call> calls;
+  for (auto& f : futures) calls.push_back(future_access::of(f));
+  return calls;
+}
+
+}  // namespace detail
+
+/// Waits on futures, of one pool or several, until `when` holds or
+/// `timeout` passes (Python's `concurrent.futures.wait`); returns which are
+/// done. Waiting drives their pools from the calling thread, as `get()`
+/// does. An empty range returns at once.
+/// **Throws:** `procpool::error` for an empty future, or when another thread
+/// is using one of the pools.
+template <class Futures, class Rep, class Period>
+wait_result wait(Futures& futures, return_when when, std::chrono::duration<Rep, Period> timeout);
+/// `wait` without a timeout: waits as long as `when` asks.
+template <class Futures>
+wait_result wait(Futures& futures, return_when when = return_when::all_completed);
+
+namespace detail {
+template <class Futures>
+wait_result wait_until(Futures& futures, return_when when,
+                       std::optional<std::chrono::steady_clock::time_point> deadline) {
+  auto calls = waited_calls(futures);
+  auto satisfied = [&] {
+    if (calls.empty()) return true;
+    bool all = true;
+    for (auto& w : calls) {
+      bool finished = w.call->finished();
+      if (finished && when == return_when::first_completed) return true;
+      if (when == return_when::first_exception && failed_not_cancelled(*w.call)) return true;
+      all = all && finished;
+    }
+    return all;
+  };
+  drive_calls(calls, satisfied, deadline);
+  wait_result r;
+  for (std::size_t i = 0; i < calls.size(); ++i)
+    (calls[i].call->finished() ? r.done : r.not_done).push_back(i);
+  return r;
+}
+}  // namespace detail
+
+template <class Futures, class Rep, class Period>
+wait_result wait(Futures& futures, return_when when, std::chrono::duration<Rep, Period> timeout) {
+  return detail::wait_until(futures, when, detail::deadline_after(timeout));
+}
+
+template <class Futures>
+wait_result wait(Futures& futures, return_when when) {
+  return detail::wait_until(futures, when, std::nullopt);
+}
+
+/// A range over futures that yields each as it is done (Python's
+/// `as_completed`): an input range of references to the futures given, which
+/// must outlive it. Advancing drives their pools, as `procpool::wait` does.
+/// A future whose pool is stopped or destroyed meanwhile is yielded done;
+/// its `get()` raises `pool_closed`.
+/// **Throws** (from `begin()` and `++`): `procpool::error` when another
+/// thread is using one of the pools.
+template <class Future>
+class [[nodiscard]] completed_range {
+ public:
+  /// Input iterator over the futures, in the order they are done.
+  class iterator {
+   public:
+    ///@{
+    /// The standard input-iterator types.
+    using iterator_category = std::input_iterator_tag;
+    using value_type = Future;
+    using difference_type = std::ptrdiff_t;
+    using pointer = Future*;
+    using reference = Future&;
+    ///@}
+    iterator() = default;
+    /// The future done now.
+    reference operator*() const { return *range_->current_; }
+    /// The future done now.
+    pointer operator->() const { return range_->current_; }
+    /// Waits for the next future to be done.
+    iterator& operator++() {
+      range_->advance();
+      return *this;
+    }
+    /// Waits for the next future to be done (an input iterator's `it++`).
+    void operator++(int) { ++*this; }
+    /// True when both are at the end, or neither is.
+    friend bool operator==(const iterator& a, const iterator& b) {
+      return a.at_end() == b.at_end();
+    }
+    /// True when one is at the end and the other is not.
+    friend bool operator!=(const iterator& a, const iterator& b) { return !(a == b); }
+
+   private:
+    friend class completed_range;
+    explicit iterator(completed_range* r) : range_(r) {}
+    bool at_end() const { return range_ == nullptr || range_->current_ == nullptr; }
+    completed_range* range_ = nullptr;
+  };
+
+  /// Starts: waits for the first future to be done.
+  iterator begin() {
+    if (!started_) advance();
+    return iterator(this);
+  }
+  /// The end of the futures.
+  iterator end() noexcept { return iterator(); }
+
+ private:
+  template <class Futures>
+  friend auto as_completed(Futures& futures);
+  explicit completed_range(std::vector<Future*> pending) : pending_(std::move(pending)) {}
+  void advance() {
+    started_ = true;
+    current_ = nullptr;
+    if (pending_.empty()) return;
+    std::vector<detail::waited_call> calls;
+    for (auto* f : pending_) calls.push_back(detail::future_access::of(*f));
+    detail::drive_calls(
+        calls,
+        [&] {
+          for (auto& w : calls)
+            if (w.call->finished()) return true;
+          return false;
+        },
+        std::nullopt);
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      if (!calls[i].call->finished()) continue;
+      current_ = pending_[i];
+      pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i));
+      return;
+    }
+  }
+  std::vector<Future*> pending_;
+  Future* current_ = nullptr;
+  bool started_ = false;
+};
+
+/// The futures of `futures` (a range of `future<R>`, say a `std::vector`),
+/// each yielded once as it is done: `for (auto& f : as_completed(fs))`.
+/// **Throws:** `procpool::error` for an empty future.
+template <class Futures>
+auto as_completed(Futures& futures) {
+  using Future = std::remove_reference_t<decltype(*std::begin(futures))>;
+  std::vector<Future*> pending;
+  for (auto& f : futures) {
+    (void)detail::future_access::of(f);  // refuses an empty future now
+    pending.push_back(&f);
+  }
+  return completed_range<Future>(std::move(pending));
 }
 
 }  // namespace procpool

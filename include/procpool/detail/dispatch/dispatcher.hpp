@@ -152,6 +152,7 @@ class dispatcher {
       c.first = first;
       c.count = count;
       ++call->in_flight;
+      call->dispatched = true;
       return true;
     }
     return false;
@@ -297,6 +298,18 @@ class dispatcher {
       if (!call || call->finished() || (ranges_only && !call->is_range())) continue;
       call->abort(e);
       on_end(*call);
+    }
+  }
+
+  /// Ends with `e` every task (a call that is no range) of which nothing was
+  /// cut yet, and drops it from the queue: it never runs.
+  void cancel_unsent(const std::exception_ptr& e) noexcept {
+    for (auto& weak : live_) {
+      auto call = weak.lock();
+      if (!call || call->finished() || call->dispatched || call->is_range()) continue;
+      call->abort(e);
+      call->cancelled_unsent = true;
+      forget(*call);
     }
   }
 

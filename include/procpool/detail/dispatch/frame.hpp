@@ -5,7 +5,9 @@
 // calls/calls.hpp, `Handlers`). Whoever runs it answers with exactly one
 // result frame: a result_header, then `count` encoded results, then, for an
 // error frame, the failing item's index, the exception's type name and
-// message, and whatever the engine adds (MPI: the pid that ran it). The fork
+// message, the exception object if the worker could encode it (a bool, then
+// an `exception_object`), and whatever the engine adds (MPI: the pid that
+// ran it). The fork
 // engine carries frames in shared-memory rings, the MPI engine in messages.
 #pragma once
 
@@ -14,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <utility>
 
@@ -73,12 +76,31 @@ inline std::pair<std::string, std::string> describe_current_exception() {
 }
 
 /// Appends an error's tail to a result frame: the failing index, the type
-/// name and message of the exception being handled.
-inline void encode_current_failure(writer& out, std::uint64_t index) {
-  auto [type, message] = describe_current_exception();
+/// name and message, and the exception object (`std::optional`: present
+/// when its type's codec is registered, see `task_error::original`).
+inline void encode_failure_tail(writer& out, std::uint64_t index, const std::string& type,
+                                const std::string& message, const exception_object* original) {
   encode(out, index);
   encode(out, type);
   encode(out, message);
+  encode(out, original != nullptr);
+  if (original != nullptr) encode(out, *original);
+}
+
+/// Appends the tail of the exception being handled (`encode_failure_tail`).
+/// Called inside a `catch` block only.
+inline void encode_current_failure(writer& out, std::uint64_t index) {
+  auto [type, message] = describe_current_exception();
+  auto original = encode_current_exception_object();
+  encode_failure_tail(out, index, type, message, original ? &*original : nullptr);
+}
+
+/// Reads the exception object that follows an error tail's message (see
+/// `encode_failure_tail`); null when the worker sent none.
+/// **Throws:** `decode_error` for bytes that are not such an object.
+inline std::shared_ptr<const exception_object> decode_original(reader& in) {
+  if (!decode<bool>(in)) return nullptr;
+  return std::make_shared<const exception_object>(decode<exception_object>(in));
 }
 
 /// Runs the `count` items of a chunk, from item `first` of call `call`:

@@ -177,6 +177,9 @@ class engine final : public driver {
   bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
   /// The user gave up on `call`: stop sending it, skip its queued items.
   void cancel(call_state& call) noexcept override;
+  void cancel_unsent(const std::exception_ptr& e) noexcept override {
+    if (owned()) dispatch_.cancel_unsent(e);
+  }
   /// The call is over for its user: cancels what is left of it and, unless
   /// collection is under way, drops it from the queues at once.
   void end_call(call_state& call) noexcept override;
@@ -828,8 +831,10 @@ inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t s
   };
   auto d = dispatcher::deliver(
       c, h, in,
-      [pid](std::uint64_t index, std::string type, std::string message, reader&) {
-        return std::make_exception_ptr(task_error(index, pid, std::move(type), std::move(message)));
+      [pid](std::uint64_t index, std::string type, std::string message, reader& rest) {
+        auto original = decode_original(rest);
+        return std::make_exception_ptr(
+            task_error(index, pid, std::move(type), std::move(message), std::move(original)));
       },
       lie);
   if (!d.lie.empty()) {

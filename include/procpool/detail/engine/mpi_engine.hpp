@@ -368,12 +368,12 @@ inline std::uint64_t register_handler(const char* name, remote_fn run) {
 }
 
 /// Writes an error frame's payload: the failing index, the exception's type
-/// name and message, and the pid of the process that ran the item.
+/// name, message and object (`encode_failure_tail`), and the pid of the
+/// process that ran the item.
 inline void encode_failure(procpool::writer& out, std::uint64_t index, const std::string& type,
-                           const std::string& message, pid_t pid) {
-  encode(out, index);
-  encode(out, type);
-  encode(out, message);
+                           const std::string& message, pid_t pid,
+                           const exception_object* original = nullptr) {
+  encode_failure_tail(out, index, type, message, original);
   encode(out, std::int64_t(pid));
 }
 
@@ -561,6 +561,7 @@ class engine final : public driver {
   /// The user gave up on `call`: nothing more is sent for it, and its late
   /// answers are dropped.
   void cancel(call_state& call) noexcept override { call.cancelled = true; }
+  void cancel_unsent(const std::exception_ptr& e) noexcept override { dispatch_.cancel_unsent(e); }
   /// The call is over for its user: cancels what is left of it and, unless
   /// collection is under way, drops it from the queues at once.
   void end_call(call_state& call) noexcept override {
@@ -823,9 +824,11 @@ inline void engine::handle_frame(rank_state& r, const std::byte* data, std::size
   auto d = dispatcher::deliver(
       c, h, in,
       [&](std::uint64_t index, std::string type, std::string message, procpool::reader& rest) {
+        auto original = decode_original(rest);
         auto pid = static_cast<pid_t>(decode<std::int64_t>(rest));
-        return std::make_exception_ptr(procpool::mpi::task_error(
-            index, who.rank, pid, who.host, std::move(type), std::move(message)));
+        return std::make_exception_ptr(
+            procpool::mpi::task_error(index, who.rank, pid, who.host, std::move(type),
+                                      std::move(message), std::move(original)));
       },
       [&](const std::string& lie) {
         return std::make_exception_ptr(

@@ -1,0 +1,206 @@
+// Python's API on the executor and the pool: starmap, imap, imap_unordered
+// and zipped map on the executor, per-call chunk sizes, shutdown(wait,
+// cancel_futures), the destructor's exit policy.
+#include <procpool/executor.hpp>
+#include <procpool/pool.hpp>
+#include <support/support.hpp>
+
+#include <catch2/catch.hpp>
+#include <list>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+using Catch::Matchers::Contains;
+
+namespace executor_test {
+
+int square(int x) {
+  return x * x;
+}
+int add(int a, int b) {
+  return a + b;
+}
+std::string repeat(std::string s, int n) {
+  std::string out;
+  for (int i = 0; i < n; ++i) out += s;
+  return out;
+}
+int fail_on_three(int x) {
+  if (x == 3) throw std::domain_error("three");
+  return x;
+}
+/// The worker's pid, to count chunks.
+int pid_of(int) {
+  return static_cast<int>(::getpid());
+}
+int pid_of2(int, int) {
+  return static_cast<int>(::getpid());
+}
+
+}  // namespace executor_test
+
+using namespace executor_test;
+
+TEST_CASE("executor::starmap calls with each tuple's elements", "[executor]") {
+  procpool::executor ex(2);
+  std::vector<std::tuple<int, int>> pairs{{1, 2}, {3, 4}, {5, 6}};
+  CHECK(ex.starmap(&add, pairs) == std::vector<int>{3, 7, 11});
+  std::vector<std::pair<std::string, int>> reps{{"ab", 2}, {"c", 3}};
+  CHECK(ex.starmap(&repeat, reps) == std::vector<std::string>{"abab", "ccc"});
+  CHECK(ex.starmap(&add, std::vector<std::tuple<int, int>>{}).empty());
+}
+
+TEST_CASE("executor::map over several ranges zips them and stops at the shortest", "[executor]") {
+  procpool::executor ex(2);
+  std::vector<int> xs{1, 2, 3, 4};
+  std::list<int> ys{10, 20, 30};  // not contiguous, shorter
+  CHECK(ex.map(&add, xs, ys) == std::vector<int>{11, 22, 33});
+  CHECK(ex.map(&add, ys, xs) == std::vector<int>{11, 22, 33});
+  CHECK(ex.map(&add, xs, std::vector<int>{}).empty());
+  std::vector<std::string> ss{"x", "y"};
+  CHECK(ex.map(&repeat, ss, xs) == std::vector<std::string>{"x", "yy"});
+  // One range, as before.
+  CHECK(ex.map(&square, xs) == std::vector<int>{1, 4, 9, 16});
+  // A captureless lambda over two ranges.
+  CHECK(ex.map([](int a, int b) { return a * b; }, xs, xs, procpool::map_options{2}) ==
+        std::vector<int>{1, 4, 9, 16});
+}
+
+TEST_CASE("executor::imap and imap_unordered, over lvalues and rvalues", "[executor]") {
+  procpool::executor ex(2);
+  std::vector<int> xs(100);
+  for (int i = 0; i < 100; ++i) xs[std::size_t(i)] = i;
+  std::vector<int> got;
+  for (int r : ex.imap(&square, xs)) got.push_back(r);
+  REQUIRE(got.size() == 100);
+  for (int i = 0; i < 100; ++i) CHECK(got[std::size_t(i)] == i * i);
+
+  std::set<std::size_t> seen;
+  for (auto [i, r] : ex.imap_unordered(&square, std::vector<int>(xs), {7})) {
+    CHECK(r == int(i * i));
+    seen.insert(i);
+  }
+  CHECK(seen.size() == 100);
+
+  // An error comes through iteration, after the results before it.
+  std::vector<int> before;
+  CHECK_THROWS_AS(
+      [&] {
+        for (int r : ex.imap(&fail_on_three, std::vector<int>{1, 2, 3, 4})) before.push_back(r);
+      }(),
+      procpool::task_error);
+  CHECK(before == std::vector<int>{1, 2});
+  CHECK(ex.map(&square, {3}) == std::vector<int>{9});
+}
+
+TEST_CASE("a per-call chunk size is honoured by pool and executor", "[executor][pool]") {
+  // Two idle workers: the first chunks go one to each. A call cut into one
+  // chunk runs in one worker; cut into chunks of one item, in both.
+  auto pids = [](const std::vector<int>& r) { return std::set<int>(r.begin(), r.end()).size(); };
+  std::vector<int> xs(8, 0);
+  procpool::pool_options whole;
+  whole.workers = 2;
+  whole.chunk_size = 8;  // the pool's default: one chunk
+  procpool::pool_options single = whole;
+  single.chunk_size = 1;  // the pool's default: chunks of one
+
+  procpool::pool p(pid_of, whole);
+  CHECK(pids(p.map(xs)) == 1);
+  CHECK(pids(p.map(xs, {1})) == 2);
+  std::vector<int> imapped;
+  for (int r : p.imap(xs, {1})) imapped.push_back(r);
+  CHECK(pids(imapped) == 2);
+  std::vector<int> unordered;
+  for (auto [i, r] : p.imap_unordered(xs, {1})) unordered.push_back(r);
+  CHECK(pids(unordered) == 2);
+  procpool::pool star([](int a, int b) { return static_cast<int>(::getpid()) + a - b; }, whole);
+  CHECK(pids(star.starmap(std::vector<std::pair<int, int>>(8, {1, 1}), {1})) == 2);
+
+  procpool::pool q(pid_of, single);
+  CHECK(pids(q.map(xs, {8})) == 1);
+  std::vector<int> one;
+  for (int r : q.imap(xs, {8})) one.push_back(r);
+  CHECK(pids(one) == 1);
+
+  procpool::executor ex(single);
+  CHECK(pids(ex.map(&pid_of, xs, procpool::map_options{8})) == 1);
+  CHECK(pids(ex.map(&pid_of2, xs, xs, procpool::map_options{8})) == 1);
+  std::vector<int> ex_imapped;
+  for (int r : ex.imap(&pid_of, xs, {8})) ex_imapped.push_back(r);
+  CHECK(pids(ex_imapped) == 1);
+  procpool::executor ex_whole(whole);
+  CHECK(pids(ex_whole.map(&pid_of, xs, procpool::map_options{1})) == 2);
+  CHECK(pids(ex_whole.starmap(&pid_of2, std::vector<std::pair<int, int>>(8, {1, 1}), {1})) == 2);
+}
+
+TEST_CASE("shutdown(wait, cancel_futures) as Python's", "[executor]") {
+  SECTION("cancel_futures: tasks not yet sent fail with task_cancelled; sent ones finish") {
+    procpool::executor ex(1);
+    auto first = ex.submit(&square, 2);
+    CHECK(first.wait_for(std::chrono::seconds(10)));  // sent and done
+    std::vector<procpool::future<int>> later;
+    for (int i = 0; i < 5; ++i) later.push_back(ex.submit(&square, i));
+    ex.shutdown(true, true);
+    CHECK(first.get() == 4);
+    for (auto& f : later) {
+      CHECK(f.cancelled());
+      CHECK(f.done());
+      CHECK_THROWS_AS(f.get(), procpool::task_cancelled);
+    }
+    CHECK_THROWS_AS(ex.submit(&square, 1), procpool::pool_closed);
+  }
+  SECTION("without cancel_futures every pending task still runs") {
+    procpool::executor ex(2);
+    std::vector<procpool::future<int>> fs;
+    for (int i = 0; i < 5; ++i) fs.push_back(ex.submit(&square, i));
+    ex.shutdown();
+    for (int i = 0; i < 5; ++i) CHECK(fs[std::size_t(i)].get() == i * i);
+  }
+  SECTION("wait = false returns at once; the futures still complete") {
+    procpool::executor ex(2);
+    auto f = ex.submit(&square, 6);
+    ex.shutdown(false);
+    CHECK_THROWS_AS(ex.submit(&square, 1), procpool::pool_closed);
+    CHECK(f.get() == 36);
+  }
+  SECTION("twice, and after terminate") {
+    procpool::executor ex(1);
+    ex.shutdown();
+    CHECK_NOTHROW(ex.shutdown(true, true));
+    procpool::executor ex2(1);
+    ex2.terminate();
+    CHECK_NOTHROW(ex2.shutdown(true, true));
+  }
+}
+
+TEST_CASE("exit_policy::terminate stops at once; the default waits", "[pool]") {
+  std::optional<procpool::future<int>> pending;
+  pid_t worker = 0;
+  {
+    procpool::pool_options o;
+    o.workers = 1;
+    o.on_exit = procpool::exit_policy::terminate;
+    procpool::pool p(
+        [](int) -> int {
+          procpool_test::block_forever();
+          return 0;
+        },
+        o);
+    worker = p.pids().at(0);
+    pending.emplace(p.submit(1));
+    CHECK_FALSE(pending->wait_for(std::chrono::milliseconds(20)));
+  }  // would wait forever with exit_policy::wait
+  CHECK(procpool_test::gone_within(worker, std::chrono::seconds(5)));
+  CHECK_THROWS_AS(pending->get(), procpool::pool_closed);
+
+  procpool::future<int> waited;
+  {
+    procpool::pool p(square, 1);
+    waited = p.submit(7);
+  }
+  CHECK(waited.get() == 49);
+}
