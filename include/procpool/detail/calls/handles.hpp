@@ -94,6 +94,50 @@ class [[nodiscard]] future {
 
 namespace detail {
 
+/// The input iterator of a range that makes its elements one at a time
+/// (`result_range`, `completed_range`): `Range` has `current()` (the element
+/// now), `advance()` (waits for the next) and `finished()`.
+template <class Range, class Value>
+class stepping_iterator {
+ public:
+  ///@{
+  /// The standard input-iterator types, read by `std::iterator_traits`.
+  using iterator_category = std::input_iterator_tag;
+  using value_type = Value;
+  using difference_type = std::ptrdiff_t;
+  using pointer = Value*;
+  using reference = Value&;
+  ///@}
+
+  /// The end iterator.
+  stepping_iterator() = default;
+  /// An iterator at `r`'s current element (made by the range's `begin()`).
+  explicit stepping_iterator(Range* r) : range_(r) {}
+  /// The current element.
+  reference operator*() const { return range_->current(); }
+  /// The current element's members.
+  pointer operator->() const { return &range_->current(); }
+  /// Moves to the next element, waiting for it.
+  stepping_iterator& operator++() {
+    range_->advance();
+    return *this;
+  }
+  /// Moves to the next element, waiting for it (an input iterator's `it++`).
+  void operator++(int) { ++*this; }
+  /// True when both are at the end, or neither is.
+  friend bool operator==(const stepping_iterator& a, const stepping_iterator& b) {
+    return a.at_end() == b.at_end();
+  }
+  /// True when one is at the end and the other is not.
+  friend bool operator!=(const stepping_iterator& a, const stepping_iterator& b) {
+    return !(a == b);
+  }
+
+ private:
+  bool at_end() const { return range_ == nullptr || range_->finished(); }
+  Range* range_ = nullptr;
+};
+
 /// What `imap_range` and `imap_unordered_range` share: a lazy input range over
 /// a call's results, read one at a time. `Ordered`: the results of an `imap`,
 /// in input order, each an `R`; otherwise those of an `imap_unordered`, in the
@@ -106,42 +150,7 @@ class result_range {
   using value_type = std::conditional_t<Ordered, R, std::pair<std::size_t, R>>;
 
   /// Input iterator over the results.
-  class iterator {
-   public:
-    ///@{
-    /// The standard input-iterator types, read by `std::iterator_traits`.
-    using iterator_category = std::input_iterator_tag;
-    using value_type = typename result_range::value_type;
-    using difference_type = std::ptrdiff_t;
-    using pointer = value_type*;
-    using reference = value_type&;
-    ///@}
-
-    iterator() = default;
-    /// The current result.
-    reference operator*() const { return range_->current(); }
-    /// The current result's members.
-    pointer operator->() const { return &range_->current(); }
-    /// Moves to the next result, waiting for it.
-    iterator& operator++() {
-      range_->advance();
-      return *this;
-    }
-    /// Moves to the next result, waiting for it (an input iterator's `it++`).
-    void operator++(int) { ++*this; }
-    /// True when both are at the end, or neither is.
-    friend bool operator==(const iterator& a, const iterator& b) {
-      return a.at_end() == b.at_end();
-    }
-    /// True when one is at the end and the other is not.
-    friend bool operator!=(const iterator& a, const iterator& b) { return !(a == b); }
-
-   private:
-    friend class result_range;
-    explicit iterator(result_range* r) : range_(r) {}
-    bool at_end() const { return range_ == nullptr || range_->done_; }
-    result_range* range_ = nullptr;
-  };
+  using iterator = stepping_iterator<result_range, value_type>;
 
   /// Starts iterating: waits for the first result.
   iterator begin() {
@@ -166,6 +175,8 @@ class result_range {
       : state_(std::move(s)), driver_(std::move(d)) {}
 
  private:
+  friend class stepping_iterator<result_range, value_type>;
+  bool finished() const noexcept { return done_; }
   value_type& current() {
     if constexpr (Ordered)
       return current_.second;
@@ -504,41 +515,7 @@ template <class Future>
 class [[nodiscard]] completed_range {
  public:
   /// Input iterator over the futures, in the order they are done.
-  class iterator {
-   public:
-    ///@{
-    /// The standard input-iterator types.
-    using iterator_category = std::input_iterator_tag;
-    using value_type = Future;
-    using difference_type = std::ptrdiff_t;
-    using pointer = Future*;
-    using reference = Future&;
-    ///@}
-    iterator() = default;
-    /// The future done now.
-    reference operator*() const { return *range_->current_; }
-    /// The future done now.
-    pointer operator->() const { return range_->current_; }
-    /// Waits for the next future to be done.
-    iterator& operator++() {
-      range_->advance();
-      return *this;
-    }
-    /// Waits for the next future to be done (an input iterator's `it++`).
-    void operator++(int) { ++*this; }
-    /// True when both are at the end, or neither is.
-    friend bool operator==(const iterator& a, const iterator& b) {
-      return a.at_end() == b.at_end();
-    }
-    /// True when one is at the end and the other is not.
-    friend bool operator!=(const iterator& a, const iterator& b) { return !(a == b); }
-
-   private:
-    friend class completed_range;
-    explicit iterator(completed_range* r) : range_(r) {}
-    bool at_end() const { return range_ == nullptr || range_->current_ == nullptr; }
-    completed_range* range_ = nullptr;
-  };
+  using iterator = detail::stepping_iterator<completed_range, Future>;
 
   /// Starts: waits for the first future to be done.
   iterator begin() {
@@ -551,7 +528,10 @@ class [[nodiscard]] completed_range {
  private:
   template <class Futures>
   friend auto as_completed(Futures& futures);
+  friend class detail::stepping_iterator<completed_range, Future>;
   explicit completed_range(std::vector<Future*> pending) : pending_(std::move(pending)) {}
+  Future& current() const noexcept { return *current_; }
+  bool finished() const noexcept { return current_ == nullptr; }
   void advance() {
     started_ = true;
     current_ = nullptr;
