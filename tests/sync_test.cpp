@@ -457,7 +457,7 @@ TEMPLATE_TEST_CASE("robust mutex: a repair that throws leaves it unrecoverable, 
     try {
       auto got = lock_by(*m, how, repairs);
       FAIL("an unrecoverable mutex was locked by entry point " << how << ": status "
-                                                                << static_cast<int>(got));
+                                                               << static_cast<int>(got));
     } catch (const std::system_error& e) {
       CHECK(e.code().value() == ENOTRECOVERABLE);
       CHECK_THAT(e.what(), Catch::Contains("pthread_mutex_") && Catch::Contains("repaired"));
