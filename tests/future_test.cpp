@@ -8,11 +8,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <memory>
 #include <set>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -208,4 +210,42 @@ TEST_CASE("wait and cancel from a forked child touch nothing of the parent's poo
   CHECK(procpool_test::reap(child) == procpool::exit_status::exited(0));
   CHECK(f.get() == 9);
   CHECK(fs[0].get() == 16);
+}
+
+TEST_CASE("wait and as_completed from a second thread while the first waits: a clear refusal",
+          "[future][thread]") {
+  procpool::pool p(picky, 1);
+  std::vector<procpool::future<int>> fs;
+  fs.push_back(p.submit(-1));  // never ends until the pool stops
+  std::atomic<bool> first_saw_closed{false};
+  std::thread first([&] {
+    for (;;) {
+      try {
+        (void)fs[0].get();
+        return;
+      } catch (const procpool::pool_closed&) {
+        first_saw_closed = true;
+        return;
+      } catch (const procpool::error&) {
+        // Refused while the other thread was in its wait: try again.
+      }
+    }
+  });
+  // Until the first thread is inside get(), this thread's bounded waits just
+  // time out; once it is, they are refused without touching the pool.
+  bool refused = false;
+  for (int tries = 0; tries < 10000 && !refused; ++tries) {
+    try {
+      auto r = procpool::wait(fs, return_when::first_completed, 1ms);
+      CHECK(r.not_done == std::vector<std::size_t>{0});
+    } catch (const procpool::error& e) {
+      CHECK_THAT(e.what(), Catch::Contains("another thread"));
+      refused = true;
+    }
+  }
+  CHECK(refused);
+  CHECK_THROWS_WITH(procpool::as_completed(fs).begin(), Catch::Contains("another thread"));
+  p.terminate();  // safe from another thread: the first thread's get() ends
+  first.join();
+  CHECK(first_saw_closed);
 }
