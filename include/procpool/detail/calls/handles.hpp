@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
+#include <deque>
 #include <exception>
 #include <iterator>
 #include <memory>
@@ -406,11 +407,23 @@ inline bool failed_not_cancelled(const call_state& call) noexcept {
 /// within about a millisecond per pool. A call whose pool is gone ends with
 /// `pool_closed`; a wait on a pool that breaks (terminate from elsewhere, a
 /// system call's failure) ends that pool's calls with the error and throws it.
+/// `done()` is only evaluated with every pool entered, and last before
+/// returning: a caller that reads its calls takes its answer there.
 inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool()> done,
                         std::optional<std::chrono::steady_clock::time_point> deadline) {
   for (;;) {
-    if (done()) return true;
+    // Every pool is entered before any call's state is read: while another
+    // thread drives one of them, the wait is refused and reads nothing.
     std::vector<std::shared_ptr<driver>> pools;
+    for (auto& w : calls) {
+      auto d = w.pool.lock();
+      if (d && std::find(pools.begin(), pools.end(), d) == pools.end())
+        pools.push_back(std::move(d));
+    }
+    std::deque<scoped_use> uses;
+    for (auto& d : pools) uses.emplace_back(*d, "procpool::wait");
+    if (done()) return true;
+    std::vector<std::shared_ptr<driver>> busy;  // pools with a call not yet finished
     for (auto& w : calls) {
       if (w.call->finished()) continue;
       auto d = w.pool.lock();
@@ -419,18 +432,16 @@ inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool
             std::make_exception_ptr(pool_closed::while_pending("its pool was destroyed")));
         continue;
       }
-      if (std::find(pools.begin(), pools.end(), d) == pools.end()) pools.push_back(std::move(d));
+      if (std::find(busy.begin(), busy.end(), d) == busy.end()) busy.push_back(std::move(d));
     }
-    if (pools.empty()) return done();
-    auto now = std::chrono::steady_clock::now();
-    if (deadline && now >= *deadline) return false;
-    for (auto& d : pools) {
+    if (busy.empty()) return done();
+    if (deadline && std::chrono::steady_clock::now() >= *deadline) return false;
+    for (auto& d : busy) {
       auto until = deadline;
-      if (pools.size() > 1) {
+      if (busy.size() > 1) {
         auto slice = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
         if (!until || slice < *until) until = slice;
       }
-      scoped_use use(*d, "procpool::wait");
       try {
         d->drive_until(done, until);
       } catch (...) {
@@ -475,21 +486,23 @@ template <class Futures>
 wait_result wait_until(Futures& futures, return_when when,
                        std::optional<std::chrono::steady_clock::time_point> deadline) {
   auto calls = waited_calls(futures);
+  // The answer is taken inside the predicate, which drive_calls evaluates
+  // last with every pool entered: no call is read while another thread
+  // drives its pool.
+  wait_result r;
   auto satisfied = [&] {
-    if (calls.empty()) return true;
-    bool all = true;
-    for (auto& w : calls) {
-      bool finished = w.call->finished();
-      if (finished && when == return_when::first_completed) return true;
-      if (when == return_when::first_exception && failed_not_cancelled(*w.call)) return true;
+    r = wait_result{};
+    bool all = true, met = calls.empty();
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      bool finished = calls[i].call->finished();
+      (finished ? r.done : r.not_done).push_back(i);
+      if (finished && when == return_when::first_completed) met = true;
+      if (when == return_when::first_exception && failed_not_cancelled(*calls[i].call)) met = true;
       all = all && finished;
     }
-    return all;
+    return met || all;
   };
   drive_calls(calls, satisfied, deadline);
-  wait_result r;
-  for (std::size_t i = 0; i < calls.size(); ++i)
-    (calls[i].call->finished() ? r.done : r.not_done).push_back(i);
   return r;
 }
 }  // namespace detail
@@ -538,19 +551,19 @@ class [[nodiscard]] completed_range {
     if (pending_.empty()) return;
     std::vector<detail::waited_call> calls;
     for (auto* f : pending_) calls.push_back(detail::future_access::of(*f));
+    // The one done is found inside the predicate, with every pool entered.
+    std::size_t found = calls.size();
     detail::drive_calls(
         calls,
         [&] {
-          for (auto& w : calls)
-            if (w.call->finished()) return true;
+          for (found = 0; found < calls.size(); ++found)
+            if (calls[found].call->finished()) return true;
           return false;
         },
         std::nullopt);
-    for (std::size_t i = 0; i < calls.size(); ++i) {
-      if (!calls[i].call->finished()) continue;
-      current_ = pending_[i];
-      pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(i));
-      return;
+    if (found < calls.size()) {
+      current_ = pending_[found];
+      pending_.erase(pending_.begin() + static_cast<std::ptrdiff_t>(found));
     }
   }
   std::vector<Future*> pending_;
