@@ -340,15 +340,15 @@ TEST_CASE("hierarchical mode runs each rank's chunks on a local pool", "[mpi]") 
   std::iota(xs.begin(), xs.end(), 0);
   auto out = p.map(xs);
   std::set<int> workers;
-  std::set<int> ranks;
+  std::set<int> servers;  // the parents of the workers: one fork server per rank's pool
   for (std::size_t i = 0; i < out.size(); ++i) {
     REQUIRE(std::get<0>(out[i]) == int(i * i));
     workers.insert(std::get<1>(out[i]));
-    ranks.insert(std::get<2>(out[i]));
+    servers.insert(std::get<2>(out[i]));
   }
-  CHECK(ranks.size() == std::size_t(serving()));     // every serving rank's local pool
-  for (int r : ranks) CHECK(workers.count(r) == 0);  // the function ran in the ranks' children
-  CHECK(workers.size() > ranks.size());
+  CHECK(servers.size() == std::size_t(serving()));     // every serving rank's local pool
+  for (int r : servers) CHECK(workers.count(r) == 0);  // the function ran in the pools' workers
+  CHECK(workers.size() > servers.size());
 
   xs[2500] = -1;
   try {
@@ -358,7 +358,7 @@ TEST_CASE("hierarchical mode runs each rank's chunks on a local pool", "[mpi]") 
     CHECK(e.index() == 2500);
     CHECK(e.type_name() == "std::runtime_error");
     CHECK(e.message() == "minus one");
-    CHECK(ranks.count(e.pid()) == 0);  // names the local worker that ran it
+    CHECK(servers.count(e.pid()) == 0);  // names the local worker that ran it
   }
   // A local worker that dies is replaced by its rank's pool; rank 0 hears of it.
   xs[2500] = 2500;
@@ -375,7 +375,7 @@ TEST_CASE("hierarchical mode runs each rank's chunks on a local pool", "[mpi]") 
   }
   auto [square, pid, ppid] = p.submit(12).get();
   CHECK(square == 144);
-  CHECK(ranks.count(ppid) == 1);
+  CHECK(servers.count(ppid) == 1);
   CHECK(pid != ppid);
 }
 

@@ -30,6 +30,7 @@
 #include <sys/mman.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
@@ -114,10 +115,14 @@ std::size_t open_fds() {
   return count_dir("/proc/self/fd") - 1;
 }  // minus opendir's own
 
-/// Children of this process, and how many of them are zombies.
+/// Children and grandchildren of this process (the pools' fork servers and
+/// their workers), and how many of them are zombies.
 std::pair<std::size_t, std::size_t> children() {
-  std::size_t all = 0, zombies = 0;
-  pid_t self = ::getpid();
+  struct entry {
+    pid_t pid, ppid;
+    char state;
+  };
+  std::vector<entry> all_processes;
   DIR* d = ::opendir("/proc");
   if (!d) return {0, 0};
   while (dirent* e = ::readdir(d)) {
@@ -130,11 +135,21 @@ std::pair<std::size_t, std::size_t> children() {
     char state = 0;
     int ppid = 0;
     if (std::sscanf(line.c_str() + close + 1, " %c %d", &state, &ppid) != 2) continue;
-    if (ppid != self) continue;
-    ++all;
-    if (state == 'Z') ++zombies;
+    all_processes.push_back({static_cast<pid_t>(std::atoi(e->d_name)), ppid, state});
   }
   ::closedir(d);
+  pid_t self = ::getpid();
+  std::vector<pid_t> mine;
+  for (auto& p : all_processes)
+    if (p.ppid == self) mine.push_back(p.pid);
+  std::size_t all = 0, zombies = 0;
+  for (auto& p : all_processes) {
+    bool child = p.ppid == self;
+    bool grandchild = std::find(mine.begin(), mine.end(), p.ppid) != mine.end();
+    if (!child && !grandchild) continue;
+    ++all;
+    if (p.state == 'Z') ++zombies;
+  }
   return {all, zombies};
 }
 
@@ -444,7 +459,8 @@ int main(int argc, char** argv) {
     if (m % 50 == 49 || m + 1 == maps) {
       auto [all, zombies] = children();
       auto now_fds = open_fds();
-      if (zombies != 0 || all != options.workers + solo_options.workers || now_fds != fds) {
+      // Each pool's workers, and its fork server.
+      if (zombies != 0 || all != options.workers + solo_options.workers + 2 || now_fds != fds) {
         ++leaks;
         fmt::print("chaos: map {}: LEAK: {} children ({} zombies), {} fds (baseline {})\n", m, all,
                    zombies, now_fds, fds);

@@ -19,9 +19,11 @@
 // (worker_slot::claim) before it runs it; the parent may revoke a frame not
 // yet claimed and give its chunk to an idle worker.
 //
-// The parent runs no threads: whichever call the user makes (map, imap
-// iteration, future::get) drives sending and collecting for every call in
-// flight, and forks replacement workers itself.
+// Workers are forked by the pool's fork server (os/fork_server.hpp), a copy
+// of the program made with the pool, never by the parent: first workers and
+// replacements are the same image, and the parent may run threads. Whichever
+// call the user makes (map, imap iteration, future::get) drives sending and
+// collecting for every call in flight.
 #pragma once
 
 #include <fmt/format.h>
@@ -57,6 +59,7 @@
 #include "../int_cast.hpp"
 #include "../os/clock.hpp"
 #include "../os/fork.hpp"
+#include "../os/fork_server.hpp"
 #include "../os/liveness.hpp"
 #include "../os/sys.hpp"
 #include "../os/type_name.hpp"
@@ -244,7 +247,10 @@ class engine final : public driver {
   static constexpr std::uint64_t max_frame_bytes = std::uint64_t(1) << 40;
 
   void spawn(std::size_t w);
-  [[noreturn]] void worker_main(std::size_t w);
+  static void worker_entry(void* self, std::uint32_t w, pid_t server);
+  [[noreturn]] void worker_main(std::size_t w, pid_t server);
+  void server_lost(const error& e) noexcept;
+  bool worker_exited(worker& w, bool block);
   bool pump();
   bool send_pending(worker& w);
   bool fill(worker& w, std::size_t up_to);
@@ -282,6 +288,7 @@ class engine final : public driver {
   std::size_t ring_capacity_ = 0;
   std::size_t chunk_bytes_ = 0;
   std::vector<worker> workers_;
+  fork_server server_;                          // forks and reaps the workers
   dispatcher dispatch_{sizeof(std::uint64_t)};  // frames in the rings follow their length
   steady::time_point next_health_check_{};
   std::exception_ptr broken_;
@@ -317,6 +324,9 @@ inline engine::engine(engine_config config) : config_(std::move(config)), parent
     w.result = ring_control::create(p + ring_control::bytes_needed(ring_capacity_), ring_capacity_);
   }
   try {
+    // The server is a copy of this process as it is now, slots and rings
+    // included: every worker it forks starts from that image.
+    server_ = fork_server(&engine::worker_entry, this);
     for (std::size_t i = 0; i < workers_.size(); ++i) spawn(i);
   } catch (...) {
     terminate();
@@ -361,40 +371,12 @@ inline void engine::spawn(std::size_t i) {
   w.header_checked = false;
   w.bad_frame.clear();
   w.stopped_since = {};
-  // Signals stay blocked across the fork, so one that arrives before the
-  // worker has reset its handlers waits, and then acts as the default says.
-  sigset_t all, old;
-  ::sigfillset(&all);
-  ::pthread_sigmask(SIG_BLOCK, &all, &old);
   pid_t pid = 0;
   try {
-    pid = fork_process();
-  } catch (...) {
-    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    pid = server_.spawn(static_cast<std::uint32_t>(i));
+  } catch (const error& e) {
+    server_lost(e);
     throw;
-  }
-  if (pid == 0) {
-    // A process group of its own, so that the worker's own children are
-    // signalled with it (the parent sets it too: whichever runs first).
-    try {
-      sys::setpgid(0, 0);
-    } catch (const std::system_error&) {
-      // The parent's call below makes the group; either one is enough.
-    }
-    // terminate() stops a worker even when the parent handles SIGTERM
-    // itself (handlers are inherited across fork); the parent then learns of
-    // it as worker_died. An initializer may change this.
-    ::signal(SIGINT, SIG_DFL);
-    ::signal(SIGTERM, SIG_DFL);
-    ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-    worker_main(i);
-  }
-  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  try {
-    sys::setpgid(pid, pid);
-  } catch (const std::system_error&) {
-    // The child already did it (EACCES after it exec'd, which ours never
-    // do), or died (ESRCH): either way its group is what it is.
   }
   try {
     w.pidfd = sys::pidfd_open(pid);
@@ -409,9 +391,34 @@ inline void engine::spawn(std::size_t i) {
   w.pid = pid;
 }
 
-inline void engine::worker_main(std::size_t i) {
+inline void engine::worker_entry(void* self, std::uint32_t i, pid_t server) {
+  // In the server's child, in a process group of its own (so that the
+  // worker's own children are signalled with it), with SIGINT and SIGTERM at
+  // their default actions: terminate() stops a worker even when the parent
+  // handles SIGTERM itself, and the parent learns of it as worker_died. An
+  // initializer may change this.
+  static_cast<engine*>(self)->worker_main(i, server);
+}
+
+inline void engine::server_lost(const error& e) noexcept {
+  // Its workers died with it (PR_SET_PDEATHSIG), and no other can be forked.
+  if (!broken_) broken_ = std::make_exception_ptr(error(fmt::format("{}", e.what())));
+  closed_ = true;
+}
+
+inline bool engine::worker_exited(worker& w, bool block) {
   try {
-    die_with_parent(parent_);
+    return server_.exited(w.pid, block);
+  } catch (const error& e) {
+    server_lost(e);
+    kill_worker(w, SIGKILL);  // it dies with the server; this makes sure
+    return true;
+  }
+}
+
+inline void engine::worker_main(std::size_t i, pid_t server) {
+  try {
+    die_with_parent(server);
     // The pidfds of its siblings are the parent's business, not this
     // worker's: every worker holds the same descriptors, whenever forked.
     for (auto& sibling : workers_) sibling.pidfd.reset();
@@ -422,7 +429,7 @@ inline void engine::worker_main(std::size_t i) {
     ctx.stamp_times = shared_->track_start_times.load() != 0;
     ring_reader in(w.task, &shared_->doorbell);
     ring_writer out(w.result, &shared_->doorbell);
-    auto parent_alive = [this] { return ::getppid() == parent_; };
+    auto parent_alive = [server] { return ::getppid() == server; };
     writer result;
     if (config_.initializer) {
       try {
@@ -910,11 +917,8 @@ inline bool engine::check_health(bool force) {
 
 inline bool engine::reap_if_exited(std::size_t i) {
   auto& w = workers_[i];
-  siginfo_t info{};
   // A timed-out worker was sent SIGKILL: wait for it.
-  sys::waitid(P_PID, static_cast<id_t>(w.pid), &info,
-              WEXITED | WNOWAIT | (w.timed_out ? 0 : WNOHANG));
-  if (info.si_pid != w.pid) return false;
+  if (!worker_exited(w, w.timed_out)) return false;
   exit_status status = exit_status::killed(SIGKILL);
   wait_exit(w, std::nullopt, &status);  // kills what is left of its group, reaps it
   on_death(i, status);
@@ -1051,19 +1055,20 @@ inline bool engine::wait_exit(worker& w, std::optional<std::chrono::milliseconds
   auto deadline =
       (timeout ? deadline_after(*timeout) : std::nullopt).value_or(steady::time_point::max());
   for (;;) {
-    siginfo_t info{};
     try {
       // Seen exited but not reaped: while it is a zombie its pid names its
       // group and no other, so what is left of the group is killed now.
-      sys::waitid(P_PID, static_cast<id_t>(w.pid), &info,
-                  WEXITED | WNOWAIT | (timeout ? WNOHANG : 0));
-      if (info.si_pid == w.pid) {
+      if (worker_exited(w, !timeout)) {
         kill_worker(w, SIGKILL);
-        int raw = 0;
-        if (sys::waitpid(w.pid, &raw, 0) == w.pid && status)
-          *status = exit_status::from_wait_status(raw);
+        if (server_.running()) {
+          int raw = server_.reap(w.pid);
+          if (status) *status = exit_status::from_wait_status(raw);
+        }
         return true;
       }
+    } catch (const error& e) {
+      server_lost(e);  // the worker died with it
+      return true;
     } catch (const std::system_error& e) {
       // ECHILD: reaped by someone else (SIGCHLD ignored); its group goes all
       // the same. Another error leaves it to the caller's next step.
@@ -1131,6 +1136,7 @@ inline void engine::enter(const char* operation) {
 inline void engine::release_foreign() noexcept {
   stopped_ = true;
   closed_ = true;
+  server_.release();
   for (auto& w : workers_) {
     w.pidfd.reset();
     w.pid = 0;
@@ -1222,6 +1228,7 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
     w.pid = 0;
     w.pidfd.reset();
   }
+  server_.stop(grace);
   // Calls still waiting for answers get none: every pending call, sent or
   // not, ends with pool_closed.
   end_calls(false);

@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -92,6 +93,13 @@ class unique_fd {
 inline std::pair<unique_fd, unique_fd> make_pipe(int flags = 0) {
   int fds[2];
   checked("pipe2", [&] { return ::pipe2(fds, O_CLOEXEC | flags); });
+  return {unique_fd(fds[0]), unique_fd(fds[1])};
+}
+
+/// `socketpair(AF_UNIX, type | SOCK_CLOEXEC)`: two connected sockets.
+inline std::pair<unique_fd, unique_fd> socket_pair(int type) {
+  int fds[2];
+  checked("socketpair", [&] { return ::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, fds); });
   return {unique_fd(fds[0]), unique_fd(fds[1])};
 }
 
