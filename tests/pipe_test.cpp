@@ -446,7 +446,7 @@ TEST_CASE("an end used in turn by two processes loses nothing: A, then B, then A
   SECTION("streamed messages larger than the buffer, both ways") {
     auto [c, d] = procpool::pipe<std::string>(4096);
     std::string big(20000, 'x');
-    pid_t helper = spawn([&, &c = c, &d = d] {
+    pid_t helper = spawn([&, &c = c] {
       // Reads what the parent, then the middle child, then the parent sent on d.
       for (int i = 0; i < 3; ++i)
         if (c.recv() != big + std::to_string(i)) return 1;
