@@ -87,6 +87,31 @@ TEST_CASE("an idle worker takes over a chunk queued behind a long one", "[pool][
   CHECK(got == std::vector<int>{0, 1, 2, 3, 4});
 }
 
+TEST_CASE("a task queued behind one that never ends is answered by the idle worker",
+          "[pool][sched]") {
+  // The frame taken back stays in the stuck worker's ring, unanswered for
+  // good: the task must not wait for that copy (before: it did, forever).
+  procpool::pool p(
+      [](int x) {
+        if (x < 0) procpool_test::block_forever();
+        return x;
+      },
+      2u);
+  auto stuck = p.submit(-1);
+  CHECK_FALSE(stuck.wait_for(10ms));  // running, in worker 1
+  auto first = p.submit(4);           // worker 2
+  auto second = p.submit(5);          // behind the stuck one, then taken back
+  auto a = first.get_for(bound);
+  auto b = second.get_for(bound);
+  REQUIRE(a.has_value());
+  REQUIRE(b.has_value());
+  CHECK(*a == 4);
+  CHECK(*b == 5);
+  CHECK(p.map(std::vector<int>{1, 2, 3}) == std::vector<int>{1, 2, 3});
+  p.terminate();
+  CHECK_THROWS_AS(stuck.get(), procpool::pool_closed);
+}
+
 TEST_CASE("a chunk taken back runs exactly once, whatever the race", "[pool][sched]") {
   // Many short maps where the last chunks are often taken back: every result
   // arrives once and in place.

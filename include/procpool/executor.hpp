@@ -189,9 +189,8 @@ struct no_function {
 /// The failure contract is `pool`'s: `task_error`, `worker_died`,
 /// `timeout_error`, and the executor stays usable.
 ///
-/// **Thread safety:** as `pool`'s: one thread uses an executor at a time, and
-/// a second thread's call is refused with `procpool::error`; no hidden threads.
-/// Not copyable, not movable.
+/// **Thread safety:** as `pool`'s: any number of threads may use an executor
+/// and its futures at once. Not copyable, not movable.
 class executor {
  public:
   /// Starts `cpu_count()` workers.
@@ -273,7 +272,6 @@ class executor {
   /// returns once the rest is done and the workers are stopped (`join`).
   /// Without `wait` it returns at once; the work left runs while a future
   /// of it is waited on, and the destructor finishes it.
-  /// **Throws:** `procpool::error` when another thread is using the executor.
   void shutdown(bool wait = true, bool cancel_futures = false) {
     pool_.close();
     if (cancel_futures) {

@@ -25,7 +25,6 @@
 #include <iterator>
 #include <memory>
 #include <optional>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <typeinfo>
@@ -127,15 +126,17 @@ struct pool_options {
 /// ran and is replaced; an item past `task_timeout` raises `timeout_error`.
 /// The pool stays usable after each of these.
 ///
-/// **Thread safety:** one thread uses a pool at a time, its futures and
-/// ranges included. A call from a second thread while one is under way, or
-/// from inside a callback the pool runs (`on_progress`, an input iterator, an
-/// encoder, a decoder), throws `procpool::error` and touches nothing. `close()`
-/// is safe from any thread, and so is `terminate()`: from another thread it
-/// stops the pool at the busy thread's next step (its call raises
-/// `pool_closed`) and returns once the workers are reaped. The calling thread
-/// does all the work of sending and collecting; the pool runs no threads of
-/// its own, so replacing a worker by `fork()` is safe.
+/// **Thread safety:** a pool, its futures and its ranges may be used from
+/// any number of threads at once. Threads take turns inside the pool: one
+/// sends and collects while the others wait for it, and a thread waiting for
+/// results lets the others in while it sleeps, so a long `map` in one thread
+/// does not hold up another's `submit`. Whichever thread collects may run
+/// another call's input iterator, encoder or decoder. A call from inside a
+/// callback the pool runs (`on_progress`, an input iterator, an encoder, a
+/// decoder) throws `procpool::error` and touches nothing. `close()` and
+/// `terminate()` are safe from any thread: `terminate()` stops the pool at a
+/// busy thread's next step (its call raises `pool_closed`) and returns once
+/// the workers are reaped. Work moves while some thread waits on the pool.
 ///
 /// **Fork safety:** create pools before starting threads (see the guide's
 /// gotchas). Not copyable, not movable: the workers hold on to `f` where it is.
@@ -242,7 +243,6 @@ class pool {
   /// workers: stop frames, a bounded wait, SIGTERM, SIGKILL. Every worker is
   /// reaped. Implies `close()`. Open `imap` ranges are not waited for: they
   /// end, and their next step raises `pool_closed`.
-  /// **Throws:** `procpool::error` when another thread is using the pool.
   void join() {
     detail::scoped_use use(*engine_, "join");
     engine_->join();
@@ -250,13 +250,13 @@ class pool {
   /// Stops the workers now (SIGTERM, then SIGKILL after a bounded wait) and
   /// reaps them. Every pending call, future and range raises `pool_closed`.
   /// From a callback of the pool's, the pool stops when the callback returns;
-  /// from another thread, at that thread's next step, and this waits for it.
+  /// from another thread, at the next step of a thread busy in the pool, and
+  /// this waits for it.
   void terminate() noexcept;
 
   /// Number of worker processes.
   unsigned workers() const noexcept { return engine_->size(); }
   /// Pids of the workers now (they change as workers are replaced); 0 for a stopped one.
-  /// **Throws:** `procpool::error` when another thread is using the pool.
   std::vector<pid_t> pids() const {
     detail::scoped_use use(*engine_, "pids");
     return engine_->pids();
@@ -343,24 +343,18 @@ pool<F>::~pool() {
 template <class F>
 void pool<F>::terminate() noexcept {
   auto& e = *engine_;
-  for (;;) {
-    switch (e.try_enter()) {
-      case detail::driver::entry::entered:
-        e.terminate();
-        e.leave();
-        return;
-      case detail::driver::entry::reentrant:
-        // Called from a callback: the queues may be in use below; the driving
-        // loop stops the pool when the callback returns.
-        e.request_stop();
-        return;
-      case detail::driver::entry::other_thread:
-        // Wake the busy thread; it stops the pool at its next step and leaves.
-        e.request_stop();
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-        break;
-    }
+  if (e.held_here()) {
+    // Called from a callback: the queues may be in use below; the driving
+    // loop stops the pool when the callback returns.
+    e.request_stop();
+    return;
   }
+  // A thread busy in a call stops the pool at its next step; one that waits
+  // lets this thread in, and finds the pool stopped when it wakes.
+  e.request_stop();
+  e.enter();
+  e.terminate();
+  e.leave();
 }
 
 template <class F>

@@ -1,7 +1,7 @@
 // A call in flight, as every engine sees it, and how the calling thread
 // holds an engine while it drives one: `call_state` (what a map, an imap or a
 // submitted task is to the engine), `driver` (what an engine is to a call),
-// `scoped_use` (one thread in a pool at a time), `call_guard` and `drop_call`
+// `scoped_use` (threads take turns in a pool), `call_guard` and `drop_call`
 // (a call ends on every way out of its user's scope), `function_ref` (a
 // callback that does not outlive the call). The calls themselves are in
 // map_calls.hpp; the front end that makes them, in call_front.hpp.
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -108,10 +109,11 @@ class call_state {
   std::size_t in_flight = 0;  ///< chunks sent and not yet answered
   bool input_done = false;    ///< every chunk has been made
   bool dispatched = false;    ///< a chunk of it was cut to be sent (a future can no longer cancel)
-  bool cancelled_unsent = false;  ///< ended by a cancel before anything of it was sent
+  /// Ended by a cancel before anything of it was sent. Atomic: a future's
+  /// `cancelled()` reads it without entering the pool.
+  std::atomic<bool> cancelled_unsent{false};
   /// The user gave up on the call (a dropped range, an exception on its way
-  /// out): nothing more is sent for it and its results are dropped. Atomic:
-  /// a range dropped by another thread while the pool is busy only sets it.
+  /// out): nothing more is sent for it and its results are dropped.
   std::atomic<bool> cancelled{false};
 
  private:
@@ -123,28 +125,62 @@ class call_state {
 /// What a call needs from whoever runs its chunks: the fork engine or the MPI engine.
 ///
 /// The calling thread drives: `drive_until` sends chunks and collects results
-/// for every call in flight until `done()` holds.
+/// for every call in flight until `done()` holds. Threads take turns: every
+/// entry point of a pool, its futures and its ranges enters the driver
+/// first (a mutex), and an engine lets other threads in while the thread
+/// driving it sleeps (`released`).
 class driver {
  public:
   virtual ~driver() = default;
 
   /// What `try_enter` found.
   enum class entry { entered, reentrant, other_thread };
-  /// Marks the calling thread as the one using the pool, if no thread is.
-  /// Every entry point of a pool, its futures and its ranges enters first, so
-  /// a second thread, or the same thread from inside a callback the pool runs
-  /// (`on_progress`, an input iterator, an encoder, a decoder), is refused
-  /// before it touches anything.
+  /// Enters the driver if no thread holds it. The same thread entering again
+  /// from inside a callback the pool runs (`on_progress`, an input iterator,
+  /// an encoder, a decoder) is told so, and must touch nothing.
   entry try_enter() noexcept {
-    std::uintptr_t expected = 0;
     std::uintptr_t me = thread_token();
-    if (user_.compare_exchange_strong(expected, me, std::memory_order_acquire,
-                                      std::memory_order_relaxed))
-      return entry::entered;
-    return expected == me ? entry::reentrant : entry::other_thread;
+    if (holder_.load(std::memory_order_relaxed) == me) return entry::reentrant;
+    if (!mutex_.try_lock()) return entry::other_thread;
+    holder_.store(me, std::memory_order_relaxed);
+    return entry::entered;
   }
-  /// Ends what `try_enter` began.
-  void leave() noexcept { user_.store(0, std::memory_order_release); }
+  /// Enters the driver, waiting while another thread holds it; false (and
+  /// nothing entered) when the calling thread holds it already.
+  bool enter() noexcept {
+    std::uintptr_t me = thread_token();
+    if (holder_.load(std::memory_order_relaxed) == me) return false;
+    mutex_.lock();
+    holder_.store(me, std::memory_order_relaxed);
+    return true;
+  }
+  /// Ends what `try_enter` or `enter` began.
+  void leave() noexcept {
+    holder_.store(0, std::memory_order_relaxed);
+    mutex_.unlock();
+  }
+  /// True when the calling thread holds the driver.
+  bool held_here() const noexcept {
+    return holder_.load(std::memory_order_relaxed) == thread_token();
+  }
+
+  /// Lets other threads in while the thread that holds the driver sleeps,
+  /// and takes it back after. Does nothing in a thread that does not hold
+  /// it (an engine stopped by its destructor).
+  class released {
+   public:
+    explicit released(driver& d) noexcept : d_(d.held_here() ? &d : nullptr) {
+      if (d_) d_->leave();
+    }
+    ~released() {
+      if (d_) d_->enter();
+    }
+    released(const released&) = delete;
+    released& operator=(const released&) = delete;
+
+   private:
+    driver* d_;
+  };
 
   /// The call is over for its user (returned, raised, or its handle dropped):
   /// cancels what is left of it and forgets it, so nothing in the driver
@@ -177,30 +213,24 @@ class driver {
     static thread_local char token;
     return reinterpret_cast<std::uintptr_t>(&token);
   }
-  std::atomic<std::uintptr_t> user_{0};
+  std::mutex mutex_;
+  // The thread in the driver (its token), 0 for none. Written by that thread
+  // only, under the mutex; read by any thread to tell "me" from "not me".
+  std::atomic<std::uintptr_t> holder_{0};
 };
 
-/// Holds a driver for the calling thread for one entry point (`try_enter`).
-/// **Throws:** `procpool::error` when another thread uses the pool, or when
-/// the pool is entered again from inside one of its own calls.
+/// Holds a driver for the calling thread for one entry point, waiting while
+/// another thread holds it.
+/// **Throws:** `procpool::error` when the pool is entered again from inside
+/// one of its own calls.
 class scoped_use {
  public:
   scoped_use(driver& d, const char* operation) : driver_(d) {
-    switch (d.try_enter()) {
-      case driver::entry::entered:
-        return;
-      case driver::entry::reentrant:
-        throw error(fmt::format(
-            "{} called on a pool from inside one of its own calls (from a callback the pool "
-            "runs: on_progress, an input iterator, an encoder or a decoder); a pool does not run "
-            "calls re-entrantly",
-            operation));
-      case driver::entry::other_thread:
-        break;
-    }
+    if (d.enter()) return;
     throw error(fmt::format(
-        "{} called on a pool that another thread is using; a pool is used by one thread at a "
-        "time: give each thread its own pool, or guard the pool with a mutex",
+        "{} called on a pool from inside one of its own calls (from a callback the pool "
+        "runs: on_progress, an input iterator, an encoder or a decoder); a pool does not run "
+        "calls re-entrantly",
         operation));
   }
   ~scoped_use() { driver_.leave(); }
@@ -226,24 +256,18 @@ class call_guard {
 };
 
 /// Drops the call of a range or a future whose handle is destroyed (noexcept:
-/// from a destructor). Entered: the call ends and is forgotten. From inside
-/// a callback of the pool: `end_call`, which leaves the queues alone while
-/// they are walked. While another thread uses the pool: only the call's
-/// atomic `cancelled`, which that thread's loop honours.
+/// from a destructor): the call ends and is forgotten, so nothing reads its
+/// input or writes its results once the handle is gone. It waits for the
+/// pool while another thread holds it. From inside a callback of the pool:
+/// `end_call`, which leaves the queues alone while they are walked.
 inline void drop_call(const std::weak_ptr<driver>& weak, call_state& call) noexcept {
   auto d = weak.lock();
   if (!d) return;
-  switch (d->try_enter()) {
-    case driver::entry::entered:
-      d->end_call(call);
-      d->leave();
-      break;
-    case driver::entry::reentrant:
-      d->end_call(call);
-      break;
-    case driver::entry::other_thread:
-      call.cancelled = true;
-      break;
+  if (d->enter()) {
+    d->end_call(call);
+    d->leave();
+  } else {
+    d->end_call(call);
   }
 }
 

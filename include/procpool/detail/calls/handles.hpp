@@ -37,8 +37,9 @@ struct future_access;
 /// Waiting on a future drives the pool that made it: the calling thread sends
 /// and collects for every call in flight. Move-only.
 ///
-/// **Thread safety:** use a future from the thread that uses its pool; used
-/// while another thread is in a call of the pool, it throws `procpool::error`.
+/// **Thread safety:** a future may be waited on from any thread, while other
+/// threads use its pool; one future is used by one thread at a time (`get`
+/// moves the result out).
 template <class R>
 class [[nodiscard]] future {
  public:
@@ -47,27 +48,24 @@ class [[nodiscard]] future {
   bool ready() const;
   /// True when the task is over: its result or error arrived, it was
   /// cancelled, or its pool stopped (Python's `done()`); does not wait.
-  /// **Throws:** `procpool::error` when another thread is using the pool.
   bool done() const { return ready(); }
   /// Cancels the task if nothing of it was sent to a worker yet: it never
   /// runs, `get()` and `exception()` raise `task_cancelled`, and this returns
   /// true (again on a second call). Returns false once the task was sent to
   /// a worker or is over otherwise (Python's `cancel()`).
-  /// **Throws:** `procpool::error` for an empty future, or when another
-  /// thread is using the pool.
+  /// **Throws:** `procpool::error` for an empty future.
   bool cancel();
   /// True when `cancel()` (or `executor::shutdown(..., true)`) cancelled the task.
   bool cancelled() const noexcept { return state_ && state_->call->cancelled_unsent; }
   /// Waits for the task, as `get()` does, and returns its error, or null when
   /// it succeeded; the result stays for `get()` (Python's `exception()`).
   /// **Throws:** `task_cancelled` for a cancelled task; `procpool::error` for
-  /// an empty future, or when another thread is using the pool.
+  /// an empty future.
   std::exception_ptr exception();
   /// Waits for the result and returns it (moves it out: call once).
   /// **Throws:** `task_error`, `worker_died`, `timeout_error` (their messages
   /// name a task); `pool_closed` when the pool was stopped before the task
-  /// finished; `procpool::error` for an empty future, or when another thread is
-  /// using the pool.
+  /// finished; `procpool::error` for an empty future.
   R get();
   /// Waits at most `d`; true if the result is ready.
   template <class Rep, class Period>
@@ -407,55 +405,72 @@ inline bool failed_not_cancelled(const call_state& call) noexcept {
 /// within about a millisecond per pool. A call whose pool is gone ends with
 /// `pool_closed`; a wait on a pool that breaks (terminate from elsewhere, a
 /// system call's failure) ends that pool's calls with the error and throws it.
-/// `done()` is only evaluated with every pool entered, and last before
-/// returning: a caller that reads its calls takes its answer there.
+/// `done()` is only evaluated with every pool entered (in one order, by
+/// address, so that two threads waiting on the same pools never hold one
+/// each), and last before returning: a caller that reads its calls takes
+/// its answer there. A turn holds its own pool alone.
 inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool()> done,
                         std::optional<std::chrono::steady_clock::time_point> deadline) {
+  // Drives `d` until `turn_done()` or `until`; if the wait breaks, `d`'s
+  // calls end with the error, as a future's would, and it goes on.
+  auto drive_one = [&](const std::shared_ptr<driver>& d, function_ref<bool()> turn_done,
+                       std::optional<std::chrono::steady_clock::time_point> until) {
+    try {
+      return d->drive_until(turn_done, until);
+    } catch (...) {
+      for (auto& w : calls) {
+        if (w.pool.lock() != d || w.call->finished()) continue;
+        w.call->abort(std::current_exception());
+        d->cancel(*w.call);
+      }
+      throw;
+    }
+  };
   for (;;) {
-    // Every pool is entered before any call's state is read: while another
-    // thread drives one of them, the wait is refused and reads nothing.
     std::vector<std::shared_ptr<driver>> pools;
     for (auto& w : calls) {
       auto d = w.pool.lock();
       if (d && std::find(pools.begin(), pools.end(), d) == pools.end())
         pools.push_back(std::move(d));
     }
-    std::deque<scoped_use> uses;
-    for (auto& d : pools) uses.emplace_back(*d, "procpool::wait");
-    if (done()) return true;
+    std::sort(pools.begin(), pools.end(), std::owner_less<std::shared_ptr<driver>>());
     std::vector<std::shared_ptr<driver>> busy;  // pools with a call not yet finished
-    for (auto& w : calls) {
-      if (w.call->finished()) continue;
-      auto d = w.pool.lock();
-      if (!d) {
-        w.call->abort(
-            std::make_exception_ptr(pool_closed::while_pending("its pool was destroyed")));
-        continue;
-      }
-      if (std::find(busy.begin(), busy.end(), d) == busy.end()) busy.push_back(std::move(d));
-    }
-    if (busy.empty()) return done();
-    if (deadline && std::chrono::steady_clock::now() >= *deadline) return false;
-    for (auto& d : busy) {
-      auto until = deadline;
-      if (busy.size() > 1) {
-        auto slice = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
-        if (!until || slice < *until) until = slice;
-      }
-      try {
-        d->drive_until(done, until);
-      } catch (...) {
-        // The wait broke (the pool stopped, a system call failed, a call
-        // from a process that does not own the pool): that pool's calls end
-        // with it, as a future's would, and the error goes on.
-        for (auto& w : calls) {
-          if (w.call->finished() || w.pool.lock() != d) continue;
-          w.call->abort(std::current_exception());
-          d->cancel(*w.call);
-        }
-        throw;
-      }
+    {
+      std::deque<scoped_use> uses;
+      for (auto& d : pools) uses.emplace_back(*d, "procpool::wait");
       if (done()) return true;
+      for (auto& w : calls) {
+        if (w.call->finished()) continue;
+        auto d = w.pool.lock();
+        if (!d) {
+          w.call->abort(
+              std::make_exception_ptr(pool_closed::while_pending("its pool was destroyed")));
+          continue;
+        }
+        if (std::find(busy.begin(), busy.end(), d) == busy.end()) busy.push_back(std::move(d));
+      }
+      if (busy.empty()) return done();
+      if (deadline && std::chrono::steady_clock::now() >= *deadline) return false;
+      if (pools.size() == 1) {  // every call is this pool's: its own predicate is `done`
+        drive_one(pools.front(), done, deadline);
+        return done();
+      }
+    }
+    for (auto& d : busy) {
+      scoped_use use(*d, "procpool::wait");
+      std::vector<call_state*> mine;  // read with this pool entered, and no other
+      for (auto& w : calls)
+        if (w.pool.lock() == d && !w.call->finished()) mine.push_back(w.call);
+      auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
+      if (deadline && *deadline < until) until = *deadline;
+      drive_one(
+          d,
+          [&] {
+            for (auto* c : mine)
+              if (c->finished()) return true;
+            return false;
+          },
+          until);
     }
   }
 }
@@ -473,8 +488,7 @@ std::vector<waited_call> waited_calls(Futures& futures) {
 /// `timeout` passes (Python's `concurrent.futures.wait`); returns which are
 /// done. Waiting drives their pools from the calling thread, as `get()`
 /// does. An empty range returns at once.
-/// **Throws:** `procpool::error` for an empty future, or when another thread
-/// is using one of the pools.
+/// **Throws:** `procpool::error` for an empty future.
 template <class Futures, class Rep, class Period>
 wait_result wait(Futures& futures, return_when when, std::chrono::duration<Rep, Period> timeout);
 /// `wait` without a timeout: waits as long as `when` asks.
@@ -522,8 +536,7 @@ wait_result wait(Futures& futures, return_when when) {
 /// must outlive it. Advancing drives their pools, as `procpool::wait` does.
 /// A future whose pool is stopped or destroyed meanwhile is yielded done;
 /// its `get()` raises `pool_closed`.
-/// **Throws** (from `begin()` and `++`): `procpool::error` when another
-/// thread is using one of the pools.
+/// **Throws** (from `begin()` and `++`): as `wait`.
 template <class Future>
 class [[nodiscard]] completed_range {
  public:

@@ -266,6 +266,7 @@ class engine final : public driver {
   void on_death(std::size_t w, exit_status status);
   bool retire_if_due(std::size_t w);
   bool any_ready();
+  bool sleep_until_ready(std::optional<steady::time_point> deadline);
   void reap_all(std::chrono::milliseconds grace, bool send_stop) noexcept;
   bool wait_exit(worker& w, std::optional<std::chrono::milliseconds> timeout,
                  exit_status* status = nullptr) noexcept;
@@ -275,7 +276,7 @@ class engine final : public driver {
   bool respawn_missing();
   bool owned() const noexcept { return this_pid() == parent_; }
   void check_owner(const char* operation) const;
-  void enter(const char* operation);
+  void refresh_workers(const char* operation);
   void release_foreign() noexcept;
   void release_call(const std::shared_ptr<call_state>& call) noexcept;
   void forget(call_state& call) noexcept;
@@ -294,7 +295,8 @@ class engine final : public driver {
   std::exception_ptr broken_;
   std::atomic<bool> closed_{false};
   std::atomic<bool> stop_requested_{false};
-  bool driving_ = false;  // inside drive_until: the queues are being walked
+  bool driving_ = false;               // inside drive_until: the queues are being walked
+  std::atomic<unsigned> sleepers_{0};  // threads asleep in drive_until, the pool released
   bool stopped_ = false;
 };
 
@@ -508,7 +510,7 @@ inline void engine::check_usable(const char* operation) const {
 }
 
 inline void engine::start(const std::shared_ptr<call_state>& call) {
-  enter("a call");
+  refresh_workers("a call");
   if (stopped_) throw pool_closed("a call");
   dispatch_.start(call);
 }
@@ -566,17 +568,54 @@ inline bool engine::drive_until(function_ref<bool()> done,
     {
       driving in_drive(driving_);
       bool progress = pump();
+      // What this thread collected may be what another one sleeps for.
+      if (progress && sleepers_ > 0) shared_->doorbell.notify();
       if (check_health(false)) continue;
       if (progress) continue;
     }
     if (done()) break;
-    driving in_drive(driving_);
-    auto st = wait_for_condition(
-        shared_->doorbell, [&] { return stop_requested_.load() || any_ready(); }, deadline,
-        [&] { return !check_health(false); }, config_.parent_wait);
-    if (st == wait_status::timeout) return done();
+    if (!sleep_until_ready(deadline)) return done();
   }
   return true;
+}
+
+inline bool engine::sleep_until_ready(std::optional<steady::time_point> deadline) {
+  auto ready = [&] { return stop_requested_.load() || any_ready(); };
+  // A short spin first, holding the pool: an answer due within microseconds
+  // is taken without a futex round trip.
+  if (config_.parent_wait.spin.count() > 0) {
+    auto spin_end = steady::now() + config_.parent_wait.spin;
+    for (unsigned i = 1;; ++i) {
+      cpu_relax();
+      if (ready()) return true;
+      if (i % 64 == 0 && steady::now() >= spin_end) break;
+    }
+  }
+  auto key = shared_->doorbell.prepare();
+  if (ready()) {
+    shared_->doorbell.cancel();
+    return true;
+  }
+  auto slice = config_.parent_wait.slice;
+  if (deadline) {
+    auto now = steady::now();
+    if (*deadline <= now) {
+      shared_->doorbell.cancel();
+      return false;
+    }
+    if (*deadline - now < slice)
+      slice = std::chrono::duration_cast<std::chrono::nanoseconds>(*deadline - now);
+  }
+  // Asleep, the thread lets others use the pool: they may start calls,
+  // collect this thread's answers (and ring the doorbell for it), or stop
+  // the pool, which this thread then finds at the top of its loop.
+  ++sleepers_;
+  {
+    released others_may_enter(*this);
+    shared_->doorbell.wait(key, slice);
+  }
+  --sleepers_;
+  return !deadline || steady::now() < *deadline || ready();
 }
 
 inline bool engine::any_ready() {
@@ -660,8 +699,11 @@ inline bool engine::take_back_for_idle() {
       continue;
     c.revoked = true;
     w.items_sent -= std::min<std::size_t>(w.items_sent, c.count);
-    detail::chunk copy = c;  // the same frame, for another worker
-    ++copy.call->in_flight;
+    // The same frame goes to another worker, and the call now waits for that
+    // copy alone: the frame left here is answered (unrun) only when its
+    // worker gets to it, which may be never (its running item may not end).
+    detail::chunk copy = c;
+    c.call.reset();
     dispatch_.resend(std::move(copy));
     --idle;
     took = true;
@@ -1124,7 +1166,7 @@ inline void engine::check_owner(const char* operation) const {
       operation, parent_, this_pid()));
 }
 
-inline void engine::enter(const char* operation) {
+inline void engine::refresh_workers(const char* operation) {
   check_owner(operation);
   if (stopped_) return;
   // Workers that died since the last call (say, while the pool was idle)
@@ -1146,7 +1188,7 @@ inline void engine::release_foreign() noexcept {
 inline std::vector<pid_t> engine::pids() {
   if (owned() && !stopped_) {
     try {
-      enter("pids");
+      refresh_workers("pids");
     } catch (const std::system_error&) {
       // No replacement can be forked now: its slot shows 0.
     }
