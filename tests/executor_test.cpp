@@ -1,5 +1,5 @@
-// Python's API on the executor and the pool: starmap, imap, imap_unordered
-// and zipped map on the executor, per-call chunk sizes, shutdown(wait,
+// Python's API on the executor and the pool: apply, starmap, imap,
+// imap_unordered and zipped map on the executor, per-call chunk sizes, shutdown(wait,
 // cancel_futures), the destructor's exit policy.
 #include <procpool/executor.hpp>
 #include <procpool/pool.hpp>
@@ -44,6 +44,19 @@ int pid_of2(int, int) {
 }  // namespace executor_test
 
 using namespace executor_test;
+
+TEST_CASE("apply runs one call and waits for it, on pool and executor, as Python's apply",
+          "[executor][pool]") {
+  procpool::executor ex(2);
+  CHECK(ex.apply(&add, 2, 3) == 5);
+  CHECK(ex.apply(&repeat, std::string("ab"), 3) == "ababab");
+  CHECK_THROWS_AS(ex.apply(&fail_on_three, 3), procpool::task_error);
+  CHECK(ex.apply(&square, 7) == 49);  // usable after the error
+  procpool::pool p(add, 1u);
+  CHECK(p.apply(20, 22) == 42);
+  p.close();
+  CHECK_THROWS_AS(p.apply(1, 1), procpool::pool_closed);
+}
 
 TEST_CASE("executor::starmap calls with each tuple's elements", "[executor]") {
   procpool::executor ex(2);

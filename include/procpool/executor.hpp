@@ -217,6 +217,14 @@ class executor {
           detail::bound_call<fn_t, args_t>{fn, args_t(std::forward<Args>(args)...)});
   }
 
+  /// Runs `fn(args...)` in a worker and waits for its result:
+  /// `submit(fn, args...).get()`.
+  /// **Throws:** as `future::get`, and `pool_closed` after `close()`.
+  template <class Fn, class... Args>
+  auto apply(Fn fn, Args&&... args) {
+    return submit(fn, std::forward<Args>(args)...).get();
+  }
+
   /// Applies `fn` to every item of `inputs` in the workers; results in
   /// input order. With several ranges, `fn` takes one argument from each,
   /// and the call stops at the shortest range (Python's `map(fn, xs, ys)`).

@@ -230,6 +230,13 @@ class pool {
   /// (Python's `apply_async`). The future's `get()` drives the pool.
   template <class... Args>
   auto submit(Args&&... args);
+  /// Runs `f(args...)` in a worker and waits for its result (Python's
+  /// `apply`): `submit(args...).get()`.
+  /// **Throws:** as `future::get`, and `pool_closed` after `close()`.
+  template <class... Args>
+  auto apply(Args&&... args) {
+    return submit(std::forward<Args>(args)...).get();
+  }
   /// `submit` of a function that takes a container, given as a braced list:
   /// `p.submit({1, 2, 3})` sends a `std::vector`.
   template <class T>
