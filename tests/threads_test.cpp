@@ -160,6 +160,22 @@ TEST_CASE("eight threads sharing an executor: submit, starmap and map, all answe
   CHECK(wrong == 0);
 }
 
+TEST_CASE("executor::shutdown from a second thread while the first waits on its futures",
+          "[threads]") {
+  procpool::executor ex(2);
+  std::vector<procpool::future<int>> fs;
+  for (int i = 0; i < 20; ++i) fs.push_back(ex.submit(&add, i, 1));
+  std::atomic<int> sum{0};
+  std::thread waiter([&] {
+    for (auto& f : fs) sum += f.get();
+  });
+  std::thread stopper([&] { ex.shutdown(true); });  // waits for the work, then stops
+  stopper.join();
+  waiter.join();
+  CHECK(sum == 210);  // 1 + 2 + ... + 20
+  CHECK_THROWS_AS(ex.submit(&add, 1, 1), procpool::pool_closed);
+}
+
 TEST_CASE("two threads waiting on futures of two pools, in opposite orders, never deadlock",
           "[threads]") {
   pool a(triple, 1u);

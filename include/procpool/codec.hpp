@@ -497,11 +497,13 @@ inline std::optional<exception_object> encode_current_exception_object() noexcep
 
 }  // namespace detail
 
-/// Registers `T`'s codec now, in this process and in the workers it forks
-/// from now on, so that a worker can send a thrown `T` back whole
-/// (`task_error::original<T>()`). Naming `original<T>()` or `rethrow_as<T>()`
-/// does this already, before `main`; call it for a type that is caught by
-/// another program (an MPI rank that names it nowhere else).
+/// Registers `T`'s codec now, in this process and in the pools it makes from
+/// now on, so that a worker can send a thrown `T` back whole
+/// (`task_error::original<T>()`). A pool's workers are forked from a copy of
+/// the program made with the pool: register before making it. Naming
+/// `original<T>()` or `rethrow_as<T>()` does this already, before `main`;
+/// call it for a type that is caught by another program (an MPI rank that
+/// names it nowhere else).
 /// **Thread safety:** safe from any thread.
 template <class T>
 void register_exception() {
