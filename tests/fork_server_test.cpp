@@ -162,7 +162,7 @@ TEST_CASE("a program that ignores SIGCHLD still learns how its workers died", "[
   {
     pool p(
         [](int x) {
-          if (x < 0) ::raise(SIGSEGV);
+          if (x < 0) ::raise(SIGTERM);  // not SIGSEGV: sanitizers catch that one
           return x;
         },
         2u);
@@ -174,7 +174,7 @@ TEST_CASE("a program that ignores SIGCHLD still learns how its workers died", "[
     CHECK(p.map(std::vector<int>{3, 4}) == std::vector<int>{3, 4});
   }
   ::sigaction(SIGCHLD, &old, nullptr);
-  CHECK_THAT(what, Catch::Contains("SIGSEGV"));
+  CHECK_THAT(what, Catch::Contains("SIGTERM"));
 }
 
 TEST_CASE("workers keep the program's own SIGCHLD disposition", "[fork_server]") {
