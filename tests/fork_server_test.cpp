@@ -24,26 +24,12 @@
 using namespace std::chrono_literals;
 using procpool::pool;
 
+using procpool_test::parent_of;
+
 namespace {
 
 int generation = 1;    // changed by the parent after the pool is made
 std::mutex held_lock;  // held by a parent thread while a worker is replaced
-
-// The parent pid of `pid`, from /proc (0 when it cannot be read).
-pid_t parent_of(pid_t pid) {
-  char path[64];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
-  FILE* f = std::fopen(path, "re");
-  if (f == nullptr) return 0;
-  char buf[512];
-  std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
-  std::fclose(f);
-  buf[len] = '\0';
-  const char* p = std::strrchr(buf, ')');
-  int ppid = 0;
-  if (p == nullptr || std::sscanf(p + 2, "%*c %d", &ppid) != 1) return 0;
-  return ppid;
-}
 
 }  // namespace
 

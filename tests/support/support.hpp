@@ -82,6 +82,22 @@ inline std::size_t open_fd_count() {
   return n;
 }
 
+/// The parent pid of process `pid`, from /proc (0 when it cannot be read).
+inline pid_t parent_of(pid_t pid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return 0;
+  char buf[512];
+  std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[len] = '\0';
+  const char* p = std::strrchr(buf, ')');
+  int ppid = 0;
+  if (p == nullptr || std::sscanf(p + 2, "%*c %d", &ppid) != 1) return 0;
+  return static_cast<pid_t>(ppid);
+}
+
 /// Children of this process that exist, zombies included.
 inline std::size_t child_count() {
   std::size_t n = 0;
@@ -90,17 +106,7 @@ inline std::size_t child_count() {
       char* end = nullptr;
       long pid = std::strtol(e->d_name, &end, 10);
       if (end == e->d_name || *end != '\0') continue;
-      char path[64];
-      std::snprintf(path, sizeof path, "/proc/%ld/stat", pid);
-      if (FILE* f = std::fopen(path, "re")) {
-        char buf[512];
-        std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
-        std::fclose(f);
-        buf[len] = '\0';
-        const char* p = std::strrchr(buf, ')');
-        long ppid = 0;
-        if (p != nullptr && std::sscanf(p + 2, "%*c %ld", &ppid) == 1 && ppid == ::getpid()) ++n;
-      }
+      if (parent_of(static_cast<pid_t>(pid)) == ::getpid()) ++n;
     }
     ::closedir(d);
   }
