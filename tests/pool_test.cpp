@@ -449,7 +449,12 @@ TEST_CASE("progress reaches the total once, at the end", "[pool]") {
   CHECK(reports.back().done == 1000);
   CHECK(reports.back().total == 1000);
   for (std::size_t i = 1; i < reports.size(); ++i) CHECK(reports[i].done >= reports[i - 1].done);
-  CHECK(procpool::format_progress({500, 1000, 1s}).find("500/1000") != std::string::npos);
+  CHECK_THAT(procpool::format_progress({500, 1000, 1s}),
+             Catch::Contains("500/1000") && Catch::Contains("ETA 0:01"));
+  // At the end, the time it took instead of an estimate.
+  auto last = procpool::format_progress({1000, 1000, 61s});
+  CHECK_THAT(last, Catch::Contains("1000/1000") && Catch::Contains("in 1:01"));
+  CHECK_THAT(last, !Catch::Contains("ETA"));
 }
 
 TEST_CASE("no zombie, descriptor or mapping is left after any failure", "[pool][fork]") {

@@ -143,9 +143,9 @@ auto call_front<F, Handlers>::imap(Range&& inputs, std::size_t chunk_size) {
   std::size_t window = 4 * std::size_t(driver_->parallelism()) * std::min<std::size_t>(chunk, 4096);
   if (grow) window = 4 * std::size_t(driver_->parallelism()) * 4096;
   using call_t = imap_call<F, Handlers, Item, Invoke, Range, Result, Ordered>;
-  auto call = std::make_shared<call_t>(
-      std::forward<Range>(inputs), chunk, grow, driver_->chunk_bytes(), window, driver_,
-      progress_reporter(Ordered && progress_, on_progress_, total));
+  auto call =
+      std::make_shared<call_t>(std::forward<Range>(inputs), chunk, grow, driver_->chunk_bytes(),
+                               window, driver_, progress_reporter(progress_, on_progress_, total));
   driver_->start(call);
   std::shared_ptr<imap_state<Result>> state = call;
   if constexpr (Ordered)

@@ -38,7 +38,8 @@ struct progress_info {
   }
 };
 
-/// Formats a one-line bar for `info`: `[#####.....] 500/1000 50% 1.2k items/s ETA 0:01`.
+/// Formats a one-line bar for `info`: `[#####.....] 500/1000 50% 1.2k items/s ETA 0:01`;
+/// once every item is done, the time taken instead of the estimate (`in 0:02`).
 inline std::string format_progress(const progress_info& info, std::size_t width = 30) {
   auto human = [](double v) {
     if (v >= 1e6) return fmt::format("{:.1f}M", v / 1e6);
@@ -54,10 +55,15 @@ inline std::string format_progress(const progress_info& info, std::size_t width 
     line = fmt::format("{} items", info.done);
   }
   line += fmt::format(" {} items/s", human(info.rate()));
-  double eta = info.eta_seconds();
-  if (eta >= 0) {
-    auto s = static_cast<long long>(eta + 0.5);
-    line += fmt::format(" ETA {}:{:02}", s / 60, s % 60);
+  auto minutes_seconds = [](double seconds) {
+    auto s = static_cast<long long>(seconds + 0.5);
+    return fmt::format("{}:{:02}", s / 60, s % 60);
+  };
+  if (info.total > 0 && info.done >= info.total) {
+    // Done: the time it took, as tqdm shows at the end.
+    line += " in " + minutes_seconds(std::chrono::duration<double>(info.elapsed).count());
+  } else if (double eta = info.eta_seconds(); eta >= 0) {
+    line += " ETA " + minutes_seconds(eta);
   }
   return line;
 }
