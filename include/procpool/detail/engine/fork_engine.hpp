@@ -404,7 +404,7 @@ inline void engine::worker_entry(void* self, std::uint32_t i, pid_t server) {
 
 inline void engine::server_lost(const error& e) noexcept {
   // Its workers died with it (PR_SET_PDEATHSIG), and no other can be forked.
-  if (!broken_) broken_ = std::make_exception_ptr(error(fmt::format("{}", e.what())));
+  if (!broken_) broken_ = std::make_exception_ptr(e);
   closed_ = true;
 }
 
