@@ -10,9 +10,9 @@
 //
 // `pool::submit(args...)` calls the pool's function with `args` in a worker
 // and returns a `procpool::future`; `executor::submit(f, args...)` does the
-// same with a function given at each call. Waiting on a future (`get`,
-// `wait_for`) is what moves the work along: the pool runs no threads of its
-// own.
+// same with a function given at each call. The tasks run while the caller
+// does something else (the pool's helper thread sends and collects them);
+// callbacks are in examples/callbacks.cpp.
 #include <fmt/format.h>
 #include <procpool/executor.hpp>
 #include <procpool/pool.hpp>

@@ -3,9 +3,11 @@
 // cancel_futures, and a worker's own exception type caught as itself.
 #include <procpool/executor.hpp>
 
+#include <chrono>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -33,6 +35,10 @@ int add(int a, int b) {
   return a + b;
 }
 int square(int x) {
+  return x * x;
+}
+int slow_square(int x) {
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
   return x * x;
 }
 int parse_line(int line) {
@@ -74,12 +80,19 @@ int main() {
     }
   }
 
-  // Tasks not yet sent are cancelled; get() says so.
-  auto pending = ex.submit(&square, 9);
+  // Tasks not yet sent are cancelled; get() says so. Tasks go to the
+  // workers at once, two per worker: of ten slow ones, four are sent.
+  std::vector<procpool::future<int>> batch;
+  for (int i = 0; i < 10; ++i) batch.push_back(ex.submit(&slow_square, i));
   ex.shutdown(true, true);
-  try {
-    (void)pending.get();
-  } catch (const procpool::task_cancelled&) {
-    std::printf("the pending task was cancelled\n");
+  int ran = 0, cancelled = 0;
+  for (auto& f : batch) {
+    try {
+      (void)f.get();
+      ++ran;
+    } catch (const procpool::task_cancelled&) {
+      ++cancelled;
+    }
   }
+  std::printf("%d tasks ran, %d pending ones were cancelled\n", ran, cancelled);
 }

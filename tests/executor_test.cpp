@@ -33,6 +33,12 @@ int fail_on_three(int x) {
   if (x == 3) throw std::domain_error("three");
   return x;
 }
+/// Opened before any pool, so every worker holds it: `give()` lets one
+/// `gated` call return.
+procpool_test::go_signal gate;
+int gated(int x) {
+  return gate.await() ? x : 0;
+}
 /// The worker's pid, to count chunks.
 int pid_of(int) {
   return static_cast<int>(::getpid());
@@ -155,10 +161,17 @@ TEST_CASE("shutdown(wait, cancel_futures) as Python's", "[executor]") {
     procpool::executor ex(1);
     auto first = ex.submit(&square, 2);
     CHECK(first.wait_for(std::chrono::seconds(10)));  // sent and done
+    // The helper thread sends tasks at once: with the one worker held and a
+    // second task in its ring (two per worker), the later ones stay unsent.
+    auto held = ex.submit(&gated, 7);
+    auto queued = ex.submit(&square, 8);
     std::vector<procpool::future<int>> later;
     for (int i = 0; i < 5; ++i) later.push_back(ex.submit(&square, i));
-    ex.shutdown(true, true);
+    ex.shutdown(false, true);
+    gate.give();
     CHECK(first.get() == 4);
+    CHECK(held.get() == 7);
+    CHECK(queued.get() == 64);
     for (auto& f : later) {
       CHECK(f.cancelled());
       CHECK(f.done());

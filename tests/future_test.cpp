@@ -25,11 +25,16 @@ namespace future_test {
 int square(int x) {
   return x * x;
 }
-/// Fails for 3; blocks until killed for -1; kills its own worker for -2.
+/// Opened before any pool, so every worker holds it: `give()` lets one
+/// `picky(-3)` return.
+procpool_test::go_signal gate;
+/// Fails for 3; blocks until killed for -1; kills its own worker for -2;
+/// waits for `gate` for -3.
 int picky(int x) {
   if (x == 3) throw std::domain_error("three");
   if (x == -1) procpool_test::block_forever();
   if (x == -2) ::raise(SIGKILL);
+  if (x == -3) return gate.await() ? x : 0;
   return x;
 }
 }  // namespace future_test
@@ -37,9 +42,13 @@ int picky(int x) {
 using namespace future_test;
 
 TEST_CASE("cancel: true before the task is sent, false after; twice; get raises", "[future]") {
-  procpool::pool p(square, 1);
+  // The helper thread sends tasks at once: with the one worker busy and a
+  // second task in its ring (two chunks per worker), a third stays unsent.
+  procpool::pool p(picky, 1);
   auto sent = p.submit(2);
   REQUIRE(sent.wait_for(10s));
+  auto held = p.submit(-3);
+  auto queued = p.submit(5);
   auto unsent = p.submit(3);
   auto other = p.submit(4);
   CHECK_FALSE(unsent.done());
@@ -51,9 +60,12 @@ TEST_CASE("cancel: true before the task is sent, false after; twice; get raises"
   CHECK_THROWS_AS(unsent.exception(), procpool::task_cancelled);
   CHECK_FALSE(sent.cancel());  // done
   CHECK_FALSE(sent.cancelled());
-  CHECK(other.get() == 16);  // the cancelled task never held up the others
+  gate.give();
+  CHECK(held.get() == -3);
+  CHECK(queued.get() == 5);
+  CHECK(other.get() == 4);  // the cancelled task never held up the others
   CHECK_FALSE(other.cancel());
-  CHECK(p.map(std::vector<int>{1, 2}) == std::vector<int>{1, 4});
+  CHECK(p.map(std::vector<int>{1, 2}) == std::vector<int>{1, 2});
   procpool::future<int> empty;
   CHECK_THROWS_AS(empty.cancel(), procpool::error);
 }
@@ -120,12 +132,15 @@ TEST_CASE("wait: all_completed, first_completed, first_exception, timeout", "[fu
   SECTION("first_exception ignores cancelled tasks") {
     procpool::pool one(picky, 1);
     std::vector<procpool::future<int>> fs;
-    fs.push_back(one.submit(1));
-    fs.push_back(one.submit(2));
-    CHECK(fs[1].cancel());
+    fs.push_back(one.submit(-3));  // runs until the gate opens
+    fs.push_back(one.submit(1));   // waits in the worker's ring
+    fs.push_back(one.submit(2));   // not sent yet
+    CHECK(fs[2].cancel());
+    gate.give();
     auto r = procpool::wait(fs, return_when::first_exception);
-    CHECK(r.done.size() == 2);
-    CHECK(fs[0].get() == 1);
+    CHECK(r.done.size() == 3);
+    CHECK(fs[0].get() == -3);
+    CHECK(fs[1].get() == 1);
   }
 }
 
@@ -191,8 +206,11 @@ TEST_CASE("as_completed over futures of a pool destroyed mid-iteration", "[futur
 
 TEST_CASE("wait and cancel from a forked child touch nothing of the parent's pool",
           "[future][fork]") {
-  procpool::pool p(square, 1);
-  auto f = p.submit(3);
+  // Forked while the pool's helper thread runs: the child's copy of the
+  // pool must neither wait on its lock nor touch the workers. The first
+  // task holds the one worker, so the futures are still pending in the copy.
+  procpool::pool p(picky, 1);
+  auto f = p.submit(-3);
   std::vector<procpool::future<int>> fs;
   fs.push_back(p.submit(4));
   pid_t child = procpool_test::spawn([&] {
@@ -209,8 +227,9 @@ TEST_CASE("wait and cancel from a forked child touch nothing of the parent's poo
     return code;
   });
   CHECK(procpool_test::reap(child) == procpool::exit_status::exited(0));
-  CHECK(f.get() == 9);
-  CHECK(fs[0].get() == 16);
+  gate.give();
+  CHECK(f.get() == -3);
+  CHECK(fs[0].get() == 4);
 }
 
 TEST_CASE("wait and as_completed from a second thread while the first waits in get()",

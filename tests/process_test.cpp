@@ -36,41 +36,8 @@ namespace {
   for (;;) ::pause();
 }
 
-/// Runs `body` with descriptor `fd` (1 or 2) sent to a temporary file;
-/// returns what was written to it.
-template <class Body>
-std::string capture(int fd, Body body) {
-  std::fflush(nullptr);
-  char path[] = "/tmp/procpool-capture-XXXXXX";
-  int file = ::mkstemp(path);
-  REQUIRE(file >= 0);
-  ::unlink(path);
-  int saved = ::dup(fd);
-  ::dup2(file, fd);
-  body();
-  std::fflush(nullptr);
-  ::dup2(saved, fd);
-  ::close(saved);
-  std::string out;
-  ::lseek(file, 0, SEEK_SET);
-  char buf[4096];
-  for (ssize_t n; (n = ::read(file, buf, sizeof buf)) > 0;)
-    out.append(buf, static_cast<std::size_t>(n));
-  ::close(file);
-  return out;
-}
-
-/// What `body` writes to stderr.
-template <class Body>
-std::string capture_stderr(Body body) {
-  return capture(2, body);
-}
-
-/// What `body` writes to stdout.
-template <class Body>
-std::string capture_stdout(Body body) {
-  return capture(1, body);
-}
+using procpool_test::capture_stderr;
+using procpool_test::capture_stdout;
 
 }  // namespace
 

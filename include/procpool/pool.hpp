@@ -103,11 +103,13 @@ struct pool_options {
   /// Bytes of each of the two rings per worker (rounded up to a power of two).
   /// Larger messages are streamed through, so this bounds memory, not item size.
   std::size_t ring_bytes = std::size_t(1) << 20;
-  /// Draw a progress bar on stderr during `map`, `starmap` and `imap` when
-  /// stderr is a terminal.
+  /// Draw a progress bar on stderr when stderr is a terminal, for every call
+  /// kind: `map`, `starmap`, `imap`, `imap_unordered`, `map_async`, and
+  /// batches of submitted tasks (see the guide's Progress).
   bool progress = false;
-  /// Called with the progress of `map`, `starmap` and `imap` (at most ten
-  /// times a second, and once at the end); replaces the bar when set.
+  /// Called with the progress of every call kind, as `progress` draws it (at
+  /// most ten times a second, and once at the end); replaces the bar when
+  /// set. Runs on the pool's helper thread for `map_async` and submitted tasks.
   std::function<void(const progress_info&)> on_progress{};
   /// What the destructor does with work in flight: wait for it (the
   /// default), or terminate the workers at once, as Python's `with Pool()`.
@@ -226,6 +228,54 @@ class pool {
     return imap_unordered(std::vector<T>(inputs));
   }
 
+  /// `map` without waiting (Python's `Pool.map_async`): reads `inputs` into
+  /// a vector now, starts the call and returns a future of every result in
+  /// input order (`future<std::vector<R>>`; `future<void>` for a function
+  /// that returns nothing). The pool's helper thread moves the call along
+  /// while the caller does something else, draws its progress, and calls
+  /// `callback(results)` (`callback()` for `void`) when every result is in,
+  /// or `error_callback(std::exception_ptr)` with the error `get()` raises
+  /// (see `future::then`).
+  /// **Throws:** `pool_closed` after `close()`; what the input's iterators throw.
+  template <class Range, class OnValue = detail::ignore_value,
+            class OnError = detail::ignore_error,
+            class = std::enable_if_t<!std::is_same_v<std::decay_t<OnValue>, map_options>>>
+  auto map_async(Range&& inputs, OnValue callback = {}, OnError error_callback = {}) {
+    return map_async(std::forward<Range>(inputs), map_options{}, std::move(callback),
+                     std::move(error_callback));
+  }
+  /// `map_async` with options for this call.
+  template <class Range, class OnValue = detail::ignore_value,
+            class OnError = detail::ignore_error>
+  auto map_async(Range&& inputs, map_options options, OnValue callback = {},
+                 OnError error_callback = {}) {
+    if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+      return calls_.template map_async<detail::invoke_one>(inputs, "map_async",
+                                                           options.chunk_size,
+                                                           std::move(callback),
+                                                           std::move(error_callback));
+  }
+  /// `map_async` for a function of several arguments, each item a tuple
+  /// (Python's `Pool.starmap_async`).
+  template <class Range, class OnValue = detail::ignore_value,
+            class OnError = detail::ignore_error,
+            class = std::enable_if_t<!std::is_same_v<std::decay_t<OnValue>, map_options>>>
+  auto starmap_async(Range&& inputs, OnValue callback = {}, OnError error_callback = {}) {
+    return starmap_async(std::forward<Range>(inputs), map_options{}, std::move(callback),
+                         std::move(error_callback));
+  }
+  /// `starmap_async` with options for this call.
+  template <class Range, class OnValue = detail::ignore_value,
+            class OnError = detail::ignore_error>
+  auto starmap_async(Range&& inputs, map_options options, OnValue callback = {},
+                     OnError error_callback = {}) {
+    if constexpr (detail::check_map<detail::call_shape::tuple_item, F, Range>())
+      return calls_.template map_async<detail::invoke_apply>(inputs, "starmap_async",
+                                                             options.chunk_size,
+                                                             std::move(callback),
+                                                             std::move(error_callback));
+  }
+
   /// Runs `f(args...)` in a worker and returns a future for its result
   /// (Python's `apply_async`). The future's `get()` drives the pool.
   template <class... Args>
@@ -251,8 +301,11 @@ class pool {
   /// reaped. Implies `close()`. Open `imap` ranges are not waited for: they
   /// end, and their next step raises `pool_closed`.
   void join() {
-    detail::scoped_use use(*engine_, "join");
-    engine_->join();
+    {
+      detail::scoped_use use(*engine_, "join");
+      engine_->join();
+    }
+    engine_->stop_helper();  // after the callbacks of the calls that finished
   }
   /// Stops the workers now (SIGTERM, then SIGKILL after a bounded wait) and
   /// reaps them. Every pending call, future and range raises `pool_closed`.
@@ -359,9 +412,11 @@ void pool<F>::terminate() noexcept {
   // A thread busy in a call stops the pool at its next step; one that waits
   // lets this thread in, and finds the pool stopped when it wakes.
   e.request_stop();
-  e.enter();
-  e.terminate();
-  e.leave();
+  if (e.enter()) {
+    e.terminate();
+    e.leave();
+  }
+  e.stop_helper();
 }
 
 template <class F>

@@ -97,6 +97,32 @@ TEST_CASE("every kind of call over ranks equals the local pool's, for ints", "[m
   CHECK(future.get() == 20);
 }
 
+TEST_CASE("map_async and then over ranks: callbacks have run when get returns", "[mpi]") {
+  auto f = [](int x) { return x * 3 - 1; };
+  procpool::mpi::pool p(f);
+  if (!p.is_root()) return;
+  std::vector<int> xs(1000);
+  std::iota(xs.begin(), xs.end(), -500);
+  std::vector<int> seen;
+  int task_value = 0;
+  auto all = p.map_async(xs, [&](const std::vector<int>& r) { seen = r; });
+  auto one = p.submit(7);
+  one.then([&](const int& v) { task_value = v; });
+  auto r = all.get();
+  REQUIRE(r.size() == xs.size());
+  CHECK(r.front() == -1501);
+  CHECK(r.back() == 499 * 3 - 1);
+  CHECK(one.get() == 20);
+  CHECK(task_value == 20);
+  CHECK(seen == r);
+  std::exception_ptr error;
+  auto bad = p.map_async(std::vector<int>{}, [&](const std::vector<int>& v) {
+    if (!v.empty()) error = std::make_exception_ptr(std::logic_error("not empty"));
+  });
+  CHECK(bad.get().empty());
+  CHECK_FALSE(error);
+}
+
 TEST_CASE("strings, with one 8 MiB item among them, equal the local pool's", "[mpi]") {
   auto twice = [](const std::string& s) { return s + s; };
   procpool::mpi::pool p(twice);

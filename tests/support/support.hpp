@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -203,6 +204,42 @@ struct go_signal {
     return procpool::detail::sys::read_some(fds.first.get(), &c, 1) == 1;
   }
 };
+
+/// Runs `body` with descriptor `fd` (1 or 2) sent to a temporary file;
+/// returns what was written to it.
+template <class Body>
+std::string capture(int fd, Body body) {
+  std::fflush(nullptr);
+  char path[] = "/tmp/procpool-capture-XXXXXX";
+  int file = ::mkstemp(path);
+  if (file < 0) throw std::runtime_error("mkstemp failed");
+  ::unlink(path);
+  int saved = ::dup(fd);
+  ::dup2(file, fd);
+  body();
+  std::fflush(nullptr);
+  ::dup2(saved, fd);
+  ::close(saved);
+  std::string out;
+  ::lseek(file, 0, SEEK_SET);
+  char buf[4096];
+  for (ssize_t n; (n = ::read(file, buf, sizeof buf)) > 0;)
+    out.append(buf, static_cast<std::size_t>(n));
+  ::close(file);
+  return out;
+}
+
+/// What `body` writes to stderr.
+template <class Body>
+std::string capture_stderr(Body body) {
+  return capture(2, body);
+}
+
+/// What `body` writes to stdout.
+template <class Body>
+std::string capture_stdout(Body body) {
+  return capture(1, body);
+}
 
 /// Blocks the calling process until a signal kills it.
 [[noreturn]] inline void block_forever() {

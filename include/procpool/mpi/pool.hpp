@@ -169,6 +169,19 @@ class pool {
     root_only("imap_unordered");
     return calls_.template imap<false>(std::forward<Range>(inputs));
   }
+  /// As `procpool::pool::map_async`: a future of every result, callbacks
+  /// when they are in. With `MPI_THREAD_MULTIPLE` the pool's helper thread
+  /// moves the call along and runs the callbacks; otherwise the call moves
+  /// while a thread of the caller's waits on the pool, and the callbacks run
+  /// in that thread on its way out.
+  template <class Range, class OnValue = detail::ignore_value,
+            class OnError = detail::ignore_error>
+  auto map_async(Range&& inputs, OnValue callback = {}, OnError error_callback = {}) {
+    root_only("map_async");
+    return calls_.template map_async<detail::invoke_one>(inputs, "map_async", 0,
+                                                         std::move(callback),
+                                                         std::move(error_callback));
+  }
   /// As `procpool::pool::submit`: runs `f(args...)` on some rank.
   template <class... Args>
   auto submit(Args&&... args) {
@@ -518,7 +531,7 @@ template <class F>
 pool<F>::~pool() {
   if (!engine_) return;
   try {
-    engine_->join();
+    join();
   } catch (...) {
   }
 }
@@ -530,7 +543,12 @@ void pool<F>::close() noexcept {
 
 template <class F>
 void pool<F>::join() {
-  if (engine_) engine_->join();
+  if (!engine_) return;
+  {
+    detail::scoped_use use(*engine_, "join");
+    engine_->join();
+  }
+  engine_->stop_helper();  // after the callbacks of the calls that finished
 }
 
 }  // namespace procpool::mpi

@@ -51,6 +51,12 @@ class call_front {
   /// One task: `item` called through `Invoke`.
   template <class Invoke, class Item>
   auto submit(Item item);
+  /// `map_async` (invoke_one) or `starmap_async` (invoke_apply): the input
+  /// read into a vector now, the results in a future, the callbacks run by
+  /// the helper thread.
+  template <class Invoke, class Range, class OnValue, class OnError>
+  auto map_async(Range&& inputs, const char* name, std::size_t chunk, OnValue on_value,
+                 OnError on_error);
 
  private:
   template <class Invoke, class Range>
@@ -67,6 +73,7 @@ class call_front {
   std::size_t chunk_size_ = 0;
   bool progress_ = false;
   std::function<void(const progress_info&)> on_progress_;
+  std::shared_ptr<task_batch> batch_;  // submitted tasks, with progress on
 };
 
 template <class F, class Handlers>
@@ -162,12 +169,53 @@ auto call_front<F, Handlers>::submit(Item item) {
   using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void, Result>;
   scoped_use use(*driver_, "submit");
   driver_->check_usable("submit");
-  auto call = std::make_shared<submit_call<F, Handlers, Item, Invoke, Result>>(std::move(item));
+  if ((progress_ || on_progress_) && !batch_)
+    batch_ = std::make_shared<task_batch>(progress_, on_progress_);
+  auto call =
+      std::make_shared<submit_call<F, Handlers, Item, Invoke, Result>>(std::move(item), batch_);
   driver_->start(call);
+  // The helper thread reports the batch's progress as its tasks end.
+  if (batch_) driver_->watch(call);
+  driver_->send_now();
   auto s = std::make_shared<typename future<R>::state>();
   s->call = call;
   s->result = &call->result;
   return future<R>(std::move(s), driver_);
+}
+
+template <class F, class Handlers>
+template <class Invoke, class Range, class OnValue, class OnError>
+auto call_front<F, Handlers>::map_async(Range&& inputs, const char* name, std::size_t chunk,
+                                        OnValue on_value, OnError on_error) {
+  using Item = range_item_t<Range>;
+  static_assert(check_sendable<sent_as::item, Item>());
+  using Result = call_result_t<F, Item, Invoke>;
+  static_assert(check_result<Result>());
+  using call_t = map_async_call<F, Handlers, Item, Invoke, Result>;
+  using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void,
+                               typename call_t::value_type>;
+  std::optional<future<R>> f;
+  {
+    scoped_use use(*driver_, name);
+    driver_->check_usable(name);
+    std::vector<Item> items(std::begin(inputs), std::end(inputs));
+    std::size_t n = items.size();
+    auto call = std::make_shared<call_t>(std::move(items), default_chunk(n, chunk),
+                                         driver_->chunk_bytes(),
+                                         progress_reporter(progress_, on_progress_, n));
+    driver_->start(call);
+    driver_->send_now();
+    // The helper thread reports its progress (the caller is not waiting).
+    if (progress_ || on_progress_) driver_->watch(call);
+    auto s = std::make_shared<typename future<R>::state>();
+    s->call = call;
+    s->result = &call->result;
+    s->one_task = false;
+    f.emplace(future<R>(std::move(s), driver_));
+  }
+  if constexpr (!std::is_same_v<OnValue, ignore_value> || !std::is_same_v<OnError, ignore_error>)
+    f->then(std::move(on_value), std::move(on_error));
+  return std::move(*f);
 }
 
 }  // namespace detail

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <iterator>
 #include <memory>
 #include <optional>
@@ -30,6 +31,15 @@ namespace detail {
 template <class F, class Handlers>
 class call_front;
 struct future_access;
+/// The default error callback of `future::then`: ignores the error (it stays for `get()`).
+struct ignore_error {
+  void operator()(const std::exception_ptr&) const noexcept {}
+};
+/// The default value callback of `map_async`: none.
+struct ignore_value {
+  template <class... A>
+  void operator()(const A&...) const noexcept {}
+};
 }  // namespace detail
 
 /// The result of a task submitted to a pool or an executor (Python's `AsyncResult`).
@@ -76,6 +86,23 @@ class [[nodiscard]] future {
   /// True for a future that belongs to a task (not default-constructed, not moved from).
   bool valid() const noexcept { return state_ != nullptr; }
 
+  /// Calls `on_value(result)` (`on_value()` for `future<void>`) when the
+  /// task succeeds, or `on_error(error)`, an `std::exception_ptr`, when it
+  /// fails, is cancelled or its pool stops: Python's `apply_async(callback=,
+  /// error_callback=)` and `add_done_callback`. The callback runs on the
+  /// pool's helper thread within milliseconds of the result's arrival, while
+  /// the caller does something else or sleeps; for a task already over, it
+  /// runs at once in the calling thread. `get()`, `wait_for` and
+  /// `procpool::wait` return only after the task's callbacks ran, and the
+  /// result stays for `get()` (the callback sees it as `const R&`). An
+  /// exception thrown by a callback is written to stderr and the pool goes
+  /// on. A callback may use the pool, this future included. Both callables
+  /// are copied; the future may be dropped before the callback runs. Returns
+  /// `*this`.
+  /// **Throws:** `procpool::error` for an empty future.
+  template <class OnValue, class OnError = detail::ignore_error>
+  future& then(OnValue on_value, OnError on_error = {});
+
  private:
   struct state;
   template <class F, class Handlers>
@@ -86,6 +113,7 @@ class [[nodiscard]] future {
   void wait_until(detail::driver* d,
                   std::optional<std::chrono::steady_clock::time_point> deadline) const;
   void rethrow_failure() const;
+  static std::exception_ptr failure_of(const future& f);
   detail::stored_t<R> take();
   std::shared_ptr<state> state_;
   std::weak_ptr<detail::driver> driver_;
@@ -233,6 +261,7 @@ template <class R>
 struct future<R>::state {
   std::shared_ptr<detail::call_state> call;
   std::optional<detail::stored_t<R>>* result = nullptr;
+  bool one_task = true;  // a submitted task (errors name no item), not a map_async call
 };
 
 template <class R>
@@ -241,19 +270,26 @@ bool future<R>::ready() const {
   auto d = driver_.lock();
   std::optional<detail::scoped_use> use;
   if (d) use.emplace(*d, "future::ready");
-  return state_->call->finished();
+  return state_->call->over();
 }
 
 template <class R>
 void future<R>::wait_until(detail::driver* d,
                            std::optional<std::chrono::steady_clock::time_point> deadline) const {
   auto& call = *state_->call;
-  if (call.finished()) return;
-  if (!d) throw pool_closed("future::get");
+  if (call.over()) return;
+  if (!d) {
+    // The pool is gone; a task that finished keeps its result (its
+    // callbacks may still be running, on the thread that destroyed it).
+    if (call.finished()) return;
+    throw pool_closed("future::get");
+  }
   try {
-    d->drive_until([&] { return call.finished(); }, deadline);
+    d->drive_until([&] { return call.over(); }, deadline);
   } catch (...) {
-    // The wait broke (the pool stopped, a system call failed): the task ends with it.
+    // The wait broke (the pool stopped, a system call failed): the task ends
+    // with it, unless it finished and only its callbacks were still to run.
+    if (call.finished()) return;
     call.abort(std::current_exception());
     d->cancel(call);
     throw;
@@ -264,6 +300,7 @@ template <class R>
 void future<R>::rethrow_failure() const {
   // A task is no item of a call: its errors say "a task", not "item 0".
   // Subclasses (the MPI engine's) word their messages themselves.
+  if (!state_->one_task) state_->call->rethrow_if_failed();  // map_async: items keep their index
   try {
     state_->call->rethrow_if_failed();
   } catch (const task_error& e) {
@@ -276,6 +313,66 @@ void future<R>::rethrow_failure() const {
     if (typeid(e) != typeid(timeout_error)) throw;
     throw timeout_error::in_task(e.pid(), e.timeout());
   }
+}
+
+template <class R>
+std::exception_ptr future<R>::failure_of(const future& f) {
+  const auto& call = *f.state_->call;
+  if (!call.finished())
+    return std::make_exception_ptr(pool_closed::while_pending("its pool was destroyed"));
+  try {
+    if (call.cancelled_unsent) call.rethrow_if_failed();
+    f.rethrow_failure();
+  } catch (...) {
+    return std::current_exception();
+  }
+  if (!*f.state_->result)
+    return std::make_exception_ptr(error("the task ended without a result"));  // a bug, never a wait
+  return nullptr;
+}
+
+template <class R>
+template <class OnValue, class OnError>
+future<R>& future<R>::then(OnValue on_value, OnError on_error) {
+  if constexpr (std::is_void_v<R>)
+    static_assert(std::is_invocable_v<OnValue&>,
+                  "then(on_value): on_value must be callable with no argument for a future<void>");
+  else
+    static_assert(std::is_invocable_v<OnValue&, const R&>,
+                  "then(on_value): on_value must be callable with the result, as const R&");
+  static_assert(std::is_invocable_v<OnError&, const std::exception_ptr&>,
+                "then(on_value, on_error): on_error must be callable with a std::exception_ptr");
+  if (!state_) throw error("then() on an empty future");
+  // The callback holds the task's state (never the pool): the future may be
+  // dropped before it runs.
+  future reader(state_, driver_);
+  std::function<void()> callback = [reader = std::move(reader), on_value = std::move(on_value),
+                                    on_error = std::move(on_error)]() mutable {
+    if (auto e = failure_of(reader)) {
+      on_error(e);
+    } else if constexpr (std::is_void_v<R>) {
+      on_value();
+    } else {
+      on_value(std::as_const(**reader.state_->result));
+    }
+  };
+  if (auto d = driver_.lock()) {
+    detail::scoped_use use(*d, "future::then");
+    auto& call = *state_->call;
+    if (!call.finished()) {
+      bool first = call.callbacks.empty();
+      call.callbacks.push_back(std::move(callback));
+      if (first && d->watch(state_->call)) call.callbacks_due = true;
+      return *this;
+    }
+  }
+  // Over already: run it now, here (as Python's add_done_callback does).
+  try {
+    callback();
+  } catch (...) {
+    detail::report_callback_error("a callback");
+  }
+  return *this;
 }
 
 template <class R>
@@ -324,10 +421,14 @@ std::exception_ptr future<R>::exception() {
 template <class R>
 R future<R>::get() {
   if (!state_) throw error("get() on an empty future");
-  auto d = driver_.lock();
-  std::optional<detail::scoped_use> use;
-  if (d) use.emplace(*d, "future::get");
-  wait_until(d.get(), std::nullopt);
+  {
+    auto d = driver_.lock();
+    std::optional<detail::scoped_use> use;
+    if (d) use.emplace(*d, "future::get");
+    wait_until(d.get(), std::nullopt);
+  }
+  // Taken after leaving the pool: where no helper thread runs, the callbacks
+  // run as this thread leaves, and they see the result first.
   if constexpr (std::is_void_v<R>)
     take();
   else
@@ -343,7 +444,7 @@ bool future<R>::wait_for(std::chrono::duration<Rep, Period> d) const {
   std::optional<detail::scoped_use> use;
   if (driver) use.emplace(*driver, "future::wait_for");
   wait_until(driver.get(), deadline);
-  return state_->call->finished();
+  return state_->call->over();
 }
 
 template <class R>
@@ -351,12 +452,14 @@ template <class Rep, class Period>
 std::optional<detail::stored_t<R>> future<R>::get_for(std::chrono::duration<Rep, Period> d) {
   if (!state_) throw error("get_for on an empty future");
   auto deadline = detail::deadline_after(d);
-  auto driver = driver_.lock();
-  std::optional<detail::scoped_use> use;
-  if (driver) use.emplace(*driver, "future::get_for");
-  wait_until(driver.get(), deadline);
-  if (!state_->call->finished()) return std::nullopt;
-  return take();
+  {
+    auto driver = driver_.lock();
+    std::optional<detail::scoped_use> use;
+    if (driver) use.emplace(*driver, "future::get_for");
+    wait_until(driver.get(), deadline);
+    if (!state_->call->over()) return std::nullopt;
+  }
+  return take();  // after leaving the pool, as get()'s
 }
 
 // ---------------------------------------------------------------------------
@@ -396,7 +499,7 @@ struct future_access {
 
 /// True when `call` ended by an error other than a cancel.
 inline bool failed_not_cancelled(const call_state& call) noexcept {
-  return call.finished() && !call.cancelled_unsent && (call.failed() || call.aborted());
+  return call.over() && !call.cancelled_unsent && (call.failed() || call.aborted());
 }
 
 /// Drives the pools of `calls` until `done()` or `deadline`; false on
@@ -440,7 +543,7 @@ inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool
       for (auto& d : pools) uses.emplace_back(*d, "procpool::wait");
       if (done()) return true;
       for (auto& w : calls) {
-        if (w.call->finished()) continue;
+        if (w.call->over()) continue;
         auto d = w.pool.lock();
         if (!d) {
           w.call->abort(
@@ -460,14 +563,14 @@ inline bool drive_calls(const std::vector<waited_call>& calls, function_ref<bool
       scoped_use use(*d, "procpool::wait");
       std::vector<call_state*> mine;  // read with this pool entered, and no other
       for (auto& w : calls)
-        if (w.pool.lock() == d && !w.call->finished()) mine.push_back(w.call);
+        if (w.pool.lock() == d && !w.call->over()) mine.push_back(w.call);
       auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(1);
       if (deadline && *deadline < until) until = *deadline;
       drive_one(
           d,
           [&] {
             for (auto* c : mine)
-              if (c->finished()) return true;
+              if (c->over()) return true;
             return false;
           },
           until);
@@ -508,7 +611,7 @@ wait_result wait_until(Futures& futures, return_when when,
     r = wait_result{};
     bool all = true, met = calls.empty();
     for (std::size_t i = 0; i < calls.size(); ++i) {
-      bool finished = calls[i].call->finished();
+      bool finished = calls[i].call->over();
       (finished ? r.done : r.not_done).push_back(i);
       if (finished && when == return_when::first_completed) met = true;
       if (when == return_when::first_exception && failed_not_cancelled(*calls[i].call)) met = true;
@@ -570,7 +673,7 @@ class [[nodiscard]] completed_range {
         calls,
         [&] {
           for (found = 0; found < calls.size(); ++found)
-            if (calls[found].call->finished()) return true;
+            if (calls[found].call->over()) return true;
           return false;
         },
         std::nullopt);

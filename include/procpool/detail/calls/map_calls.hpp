@@ -131,7 +131,7 @@ void decode_results(reader& in, R* dest, std::size_t count) {
 
 /// One `map` or `starmap` call over a sized range, results written into a vector.
 template <class F, class Handlers, class Item, class Invoke, class It, class End, class R>
-class map_call final : public call_state {
+class map_call : public call_state {
  public:
   map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
            std::size_t chunk_bytes, std::vector<R>& out, progress_reporter progress)
@@ -184,9 +184,12 @@ class map_call final : public call_state {
     done_ += count;
   }
 
+  /// True once every item's result arrived.
+  bool complete() const noexcept { return done_ == n_; }
+
   /// Reports progress to the user's callback or bar (called by the waiting
   /// caller, outside the driver's collection, so the callback may throw).
-  void report_progress() {
+  void report_progress() override {
     if (done_ == reported_) return;
     reported_ = done_;
     progress_.update(done_, done_ == n_);
@@ -204,6 +207,72 @@ class map_call final : public call_state {
   std::size_t chunk_bytes_;
   std::vector<R>& out_;
   progress_reporter progress_;
+};
+
+/// What a `map_async` call owns: its input, read into a vector when the call
+/// is made (as Python's `map_async` makes a list of it), and its results.
+template <class Item, class Slot>
+struct map_async_storage {
+  std::vector<Item> items;
+  std::vector<Slot> slots;
+};
+
+/// One `map_async` or `starmap_async` call: a `map_call` over the input it
+/// owns, whose future's result is the vector of results.
+template <class F, class Handlers, class Item, class Invoke, class Result>
+class map_async_call final
+    : private map_async_storage<Item, std::conditional_t<std::is_default_constructible_v<Result>,
+                                                         Result, std::optional<Result>>>,
+      public map_call<F, Handlers, Item, Invoke, typename std::vector<Item>::const_iterator,
+                      typename std::vector<Item>::const_iterator,
+                      std::conditional_t<std::is_default_constructible_v<Result>, Result,
+                                         std::optional<Result>>> {
+  using Slot =
+      std::conditional_t<std::is_default_constructible_v<Result>, Result, std::optional<Result>>;
+  using storage = map_async_storage<Item, Slot>;
+  using base = map_call<F, Handlers, Item, Invoke, typename std::vector<Item>::const_iterator,
+                        typename std::vector<Item>::const_iterator, Slot>;
+
+ public:
+  /// What the future yields: every result in input order (nothing for a void function).
+  using value_type = std::conditional_t<std::is_same_v<Result, std::monostate>, std::monostate,
+                                        std::vector<Result>>;
+
+  map_async_call(std::vector<Item> input, std::size_t chunk, std::size_t chunk_bytes,
+                 progress_reporter progress)
+      : storage{std::move(input), std::vector<Slot>()},
+        base(storage::items.cbegin(), storage::items.cend(), data_of(storage::items),
+             storage::items.size(), chunk, chunk_bytes, storage::slots, std::move(progress)) {
+    storage::slots.resize(storage::items.size());
+    if (storage::items.empty()) result.emplace();
+  }
+
+  void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
+    base::on_results(first, count, in);
+    if (!base::complete()) return;
+    if constexpr (std::is_same_v<Result, std::monostate>) {
+      result.emplace();
+    } else if constexpr (std::is_same_v<Slot, Result>) {
+      result.emplace(std::move(storage::slots));
+    } else {
+      std::vector<Result> out;
+      out.reserve(storage::slots.size());
+      for (auto& r : storage::slots) out.push_back(std::move(*r));
+      result.emplace(std::move(out));
+    }
+    std::vector<Item>().swap(storage::items);  // the input is no longer needed
+  }
+
+  /// The results once every one arrived; empty before, or when the call failed.
+  std::optional<value_type> result;
+
+ private:
+  static const Item* data_of(const std::vector<Item>& v) noexcept {
+    if constexpr (std::is_same_v<Item, bool>)
+      return nullptr;  // std::vector<bool> has no contiguous items
+    else
+      return v.data();
+  }
 };
 
 /// Where the items of an `imap` come from: the range, owned or referred to, and a position.
@@ -357,7 +426,17 @@ class imap_call final : public imap_state<R> {
 template <class F, class Handlers, class Args, class Invoke, class R>
 class submit_call final : public call_state {
  public:
-  explicit submit_call(Args args) : args_(std::move(args)) {}
+  explicit submit_call(Args args, std::shared_ptr<task_batch> batch = nullptr)
+      : args_(std::move(args)), batch_(std::move(batch)) {
+    if (batch_) batch_->added();
+  }
+  /// Counts the task in its batch's progress once it is over.
+  void report_progress() override {
+    if (batch_ && finished()) {
+      batch_->finished();
+      batch_.reset();
+    }
+  }
   bool next_chunk(writer& out, std::size_t, std::uint64_t& first, std::uint32_t& count,
                   std::uint64_t& handler) override {
     input_done = true;
@@ -379,6 +458,7 @@ class submit_call final : public call_state {
 
  private:
   Args args_;
+  std::shared_ptr<task_batch> batch_;  // null without progress
 };
 
 }  // namespace procpool::detail

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <string>
 
 namespace procpool {
@@ -82,6 +83,8 @@ class progress_reporter {
 
   /// True when something will be reported.
   bool active() const noexcept { return bar_ || callback_; }
+  /// Changes the total (a batch of tasks that grows as tasks are submitted).
+  void set_total(std::size_t total) noexcept { total_ = total; }
 
   /// `done` items have finished; `final` for the last report of the call.
   void update(std::size_t done, bool final = false) {
@@ -104,6 +107,37 @@ class progress_reporter {
   std::chrono::steady_clock::time_point start_;
   std::chrono::steady_clock::time_point last_{};
   std::size_t total_;
+};
+
+/// The progress of a batch of submitted tasks: the tasks submitted since the
+/// pool last had none pending. Each batch is reported as one call: `done`
+/// tasks over in `total` submitted, the last report once none is pending.
+/// Used under the driver only.
+class task_batch {
+ public:
+  task_batch(bool bar, std::function<void(const progress_info&)> callback)
+      : bar_(bar), callback_(std::move(callback)) {}
+  /// A task was submitted.
+  void added() {
+    if (pending_ == 0) {
+      reporter_.emplace(bar_, callback_, 0);
+      submitted_ = done_ = 0;
+    }
+    ++pending_;
+    reporter_->set_total(++submitted_);
+  }
+  /// A task is over (its result, its error, or its cancel).
+  void finished() {
+    if (pending_ == 0) return;
+    --pending_;
+    reporter_->update(++done_, pending_ == 0);
+  }
+
+ private:
+  bool bar_;
+  std::function<void(const progress_info&)> callback_;
+  std::optional<progress_reporter> reporter_;
+  std::size_t pending_ = 0, submitted_ = 0, done_ = 0;
 };
 
 }  // namespace detail

@@ -280,9 +280,11 @@ class dispatcher {
 
   /// True while some queued call has input to cut, or some chunk to send
   /// again still matters: what `join` waits for, beside the chunks out.
-  bool work_queued() const noexcept {
+  /// `tasks_only`: ranges, which wait for their reader, do not count.
+  bool work_queued(bool tasks_only = false) const noexcept {
     for (auto& c : sending_)
-      if (!c->input_done && !c->failed() && !c->cancelled) return true;
+      if (!c->input_done && !c->failed() && !c->cancelled && !(tasks_only && c->is_range()))
+        return true;
     for (auto& c : resend_)
       if (still_needed(c)) return true;
     return false;

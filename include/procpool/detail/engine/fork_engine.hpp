@@ -175,6 +175,7 @@ class engine final : public driver {
 
   /// Registers a call and queues it for sending.
   void start(const std::shared_ptr<call_state>& call) override;
+  void send_now() override;
   /// Sends and collects until `done()` or `deadline`; false on timeout.
   /// Worker deaths and timeouts found on the way are charged to the calls they hit.
   bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
@@ -211,6 +212,10 @@ class engine final : public driver {
   unsigned parallelism() const noexcept override { return size(); }
   /// Throws if the pool can run no more calls (initializer failure).
   void check_usable(const char* operation) const override;
+
+ protected:
+  bool idle() const noexcept override;
+  void wake_sleepers() noexcept override { shared_->doorbell.notify(); }
 
  private:
   friend struct engine_probe;
@@ -337,6 +342,7 @@ inline engine::engine(engine_config config) : config_(std::move(config)), parent
 }
 
 inline engine::~engine() {
+  stop_helper(true);
   if (stopped_) return;
   if (!owned()) {
     // A copy in a forked child (or in a worker that called exit()): the
@@ -546,14 +552,27 @@ inline void engine::release_call(const std::shared_ptr<call_state>& call) noexce
   }
 }
 
+/// Marks the queues as being walked for the life of the object.
+struct driving {
+  bool& flag;
+  bool was;
+  explicit driving(bool& f) : flag(f), was(f) { flag = true; }
+  ~driving() { flag = was; }
+  driving(const driving&) = delete;
+  driving& operator=(const driving&) = delete;
+};
+
+inline void engine::send_now() {
+  if (stopped_ || broken_ || !owned()) return;
+  driving in_drive(driving_);
+  if (pump()) {
+    note_progress();
+    if (sleepers_ > 0) shared_->doorbell.notify();
+  }
+}
+
 inline bool engine::drive_until(function_ref<bool()> done,
                                 std::optional<steady::time_point> deadline) {
-  struct driving {
-    bool& flag;
-    bool was;
-    explicit driving(bool& f) : flag(f), was(f) { flag = true; }
-    ~driving() { flag = was; }
-  };
   check_owner("waiting for results");
   while (!done()) {
     if (stop_requested_.exchange(false)) {
@@ -568,9 +587,15 @@ inline bool engine::drive_until(function_ref<bool()> done,
     {
       driving in_drive(driving_);
       bool progress = pump();
-      // What this thread collected may be what another one sleeps for.
-      if (progress && sleepers_ > 0) shared_->doorbell.notify();
-      if (check_health(false)) continue;
+      if (progress) {
+        note_progress();
+        // What this thread collected may be what another one sleeps for.
+        if (sleepers_ > 0) shared_->doorbell.notify();
+      }
+      if (check_health(false)) {
+        note_progress();
+        continue;
+      }
       if (progress) continue;
     }
     if (done()) break;
@@ -582,8 +607,9 @@ inline bool engine::drive_until(function_ref<bool()> done,
 inline bool engine::sleep_until_ready(std::optional<steady::time_point> deadline) {
   auto ready = [&] { return stop_requested_.load() || any_ready(); };
   // A short spin first, holding the pool: an answer due within microseconds
-  // is taken without a futex round trip.
-  if (config_.parent_wait.spin.count() > 0) {
+  // is taken without a futex round trip. Not on the helper thread: nobody
+  // waits on it, and its spin would keep a user's thread out.
+  if (config_.parent_wait.spin.count() > 0 && !on_helper_thread()) {
     auto spin_end = steady::now() + config_.parent_wait.spin;
     for (unsigned i = 1;; ++i) {
       cpu_relax();
@@ -616,6 +642,14 @@ inline bool engine::sleep_until_ready(std::optional<steady::time_point> deadline
   }
   --sleepers_;
   return !deadline || steady::now() < *deadline || ready();
+}
+
+inline bool engine::idle() const noexcept {
+  if (stopped_ || broken_ || !owned()) return true;
+  for (auto& w : workers_)
+    if (w.pid != 0 && (!w.inflight.empty() || w.receiving)) return false;
+  // A range whose window is full waits for its reader, not for the helper.
+  return !dispatch_.work_queued(true);
 }
 
 inline bool engine::any_ready() {

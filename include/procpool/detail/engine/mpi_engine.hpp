@@ -557,6 +557,15 @@ class engine final : public driver {
   engine& operator=(const engine&) = delete;
 
   void start(const std::shared_ptr<call_state>& call) override;
+  void send_now() override {
+    if (broken_ || stopped_) return;
+    try {
+      if (pump()) note_progress();
+    } catch (...) {
+      break_with(std::current_exception());  // as drive_until does
+      throw;
+    }
+  }
   bool drive_until(function_ref<bool()> done, std::optional<steady::time_point> deadline) override;
   /// The user gave up on `call`: nothing more is sent for it, and its late
   /// answers are dropped.
@@ -571,6 +580,14 @@ class engine final : public driver {
   void check_usable(const char* operation) const override;
   std::size_t chunk_bytes() const noexcept override { return chunk_bytes_; }
   unsigned parallelism() const noexcept override;
+
+ protected:
+  bool idle() const noexcept override {
+    return stopped_ || broken_ || (!in_flight() && !dispatch_.work_queued(true));
+  }
+  bool helper_allowed() const noexcept override { return thread_multiple_; }
+
+ public:
 
   void close() noexcept { closed_ = true; }
   bool closed() const noexcept { return closed_; }
@@ -621,6 +638,7 @@ class engine final : public driver {
   bool closed_ = false;
   bool stopped_ = false;
   bool driving_ = false;  // inside pump: the queues are being walked
+  bool thread_multiple_ = false;  // MPI allows calls from any thread at once: a helper may run
 };
 
 inline engine::engine(MPI_Comm comm, std::vector<rank_info> ranks, const engine_options& options,
@@ -636,9 +654,12 @@ inline engine::engine(MPI_Comm comm, std::vector<rank_info> ranks, const engine_
     ranks_.push_back(std::move(r));
   }
   open_engine = this;
+  int level = MPI_THREAD_SINGLE;
+  thread_multiple_ = MPI_Query_thread(&level) == MPI_SUCCESS && level == MPI_THREAD_MULTIPLE;
 }
 
 inline engine::~engine() {
+  stop_helper(true);
   if (stopped_) return;
   try {
     join();
@@ -681,11 +702,15 @@ inline bool engine::drive_until(function_ref<bool()> done,
       throw;
     }
     if (progress) {
+      note_progress();
       wait.reset();
       continue;
     }
     if (done()) break;
     if (deadline && steady::now() >= *deadline) return done();
+    // Other threads may use the pool meanwhile (MPI is called only by the
+    // thread that holds it).
+    released others_may_enter(*this);
     wait.pause();
   }
   return true;
