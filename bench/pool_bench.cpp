@@ -19,6 +19,9 @@
 //   heavy    a few long tasks (sleeps of 100-400 ms) on 2 and 4 workers:
 //            whether every idle worker gets work (the ideal is the
 //            longest chain of tasks a perfect scheduler could not avoid)
+//   async    1000 submits whose futures are kept, then procpool::wait for
+//            all; the latency of a callback (future::then) while the
+//            submitting thread sleeps on a condition variable
 //
 // Every result is checked; a wrong one fails the program (exit code 1).
 //
@@ -908,13 +911,76 @@ void bench_heavy() {
   }
 }
 
+// ---------------------------------------------------------------------------
+// 9: asynchronous tasks: many submits, then one wait; callbacks.
+
+void bench_async() {
+  if (!opts.wanted("procpool")) return;
+  constexpr int tasks = 1'000;
+  // A callback's round trip passes the pool's helper thread: fewer of them.
+  int n = opts.validate ? 50 : opts.quick ? 200 : 2'000;
+  int reps = opts.reps(5);
+  procpool::pool pool([](int x) { return x + 1; }, 2);
+
+  // `tasks` submits whose futures are kept, then procpool::wait for all of
+  // them; each result checked inside the timed call, as Python's get() is.
+  std::vector<procpool::future<int>> futures;
+  futures.reserve(tasks);
+  auto burst = [&] {
+    futures.clear();
+    for (int i = 0; i < tasks; ++i) futures.push_back(pool.submit(i));
+    procpool::wait(futures);
+    for (int i = 0; i < tasks; ++i) {
+      int v = futures[static_cast<std::size_t>(i)].get();
+      if (v != i + 1) fail(fmt::format("async: submit({}) gave {}", i, v));
+    }
+  };
+  record r{"async", "procpool", double(tasks), double(tasks), {}, {}};
+  r.samples = time_calls(reps, burst, [] {});
+  emit(r);
+
+  // submit(x).then(callback), the caller asleep on a condition variable that
+  // the callback notifies: from submit to the caller awake.
+  std::mutex mutex;
+  std::condition_variable woken;
+  bool done = false;
+  int got = 0;
+  long inline_calls = 0, calls = 0;
+  const auto caller = std::this_thread::get_id();
+  auto round_trip = [&](int i) {
+    done = false;
+    auto f = pool.submit(i);
+    f.then([&](const int& v) {
+      std::lock_guard<std::mutex> lock(mutex);
+      got = v;
+      done = true;
+      // A task over before then() runs its callback at once, here.
+      if (std::this_thread::get_id() == caller) ++inline_calls;
+      woken.notify_one();
+    });
+    std::unique_lock<std::mutex> lock(mutex);
+    woken.wait(lock, [&] { return done; });
+    ++calls;
+    return got;
+  };
+  record cb{"async", "procpool_then", 2, 1, {}, {{"p99", {}}, {"inline_share", {}}}};
+  for (int rep = 0; rep < reps; ++rep) {
+    inline_calls = calls = 0;
+    auto st = time_round_trips("procpool then", n, round_trip);
+    cb.samples.push_back(st.median);
+    cb.extras[0].second.push_back(st.p99);
+    cb.extras[1].second.push_back(double(inline_calls) / double(calls));
+  }
+  emit(cb);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const char* usage =
       "usage: pool_bench [--quick] [--validate] [--json] [--items N] [--only IMPL,...] [--tag "
       "TAG]\n"
-      "                  [tiny|chunks|cpu|latency|big|startup|imap|heavy]...\n"
+      "                  [tiny|chunks|cpu|latency|big|startup|imap|heavy|async]...\n"
       "  --quick      fewer items and repetitions\n"
       "  --validate   smallest sizes, one repetition, no timings: a correctness check\n"
       "  --json       one JSON object per result line, for bench/run.py\n"
@@ -955,7 +1021,7 @@ int main(int argc, char** argv) {
   const std::vector<std::pair<std::string, void (*)()>> all = {
       {"tiny", bench_tiny},       {"chunks", bench_chunks}, {"cpu", bench_cpu},
       {"latency", bench_latency}, {"big", bench_big},       {"startup", bench_startup},
-      {"imap", bench_imap},       {"heavy", bench_heavy}};
+      {"imap", bench_imap},       {"heavy", bench_heavy},   {"async", bench_async}};
   if (cases.empty())
     for (auto& [name, fn] : all) cases.push_back(name);
   for (auto& c : cases) {

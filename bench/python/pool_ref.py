@@ -7,7 +7,7 @@ call, one per repetition) and per-repetition extras. Every result is checked;
 a wrong one exits with status 1.
 
 Usage: pool_ref.py [--quick] [--validate] [--json] [--items N] [CASE...]
-Cases: tiny chunks cpu latency big startup imap heavy (default: all).
+Cases: tiny chunks cpu latency big startup imap heavy async (default: all).
 --validate runs the smallest sizes once and prints no timings: a correctness check.
 """
 
@@ -18,6 +18,7 @@ import multiprocessing
 import resource
 import statistics
 import sys
+import threading
 import time
 
 # procpool forks its workers; so does multiprocessing's "fork" start method,
@@ -414,9 +415,46 @@ def bench_heavy():
             emit("heavy", "py_pool", sid, len(us), samples, ideal_s=[ideal * scale / 1e3])
 
 
+def bench_async():
+    tasks = 1_000
+    # A callback's round trip passes the pool's result-handler thread: fewer of them.
+    n = 50 if OPTS.validate else 200 if OPTS.quick else 2_000
+    n_reps = reps(5)
+    with CTX.Pool(2) as pool:
+        def burst():
+            # 1000 apply_async whose results are kept, then get() of each.
+            rs = [pool.apply_async(inc, (i,)) for i in range(tasks)]
+            return [r.get() for r in rs]
+
+        s = time_calls(n_reps, burst, checker("apply_async burst", [i + 1 for i in range(tasks)]))
+        emit("async", "py_apply_async", tasks, tasks, s)
+
+        # apply_async(callback=), the caller asleep on an Event that the
+        # callback sets: from the submit to the caller awake.
+        woken = threading.Event()
+        got = [None]
+
+        def callback(v):
+            got[0] = v
+            woken.set()
+
+        def trip(i):
+            woken.clear()
+            pool.apply_async(inc, (i,), callback=callback)  # the pool keeps the result
+            woken.wait()
+            return got[0]
+
+        med, p99 = [], []
+        for _ in range(n_reps):
+            a, b = round_trips("apply_async callback", n, trip)
+            med.append(a)
+            p99.append(b)
+        emit("async", "py_callback", 2, 1, med, p99=p99)
+
+
 CASES = {"tiny": bench_tiny, "chunks": bench_chunks, "cpu": bench_cpu,
          "latency": bench_latency, "big": bench_big, "startup": bench_startup,
-         "imap": bench_imap, "heavy": bench_heavy}
+         "imap": bench_imap, "heavy": bench_heavy, "async": bench_async}
 
 
 def main():
