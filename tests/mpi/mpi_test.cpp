@@ -12,12 +12,14 @@
 #include <procpool/pool.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <numeric>
 #include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <variant>
@@ -121,6 +123,29 @@ TEST_CASE("map_async and then over ranks: callbacks have run when get returns", 
   });
   CHECK(bad.get().empty());
   CHECK_FALSE(error);
+}
+
+TEST_CASE("two threads share an mpi::pool: their calls take turns, each gets its own results",
+          "[mpi][threads]") {
+  // MPI is called only by the thread that holds the pool, which lets go
+  // between polls: the other thread's calls go out meanwhile.
+  procpool::mpi::pool p([](int x) { return x + 1; });
+  if (!p.is_root()) return;
+  std::atomic<int> wrong{0};
+  auto run = [&](int base) {
+    for (int k = 0; k < 20; ++k) {
+      std::vector<int> xs(100);
+      std::iota(xs.begin(), xs.end(), base + 100 * k);
+      auto r = p.map(xs);
+      for (std::size_t i = 0; i < xs.size(); ++i) wrong += r[i] != xs[i] + 1;
+      auto f = p.submit(base + k);
+      wrong += f.get() != base + k + 1;
+    }
+  };
+  std::thread a(run, 0), b(run, 1000000);
+  a.join();
+  b.join();
+  CHECK(wrong == 0);
 }
 
 TEST_CASE("strings, with one 8 MiB item among them, equal the local pool's", "[mpi]") {
