@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -474,13 +475,28 @@ TEST_CASE("misuse: no chunks per rank, calls after close", "[mpi]") {
 }
 
 int main(int argc, char** argv) {
-  procpool::mpi::session mpi(argc, argv);
-  world_rank = mpi.rank();
-  world_size = mpi.size();
-  Catch::Session session;
-  int rc = session.applyCommandLine(argc, argv);
-  if (rc != 0) return rc;
-  // Rank 0 reports; the others report only what fails.
-  if (world_rank != 0) session.configData().reporterName = "compact";
-  return session.run();
+  // With PROCPOOL_TEST_MPI_THREAD_MULTIPLE set, MPI is initialized here at
+  // MPI_THREAD_MULTIPLE before the session: the pools' helper threads then
+  // run, and every case runs with them.
+  bool multiple = std::getenv("PROCPOOL_TEST_MPI_THREAD_MULTIPLE") != nullptr;
+  if (multiple) {
+    int provided = 0;
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided) != MPI_SUCCESS ||
+        provided != MPI_THREAD_MULTIPLE)
+      return 3;
+  }
+  int rc = 0;
+  {
+    procpool::mpi::session mpi(argc, argv);
+    world_rank = mpi.rank();
+    world_size = mpi.size();
+    Catch::Session session;
+    rc = session.applyCommandLine(argc, argv);
+    if (rc != 0) return rc;
+    // Rank 0 reports; the others report only what fails.
+    if (world_rank != 0) session.configData().reporterName = "compact";
+    rc = session.run();
+  }
+  if (multiple) MPI_Finalize();
+  return rc;
 }
