@@ -465,3 +465,63 @@ TEST_CASE("a batch of submitted tasks reports progress, the last report when non
   CHECK(seen.back().total == 20);
   for (std::size_t k = 1; k < seen.size(); ++k) CHECK(seen[k].done > seen[k - 1].done);
 }
+
+TEST_CASE("callbacks as concurrent.futures' tests have them: cancelled, several, one raising",
+          "[async]") {
+  SECTION("a cancelled task's error callback gets task_cancelled") {
+    drain_reports();
+    procpool::pool p(job, 1);
+    auto held = p.submit(-3);  // the one worker
+    auto queued = p.submit(1);  // in its ring
+    auto unsent = p.submit(2);  // not sent
+    std::promise<std::exception_ptr> error;
+    unsent.then([](int) {}, [&](const std::exception_ptr& e) { error.set_value(e); });
+    REQUIRE(unsent.cancel());
+    auto got = error.get_future();
+    REQUIRE(got.wait_for(30s) == std::future_status::ready);
+    CHECK_THROWS_AS(std::rethrow_exception(got.get()), procpool::task_cancelled);
+    CHECK_THROWS_AS(unsent.get(), procpool::task_cancelled);
+    gate.give();
+    CHECK(held.get() == -6);
+    CHECK(queued.get() == 2);
+  }
+  SECTION("several callbacks on one future run in order; one that raises stops none") {
+    drain_reports();
+    procpool::pool p(job, 1);
+    std::mutex m;
+    std::vector<int> order;
+    auto f = p.submit(-3);
+    std::string err = procpool_test::capture_stderr([&] {
+      f.then([&](int) {
+        std::lock_guard<std::mutex> lock(m);
+        order.push_back(1);
+      });
+      f.then([&](int) { throw std::logic_error("second raises"); });
+      f.then([&](int) {
+        std::lock_guard<std::mutex> lock(m);
+        order.push_back(3);
+      });
+      gate.give();
+      CHECK(f.get() == -6);
+    });
+    std::lock_guard<std::mutex> lock(m);
+    CHECK(order == std::vector<int>{1, 3});
+    CHECK_THAT(err, Contains("second raises"));
+  }
+  SECTION("then on a task already failed, cancelled or cut short by terminate runs at once") {
+    procpool::pool p(job, 1);
+    auto failed = p.submit(3);
+    REQUIRE(failed.wait_for(30s));
+    std::exception_ptr e1;
+    failed.then([](int) {}, [&](const std::exception_ptr& e) { e1 = e; });
+    CHECK_THROWS_AS(std::rethrow_exception(e1), procpool::task_error);
+    auto held = p.submit(-3);
+    p.terminate();
+    std::exception_ptr e2;
+    held.then([](int) {}, [&](const std::exception_ptr& e) { e2 = e; });
+    CHECK_THROWS_AS(std::rethrow_exception(e2), procpool::pool_closed);
+    CHECK_THROWS_AS(p.map_async(std::vector<int>{1}), procpool::pool_closed);
+    procpool::future<int> empty;
+    CHECK_THROWS_AS(empty.then([](int) {}), procpool::error);
+  }
+}
