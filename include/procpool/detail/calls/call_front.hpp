@@ -174,6 +174,7 @@ auto call_front<F, Handlers>::submit(Item item) {
   auto call =
       std::make_shared<submit_call<F, Handlers, Item, Invoke, Result>>(std::move(item), batch_);
   driver_->start(call);
+  driver_->task_started();
   // The helper thread reports the batch's progress as its tasks end.
   if (batch_) driver_->watch(call);
   driver_->send_now();
@@ -204,6 +205,7 @@ auto call_front<F, Handlers>::map_async(Range&& inputs, const char* name, std::s
                                          driver_->chunk_bytes(),
                                          progress_reporter(progress_, on_progress_, n));
     driver_->start(call);
+    driver_->task_started();
     driver_->send_now();
     // The helper thread reports its progress (the caller is not waiting).
     if (progress_ || on_progress_) driver_->watch(call);

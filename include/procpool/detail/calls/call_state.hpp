@@ -156,7 +156,7 @@ class call_state {
 ///
 /// When no thread waits, the pool's own helper thread drives: it is started
 /// the first time a user's thread leaves the pool with work still in flight
-/// (a `submit`, a `map_async`, an `imap` read halfway), and from then on it
+/// (a `submit`, a `map_async`; an `imap` range waits for its reader), and from then on it
 /// sends and collects whenever no user's thread wants the pool, and runs the
 /// callbacks of calls that are over (`future::then`). It steps aside for a
 /// thread that enters, so a caller that waits on its result still collects
@@ -187,13 +187,13 @@ class driver {
     if (foreign()) return true;
     std::uintptr_t me = thread_token();
     if (holder_.load(std::memory_order_relaxed) == me) return false;
-    if (helper_of_this_thread() == this) {
-      mutex_.lock();
-    } else {
+    if (helper_started_.load(std::memory_order_relaxed) && helper_of_this_thread() != this) {
       // The helper thread leaves the pool to a user's thread that waits for it.
       entering_.fetch_add(1, std::memory_order_relaxed);
       mutex_.lock();
       entering_.fetch_sub(1, std::memory_order_relaxed);
+    } else {
+      mutex_.lock();
     }
     holder_.store(me, std::memory_order_relaxed);
     return true;
@@ -216,9 +216,14 @@ class driver {
       run_callbacks(due);
       return;
     }
-    if (!helper_work_.load(std::memory_order_relaxed) && !foreign() &&
-        (!idle() || !watched_.empty()))
-      give_helper_work();
+    // Only after a task or a watched call was started: a reader stepping
+    // through an imap range, or a map, never pays for the look.
+    if (tasks_started_ && !helper_work_.load(std::memory_order_relaxed) && !foreign()) {
+      if (!idle() || !watched_.empty())
+        give_helper_work();
+      else
+        tasks_started_ = false;
+    }
     leave();
   }
   /// True when the calling thread holds the driver.
@@ -286,8 +291,13 @@ class driver {
   /// does (`helper_allowed`), and a waiter must not wait for them.
   bool watch(const std::shared_ptr<call_state>& call) {
     watched_.push_back(call);
+    tasks_started_ = true;
     return helper_allowed();
   }
+  /// A task (or a `map_async`) was started that may outlive the caller's
+  /// turn: the helper thread is told of it when the caller leaves. With the
+  /// driver held.
+  void task_started() noexcept { tasks_started_ = true; }
 
   /// Stops the helper thread after a last turn, in which it runs the
   /// callbacks of the calls that are over; every other watched call's
@@ -353,6 +363,8 @@ class driver {
   // True while the helper has something to do or is about to look; false
   // once it found the pool idle and sleeps until told. Written under the driver.
   std::atomic<bool> helper_work_{false};
+  std::atomic<bool> helper_started_{false};  // counting `entering_` is worth it only then
+  bool tasks_started_ = false;               // since the helper last found the pool idle
   std::vector<std::shared_ptr<call_state>> watched_;  // calls with callbacks or progress
   std::uint64_t epoch_ = 0;                          // steps with progress (under the driver)
 };
@@ -451,8 +463,10 @@ inline void driver::give_helper_work() noexcept {
     // A thread whose state no child touches: forking beside it needs no warning.
     fork_safe_threads.fetch_add(1, std::memory_order_relaxed);
     try {
+      helper_started_.store(true, std::memory_order_relaxed);
       helper_ = new std::thread([this, control] { helper_main(control); });
     } catch (...) {
+      helper_started_.store(false, std::memory_order_relaxed);
       fork_safe_threads.fetch_sub(1, std::memory_order_relaxed);
       throw;
     }

@@ -50,6 +50,13 @@ struct chunk {
   unsigned bad_frames = 0;       // answers to it that were lies
 };
 
+/// True when a chunk out needs someone to collect it though nobody reads it:
+/// its call is a task or a `map_async`. A range's chunks wait for the range's
+/// reader, who collects them (the helper thread does not wake for them).
+inline bool awaits_collection(const chunk& c) noexcept {
+  return c.call && !c.call->is_range();
+}
+
 /// What became of an answer handed to its call (`dispatcher::deliver`).
 struct delivery {
   std::string lie;          // why the answer cannot be true; empty if it can

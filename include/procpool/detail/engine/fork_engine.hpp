@@ -646,9 +646,14 @@ inline bool engine::sleep_until_ready(std::optional<steady::time_point> deadline
 
 inline bool engine::idle() const noexcept {
   if (stopped_ || broken_ || !owned()) return true;
-  for (auto& w : workers_)
-    if (w.pid != 0 && (!w.inflight.empty() || w.receiving)) return false;
-  // A range whose window is full waits for its reader, not for the helper.
+  // A range's chunks, and a range whose window is full, wait for its
+  // reader, not for the helper: a reader stepping through results one at a
+  // time would otherwise wake the helper at every step.
+  for (auto& w : workers_) {
+    if (w.pid == 0) continue;
+    for (auto& c : w.inflight)
+      if (awaits_collection(c)) return false;
+  }
   return !dispatch_.work_queued(true);
 }
 

@@ -583,7 +583,13 @@ class engine final : public driver {
 
  protected:
   bool idle() const noexcept override {
-    return stopped_ || broken_ || (!in_flight() && !dispatch_.work_queued(true));
+    if (stopped_ || broken_) return true;
+    // A range's chunks wait for its reader, not for the helper.
+    for (auto& r : ranks_)
+      if (!r.lost)
+        for (auto& c : r.inflight)
+          if (awaits_collection(c)) return false;
+    return !dispatch_.work_queued(true);
   }
   bool helper_allowed() const noexcept override { return thread_multiple_; }
 
