@@ -413,12 +413,12 @@ TEST_CASE("eight threads adding callbacks while the helper runs them", "[async][
 TEST_CASE("forking while the helper thread runs: no warning, the child's copy touches nothing",
           "[async][fork]") {
   drain_reports();
-  // Without the helper, this process runs one thread (two under
-  // ThreadSanitizer, whose own thread makes the warning right there).
-  bool single = procpool::detail::sys::thread_count() <= procpool::detail::fork_safe_threads;
   procpool::detail::warned_threaded_fork = false;
   procpool::pool p(job, 1);
   auto held = p.submit(-3);  // the helper is running and the task pending
+  // Besides the helper, this process runs only this thread; not under
+  // ThreadSanitizer, whose own thread makes the warning right there.
+  bool single = procpool::detail::sys::thread_count() <= procpool::detail::fork_safe_threads;
   std::string err = procpool_test::capture_stderr([&] {
     pid_t child = procpool_test::spawn([&] {
       // The copy's lock may have been held by the helper at the fork: it is

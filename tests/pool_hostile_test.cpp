@@ -435,6 +435,14 @@ struct bare_pool {
     table->call = pd::engine_probe::next_call_id(*engine);
     return calls.map<pd::invoke_one>(xs, "map");
   }
+  /// As `pool::terminate`: inside the engine's lock (its helper thread may
+  /// be driving it), then the helper stopped.
+  void terminate() {
+    engine->enter();
+    engine->terminate();
+    engine->leave();
+    engine->stop_helper();
+  }
 };
 
 std::vector<int> squares(int n) {
@@ -655,5 +663,5 @@ TEST_CASE("a worker that writes half a length prefix and falls silent: a wait ke
   auto took = std::chrono::steady_clock::now() - start;
   CHECK_FALSE(got.has_value());
   CHECK(took < 5s);
-  p.engine->terminate();  // the silent worker holds the task for good
+  p.terminate();  // the silent worker holds the task for good
 }
