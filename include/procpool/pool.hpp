@@ -277,7 +277,8 @@ class pool {
   }
 
   /// Runs `f(args...)` in a worker and returns a future for its result
-  /// (Python's `apply_async`). The future's `get()` drives the pool.
+  /// (Python's `apply_async`). The task is sent at once; the pool's helper
+  /// thread collects it while nobody waits, and `get()` collects it itself.
   template <class... Args>
   auto submit(Args&&... args);
   /// Runs `f(args...)` in a worker and waits for its result (Python's

@@ -114,8 +114,10 @@ struct pool_options {
 /// otherwise handled by the MPI runtime: Open MPI ends the whole job, every
 /// rank, and `mpirun` names the rank and its signal (docs/scale-out.md).
 ///
-/// **Thread safety:** like `procpool::pool`: one thread uses a pool at a time,
-/// and it is the thread that calls MPI. The pool runs no threads.
+/// **Thread safety:** like `procpool::pool`: any number of threads may use a
+/// pool; they take turns inside it, and only the thread inside calls MPI.
+/// The pool runs a helper thread of its own only under `MPI_THREAD_MULTIPLE`
+/// (see `map_async`).
 template <class F>
 class pool {
  public:

@@ -45,7 +45,8 @@ struct ignore_value {
 /// The result of a task submitted to a pool or an executor (Python's `AsyncResult`).
 ///
 /// Waiting on a future drives the pool that made it: the calling thread sends
-/// and collects for every call in flight. Move-only.
+/// and collects for every call in flight. While nobody waits, the pool's
+/// helper thread does, and runs the callbacks of `then`. Move-only.
 ///
 /// **Thread safety:** a future may be waited on from any thread, while other
 /// threads use its pool; one future is used by one thread at a time (`get`
