@@ -333,15 +333,16 @@ TEST_CASE("an end used by the parent can pass to a child it forks later", "[pipe
   auto [a, b] = procpool::pipe<int>();
   b.send(1);
   CHECK(a.recv() == 1);
-  a.send(10);
   pid_t child = spawn([&b = b] {
     if (b.recv() != 10) return 1;
     b.send(2);
     return 0;
   });
   // The parent used b, so its own copy would keep b open for a: it lets go,
-  // as it would close a descriptor it handed to the child.
+  // as it would close a descriptor it handed to the child. Before the child
+  // can finish (it waits for the 10), so the child is the end's last user.
   b.close();
+  a.send(10);
   CHECK(a.recv() == 2);
   CHECK(reap(child).success());
   CHECK_THROWS_WITH(a.recv(), Catch::Contains("has exited"));
@@ -494,9 +495,11 @@ TEST_CASE("writers that come and go one after another: every message, then close
   constexpr int writers = 6, each = 50;
   auto [reader, writer] = procpool::pipe<int>();
   procpool::mutex lock;
+  go_signal parent_closed;  // the writers start once the parent let go of its copy
   std::vector<pid_t> pids;
   for (int w = 0; w < writers; ++w)
     pids.push_back(spawn([&, w, &writer = writer] {
+      if (w == 0 && !parent_closed.await()) return 1;
       for (int i = 0; i < each; ++i) {
         std::lock_guard<procpool::mutex> hold(lock);
         writer.send(w * 1000 + i);
@@ -504,6 +507,7 @@ TEST_CASE("writers that come and go one after another: every message, then close
       return 0;
     }));
   writer.close();  // the parent's copy: the children hold theirs
+  parent_closed.give();
   std::vector<int> next(writers, 0);
   int wrong = 0, got = 0;
   std::string end;
