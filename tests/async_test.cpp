@@ -200,8 +200,7 @@ TEST_CASE("a callback that throws is reported on stderr and the pool goes on", "
   CHECK(later.wait());
 }
 
-TEST_CASE("callbacks may use the pool: submit, get, map, and get on their own future",
-          "[async]") {
+TEST_CASE("callbacks may use the pool: submit, get, map, and get on their own future", "[async]") {
   procpool::pool p(twice, 2);
   std::promise<std::vector<int>> out;
   auto f = p.submit(1);
@@ -364,7 +363,8 @@ TEST_CASE("map_async: results in input order, callbacks, errors, void, empty", "
     };
     procpool::pool p(twice, o);
     signal_flag called;
-    auto f = p.map_async(std::vector<int>(500, 1), [&](const std::vector<int>&) { called.raise(); });
+    auto f =
+        p.map_async(std::vector<int>(500, 1), [&](const std::vector<int>&) { called.raise(); });
     REQUIRE(called.wait());
     CHECK(finished);  // the last report comes before the callback
     CHECK(last == 500);
@@ -471,7 +471,7 @@ TEST_CASE("callbacks as concurrent.futures' tests have them: cancelled, several,
   SECTION("a cancelled task's error callback gets task_cancelled") {
     drain_reports();
     procpool::pool p(job, 1);
-    auto held = p.submit(-3);  // the one worker
+    auto held = p.submit(-3);   // the one worker
     auto queued = p.submit(1);  // in its ring
     auto unsent = p.submit(2);  // not sent
     std::promise<std::exception_ptr> error;

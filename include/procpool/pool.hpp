@@ -237,43 +237,36 @@ class pool {
   /// or `error_callback(std::exception_ptr)` with the error `get()` raises
   /// (see `future::then`).
   /// **Throws:** `pool_closed` after `close()`; what the input's iterators throw.
-  template <class Range, class OnValue = detail::ignore_value,
-            class OnError = detail::ignore_error,
+  template <class Range, class OnValue = detail::ignore_value, class OnError = detail::ignore_error,
             class = std::enable_if_t<!std::is_same_v<std::decay_t<OnValue>, map_options>>>
   auto map_async(Range&& inputs, OnValue callback = {}, OnError error_callback = {}) {
     return map_async(std::forward<Range>(inputs), map_options{}, std::move(callback),
                      std::move(error_callback));
   }
   /// `map_async` with options for this call.
-  template <class Range, class OnValue = detail::ignore_value,
-            class OnError = detail::ignore_error>
+  template <class Range, class OnValue = detail::ignore_value, class OnError = detail::ignore_error>
   auto map_async(Range&& inputs, map_options options, OnValue callback = {},
                  OnError error_callback = {}) {
     if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
-      return calls_.template map_async<detail::invoke_one>(inputs, "map_async",
-                                                           options.chunk_size,
-                                                           std::move(callback),
-                                                           std::move(error_callback));
+      return calls_.template map_async<detail::invoke_one>(
+          inputs, "map_async", options.chunk_size, std::move(callback), std::move(error_callback));
   }
   /// `map_async` for a function of several arguments, each item a tuple
   /// (Python's `Pool.starmap_async`).
-  template <class Range, class OnValue = detail::ignore_value,
-            class OnError = detail::ignore_error,
+  template <class Range, class OnValue = detail::ignore_value, class OnError = detail::ignore_error,
             class = std::enable_if_t<!std::is_same_v<std::decay_t<OnValue>, map_options>>>
   auto starmap_async(Range&& inputs, OnValue callback = {}, OnError error_callback = {}) {
     return starmap_async(std::forward<Range>(inputs), map_options{}, std::move(callback),
                          std::move(error_callback));
   }
   /// `starmap_async` with options for this call.
-  template <class Range, class OnValue = detail::ignore_value,
-            class OnError = detail::ignore_error>
+  template <class Range, class OnValue = detail::ignore_value, class OnError = detail::ignore_error>
   auto starmap_async(Range&& inputs, map_options options, OnValue callback = {},
                      OnError error_callback = {}) {
     if constexpr (detail::check_map<detail::call_shape::tuple_item, F, Range>())
-      return calls_.template map_async<detail::invoke_apply>(inputs, "starmap_async",
-                                                             options.chunk_size,
-                                                             std::move(callback),
-                                                             std::move(error_callback));
+      return calls_.template map_async<detail::invoke_apply>(
+          inputs, "starmap_async", options.chunk_size, std::move(callback),
+          std::move(error_callback));
   }
 
   /// Runs `f(args...)` in a worker and returns a future for its result

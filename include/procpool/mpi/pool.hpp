@@ -176,13 +176,11 @@ class pool {
   /// moves the call along and runs the callbacks; otherwise the call moves
   /// while a thread of the caller's waits on the pool, and the callbacks run
   /// in that thread on its way out.
-  template <class Range, class OnValue = detail::ignore_value,
-            class OnError = detail::ignore_error>
+  template <class Range, class OnValue = detail::ignore_value, class OnError = detail::ignore_error>
   auto map_async(Range&& inputs, OnValue callback = {}, OnError error_callback = {}) {
     root_only("map_async");
-    return calls_.template map_async<detail::invoke_one>(inputs, "map_async", 0,
-                                                         std::move(callback),
-                                                         std::move(error_callback));
+    return calls_.template map_async<detail::invoke_one>(
+        inputs, "map_async", 0, std::move(callback), std::move(error_callback));
   }
   /// As `procpool::pool::submit`: runs `f(args...)` on some rank.
   template <class... Args>

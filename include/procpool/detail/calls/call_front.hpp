@@ -193,17 +193,17 @@ auto call_front<F, Handlers>::map_async(Range&& inputs, const char* name, std::s
   using Result = call_result_t<F, Item, Invoke>;
   static_assert(check_result<Result>());
   using call_t = map_async_call<F, Handlers, Item, Invoke, Result>;
-  using R = std::conditional_t<std::is_same_v<Result, std::monostate>, void,
-                               typename call_t::value_type>;
+  using R =
+      std::conditional_t<std::is_same_v<Result, std::monostate>, void, typename call_t::value_type>;
   std::optional<future<R>> f;
   {
     scoped_use use(*driver_, name);
     driver_->check_usable(name);
     std::vector<Item> items(std::begin(inputs), std::end(inputs));
     std::size_t n = items.size();
-    auto call = std::make_shared<call_t>(std::move(items), default_chunk(n, chunk),
-                                         driver_->chunk_bytes(),
-                                         progress_reporter(progress_, on_progress_, n));
+    auto call =
+        std::make_shared<call_t>(std::move(items), default_chunk(n, chunk), driver_->chunk_bytes(),
+                                 progress_reporter(progress_, on_progress_, n));
     driver_->start(call);
     driver_->task_started();
     driver_->send_now();

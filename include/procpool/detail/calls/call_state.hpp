@@ -15,8 +15,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -363,10 +363,10 @@ class driver {
   // True while the helper has something to do or is about to look; false
   // once it found the pool idle and sleeps until told. Written under the driver.
   std::atomic<bool> helper_work_{false};
-  std::atomic<bool> helper_started_{false};  // counting `entering_` is worth it only then
-  bool tasks_started_ = false;               // since the helper last found the pool idle
+  std::atomic<bool> helper_started_{false};           // counting `entering_` is worth it only then
+  bool tasks_started_ = false;                        // since the helper last found the pool idle
   std::vector<std::shared_ptr<call_state>> watched_;  // calls with callbacks or progress
-  std::uint64_t epoch_ = 0;                          // steps with progress (under the driver)
+  std::uint64_t epoch_ = 0;                           // steps with progress (under the driver)
 };
 
 /// Holds a driver for the calling thread for one entry point, waiting while
@@ -420,7 +420,6 @@ inline void drop_call(const std::weak_ptr<driver>& weak, call_state& call) noexc
     d->end_call(call);
   }
 }
-
 
 // ---------------------------------------------------------------------------
 // The helper thread.
@@ -542,8 +541,7 @@ inline driver::turn_result driver::helper_turn(const helper_control& control) {
   }
   // Broken or stopped, the pool has nothing more to move: the helper sleeps
   // until a user's thread leaves work again.
-  if (broke || (idle() && watched_.empty()))
-    helper_work_.store(false, std::memory_order_relaxed);
+  if (broke || (idle() && watched_.empty())) helper_work_.store(false, std::memory_order_relaxed);
   leave();
   if (due.empty()) return turn_result::turned;
   run_callbacks(due);
@@ -577,8 +575,10 @@ inline void driver::take_due(std::vector<std::shared_ptr<call_state>>& due,
       ++i;
       continue;
     }
-    if (!c.callbacks.empty()) due.push_back(watched_[i]);
-    else c.callbacks_due.store(false, std::memory_order_release);
+    if (!c.callbacks.empty())
+      due.push_back(watched_[i]);
+    else
+      c.callbacks_due.store(false, std::memory_order_release);
     watched_[i] = std::move(watched_.back());
     watched_.pop_back();
   }

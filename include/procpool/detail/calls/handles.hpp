@@ -328,7 +328,8 @@ std::exception_ptr future<R>::failure_of(const future& f) {
     return std::current_exception();
   }
   if (!*f.state_->result)
-    return std::make_exception_ptr(error("the task ended without a result"));  // a bug, never a wait
+    return std::make_exception_ptr(
+        error("the task ended without a result"));  // a bug, never a wait
   return nullptr;
 }
 

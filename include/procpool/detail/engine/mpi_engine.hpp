@@ -594,7 +594,6 @@ class engine final : public driver {
   bool helper_allowed() const noexcept override { return thread_multiple_; }
 
  public:
-
   void close() noexcept { closed_ = true; }
   bool closed() const noexcept { return closed_; }
   /// Finishes the work that can finish, fails the calls that cannot (an
@@ -643,7 +642,7 @@ class engine final : public driver {
   std::exception_ptr broken_;
   bool closed_ = false;
   bool stopped_ = false;
-  bool driving_ = false;  // inside pump: the queues are being walked
+  bool driving_ = false;          // inside pump: the queues are being walked
   bool thread_multiple_ = false;  // MPI allows calls from any thread at once: a helper may run
 };
 
