@@ -525,3 +525,22 @@ TEST_CASE("callbacks as concurrent.futures' tests have them: cancelled, several,
     CHECK_THROWS_AS(empty.then([](int) {}), procpool::error);
   }
 }
+
+TEST_CASE("the fork server killed under tasks with callbacks: every callback gets the error",
+          "[async][fork_server]") {
+  drain_reports();
+  procpool::pool p(job, 1);
+  auto held = p.submit(-3);   // the one worker, until it dies
+  auto queued = p.submit(1);  // in its ring
+  auto unsent = p.submit(2);  // never sent: the pool breaks first
+  std::promise<std::exception_ptr> error;
+  unsent.then([](int) {}, [&](const std::exception_ptr& e) { error.set_value(e); });
+  pid_t server = procpool_test::parent_of(p.pids().at(0));
+  REQUIRE(server > 0);
+  REQUIRE(::kill(server, SIGKILL) == 0);
+  auto got = error.get_future();
+  REQUIRE(got.wait_for(30s) == std::future_status::ready);
+  CHECK_THROWS_AS(std::rethrow_exception(got.get()), procpool::error);
+  CHECK_THROWS_AS(unsent.get(), procpool::error);
+  CHECK_THROWS_AS(held.get(), procpool::error);
+}

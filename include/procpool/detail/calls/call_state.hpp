@@ -519,7 +519,9 @@ inline driver::turn_result driver::helper_turn(const helper_control& control) {
   std::vector<std::shared_ptr<call_state>> due;
   take_due(due, nullptr, false);
   std::exception_ptr broke;
-  if (due.empty() && !idle()) {
+  // A watched call still open on an idle pool is driven too: the drive
+  // raises what broke the pool (its fork server lost), which ends the call.
+  if (due.empty() && (!idle() || !watched_.empty())) {
     using clock = std::chrono::steady_clock;
     std::uint64_t start = epoch_;
     auto started = clock::now();
