@@ -1,16 +1,21 @@
 // pool<F> beside what the machine allows: serial C++, a thread pool over the
-// same data, memcpy, a futex and an OS pipe ping-pong between two processes.
+// same data, the floor (floor_pool.hpp: a fork + shared-memory pool with no
+// encoding and no safety, the least any such pool can do), memcpy, a futex
+// and an OS pipe ping-pong between two processes.
 // bench/python/pool_ref.py runs the same cases with Python's multiprocessing;
 // scripts/bench runs both side by side and writes docs/benchmarks.md.
 //
 // Cases (each a separate measurement; run one per process when a case reads
 // the process's peak RSS, as `imap` does):
 //   tiny     map of n ints through x*x (int64 results), warm 2-worker pool;
-//            beside it, making a new vector<int64_t>(n) alone (what any
+//            the floor's map (floor: into a new vector, floor_into: into one
+//            made once); making a new vector<int64_t>(n) alone (what any
 //            returned result vector costs)
-//   chunks   the same map over 10^6 items with chunk sizes 1 .. 10^5
+//   chunks   the same map over 10^6 items with chunk sizes 1 .. 10^5, procpool
+//            and the floor
 //   cpu      200 tasks of 5 ms of computation, 1, 2 and 4 workers
-//   latency  submit(x).get() round trip; futex and pipe ping-pong
+//   latency  submit(x).get() round trip; the floor's call(x); futex and pipe
+//            ping-pong
 //   big      identity map over 64 items of 8 MiB; memcpy bandwidth; writing
 //            into fresh pages
 //   startup  pool construction + destruction with 1, 2, 4 workers; bare
@@ -32,8 +37,8 @@
 //                a correctness check (ctest runs it)
 //   --json       one JSON object per line, for bench/run.py
 //   --items N    the number of items for `imap` (default 10^7, 10^6 with --quick)
-//   --only LIST  run only these implementations (procpool, serial, threads,
-//                alloc, futex, pipe, memcpy, first_touch, fork, ...)
+//   --only LIST  run only these implementations (procpool, floor, floor_into,
+//                serial, threads, alloc, futex, pipe, memcpy, first_touch, fork, ...)
 //   --tag TAG    append "@TAG" to every implementation's name (bench/run.py
 //                marks a run under a different environment this way)
 #include <fcntl.h>
@@ -62,6 +67,8 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include "floor_pool.hpp"
 
 namespace {
 
@@ -349,6 +356,36 @@ void bench_tiny() {
       emit(r);
     }
   }
+  if (opts.wanted("floor") || opts.wanted("floor_into")) {
+    // The floor (floor_pool.hpp): the same map with no encoding and no
+    // safety, one memcpy in and one out. `floor` returns a new vector as
+    // `pool.map` does; `floor_into` writes into one made once.
+    floor_bench::pool floor(sq, workers, sizes.back());
+    for (std::size_t n : sizes) {
+      auto in = tiny_inputs(n);
+      std::vector<std::int64_t> out;
+      auto check = [&] { check_squares("floor map", in, out); };
+      if (opts.wanted("floor")) {
+        record r{"tiny", "floor", double(n), double(n), {}, {}};
+        r.samples = time_calls(
+            reps, [&] { out = floor.map(in); }, check);
+        auto faults = count_faults(floor.pids(), [&] { out = floor.map(in); });
+        check();
+        r.extras = {{"parent_faults", {faults.parent}}, {"worker_faults", {faults.workers}}};
+        emit(r);
+      }
+      if (opts.wanted("floor_into")) {
+        out.clear();
+        record r{"tiny", "floor_into", double(n), double(n), {}, {}};
+        r.samples = time_calls(
+            reps, [&] { floor.map_into(in, out); }, check);
+        auto faults = count_faults(floor.pids(), [&] { floor.map_into(in, out); });
+        check();
+        r.extras = {{"parent_faults", {faults.parent}}, {"worker_faults", {faults.workers}}};
+        emit(r);
+      }
+    }
+  }
   if (opts.wanted("alloc")) {
     // What `map` pays before any item moves: a new std::vector<int64_t>(n),
     // zeroed, replacing the previous one as `out = pool.map(in)` does.
@@ -402,13 +439,23 @@ void bench_tiny() {
 }
 
 void bench_chunks() {
-  if (!opts.wanted("procpool")) return;
   std::size_t n = opts.validate ? 10'000 : opts.quick ? 100'000 : 1'000'000;
   std::vector<std::size_t> chunks = {1, 10, 100, 1'000, 10'000, 100'000};
   int reps = opts.reps(5);
   auto sq = [](int x) { return square(x); };
   auto in = tiny_inputs(n);
+  if (opts.wanted("floor")) {
+    floor_bench::pool floor(sq, 2, n);
+    std::vector<std::int64_t> out;
+    for (std::size_t c : chunks) {
+      record r{"chunks", "floor", double(c), double(n), {}, {}};
+      r.samples = time_calls(
+          reps, [&] { out = floor.map(in, c); }, [&] { check_squares("floor map", in, out); });
+      emit(r);
+    }
+  }
   for (std::size_t c : chunks) {
+    if (!opts.wanted("procpool")) break;
     procpool::pool_options o;
     o.workers = 2;
     o.chunk_size = c;
@@ -657,6 +704,16 @@ void bench_latency() {
     record r{"latency", "procpool", 2, 1, {}, {{"p99", {}}}};
     for (int rep = 0; rep < reps; ++rep) {
       auto st = time_round_trips("procpool submit", n, [&](int i) { return pool.submit(i).get(); });
+      r.samples.push_back(st.median);
+      r.extras[0].second.push_back(st.p99);
+    }
+    emit(r);
+  }
+  if (opts.wanted("floor")) {
+    floor_bench::pool floor([](int x) { return x + 1; }, 2, 1);
+    record r{"latency", "floor", 2, 1, {}, {{"p99", {}}}};
+    for (int rep = 0; rep < reps; ++rep) {
+      auto st = time_round_trips("floor call", n, [&](int i) { return floor.call(i); });
       r.samples.push_back(st.median);
       r.extras[0].second.push_back(st.p99);
     }
@@ -985,8 +1042,8 @@ int main(int argc, char** argv) {
       "  --validate   smallest sizes, one repetition, no timings: a correctness check\n"
       "  --json       one JSON object per result line, for bench/run.py\n"
       "  --items N    items of the imap case\n"
-      "  --only LIST  only these implementations (procpool, serial, threads, alloc, futex,\n"
-      "               pipe, memcpy, first_touch, fork), comma-separated\n"
+      "  --only LIST  only these implementations (procpool, floor, floor_into, serial,\n"
+      "               threads, alloc, futex, pipe, memcpy, first_touch, fork), comma-separated\n"
       "  --tag TAG    append @TAG to every implementation's name\n"
       "Every result is checked; a wrong one exits with status 1.\n";
   std::vector<std::string> cases;
