@@ -21,6 +21,8 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 COLORS = {
     "procpool": "#1f5fbf",
     "procpool@hugetlb": "#1f5fbf",
+    "floor": "#000000",
+    "floor_into": "#000000",
     "alloc": "#7f7f7f",
     "py_executor_default": "#8e44ad",
     "fork": "#555555",
@@ -40,6 +42,8 @@ COLORS = {
 LABELS = {
     "procpool": "procpool map",
     "procpool@hugetlb": "procpool map, glibc malloc on huge pages",
+    "floor": "the floor: fork + shared memory, no encoding, no safety",
+    "floor_into": "the floor, into a vector made once",
     "alloc": "new vector<int64_t>(n) alone",
     "threads": "thread pool (2 std::threads), result vector reused",
     "serial": "serial C++, result vector reused",
@@ -51,6 +55,8 @@ LABELS = {
 
 STYLES = {
     "procpool@hugetlb": {"linestyle": "--", "marker": "s", "linewidth": 1.5},
+    "floor": {"linestyle": "-", "marker": "v", "linewidth": 1.5},
+    "floor_into": {"linestyle": "--", "marker": "v", "linewidth": 1, "markersize": 4},
     "alloc": {"linestyle": ":", "marker": ".", "linewidth": 1.5},
     "serial": {"linestyle": ":", "marker": "o", "linewidth": 1.5},
     "py_executor_default": {"linestyle": "none", "marker": "D", "markersize": 7},
@@ -115,7 +121,8 @@ def pow10_label(v, _pos=None):
 def plot_tiny(R, out):
     fig, ax = plt.subplots(figsize=(10, 5))
     for impl in ["py_executor_default", "py_executor", "py_pool_default", "py_pool_tuned",
-                 "procpool", "procpool@hugetlb", "threads", "alloc", "serial"]:
+                 "procpool", "procpool@hugetlb", "floor", "floor_into", "threads", "alloc",
+                 "serial"]:
         xs = [x for x in R.xs("tiny", impl) if R.ns_per_item("tiny", impl, x)]
         if not xs:
             continue
@@ -134,12 +141,15 @@ def plot_tiny(R, out):
 
 def plot_chunks(R, out):
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for impl, label in [("py_pool", "Python Pool.map"), ("procpool", "procpool map")]:
+    for impl, label in [("py_pool", "Python Pool.map"), ("procpool", "procpool map"),
+                        ("floor", "the floor: fork + shared memory, no encoding, no safety")]:
         xs = R.xs("chunks", impl)
         if not xs:
             continue
-        ax.plot(xs, [R.ns_per_item("chunks", impl, x) for x in xs], marker="o",
-                color=COLORS[impl], label=label, linewidth=2.5 if impl == "procpool" else 1.5)
+        style = {"marker": "o", "linewidth": 2.5 if impl == "procpool" else 1.5}
+        style.update(STYLES.get(impl, {}))
+        ax.plot(xs, [R.ns_per_item("chunks", impl, x) for x in xs], color=COLORS[impl],
+                label=label, **style)
     r = R.get("chunks", "procpool", 1)
     n = int(r["items"]) if r else 0
     ax.set_xscale("log")
@@ -185,6 +195,7 @@ def plot_cpu(R, out):
 
 def plot_latency(R, out):
     rows = [("pipe", "OS pipe ping-pong"), ("futex", "futex ping-pong"),
+            ("floor", "the floor: call(x)"),
             ("procpool", "procpool submit().get()"),
             ("py_apply_async", "Python apply_async().get()"),
             ("py_executor", "Python executor.submit().result()")]
@@ -196,11 +207,14 @@ def plot_latency(R, out):
         ax.barh(i, m, color=COLORS.get(impl, "#e07b00" if impl.startswith("py") else "#1f5fbf"),
                 height=0.6)
         ax.plot([p99], [i], marker="|", markersize=14, color="black")
-        ax.text(m * 1.08, i + 0.22, f"{m:.1f} µs (p99 {p99:.0f})", va="center", fontsize=8)
+        # Sub-microsecond round trips (the floor's) keep two digits.
+        ms, p99s = (f"{m:.2f}", f"{p99:.1f}") if m < 2 else (f"{m:.1f}", f"{p99:.0f}")
+        ax.text(m * 1.08, i + 0.22, f"{ms} µs (p99 {p99s})", va="center", fontsize=8)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([label for _, label in rows], fontsize=9)
-    ax.axvline(20, color="#c0392b", linestyle="--", linewidth=1)
-    ax.text(20 * 1.05, -0.45, "goal: 20 µs", color="#c0392b", fontsize=7, va="bottom")
+    for goal in (2, 20):
+        ax.axvline(goal, color="#c0392b", linestyle="--", linewidth=1)
+        ax.text(goal * 1.05, -0.45, f"goal: {goal} µs", color="#c0392b", fontsize=7, va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("round trip, µs (median bar; | marks the 99th percentile; lower is better)")
     finish(fig, ax, R, "Round trip of one small task", out / "bench-latency.png")

@@ -306,6 +306,16 @@ DATA_PATH = (
     "thread pool's threads write each result once, in place.")
 
 
+# The floor, as the sections that show it describe it (bench/floor_pool.hpp).
+FLOOR_TEXT = (
+    "*The floor* is the least a fork + shared-memory pool can do, measured by the same program: "
+    "2 forked workers kept warm, one shared mapping, one `memcpy` of the input into it, chunks "
+    "claimed from a shared counter, results written in place, one `memcpy` of the results out. "
+    "No encoding and no safety: no crash detection, no timeouts, trivially copyable items only. "
+    "Its parent spins up to 20 µs for the results before it sleeps on a futex, as procpool's "
+    "does; its idle workers spin 2 µs before they sleep, where procpool's sleep at once.")
+
+
 def tiny_breakdown(R, n):
     """The figures that explain procpool's time per item in the tiny case at n."""
     return {
@@ -356,6 +366,83 @@ def tiny_python_why(R, speed):
     parts.append("Python spends its time pickling and unpickling in its parent, procpool in its "
                  "data path (above) and in fresh pages for its result.")
     return " ".join(parts)
+
+
+# Goals measured against the floor (bench/floor_pool.hpp): what a fork +
+# shared-memory pool with no encoding and no safety does on the same machine.
+FLOOR_TINY_N = 10**6
+CHUNK_GOALS_NS = {100: 5, 10: 25, 1: 600}
+
+
+def floor_note(pp, fl, unit, difference="procpool's data path (above)"):
+    """What the floor took beside procpool's `pp`, for a missed goal."""
+    if fl is None:
+        return None
+    return (f"The floor (`bench/floor_pool.hpp`: one `memcpy` in, chunks claimed from a shared "
+            f"counter, one `memcpy` out, no encoding, no crash detection) took {fmt_num(fl)} "
+            f"{unit} in the same run, procpool {fmt_num(pp)} ({ratio(pp, fl)}). The difference is "
+            f"{difference}.")
+
+
+def floor_goals(R):
+    """Tiny items within 1.5× of the floor; time per item at small chunk sizes;
+    the distance from Python at chunk sizes of 10 and more. Each only where measured."""
+    g = []
+    n = FLOOR_TINY_N
+    pp, fl = R.per_item_ns("tiny", "procpool", n), R.per_item_ns("tiny", "floor", n)
+    if pp is not None and fl is not None:
+        met = pp / fl <= 1.5
+        g.append({"name": "Tiny items: slower than the floor by at most", "target": "≤ 1.5×",
+                  "measured": f"{ratio(pp, fl)} at n = {md_pow10(n)} ({fmt_num(pp)} against "
+                              f"{fmt_num(fl)} ns per item)",
+                  "met": met, "why": None if met else floor_note(pp, fl, "ns per item")})
+    for c, target in CHUNK_GOALS_NS.items():
+        pp = R.per_item_ns("chunks", "procpool", c)
+        if pp is None:
+            continue
+        fl = R.per_item_ns("chunks", "floor", c)
+        met = pp <= target
+        g.append({"name": f"Chunk size {c}: time per item", "target": f"≤ {target} ns",
+                  "measured": f"{fmt_num(pp)} ns" + (f" (floor: {fmt_num(fl)} ns)" if fl else ""),
+                  "met": met, "why": None if met else floor_note(
+                      pp, fl, "ns per item",
+                      "procpool's cost per chunk, where the floor's is two atomic additions: a "
+                      "frame each way, encoded and copied through the rings, and a wake-up "
+                      "whenever a worker has gone to sleep between frames")})
+    speed = [(c, R.per_item_ns("chunks", "py_pool", c), R.per_item_ns("chunks", "procpool", c))
+             for c in R.xs("chunks", "procpool") if c >= 10]
+    speed = [(c, py, pp) for c, py, pp in speed if py and pp]
+    if speed:
+        met = all(py / pp >= 50 for _, py, pp in speed)
+        g.append({"name": "Chunk size 10 and more: faster than Python's `Pool.map`",
+                  "target": "≥ 50×",
+                  "measured": ", ".join(f"{ratio(py, pp)} at {int(c):,}" for c, py, pp in speed),
+                  "met": met, "why": None})
+    return g
+
+
+def round_trip_floor_goal(R):
+    """The round trip against 2 µs, with its 99th percentile and the floor's."""
+    m, p99 = R.med("latency", "procpool", 2), R.med("latency", "procpool", 2, "p99")
+    if m is None:
+        return []
+    fl, fl99 = R.med("latency", "floor", 2), R.med("latency", "floor", 2, "p99")
+    measured = f"{m * 1e6:.1f} µs, p99 {p99 * 1e6:.1f} µs"
+    if fl is not None:
+        measured += f" (floor: {fl * 1e6:.2f} µs, p99 {fl99 * 1e6:.2f} µs)"
+    met = m <= 2e-6
+    why = None
+    if not met and fl is not None:
+        futex = R.med("latency", "futex", 1)
+        why = floor_note(
+            m * 1e6, fl * 1e6, "µs",
+            "partly how the two wait: the floor's worker spins 2 µs before it sleeps, so the "
+            "next round trip finds it awake; procpool's worker sleeps at once, and a round trip "
+            "that must wake it pays a futex wake-up" +
+            (f" (a futex ping-pong, two wake-ups, took {futex * 1e6:.1f} µs in the same run)"
+             if futex else "") + "; the rest is procpool's frames and its future")
+    return [{"name": "`submit(x).get()` round trip, median (p99 reported)", "target": "≤ 2 µs",
+             "measured": measured, "met": met, "why": why}]
 
 
 def goals(R, info, meta):
@@ -417,6 +504,7 @@ def goals(R, info, meta):
             "met": met,
             "why": why,
         })
+    g += floor_goals(R)
     m = R.med("latency", "procpool", 2)
     if m is not None:
         futex = R.med("latency", "futex", 1)
@@ -433,6 +521,7 @@ def goals(R, info, meta):
                 f"before the next task arrives, each round trip pays those wake-ups."
                 if futex else None),
         })
+    g += round_trip_floor_goal(R)
     s, p, t = R.med("cpu", "serial", 1), R.med("cpu", "procpool", 2), R.med("cpu", "threads", 2)
     if s and p:
         met = s / p >= 1.97
@@ -536,6 +625,8 @@ def goals(R, info, meta):
 IMPL_NAMES = {
     "procpool": "procpool `map`",
     "procpool@hugetlb": "procpool `map`, glibc malloc on huge pages",
+    "floor": "the floor: fork + shared memory, no encoding, no safety",
+    "floor_into": "the floor, into a vector made once",
     "alloc": "new `vector<int64_t>(n)` alone",
     "alloc@hugetlb": "new `vector<int64_t>(n)`, huge pages",
     "serial": "serial C++ loop",
@@ -597,14 +688,22 @@ def section_tiny(add, R, info):
     add("")
     add("`map` of *n* `int`s through `x*x` (64-bit results) on a warm 2-worker pool, beside a "
         "serial loop, a pool of 2 `std::thread`s that split the same vectors into chunks of "
-        "⌈n/8⌉ and write into a result vector made once, and Python's pools with 2 workers. "
+        "⌈n/8⌉ and write into a result vector made once, " +
+        ("the floor (below), " if R.xs("tiny", "floor") else "") +
+        "and Python's pools with 2 workers. "
         "Python's default chunk size with 2 workers is ⌈n/8⌉; its tuned chunk size is the "
         "fastest of a few candidates (1024 … 65536, ⌈n/32⌉ and the default) timed in the same "
         "run. `ProcessPoolExecutor.map` runs with chunksize ⌈n/8⌉ at every *n*, and with its "
         "default chunksize of 1 only where noted: it sends each item on its own.")
     add("")
-    impls = ["procpool", "alloc", "serial", "threads", "py_pool_default", "py_pool_tuned",
-             "py_executor", "py_executor_default", "procpool@hugetlb", "alloc@hugetlb"]
+    if R.xs("tiny", "floor"):
+        add(FLOOR_TEXT + " Here it uses procpool's default chunks (⌈n/8⌉); *the floor* returns "
+            "a new `std::vector<int64_t>` as `map` does, *into a vector made once* writes into "
+            "the same vector at every call.")
+        add("")
+    impls = ["procpool", "floor", "floor_into", "alloc", "serial", "threads", "py_pool_default",
+             "py_pool_tuned", "py_executor", "py_executor_default", "procpool@hugetlb",
+             "alloc@hugetlb"]
     ns = R.xs("tiny", "procpool")
     rows = []
     for impl in impls:
@@ -620,7 +719,8 @@ def section_tiny(add, R, info):
         rows.append(row)
     for label, a, b in [("Python `Pool.map` default ÷ procpool", "py_pool_default", "procpool"),
                         ("Python `Pool.map` tuned ÷ procpool", "py_pool_tuned", "procpool"),
-                        ("procpool ÷ thread pool", "procpool", "threads")]:
+                        ("procpool ÷ thread pool", "procpool", "threads"),
+                        ("procpool ÷ floor", "procpool", "floor")]:
         rows.append([f"*{label}*"] + [ratio(R.per_item_ns("tiny", a, n), R.per_item_ns("tiny", b, n))
                                       for n in ns])
     add(table(["ns per item, n ="] + [md_pow10(n) for n in ns], rows))
@@ -660,15 +760,19 @@ def section_chunks(add, R, info):
         "item is a frame of its own: a frame each way per item, at most two in flight per "
         "worker, and a wake-up whenever a worker has gone to sleep between frames.")
     add("")
+    if R.xs("chunks", "floor"):
+        add(FLOOR_TEXT + " Here it takes the same chunk size, over the same items.")
+        add("")
     rows = []
     for c in R.xs("chunks", "procpool"):
         pp = R.per_item_ns("chunks", "procpool", c)
+        fl = R.per_item_ns("chunks", "floor", c)
         py = R.per_item_ns("chunks", "py_pool", c)
         pyr = R.get("chunks", "py_pool", c)
-        rows.append([f"{int(c):,}", fmt_num(pp), fmt_num(py),
+        rows.append([f"{int(c):,}", fmt_num(pp), fmt_num(fl), ratio(pp, fl), fmt_num(py),
                      f"{int(pyr['items']):,}" if pyr else "—", ratio(py, pp)])
-    add(table(["chunk size", "procpool ns/item", "Python `Pool.map` ns/item", "Python items",
-               "Python ÷ procpool"], rows))
+    add(table(["chunk size", "procpool ns/item", "floor ns/item", "procpool ÷ floor",
+               "Python `Pool.map` ns/item", "Python items", "Python ÷ procpool"], rows))
     add("")
     add("![ns per item against chunk size](img/bench-chunks.png)")
     add("")
@@ -713,7 +817,12 @@ def section_latency(add, R, info):
         "a quick answer or a quick next task costs no wake-up: procpool can come in under these "
         "on an idle machine, and meets them on a busy one.")
     add("")
+    if R.xs("latency", "floor"):
+        add(FLOOR_TEXT + " Here its `call(x)`: the parent writes x into the shared input, wakes a "
+            "worker if none is awake, and waits for the done counter.")
+        add("")
     lat = [("procpool", "procpool `submit(x).get()`"),
+           ("floor", "the floor's `call(x)`, 2 workers"),
            ("py_apply_async", "Python `Pool.apply_async(f, (x,)).get()`"),
            ("py_executor", "Python `ProcessPoolExecutor.submit(f, x).result()`"),
            ("futex", "futex ping-pong between two processes"),
@@ -726,6 +835,9 @@ def section_latency(add, R, info):
             continue
         m, p99 = R.med("latency", impl, x[0]), R.med("latency", impl, x[0], "p99")
         rows.append([name, f"{m * 1e6:.1f}", f"{p99 * 1e6:.1f}", ratio(m, base)])
+    ratios = [ratio(R.med("latency", "procpool", 2, f), R.med("latency", "floor", 2, f))
+              for f in ("samples", "p99")]
+    rows.append(["*procpool ÷ floor*"] + ratios + [""])
     add(table(["", "median µs", "p99 µs", "÷ procpool"], rows))
     add("")
     add("Median and 99th percentile of each repetition's round trips; the medians of those "
@@ -938,7 +1050,8 @@ def page(R, info, meta):
         add("")
     add("procpool beside Python's `multiprocessing` (what a user would otherwise reach for) and "
         "beside the limits of the machine (serial C++, a thread pool over the same data with no "
-        "copies, `memcpy`, a futex and a pipe ping-pong between two processes, a bare `fork`). "
+        "copies, the floor of a fork + shared-memory pool, `memcpy`, a futex and a pipe "
+        "ping-pong between two processes, a bare `fork`). "
         "Every number on this page comes from one run of one command, on the machine described "
         "below; every case runs procpool and its comparators in the same run, one after the "
         "other. Each benchmark checks its results and fails on a wrong one, so a fast wrong "
