@@ -107,7 +107,7 @@ def main():
         if out != items:
             invalid("bandwidth")
         gib = len(items) * size / (1 << 30)
-        line("bandwidth", f"{gib / s:.2f} GiB/s each way ({len(items)} items of {size >> 20} MiB, "
+        line("bandwidth", f"{gib / s:.3f} GiB/s each way ({len(items)} items of {size >> 20} MiB, "
                           f"chunksize {k})")
         del items, out, warm
 

@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
       double s = seconds_since(t);
       if (out != items) invalid("bandwidth");
       double gib = double(items.size() * size) / double(1 << 30);
-      line("bandwidth", fmt::format("{:.2f} GiB/s each way ({} items of {} MiB)", gib / s,
+      line("bandwidth", fmt::format("{:.3f} GiB/s each way ({} items of {} MiB)", gib / s,
                                     items.size(), size >> 20));
     }
   }
