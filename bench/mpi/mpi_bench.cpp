@@ -1,7 +1,8 @@
 // mpi::pool's costs on this machine, for the cost model of docs/scale-out.md.
-// Run it with 1, 2, 3 ranks (`scripts/bench --mpi` does); rank 0 prints one
-// line per case. With --quick every case runs at a tiny size and only the
-// results are checked (ctest does that in every build).
+// Run it with 1, 2, 3 ranks (scripts/bench-mpi does, beside mpi4py.futures on
+// the same cases: mpi4py_ref.py); rank 0 prints one line per case. With
+// --quick every case runs at a tiny size and only the results are checked
+// (ctest does that in every build).
 //
 //   round trip   submit(x).get(), one item: the latency of one chunk
 //   bandwidth    map over 8 MiB items returned whole: bytes moved per second
@@ -65,8 +66,9 @@ int main(int argc, char** argv) {
         us.push_back(seconds_since(t) * 1e6);
       }
       std::sort(us.begin(), us.end());
-      line("round trip", fmt::format("median {:.1f} us, p90 {:.1f} us", us[us.size() / 2],
-                                     us[us.size() * 9 / 10]));
+      line("round trip",
+           fmt::format("median {:.1f} us, p90 {:.1f} us, p99 {:.1f} us", us[us.size() / 2],
+                       us[us.size() * 9 / 10], us[us.size() * 99 / 100]));
     }
   }
   {  // bandwidth
@@ -80,7 +82,7 @@ int main(int argc, char** argv) {
       double s = seconds_since(t);
       if (out != items) invalid("bandwidth");
       double gib = double(items.size() * size) / double(1 << 30);
-      line("bandwidth", fmt::format("{:.2f} GiB/s each way ({} items of {} MiB)", gib / s,
+      line("bandwidth", fmt::format("{:.3f} GiB/s each way ({} items of {} MiB)", gib / s,
                                     items.size(), size >> 20));
     }
   }
