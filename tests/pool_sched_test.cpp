@@ -87,6 +87,35 @@ TEST_CASE("an idle worker takes over a chunk queued behind a long one", "[pool][
   CHECK(got == std::vector<int>{0, 1, 2, 3, 4});
 }
 
+TEST_CASE("the deep queue of a worker stuck on a slow item is taken over by the idle one",
+          "[pool][sched]") {
+  // Short chunks make the pool give each worker many at once. Item `slow`
+  // then waits until every item after it ran: those queued behind it in its
+  // worker's ring must all be taken back, not only the next one.
+  constexpr int n = 3000;
+  constexpr int slow = 1000;
+  procpool::semaphore ran(0);
+  procpool::pool_options o;
+  o.workers = 2;
+  o.chunk_size = 1;
+  procpool::pool p(
+      [&](int k) {
+        if (k < 0) return k;  // the warm-up: short items, many per worker
+        if (k > slow) ran.release();
+        if (k != slow) return k;
+        for (int i = slow + 1; i < n; ++i)
+          if (!ran.try_acquire_for(bound)) return -1;
+        return k;
+      },
+      o);
+  std::vector<int> warm(20000);
+  for (int i = 0; i < 20000; ++i) warm[static_cast<std::size_t>(i)] = -1 - i;
+  CHECK(p.map(warm) == warm);
+  std::vector<int> xs(n);
+  for (int i = 0; i < n; ++i) xs[static_cast<std::size_t>(i)] = i;
+  for (int round = 0; round < 2; ++round) CHECK(p.map(xs) == xs);
+}
+
 TEST_CASE("a task queued behind one that never ends is answered by the idle worker",
           "[pool][sched]") {
   // The frame taken back stays in the stuck worker's ring, unanswered for

@@ -45,9 +45,9 @@ struct chunk {
   std::uint64_t call_id = 0;
   std::uint64_t first = 0;
   std::uint32_t count = 0;
-  std::vector<std::byte> bytes;  // the frame: the engine's prefix, a task_header, the items
-  unsigned retries = 0;          // times it was sent again after its worker died
-  unsigned bad_frames = 0;       // answers to it that were lies
+  writer bytes;             // the frame: the engine's prefix, a task_header, the items
+  unsigned retries = 0;     // times it was sent again after its worker died
+  unsigned bad_frames = 0;  // answers to it that were lies
 };
 
 /// True when a chunk out needs someone to collect it though nobody reads it:
@@ -119,14 +119,21 @@ class dispatcher {
         sending_.pop_front();
         continue;
       }
-      scratch_.clear();
-      scratch_.resize(prefix_ + sizeof(task_header));
+      // Encoded straight into the buffer the chunk keeps (one a settled
+      // chunk left, when there is one).
+      if (building_.capacity() == 0 && !spare_.empty()) {
+        building_ = std::move(spare_.back());
+        spare_.pop_back();
+        spare_bytes_ -= building_.capacity();
+      }
+      building_.clear();
+      building_.resize(prefix_ + sizeof(task_header));
       std::uint64_t handler = 0;
       std::uint64_t first = 0;
       std::uint32_t count = 0;
       bool made = false;
       try {
-        made = call->next_chunk(scratch_, max_count, first, count, handler);
+        made = call->next_chunk(building_, max_count, first, count, handler);
       } catch (...) {
         // The call cuts its chunks catching what its input throws; what
         // escapes that (an iterator's comparison, memory) ends the call,
@@ -143,17 +150,14 @@ class dispatcher {
         continue;
       }
       task_header h{handler, call->id, first, count, frame_kind::task};
-      std::memcpy(scratch_.data() + prefix_, &h, sizeof h);
+      std::memcpy(building_.data() + prefix_, &h, sizeof h);
       if (prefix_ == sizeof(std::uint64_t)) {
-        std::uint64_t size = scratch_.size() - prefix_;
-        std::memcpy(scratch_.data(), &size, sizeof size);
+        std::uint64_t size = building_.size() - prefix_;
+        std::memcpy(building_.data(), &size, sizeof size);
       }
       c = chunk{};
-      if (!spare_.empty()) {
-        c.bytes = std::move(spare_.back());
-        spare_.pop_back();
-      }
-      c.bytes.assign(scratch_.data(), scratch_.data() + scratch_.size());
+      c.bytes = std::move(building_);
+      building_ = writer();
       c.call = call;
       c.call_id = call->id;
       c.first = first;
@@ -176,8 +180,12 @@ class dispatcher {
   /// buffer is kept for a later chunk.
   void settle(chunk& c) noexcept {
     if (c.call) --c.call->in_flight;
-    if (spare_.size() < 16 && c.bytes.capacity() > 0) {
+    // Enough to keep every chunk of a deep queue in buffers already
+    // allocated, bounded in bytes so that big chunks are not hoarded.
+    std::size_t capacity = c.bytes.capacity();
+    if (capacity > 0 && spare_.size() < max_spare && spare_bytes_ + capacity <= max_spare_bytes) {
       c.bytes.clear();
+      spare_bytes_ += capacity;
       spare_.push_back(std::move(c.bytes));
     }
   }
@@ -339,8 +347,11 @@ class dispatcher {
   std::vector<std::weak_ptr<call_state>> live_;      // every call started and not yet over
   std::size_t prune_live_at_ = 64;
   std::uint64_t next_call_id_ = 1;
-  std::vector<std::vector<std::byte>> spare_;  // buffers of settled chunks
-  writer scratch_;
+  static constexpr std::size_t max_spare = 256;
+  static constexpr std::size_t max_spare_bytes = std::size_t(8) << 20;
+  std::vector<writer> spare_;  // buffers of settled chunks
+  std::size_t spare_bytes_ = 0;
+  writer building_;  // the next chunk's frame, while it is cut
 };
 
 }  // namespace procpool::detail

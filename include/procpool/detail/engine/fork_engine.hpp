@@ -101,7 +101,11 @@ struct worker_slot {
   // worker claims frame s by moving it from s to s + 1; the parent takes frame
   // s back (to give it to an idle worker) by moving it from s to
   // s | revoked_bit. Whoever moves first wins, so a chunk runs exactly once.
+  // Taking s back takes every frame sent after it too: the parent writes
+  // `revoke_end`, the first frame not taken, before it moves `claim`, and a
+  // worker that finds s taken answers every frame before `revoke_end` unrun.
   alignas(cache_line) std::atomic<std::uint64_t> claim{0};
+  std::atomic<std::uint64_t> revoke_end{0};
 };
 
 /// What a worker process knows about itself.
@@ -159,9 +163,8 @@ struct engine_config {
   std::chrono::nanoseconds task_timeout{0};
   void* function = nullptr;  // passed to handlers in the workers
   wait_policy parent_wait{std::chrono::microseconds(20), std::chrono::milliseconds(10)};
-  // Workers sleep at once when idle: on a machine with few cores a spinning
-  // worker competes with the parent and the other workers for a core.
-  wait_policy worker_wait{std::chrono::nanoseconds(0), std::chrono::milliseconds(50)};
+  // An idle worker spins briefly (pool_options::worker_spin) before it sleeps.
+  wait_policy worker_wait{std::chrono::microseconds(10), std::chrono::milliseconds(50)};
   std::chrono::milliseconds stop_grace{1000};
 };
 
@@ -233,10 +236,12 @@ class engine final : public driver {
     ring_control* result = nullptr;
     ring_writer to;
     ring_reader from;
-    std::deque<chunk> inflight;     // in the order sent
-    std::size_t items_sent = 0;     // toward max_tasks_per_child
-    std::uint64_t frames_sent = 0;  // task frames put in the ring since the worker started
-    std::vector<std::byte> inbuf;
+    std::deque<chunk> inflight;        // in the order sent
+    std::size_t items_sent = 0;        // toward max_tasks_per_child
+    std::uint64_t frames_sent = 0;     // task frames put in the ring since the worker started
+    steady::time_point last_answer{};  // when its last frame was taken
+    bool busy_since_answer = false;    // a whole next frame was in its ring then
+    writer inbuf;  // a frame that wrapped around the ring's end, gathered (not zeroed first)
     std::size_t in_need = 0;  // bytes of a partly received message still to come
     bool receiving = false;
     bool timed_out = false;
@@ -247,7 +252,16 @@ class engine final : public driver {
     steady::time_point stopped_since{};  // when it was first seen stopped (SIGSTOP)
   };
 
-  static constexpr std::size_t max_inflight = 2;
+  /// Chunks every worker gets before any gets more: one each, then a second
+  /// each, so that no worker waits while another holds two.
+  static constexpr std::size_t base_inflight = 2;
+  /// Most chunks queued in one worker's ring (`queue_depth`).
+  static constexpr std::size_t max_inflight = 64;
+  /// Work a worker is given ahead when its chunks are short: enough to cover
+  /// the time it takes to wake, so that it runs a batch of frames per wake-up
+  /// rather than one, and little enough that a slow item surprising the
+  /// estimate holds back no more than this behind it.
+  static constexpr std::chrono::nanoseconds queue_target{std::chrono::microseconds(50)};
   /// No honest result frame is this large; a larger length prefix is a lie.
   static constexpr std::uint64_t max_frame_bytes = std::uint64_t(1) << 40;
 
@@ -257,7 +271,10 @@ class engine final : public driver {
   void server_lost(const error& e) noexcept;
   bool worker_exited(worker& w, bool block);
   bool pump();
-  bool send_pending(worker& w);
+  bool send_pending(worker& w, bool publish = true);
+  /// Chunks each worker may hold: `base_inflight`, or more when chunks are
+  /// known to be short (`chunk_ns_`), up to `max_inflight`.
+  std::size_t queue_depth() const noexcept;
   bool fill(worker& w, std::size_t up_to);
   bool take_back_for_idle();
   bool can_take_back() const;
@@ -293,6 +310,10 @@ class engine final : public driver {
   engine_shared* shared_ = nullptr;
   std::size_t ring_capacity_ = 0;
   std::size_t chunk_bytes_ = 0;
+  /// How long a worker takes over one chunk, estimated from the answers of
+  /// workers that had their next frame waiting (0: not known yet). Rises at
+  /// once to a longer chunk, falls slowly.
+  std::int64_t chunk_ns_ = 0;
   std::vector<worker> workers_;
   fork_server server_;                          // forks and reaps the workers
   dispatcher dispatch_{sizeof(std::uint64_t)};  // frames in the rings follow their length
@@ -367,10 +388,12 @@ inline void engine::spawn(std::size_t i) {
   new (&w.result->writable) eventcount();
   w.slot->current.store(no_item);
   w.slot->claim.store(0);
+  w.slot->revoke_end.store(0);
   w.frames_sent = 0;
   w.to = ring_writer(w.task);
   w.from = ring_reader(w.result);
   w.inbuf.clear();
+  w.busy_since_answer = false;
   w.in_need = 0;
   w.receiving = false;
   w.timed_out = false;
@@ -453,7 +476,8 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       }
     }
     std::vector<std::byte> buffer;
-    std::uint64_t seq = 0;  // task frames taken from the ring so far
+    std::uint64_t seq = 0;            // task frames taken from the ring so far
+    std::uint64_t revoked_until = 0;  // frames before this were taken back
     for (;;) {
       auto st = wait_for_condition(
           w.task->readable, [&] { return in.available() >= sizeof(std::uint64_t); }, std::nullopt,
@@ -482,7 +506,13 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       reader items(frame + sizeof h, size - sizeof h);
       result.clear();
       std::uint64_t expected = seq;
-      if (w.slot->claim.compare_exchange_strong(expected, seq + 1, std::memory_order_acq_rel)) {
+      bool run = false;
+      if (seq >= revoked_until) {
+        run = w.slot->claim.compare_exchange_strong(expected, seq + 1, std::memory_order_acq_rel);
+        if (!run)
+          revoked_until = std::max(seq + 1, w.slot->revoke_end.load(std::memory_order_acquire));
+      }
+      if (run) {
         result_header placeholder{};
         result.write(&placeholder, sizeof placeholder);
         ctx.call = h.call;
@@ -685,12 +715,18 @@ inline bool engine::can_take_back() const {
   if (!idle || dispatch_.resending()) return false;
   for (auto& w : workers_) {
     if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
-    const chunk& c = w.inflight.back();
+    const chunk& c = w.inflight[1];
     if (!c.revoked && c.sent == c.bytes.size() &&
         w.slot->claim.load(std::memory_order_acquire) == c.seq)
       return true;
   }
   return false;
+}
+
+inline std::size_t engine::queue_depth() const noexcept {
+  if (chunk_ns_ <= 0) return base_inflight;
+  auto n = static_cast<std::size_t>(queue_target.count() / chunk_ns_);
+  return std::clamp(n, base_inflight, max_inflight);
 }
 
 inline bool engine::pump() {
@@ -701,7 +737,7 @@ inline bool engine::pump() {
   // second for each, so no worker waits while another holds two. Lowest-
   // numbered workers first: back-to-back small tasks then go to a worker that
   // is still awake instead of waking a sleeping one each time.
-  for (std::size_t up_to = 1; up_to <= max_inflight; ++up_to)
+  for (std::size_t up_to = 1; up_to <= base_inflight; ++up_to)
     for (auto& w : workers_)
       if (w.pid != 0) progress |= fill(w, up_to);
   // With nothing left to make, an idle worker takes over a chunk that waits
@@ -711,8 +747,25 @@ inline bool engine::pump() {
       if (w.pid != 0) progress |= fill(w, 1);
     progress = true;
   }
-  for (auto& w : workers_)
-    if (w.pid != 0) progress |= send_pending(w);
+  // Short chunks: each worker gets more, one at a time and each put in its
+  // ring before the next is cut, so that no more than one chunk waits
+  // outside the ring. The worker is woken once for all of them. None goes
+  // behind chunks taken back: their worker is stuck on a long one.
+  std::size_t depth = queue_depth();
+  for (auto& w : workers_) {
+    if (w.pid == 0) continue;
+    bool put = send_pending(w, false);
+    while (!w.inflight.empty() && w.inflight.size() < depth && !w.inflight.back().revoked &&
+           w.inflight.back().sent == w.inflight.back().bytes.size() &&
+           fill(w, w.inflight.size() + 1)) {
+      put |= send_pending(w, false);
+      progress = true;
+    }
+    if (put) {
+      w.to.publish();
+      progress = true;
+    }
+  }
   return progress;
 }
 
@@ -728,22 +781,35 @@ inline bool engine::take_back_for_idle() {
   for (auto& w : workers_) {
     if (idle == 0) break;
     if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
-    // Only a chunk whose predecessor is running (the worker claimed it) and
-    // whose bytes are all in the ring: the worker reads past it either way.
-    chunk& c = w.inflight.back();
+    // The chunks after the running one (the worker claimed that one, not
+    // the next), and only with their bytes all in the ring: the worker reads
+    // past them either way.
+    chunk& c = w.inflight[1];
     if (c.revoked || c.sent != c.bytes.size() || !c.call || !still_needed(c)) continue;
+    std::size_t end = 2;
+    while (end < w.inflight.size() && w.inflight[end].sent == w.inflight[end].bytes.size()) ++end;
+    w.slot->revoke_end.store(w.inflight[end - 1].seq + 1, std::memory_order_release);
     std::uint64_t expected = c.seq;
     if (!w.slot->claim.compare_exchange_strong(expected, c.seq | revoked_bit,
                                                std::memory_order_acq_rel))
       continue;
-    c.revoked = true;
-    w.items_sent -= std::min<std::size_t>(w.items_sent, c.count);
-    // The same frame goes to another worker, and the call now waits for that
-    // copy alone: the frame left here is answered (unrun) only when its
-    // worker gets to it, which may be never (its running item may not end).
-    detail::chunk copy = c;
-    c.call.reset();
-    dispatch_.resend(std::move(copy));
+    // The same frames go to other workers, and their calls now wait for
+    // those copies alone: the frames left here are answered (unrun) only
+    // when their worker gets to them, which may be never (its running item
+    // may not end).
+    for (std::size_t k = 1; k < end; ++k) {
+      chunk& t = w.inflight[k];
+      t.revoked = true;
+      w.items_sent -= std::min<std::size_t>(w.items_sent, t.count);
+      if (!t.call) continue;
+      if (still_needed(t)) {
+        detail::chunk copy = t;
+        dispatch_.resend(std::move(copy));
+      } else {
+        --t.call->in_flight;  // nobody waits for it: over
+      }
+      t.call.reset();
+    }
     --idle;
     took = true;
   }
@@ -768,7 +834,7 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
   return made;
 }
 
-inline bool engine::send_pending(worker& w) {
+inline bool engine::send_pending(worker& w, bool publish) {
   bool sent = false;
   for (auto& c : w.inflight) {
     if (c.sent == c.bytes.size()) continue;
@@ -780,7 +846,7 @@ inline bool engine::send_pending(worker& w) {
     sent = true;
     if (c.sent < c.bytes.size()) break;
   }
-  if (sent) w.to.publish();
+  if (sent && publish) w.to.publish();
   return sent;
 }
 
@@ -823,9 +889,8 @@ inline bool engine::receive(worker& w, bool may_drop) {
     }
     std::size_t n = std::min(avail, w.in_need);
     if (n == 0 && w.in_need > 0) break;
-    std::size_t have = w.inbuf.size();
-    w.inbuf.resize(have + n);
-    w.from.get(w.inbuf.data() + have, n);
+    w.from.get(w.inbuf.prepare(n), n);
+    w.inbuf.commit(n);
     w.from.release();
     w.in_need -= n;
     got = true;
@@ -945,8 +1010,19 @@ inline void engine::drop_worker(std::size_t i) {
 }
 
 inline void engine::finish_chunk(worker& w) {
+  bool ran = !w.inflight.front().revoked;
   dispatch_.settle(w.inflight.front());
   w.inflight.pop_front();
+  // The time since the worker's previous answer is what this chunk took, if
+  // the worker had it whole in its ring then (it did not wait for it).
+  auto now = steady::now();
+  if (w.busy_since_answer && ran) {
+    auto took = std::chrono::duration_cast<std::chrono::nanoseconds>(now - w.last_answer).count();
+    chunk_ns_ = took > chunk_ns_ ? took : chunk_ns_ + (took - chunk_ns_) / 8;
+  }
+  w.last_answer = now;
+  w.busy_since_answer =
+      !w.inflight.empty() && w.inflight.front().sent == w.inflight.front().bytes.size();
 }
 
 inline bool engine::check_health(bool force) {
