@@ -444,8 +444,8 @@ inline void wait_request(MPI_Request& request, root_watch* root = nullptr) {
 /// null when the rank could not start (its chunks are refused with `unusable`).
 inline std::vector<int> serve(MPI_Comm comm, server_base* s, const std::string& unusable,
                               root_watch& root) {
-  std::vector<std::byte> in;
-  procpool::writer out;
+  procpool::writer in;             // the task frame received (its buffer reused, not zeroed)
+  procpool::writer out;            // the next result frame, in the buffer of the one before last
   std::vector<std::byte> sending;  // the result frame in flight
   MPI_Request request = MPI_REQUEST_NULL;
   if (s) s->pending = &request;
@@ -471,13 +471,15 @@ inline std::vector<int> serve(MPI_Comm comm, server_base* s, const std::string& 
       if (found) {
         int count = 0;
         check(MPI_Get_count(&status, MPI_BYTE, &count), "MPI_Get_count");
-        in.resize(static_cast<std::size_t>(count));
+        in.clear();
+        std::byte* into = in.prepare(static_cast<std::size_t>(count));
+        in.commit(static_cast<std::size_t>(count));
         MPI_Request receive = MPI_REQUEST_NULL;
-        check(MPI_Imrecv(in.data(), count, MPI_BYTE, &message, &receive), "MPI_Imrecv");
+        check(MPI_Imrecv(into, count, MPI_BYTE, &message, &receive), "MPI_Imrecv");
         try {
           wait_request(receive, &root);
         } catch (...) {
-          job().parked.push_back(std::move(in));  // the receive may still write it
+          job().parked.push_back(in.release());  // the receive may still write it
           throw;
         }
         wait.reset();
@@ -503,8 +505,9 @@ inline std::vector<int> serve(MPI_Comm comm, server_base* s, const std::string& 
     // One result in flight at a time: the next chunk runs while this one
     // travels (tested between items, so a large one keeps moving).
     wait_request(request, &root);
+    std::vector<std::byte> sent = std::move(sending);
     sending = out.release();
-    out = procpool::writer();
+    out = procpool::writer(std::move(sent));  // grown once, not for every chunk
     check(MPI_Isend(sending.data(), static_cast<int>(sending.size()), MPI_BYTE, 0, tag_result, comm,
                     &request),
           "MPI_Isend");
@@ -695,6 +698,9 @@ inline bool engine::drive_until(function_ref<bool()> done,
   // callback may throw): what it throws is that call's, never the engine's.
   while (!done()) {
     if (broken_) std::rethrow_exception(broken_);
+    // Another thread may have joined or stopped the pool while this one let
+    // go of it (below): its communicator is gone, and nothing more will come.
+    if (stopped_) throw pool_closed::while_pending("join, terminate or the destructor");
     bool progress = false;
     try {
       progress = pump();
@@ -1036,7 +1042,7 @@ inline void engine::teardown() {
   abandoned_.erase(std::remove_if(abandoned_.begin(), abandoned_.end(),
                                   [](const chunk& c) { return c.request == MPI_REQUEST_NULL; }),
                    abandoned_.end());
-  for (auto& c : abandoned_) b.buffers.push_back(std::move(c.bytes));
+  for (auto& c : abandoned_) b.buffers.push_back(c.bytes.release());
   abandoned_.clear();
   for (auto& bytes : buffers) b.buffers.push_back(std::move(bytes));
   comm_ = MPI_COMM_NULL;
