@@ -103,6 +103,14 @@ struct pool_options {
   /// Bytes of each of the two rings per worker (rounded up to a power of two).
   /// Larger messages are streamed through, so this bounds memory, not item size.
   std::size_t ring_bytes = std::size_t(1) << 20;
+  /// How long a worker that ran out of chunks stays awake, watching its ring
+  /// for the next, before it sleeps. A chunk that comes within it is taken
+  /// without a wake-up, which costs several microseconds (more on a virtual
+  /// machine): a loop of `submit(x).get()` round trips, and a caller that
+  /// sends chunks a little slower than workers run them, stay fast. Zero
+  /// puts idle workers to sleep at once, which gives the time to other
+  /// processes on a machine with more processes than cores.
+  std::chrono::nanoseconds worker_spin{std::chrono::microseconds(10)};
   /// Draw a progress bar on stderr when stderr is a terminal, for every call
   /// kind: `map`, `starmap`, `imap`, `imap_unordered`, `map_async`, and
   /// batches of submitted tasks (see the guide's Progress).
@@ -184,6 +192,37 @@ class pool {
   template <class T>
   auto map(std::initializer_list<T> inputs) {
     return map(std::vector<T>(inputs));
+  }
+
+  /// `map` that writes the results into memory the caller owns, in input
+  /// order, and returns the end of what it wrote (as `std::transform`). `out`
+  /// is one of:
+  /// - a `std::vector<R>` (`R` the function's result type): resized to the
+  ///   number of items. A vector that already has that size (the last call's)
+  ///   keeps its memory, so a repeated map takes no page faults;
+  /// - a writable contiguous range of `R` (`std::span<R>`, `std::array`, an
+  ///   array) with room for every result; returns a pointer past the last;
+  /// - a pointer or a `std::vector<R>` iterator, with room after it, which the
+  ///   caller vouches for as with `std::transform`;
+  /// - any other output iterator (`std::back_inserter(list)`): the results
+  ///   are assigned through it in order, once every one has arrived.
+  ///
+  /// Results are decoded straight into `out` as their chunks come back, in
+  /// any order. When the call fails, the results that arrived are in place
+  /// and the rest of `out` is as it was (the vector keeps its new size).
+  ///
+  /// **Throws:** as `map`; `std::length_error` naming both sizes, before
+  /// anything runs, when a range has less room than the input has items.
+  template <class Range, class Out>
+  auto map_into(Range&& inputs, Out&& out) {
+    return map_into(std::forward<Range>(inputs), std::forward<Out>(out), map_options{});
+  }
+  /// `map_into` with options for this call.
+  template <class Range, class Out>
+  auto map_into(Range&& inputs, Out&& out, map_options options) {
+    if constexpr (detail::check_map<detail::call_shape::one_item, F, Range>())
+      return calls_.template map_into<detail::invoke_one>(inputs, std::forward<Out>(out),
+                                                          "map_into", options.chunk_size);
   }
 
   /// `map` for a function of several arguments: each item is a tuple (or pair)
@@ -375,6 +414,10 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
   config.initializer = options_.initializer;
   config.max_tasks_per_child = options_.max_tasks_per_child;
   config.task_timeout = options_.task_timeout;
+  if (options_.worker_spin.count() < 0)
+    throw error(fmt::format("pool_options::worker_spin must not be negative; it is {} ns",
+                            options_.worker_spin.count()));
+  config.worker_wait.spin = options_.worker_spin;
   config.function = &f_;
   engine_ = std::make_shared<detail::engine>(std::move(config));
   calls_ = detail::call_front<F, detail::local_handlers>(engine_, options_.chunk_size,

@@ -152,6 +152,14 @@ class pool {
     root_only("map");
     return calls_.template map<detail::invoke_one>(inputs, "map");
   }
+  /// As `procpool::pool::map_into`: the results written into `out` (a
+  /// vector, a span, a contiguous or any output iterator) as they arrive.
+  template <class Range, class Out>
+  auto map_into(Range&& inputs, Out&& out) {
+    root_only("map_into");
+    return calls_.template map_into<detail::invoke_one>(inputs, std::forward<Out>(out), "map_into",
+                                                        0);
+  }
   /// As `procpool::pool::starmap`: each item is a tuple of arguments.
   template <class Range>
   auto starmap(Range&& inputs) {

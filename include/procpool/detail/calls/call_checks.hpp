@@ -10,6 +10,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../../codec.hpp"
 
@@ -42,9 +43,16 @@ constexpr bool is_applicable() noexcept {
     return false;
 }
 
-/// The item type of a range (what its iterators give, decayed).
+/// The item type of a range: what its iterators give, decayed; `bool` for a
+/// `std::vector<bool>`, whose iterators give proxies to its bits.
 template <class Range>
-using checked_item_t = std::decay_t<decltype(*std::begin(std::declval<Range&>()))>;
+using checked_item_t =
+    std::conditional_t<std::is_same_v<std::decay_t<decltype(*std::begin(std::declval<Range&>()))>,
+                                      std::vector<bool>::reference>,
+                       bool, std::decay_t<decltype(*std::begin(std::declval<Range&>()))>>;
+/// The item type of a range, as the calls cut it (`checked_item_t`).
+template <class Range>
+using range_item_t = checked_item_t<Range>;
 
 /// The input of `map`, `starmap`, `imap` and `imap_unordered` is a range.
 template <class Range>

@@ -4,12 +4,15 @@
 // chunk size, and hands back the results, a `future` or a range (handles.hpp).
 #pragma once
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstddef>
 #include <functional>
 #include <iterator>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 #include <variant>
@@ -45,6 +48,11 @@ class call_front {
     scoped_use use(*driver_, name);
     return run_map<Invoke>(inputs, name, chunk);
   }
+  /// `map` or `starmap` with every result written into `out`: a vector
+  /// (resized), a writable contiguous range (span, array), a contiguous
+  /// iterator or any output iterator. Returns the end of what was written.
+  template <class Invoke, class Range, class Out>
+  auto map_into(Range& inputs, Out&& out, const char* name, std::size_t chunk);
   /// `imap` (Ordered) or `imap_unordered`, items called through `Invoke`.
   template <bool Ordered, class Invoke = invoke_one, class Range>
   auto imap(Range&& inputs, std::size_t chunk = 0);
@@ -61,6 +69,10 @@ class call_front {
  private:
   template <class Invoke, class Range>
   auto run_map(Range& inputs, const char* name, std::size_t chunk);
+  /// Runs a `map` whose result `i` goes to `dest(n)[i]`; `dest` is asked once
+  /// `n` is known, before anything is sent.
+  template <class Invoke, class Range, class Dest>
+  void run_map_into(Range& inputs, const char* name, std::size_t chunk, Dest&& dest);
 
   std::size_t default_chunk(std::size_t n, std::size_t chunk) const noexcept {
     if (chunk) return chunk;
@@ -79,6 +91,22 @@ class call_front {
 template <class F, class Handlers>
 template <class Invoke, class Range>
 auto call_front<F, Handlers>::run_map(Range& inputs, const char* name, std::size_t chunk) {
+  using Result = call_result_t<F, range_item_t<Range>, Invoke>;
+  std::vector<result_slot_t<Result>> results;
+  run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
+    results.resize(n);
+    return results.data();
+  });
+  if constexpr (std::is_same_v<Result, std::monostate>)
+    return;
+  else
+    return take_results<Result>(results);
+}
+
+template <class F, class Handlers>
+template <class Invoke, class Range, class Dest>
+void call_front<F, Handlers>::run_map_into(Range& inputs, const char* name, std::size_t chunk,
+                                           Dest&& dest) {
   using Item = range_item_t<Range>;
   static_assert(check_sendable<sent_as::item, Item>());
   using Result = call_result_t<F, Item, Invoke>;
@@ -89,7 +117,7 @@ auto call_front<F, Handlers>::run_map(Range& inputs, const char* name, std::size
   if constexpr (!has_size<Range>::value && !is_forward_iterator_v<Begin>) {
     // A single-pass range without a size: read it all first, as Python does.
     std::vector<Item> items(std::begin(inputs), std::end(inputs));
-    return run_map<Invoke>(items, name, chunk);
+    run_map_into<Invoke>(items, name, chunk, std::forward<Dest>(dest));
   } else {
     std::size_t n;
     if constexpr (has_size<Range>::value)
@@ -98,32 +126,112 @@ auto call_front<F, Handlers>::run_map(Range& inputs, const char* name, std::size
       n = static_cast<std::size_t>(std::distance(std::begin(inputs), std::end(inputs)));
     const Item* contiguous = nullptr;
     if constexpr (is_contiguous_of<Range, Item>::value) contiguous = std::data(inputs);
-    constexpr bool default_constructible = std::is_default_constructible_v<Result>;
-    using Slot = std::conditional_t<default_constructible, Result, std::optional<Result>>;
-    std::vector<Slot> results(n);
+    // Where result i goes: asked for before the call starts, so that an
+    // output too small fails it before any item is sent.
+    auto* out = dest(n);
+    using Slot = std::remove_pointer_t<decltype(out)>;
     auto call = std::make_shared<map_call<F, Handlers, Item, Invoke, Begin, End, Slot>>(
         std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n, chunk),
-        driver_->chunk_bytes(), results, progress_reporter(progress_, on_progress_, n));
+        driver_->chunk_bytes(), out, progress_reporter(progress_, on_progress_, n));
     driver_->start(call);
     // However this scope ends (results, an error, an exception from a
     // callback or the driver), the call ends with it: nothing keeps using
-    // `inputs` or `results` after it.
+    // `inputs` or the output after it.
     call_guard guard(*driver_, *call);
     driver_->drive([&] {
       call->report_progress();
       return call->finished();
     });
     call->rethrow_if_failed();
-    if constexpr (std::is_same_v<Result, std::monostate>) {
-      return;
-    } else if constexpr (default_constructible) {
-      return results;
-    } else {
-      std::vector<Result> out;
-      out.reserve(n);
-      for (auto& r : results) out.push_back(std::move(*r));
-      return out;
+  }
+}
+
+template <class F, class Handlers>
+template <class Invoke, class Range, class Out>
+auto call_front<F, Handlers>::map_into(Range& inputs, Out&& out, const char* name,
+                                       std::size_t chunk) {
+  using Item = range_item_t<Range>;
+  using Result = call_result_t<F, Item, Invoke>;
+  static_assert(!std::is_same_v<Result, std::monostate>,
+                "procpool: map_into writes the function's results, and this function returns "
+                "nothing; use map");
+  using O = std::remove_cv_t<std::remove_reference_t<Out>>;
+  scoped_use use(*driver_, name);
+  if constexpr (std::is_same_v<O, std::vector<bool>> && std::is_same_v<Result, bool>) {
+    // Bits have no address to decode into: the results are kept as bytes
+    // and packed into the vector once all are in.
+    std::vector<unsigned char> results;
+    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
+      results.resize(n);
+      return results.data();
+    });
+    out.assign(results.begin(), results.end());
+    return out.end();
+  } else if constexpr (std::is_same_v<O, std::vector<Result>>) {
+    static_assert(!std::is_const_v<std::remove_reference_t<Out>>,
+                  "procpool: map_into needs a vector it can write into, not a const one");
+    static_assert(std::is_default_constructible_v<Result>,
+                  "procpool: map_into resizes the vector to the number of items, which needs a "
+                  "result type with a default constructor; pass an output iterator instead");
+    // Resized to the input's size: a vector of that size already (the last
+    // call's) keeps its memory, and no element is touched before its result
+    // arrives.
+    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
+      out.resize(n);
+      return out.data();
+    });
+    return out.end();
+  } else if constexpr (is_writable_contiguous_of<std::remove_reference_t<Out>, Result>::value) {
+    // A span, an array: room for every result, or nothing runs.
+    Result* at = nullptr;
+    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
+      auto room = static_cast<std::size_t>(std::size(out));
+      if (room < n)
+        throw std::length_error(
+            fmt::format("procpool: {}: the output has room for {} results, "
+                        "and the input has {} items",
+                        name, room, n));
+      at = std::data(out) + n;
+      return std::data(out);
+    });
+    return at;
+  } else if constexpr (is_contiguous_iterator_of_v<O, Result>) {
+    // A pointer, or a vector's iterator: results written where they belong,
+    // the caller vouching for the room as with std::transform.
+    std::size_t count = 0;
+    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
+      count = n;
+      if constexpr (std::is_pointer_v<O>)
+        return static_cast<Result*>(out);
+      else
+        return n == 0 ? static_cast<Result*>(nullptr) : std::addressof(*out);
+    });
+    return out + static_cast<typename std::iterator_traits<O>::difference_type>(count);
+  } else {
+    // Any other output iterator (a back_inserter, a list's iterator): the
+    // results are assigned through it in input order once they are all in.
+    static_assert(!is_writable_contiguous_of<O, Result>::value,
+                  "procpool: map_into cannot write into a const range");
+    static_assert(std::is_assignable_v<decltype(*std::declval<O&>()), Result&&>,
+                  "procpool: map_into's output must be a vector of the function's result type, "
+                  "a range of it with data() and size() (a std::span, a std::array), or an "
+                  "output iterator that a result can be assigned through");
+    std::vector<result_slot_t<Result>> results;
+    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
+      results.resize(n);
+      return results.data();
+    });
+    O it = std::forward<Out>(out);
+    for (auto& r : results) {
+      if constexpr (std::is_same_v<result_slot_t<Result>, std::optional<Result>>)
+        *it = std::move(*r);
+      else if constexpr (std::is_same_v<Result, bool>)
+        *it = static_cast<bool>(r);
+      else
+        *it = std::move(r);
+      ++it;
     }
+    return it;
   }
 }
 

@@ -38,8 +38,6 @@ namespace procpool::detail {
 
 inline constexpr std::uint64_t no_item = ~std::uint64_t(0);
 
-template <class Range>
-using range_item_t = std::decay_t<decltype(*std::begin(std::declval<Range&>()))>;
 template <class R>
 using stored_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
 

@@ -29,6 +29,9 @@
 #include <utility>
 #include <variant>
 #include <vector>
+#if __has_include(<version>)
+#include <version>
+#endif
 
 #include "../../codec.hpp"
 #include "../../errors.hpp"
@@ -78,6 +81,38 @@ struct is_contiguous_of<Range, Item,
                        std::remove_pointer_t<decltype(std::data(std::declval<const Range&>()))>>,
                    Item> {};
 
+/// True when `Out` is a range whose elements are `R`s it lets write into,
+/// contiguous: `std::data` gives an `R*` (a std::span<R>, a std::array, an array).
+template <class Out, class R, class = void>
+struct is_writable_contiguous_of : std::false_type {};
+template <class Out, class R>
+struct is_writable_contiguous_of<Out, R,
+                                 std::void_t<decltype(std::data(std::declval<Out&>())),
+                                             decltype(std::size(std::declval<Out&>()))>>
+    : std::is_same<decltype(std::data(std::declval<Out&>())), R*> {};
+
+/// True when `It` is an iterator over contiguous, writable `R`s: a pointer,
+/// a `std::vector<R>`'s iterator, or (in C++20) any contiguous iterator.
+template <class It, class R>
+constexpr bool is_contiguous_iterator_of_v = [] {
+  if constexpr (std::is_same_v<It, R*>) {
+    return true;
+  } else if constexpr (!std::is_same_v<R, bool> &&
+                       std::is_same_v<It, typename std::vector<R>::iterator>) {
+    return true;
+  } else {
+#if defined(__cpp_lib_concepts) && __cpp_lib_concepts >= 202002L
+    if constexpr (std::contiguous_iterator<It>)
+      return std::is_same_v<std::iter_value_t<It>, R> &&
+             std::is_same_v<std::iter_reference_t<It>, R&>;
+    else
+      return false;
+#else
+    return false;
+#endif
+  }
+}();
+
 template <class Range, class = void>
 struct has_size : std::false_type {};
 template <class Range>
@@ -94,7 +129,7 @@ constexpr bool is_forward_iterator_v =
 /// When reading or encoding an item throws (the input's iterator, the item's
 /// `procpool_encode`), the items before it stay encoded, the failing one is
 /// cut off, and `failure` holds the exception: the input ends there.
-template <class It, class End>
+template <class Item, class It, class End>
 std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
                          std::size_t max_bytes, std::exception_ptr& failure) {
   std::size_t start = out.size();
@@ -102,7 +137,7 @@ std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
   std::size_t k = 0;
   try {
     while (k < limit && it != end) {
-      encode(out, *it);
+      encode<Item>(out, *it);  // a proxy (std::vector<bool>'s) converts to the item
       ++k;
       mark = out.size();
       ++it;
@@ -115,10 +150,36 @@ std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
   return k;
 }
 
-/// Decodes `count` results into `dest[0..count)`: one copy when they are trivially sendable.
+/// Where `map` keeps a result of type `R` until the call ends: `R` itself,
+/// `std::optional<R>` when `R` has no default constructor (the slots exist
+/// before the results do), `unsigned char` for `bool` (`std::vector<bool>`
+/// has no element to write into).
 template <class R>
-void decode_results(reader& in, R* dest, std::size_t count) {
-  if constexpr (is_trivially_sendable_v<R>) {
+using result_slot_t =
+    std::conditional_t<std::is_same_v<R, bool>, unsigned char,
+                       std::conditional_t<std::is_default_constructible_v<R>, R, std::optional<R>>>;
+
+/// The results kept in `slots` (see `result_slot_t`), moved into a vector of `R`.
+template <class R>
+std::vector<R> take_results(std::vector<result_slot_t<R>>& slots) {
+  if constexpr (std::is_same_v<result_slot_t<R>, R>) {
+    return std::move(slots);
+  } else if constexpr (std::is_same_v<R, bool>) {
+    return std::vector<bool>(slots.begin(), slots.end());
+  } else {
+    std::vector<R> out;
+    out.reserve(slots.size());
+    for (auto& r : slots) out.push_back(std::move(*r));
+    return out;
+  }
+}
+
+/// Decodes `count` results of type `R` into `dest[0..count)` (slots of type
+/// `Slot`, which an `R` is assigned to): one copy when they are trivially
+/// sendable and kept as they are.
+template <class R, class Slot>
+void decode_results(reader& in, Slot* dest, std::size_t count) {
+  if constexpr (std::is_same_v<R, Slot> && is_trivially_sendable_v<R>) {
     if (count > in.remaining() / sizeof(R))
       throw decode_error(in.offset(),
                          fmt::format("expected {} results of {} bytes, {} bytes remain", count,
@@ -129,12 +190,24 @@ void decode_results(reader& in, R* dest, std::size_t count) {
   }
 }
 
-/// One `map` or `starmap` call over a sized range, results written into a vector.
-template <class F, class Handlers, class Item, class Invoke, class It, class End, class R>
+/// Items per chunk whose results of type `R` fit in `chunk_bytes`, when
+/// their size is known (trivially sendable results): a chunk's answer then
+/// fits the ring as its frame does, and is read in place, not gathered.
+template <class R>
+constexpr std::size_t result_limit_for(std::size_t chunk_bytes) noexcept {
+  if constexpr (is_trivially_sendable_v<R> && sizeof(R) > 1)
+    return std::max<std::size_t>(1, chunk_bytes / sizeof(R));
+  else
+    return ~std::size_t(0);
+}
+
+/// One `map` or `starmap` call over a sized range, result `i` written into
+/// `out[i]` (a `Slot` that a result is assigned to) as its chunk comes back.
+template <class F, class Handlers, class Item, class Invoke, class It, class End, class Slot>
 class map_call : public call_state {
  public:
   map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
-           std::size_t chunk_bytes, std::vector<R>& out, progress_reporter progress)
+           std::size_t chunk_bytes, Slot* out, progress_reporter progress)
       : it_(begin),
         end_(end),
         contiguous_(contiguous),
@@ -152,7 +225,8 @@ class map_call : public call_state {
       input_done = true;
       return false;
     }
-    std::size_t limit = std::min({chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX)});
+    std::size_t limit = std::min(
+        {chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX), result_limit(chunk_bytes_)});
     std::size_t k;
     std::exception_ptr failure;
     if constexpr (is_trivially_sendable_v<Item>) {
@@ -160,10 +234,10 @@ class map_call : public call_state {
         k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
         out.write(contiguous_ + next_, k * sizeof(Item));
       } else {
-        k = encode_items(out, it_, end_, limit, chunk_bytes_, failure);
+        k = encode_items<Item>(out, it_, end_, limit, chunk_bytes_, failure);
       }
     } else {
-      k = encode_items(out, it_, end_, limit, chunk_bytes_, failure);
+      k = encode_items<Item>(out, it_, end_, limit, chunk_bytes_, failure);
     }
     if (failure) {
       // The items before the failing one still run: the lowest failing index wins.
@@ -180,12 +254,17 @@ class map_call : public call_state {
   }
 
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
-    decode_results(in, out_.data() + first, count);
+    decode_results<call_result_t<F, Item, Invoke>>(in, out_ + first, count);
     done_ += count;
   }
 
   /// True once every item's result arrived.
   bool complete() const noexcept { return done_ == n_; }
+
+  /// Items per chunk whose results fit a chunk's bytes (see `result_limit_for`).
+  static constexpr std::size_t result_limit(std::size_t chunk_bytes) noexcept {
+    return result_limit_for<call_result_t<F, Item, Invoke>>(chunk_bytes);
+  }
 
   /// Reports progress to the user's callback or bar (called by the waiting
   /// caller, outside the driver's collection, so the callback may throw).
@@ -205,7 +284,7 @@ class map_call : public call_state {
   std::size_t reported_ = 0;
   std::size_t chunk_;
   std::size_t chunk_bytes_;
-  std::vector<R>& out_;
+  Slot* out_;
   progress_reporter progress_;
 };
 
@@ -213,6 +292,8 @@ class map_call : public call_state {
 /// is made (as Python's `map_async` makes a list of it), and its results.
 template <class Item, class Slot>
 struct map_async_storage {
+  explicit map_async_storage(std::vector<Item> input)
+      : items(std::move(input)), slots(items.size()) {}
   std::vector<Item> items;
   std::vector<Slot> slots;
 };
@@ -221,14 +302,10 @@ struct map_async_storage {
 /// owns, whose future's result is the vector of results.
 template <class F, class Handlers, class Item, class Invoke, class Result>
 class map_async_call final
-    : private map_async_storage<Item, std::conditional_t<std::is_default_constructible_v<Result>,
-                                                         Result, std::optional<Result>>>,
+    : private map_async_storage<Item, result_slot_t<Result>>,
       public map_call<F, Handlers, Item, Invoke, typename std::vector<Item>::const_iterator,
-                      typename std::vector<Item>::const_iterator,
-                      std::conditional_t<std::is_default_constructible_v<Result>, Result,
-                                         std::optional<Result>>> {
-  using Slot =
-      std::conditional_t<std::is_default_constructible_v<Result>, Result, std::optional<Result>>;
+                      typename std::vector<Item>::const_iterator, result_slot_t<Result>> {
+  using Slot = result_slot_t<Result>;
   using storage = map_async_storage<Item, Slot>;
   using base = map_call<F, Handlers, Item, Invoke, typename std::vector<Item>::const_iterator,
                         typename std::vector<Item>::const_iterator, Slot>;
@@ -240,10 +317,10 @@ class map_async_call final
 
   map_async_call(std::vector<Item> input, std::size_t chunk, std::size_t chunk_bytes,
                  progress_reporter progress)
-      : storage{std::move(input), std::vector<Slot>()},
+      : storage(std::move(input)),
         base(storage::items.cbegin(), storage::items.cend(), data_of(storage::items),
-             storage::items.size(), chunk, chunk_bytes, storage::slots, std::move(progress)) {
-    storage::slots.resize(storage::items.size());
+             storage::items.size(), chunk, chunk_bytes, storage::slots.data(),
+             std::move(progress)) {
     if (storage::items.empty()) result.emplace();
   }
 
@@ -252,13 +329,8 @@ class map_async_call final
     if (!base::complete()) return;
     if constexpr (std::is_same_v<Result, std::monostate>) {
       result.emplace();
-    } else if constexpr (std::is_same_v<Slot, Result>) {
-      result.emplace(std::move(storage::slots));
     } else {
-      std::vector<Result> out;
-      out.reserve(storage::slots.size());
-      for (auto& r : storage::slots) out.push_back(std::move(*r));
-      result.emplace(std::move(out));
+      result.emplace(take_results<Result>(storage::slots));
     }
     std::vector<Item>().swap(storage::items);  // the input is no longer needed
   }
@@ -317,9 +389,10 @@ class imap_call final : public imap_state<R> {
       return false;
     }
     if (sent_ - yielded_ >= window_) return false;  // the reader is behind: wait for it
-    std::size_t limit = std::min({chunk_, max_count, std::size_t(UINT32_MAX)});
+    std::size_t limit =
+        std::min({chunk_, max_count, std::size_t(UINT32_MAX), result_limit_for<R>(chunk_bytes_)});
     std::exception_ptr failure;
-    std::size_t k = encode_items(out, source_.it, source_.end, limit, chunk_bytes_, failure);
+    std::size_t k = encode_items<Item>(out, source_.it, source_.end, limit, chunk_bytes_, failure);
     if (failure) {
       // The results before the failing input are still yielded, then its error.
       this->fail(sent_ + k, std::move(failure));
