@@ -21,6 +21,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 COLORS = {
     "procpool": "#1f5fbf",
     "procpool@hugetlb": "#1f5fbf",
+    "procpool_into": "#1f5fbf",
     "floor": "#000000",
     "floor_into": "#000000",
     "alloc": "#7f7f7f",
@@ -42,6 +43,7 @@ COLORS = {
 LABELS = {
     "procpool": "procpool map",
     "procpool@hugetlb": "procpool map, glibc malloc on huge pages",
+    "procpool_into": "procpool map_into, into a vector kept across calls",
     "floor": "the floor: fork + shared memory, no encoding, no safety",
     "floor_into": "the floor, into a vector made once",
     "alloc": "new vector<int64_t>(n) alone",
@@ -55,6 +57,7 @@ LABELS = {
 
 STYLES = {
     "procpool@hugetlb": {"linestyle": "--", "marker": "s", "linewidth": 1.5},
+    "procpool_into": {"linestyle": ":", "marker": "o", "linewidth": 1.5},
     "floor": {"linestyle": "-", "marker": "v", "linewidth": 1.5},
     "floor_into": {"linestyle": "--", "marker": "v", "linewidth": 1, "markersize": 4},
     "alloc": {"linestyle": ":", "marker": ".", "linewidth": 1.5},
@@ -121,7 +124,7 @@ def pow10_label(v, _pos=None):
 def plot_tiny(R, out):
     fig, ax = plt.subplots(figsize=(10, 5))
     for impl in ["py_executor_default", "py_executor", "py_pool_default", "py_pool_tuned",
-                 "procpool", "procpool@hugetlb", "floor", "floor_into", "threads", "alloc",
+                 "procpool", "procpool_into", "procpool@hugetlb", "floor", "floor_into", "threads", "alloc",
                  "serial"]:
         xs = [x for x in R.xs("tiny", impl) if R.ns_per_item("tiny", impl, x)]
         if not xs:

@@ -9,7 +9,8 @@
 // the process's peak RSS, as `imap` does):
 //   tiny     map of n ints through x*x (int64 results), warm 2-worker pool;
 //            the floor's map (floor: into a new vector, floor_into: into one
-//            made once); making a new vector<int64_t>(n) alone (what any
+//            made once); procpool's map_into (procpool_into) into a vector
+//            kept across calls; making a new vector<int64_t>(n) alone (what any
 //            returned result vector costs)
 //   chunks   the same map over 10^6 items with chunk sizes 1 .. 10^5, procpool
 //            and the floor
@@ -37,7 +38,7 @@
 //                a correctness check (ctest runs it)
 //   --json       one JSON object per line, for bench/run.py
 //   --items N    the number of items for `imap` (default 10^7, 10^6 with --quick)
-//   --only LIST  run only these implementations (procpool, floor, floor_into,
+//   --only LIST  run only these implementations (procpool, procpool_into, floor, floor_into,
 //                serial, threads, alloc, futex, pipe, memcpy, first_touch, fork, ...)
 //   --tag TAG    append "@TAG" to every implementation's name (bench/run.py
 //                marks a run under a different environment this way)
@@ -351,6 +352,23 @@ void bench_tiny() {
       // Where the time goes besides computing: pages mapped on first touch,
       // in the parent (the new result vector) and in the workers.
       auto faults = count_faults(pool.pids(), [&] { out = pool.map(in); });
+      check();
+      r.extras = {{"parent_faults", {faults.parent}}, {"worker_faults", {faults.workers}}};
+      emit(r);
+    }
+  }
+  if (opts.wanted("procpool_into")) {
+    // map_into: the results written into one vector kept across calls, so a
+    // repeated map maps no fresh page.
+    procpool::pool pool(sq, workers);
+    for (std::size_t n : sizes) {
+      auto in = tiny_inputs(n);
+      std::vector<std::int64_t> out;
+      auto check = [&] { check_squares("procpool map_into", in, out); };
+      record r{"tiny", "procpool_into", double(n), double(n), {}, {}};
+      r.samples = time_calls(
+          reps, [&] { pool.map_into(in, out); }, check);
+      auto faults = count_faults(pool.pids(), [&] { pool.map_into(in, out); });
       check();
       r.extras = {{"parent_faults", {faults.parent}}, {"worker_faults", {faults.workers}}};
       emit(r);

@@ -313,7 +313,7 @@ FLOOR_TEXT = (
     "claimed from a shared counter, results written in place, one `memcpy` of the results out. "
     "No encoding and no safety: no crash detection, no timeouts, trivially copyable items only. "
     "Its parent spins up to 20 µs for the results before it sleeps on a futex, as procpool's "
-    "does; its idle workers spin 2 µs before they sleep, where procpool's sleep at once.")
+    "does; its idle workers spin 2 µs before they sleep, procpool's 10 µs.")
 
 
 def tiny_breakdown(R, n):
@@ -436,9 +436,10 @@ def round_trip_floor_goal(R):
         futex = R.med("latency", "futex", 1)
         why = floor_note(
             m * 1e6, fl * 1e6, "µs",
-            "partly how the two wait: the floor's worker spins 2 µs before it sleeps, so the "
-            "next round trip finds it awake; procpool's worker sleeps at once, and a round trip "
-            "that must wake it pays a futex wake-up" +
+            "partly how the two wait: the floor's worker spins 2 µs before it sleeps and "
+            "procpool's 10 µs (`pool_options::worker_spin`), so a round trip that follows the "
+            "last at once finds the worker awake; one that finds it asleep pays a futex "
+            "wake-up" +
             (f" (a futex ping-pong, two wake-ups, took {futex * 1e6:.1f} µs in the same run)"
              if futex else "") + "; the rest is procpool's frames and its future")
     return [{"name": "`submit(x).get()` round trip, median (p99 reported)", "target": "≤ 2 µs",
@@ -593,6 +594,37 @@ def goals(R, info, meta):
             why = " ".join(parts)
         g.append({"name": "Big items (8 MiB): identity `map` throughput", "target": "≥ 3 GiB/s",
                   "measured": f"{gib:.2f} GiB/s", "met": met, "why": why})
+    if gib:
+        ft = R.gib_s("big", "first_touch", size)
+        py = max([v for v in (R.gib_s("big", "py_pool_default", size),
+                              R.gib_s("big", "py_pool_tuned", size)) if v] or [0])
+        if ft:
+            met = gib >= 0.5 * ft
+            g.append({"name": "Big items (8 MiB): throughput against copying into fresh pages",
+                      "target": "≥ 50 %",
+                      "measured": f"{100 * gib / ft:.0f} % ({gib:.2f} against {ft:.2f} GiB/s)",
+                      "met": met, "why": None if met else (
+                          "The parent still makes several passes over each item (see the goal "
+                          "above): encoding it, putting it through the 1 MiB ring in pieces, and "
+                          "gathering and decoding each result; copying into fresh pages is one "
+                          "pass.")})
+        if py:
+            met = gib >= 5 * py
+            g.append({"name": "Big items (8 MiB): faster than Python's `Pool.map` (its best)",
+                      "target": "≥ 5×", "measured": f"{gib / py:.1f}× ({gib:.2f} against "
+                                                     f"{py:.2f} GiB/s)",
+                      "met": met, "why": None})
+    n = 10**7
+    into, mapped = R.per_item_ns("tiny", "procpool_into", n), R.per_item_ns("tiny", "procpool", n)
+    if into is not None:
+        faults = R.med("tiny", "procpool_into", n, "parent_faults")
+        pages = n * 8 / 4096
+        met = faults is not None and faults <= 0.01 * pages
+        g.append({"name": f"`map_into` at {md_pow10(n)} items: page faults in the parent per "
+                          f"repeated call", "target": "none (< 1 % of the results' pages)",
+                  "measured": (f"{faults:,.0f} for {pages:,.0f} pages; {fmt_num(into)} ns per "
+                               f"item" + (f" against `map`'s {fmt_num(mapped)}" if mapped else "")),
+                  "met": met, "why": None})
     m = R.med("startup", "procpool", 2)
     if m is not None:
         met = m <= 3e-3
@@ -624,6 +656,7 @@ def goals(R, info, meta):
 
 IMPL_NAMES = {
     "procpool": "procpool `map`",
+    "procpool_into": "procpool `map_into`, into a vector kept across calls",
     "procpool@hugetlb": "procpool `map`, glibc malloc on huge pages",
     "floor": "the floor: fork + shared memory, no encoding, no safety",
     "floor_into": "the floor, into a vector made once",
@@ -701,7 +734,7 @@ def section_tiny(add, R, info):
             "a new `std::vector<int64_t>` as `map` does, *into a vector made once* writes into "
             "the same vector at every call.")
         add("")
-    impls = ["procpool", "floor", "floor_into", "alloc", "serial", "threads", "py_pool_default",
+    impls = ["procpool", "procpool_into", "floor", "floor_into", "alloc", "serial", "threads", "py_pool_default",
              "py_pool_tuned", "py_executor", "py_executor_default", "procpool@hugetlb",
              "alloc@hugetlb"]
     ns = R.xs("tiny", "procpool")
@@ -720,7 +753,9 @@ def section_tiny(add, R, info):
     for label, a, b in [("Python `Pool.map` default ÷ procpool", "py_pool_default", "procpool"),
                         ("Python `Pool.map` tuned ÷ procpool", "py_pool_tuned", "procpool"),
                         ("procpool ÷ thread pool", "procpool", "threads"),
-                        ("procpool ÷ floor", "procpool", "floor")]:
+                        ("procpool ÷ floor", "procpool", "floor"),
+                        ("procpool `map_into` ÷ floor into a kept vector", "procpool_into",
+                         "floor_into")]:
         rows.append([f"*{label}*"] + [ratio(R.per_item_ns("tiny", a, n), R.per_item_ns("tiny", b, n))
                                       for n in ns])
     add(table(["ns per item, n ="] + [md_pow10(n) for n in ns], rows))
@@ -757,8 +792,9 @@ def section_chunks(add, R, info):
     add(f"The same map over {md_pow10(n_items)} items with a fixed chunk size, 2 workers. Python "
         "runs fewer items when its chunks are small (a chunk of one item costs it tens of "
         "microseconds), as given in the table; every figure is per item. At chunk size 1 every "
-        "item is a frame of its own: a frame each way per item, at most two in flight per "
-        "worker, and a wake-up whenever a worker has gone to sleep between frames.")
+        "item is a frame of its own, a frame each way per item. Each worker holds two frames at "
+        "first, and more (up to 64) once the pool has seen that its chunks are short, enough "
+        "for about 50 µs of work, so that a worker woken from sleep finds a batch waiting.")
     add("")
     if R.xs("chunks", "floor"):
         add(FLOOR_TEXT + " Here it takes the same chunk size, over the same items.")
