@@ -298,7 +298,11 @@ class engine final : public driver {
   bool respawn_missing();
   bool owned() const noexcept { return this_pid() == parent_; }
   void check_owner(const char* operation) const;
-  void refresh_workers(const char* operation);
+  /// Reaps and replaces workers that died since it last looked. `often`: a
+  /// call starting, which looks at most once a millisecond (a poll of every
+  /// pidfd would be half a round trip); a death in between is found by the
+  /// call's own health checks.
+  void refresh_workers(const char* operation, bool often = false);
   void release_foreign() noexcept;
   void release_call(const std::shared_ptr<call_state>& call) noexcept;
   void forget(call_state& call) noexcept;
@@ -318,6 +322,7 @@ class engine final : public driver {
   fork_server server_;                          // forks and reaps the workers
   dispatcher dispatch_{sizeof(std::uint64_t)};  // frames in the rings follow their length
   steady::time_point next_health_check_{};
+  steady::time_point next_refresh_{};  // a call's start looks for dead workers from then
   std::exception_ptr broken_;
   std::atomic<bool> closed_{false};
   std::atomic<bool> stop_requested_{false};
@@ -546,7 +551,7 @@ inline void engine::check_usable(const char* operation) const {
 }
 
 inline void engine::start(const std::shared_ptr<call_state>& call) {
-  refresh_workers("a call");
+  refresh_workers("a call", true);
   if (stopped_) throw pool_closed("a call");
   dispatch_.start(call);
 }
@@ -1281,9 +1286,14 @@ inline void engine::check_owner(const char* operation) const {
       operation, parent_, this_pid()));
 }
 
-inline void engine::refresh_workers(const char* operation) {
+inline void engine::refresh_workers(const char* operation, bool often) {
   check_owner(operation);
   if (stopped_) return;
+  if (often) {
+    auto now = steady::now();
+    if (now < next_refresh_) return;
+    next_refresh_ = now + std::chrono::milliseconds(1);
+  }
   // Workers that died since the last call (say, while the pool was idle)
   // are reaped and replaced now: no zombie outlives the next call.
   reap_exited();
