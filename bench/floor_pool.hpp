@@ -19,7 +19,7 @@
 // Waiting: the parent spins for up to 20 µs on the done counter, then sleeps
 // on it (procpool's parent does the same). An idle worker spins for up to
 // 2 µs on the generation word, then sleeps on it; procpool's workers spin
-// 10 µs (pool_options::worker_spin). Those 2 µs cost an idle worker almost
+// as long (pool_options::worker_spin). Those 2 µs cost an idle worker almost
 // nothing and let a call that follows the last one at once (a loop of round
 // trips) find its worker awake: on this kind of VM a futex wake-up costs
 // several microseconds, and a floor that paid one per round trip would not

@@ -313,7 +313,7 @@ FLOOR_TEXT = (
     "claimed from a shared counter, results written in place, one `memcpy` of the results out. "
     "No encoding and no safety: no crash detection, no timeouts, trivially copyable items only. "
     "Its parent spins up to 20 µs for the results before it sleeps on a futex, as procpool's "
-    "does; its idle workers spin 2 µs before they sleep, procpool's 10 µs.")
+    "does; its idle workers spin 2 µs before they sleep, as procpool's do.")
 
 
 def tiny_breakdown(R, n):
@@ -437,7 +437,7 @@ def round_trip_floor_goal(R):
         why = floor_note(
             m * 1e6, fl * 1e6, "µs",
             "partly how the two wait: the floor's worker spins 2 µs before it sleeps and "
-            "procpool's 10 µs (`pool_options::worker_spin`), so a round trip that follows the "
+            "procpool's too (`pool_options::worker_spin`), so a round trip that follows the "
             "last at once finds the worker awake; one that finds it asleep pays a futex "
             "wake-up" +
             (f" (a futex ping-pong, two wake-ups, took {futex * 1e6:.1f} µs in the same run)"
@@ -849,8 +849,8 @@ def section_latency(add, R, info):
         "`pool.submit(x).get()` on a 2-worker pool. Beside it, measured by the same C++ program, "
         "round trips in which each side sleeps in the kernel until woken: two processes taking "
         "turns on a futex word, and an `int` through two OS pipes. procpool's parent spins for up "
-        "to 20 µs before it sleeps and a worker checks its ring once more before it sleeps, so "
-        "a quick answer or a quick next task costs no wake-up: procpool can come in under these "
+        "to 20 µs before it sleeps and an idle worker watches its ring for 2 µs "
+        "(`pool_options::worker_spin`), so a quick answer or a quick next task costs no wake-up: procpool can come in under these "
         "on an idle machine, and meets them on a busy one.")
     add("")
     if R.xs("latency", "floor"):

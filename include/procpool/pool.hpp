@@ -107,10 +107,12 @@ struct pool_options {
   /// for the next, before it sleeps. A chunk that comes within it is taken
   /// without a wake-up, which costs several microseconds (more on a virtual
   /// machine): a loop of `submit(x).get()` round trips, and a caller that
-  /// sends chunks a little slower than workers run them, stay fast. Zero
-  /// puts idle workers to sleep at once, which gives the time to other
-  /// processes on a machine with more processes than cores.
-  std::chrono::nanoseconds worker_spin{std::chrono::microseconds(10)};
+  /// sends chunks a little slower than workers run them, stay fast. Longer
+  /// spins help little and, on a machine with few cores, take a core from
+  /// the threads that must wake next (a callback's on the helper thread ran
+  /// 10 µs later with 10 µs of spin, here). Zero puts idle workers to sleep
+  /// at once, which gives the time to other processes.
+  std::chrono::nanoseconds worker_spin{std::chrono::microseconds(2)};
   /// Draw a progress bar on stderr when stderr is a terminal, for every call
   /// kind: `map`, `starmap`, `imap`, `imap_unordered`, `map_async`, and
   /// batches of submitted tasks (see the guide's Progress).

@@ -164,7 +164,7 @@ struct engine_config {
   void* function = nullptr;  // passed to handlers in the workers
   wait_policy parent_wait{std::chrono::microseconds(20), std::chrono::milliseconds(10)};
   // An idle worker spins briefly (pool_options::worker_spin) before it sleeps.
-  wait_policy worker_wait{std::chrono::microseconds(10), std::chrono::milliseconds(50)};
+  wait_policy worker_wait{std::chrono::microseconds(2), std::chrono::milliseconds(50)};
   std::chrono::milliseconds stop_grace{1000};
 };
 
