@@ -42,6 +42,8 @@ using procpool::pool_options;
 
 namespace map_into_test {
 
+using procpool_test::touchy;  // a result whose decoder throws for 13
+
 /// The function most tests map: int -> int64, never `untouched`, distinct per item.
 std::int64_t scaled(int x) {
   return std::int64_t(x) * 3000017 - 11;
@@ -115,19 +117,6 @@ inline void procpool_encode(procpool::writer& out, const tagged& t) {
 }
 inline tagged procpool_decode(procpool::reader& in, procpool::type_tag<tagged>) {
   return tagged(procpool::decode<int>(in));
-}
-
-/// A result whose decoding (in the parent) throws for 13.
-struct touchy {
-  int v;
-};
-inline void procpool_encode(procpool::writer& out, const touchy& t) {
-  procpool::encode(out, t.v);
-}
-inline touchy procpool_decode(procpool::reader& in, procpool::type_tag<touchy>) {
-  int v = procpool::decode<int>(in);
-  if (v == 13) throw std::runtime_error("13 is unlucky");
-  return {v};
 }
 
 /// The string `texts` maps `x` to; item 500 is 3 MiB, more than a ring holds.
@@ -959,18 +948,7 @@ TEST_CASE("map_into from a forked child throws there, leaving its output; the pa
   procpool::process child([&] {
     // Each use must throw procpool::error naming both pids and leave its
     // output as it was; bit k of the exit code says use k did not.
-    pid_t maker = ::getppid(), me = ::getpid();
-    auto foreign = [&](auto&& use) {
-      try {
-        use();
-      } catch (const procpool::error& e) {
-        std::string what = e.what();
-        return what.find("pid " + std::to_string(maker)) != std::string::npos &&
-               what.find("pid " + std::to_string(me)) != std::string::npos;
-      } catch (...) {
-      }
-      return false;
-    };
+    auto foreign = [](auto&& use) { return procpool_test::refused_in_fork(use); };
     int code = 0;
     if (!foreign([&] { p.map_into(xs, v); })) code |= 1;
     if (v != std::vector<std::int64_t>(3, untouched)) code |= 2;

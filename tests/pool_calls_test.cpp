@@ -30,6 +30,8 @@ using procpool::pool_options;
 
 namespace calls_test {
 
+using procpool_test::touchy;  // a result whose decoder throws for 13
+
 /// An item whose encoding throws for a negative value (the parent encodes items).
 struct fragile {
   int v;
@@ -40,19 +42,6 @@ inline void procpool_encode(procpool::writer& out, const fragile& f) {
 }
 inline fragile procpool_decode(procpool::reader& in, procpool::type_tag<fragile>) {
   return {procpool::decode<int>(in)};
-}
-
-/// A result whose decoding throws a plain std::runtime_error for 13 (the parent decodes results).
-struct touchy {
-  int v;
-};
-inline void procpool_encode(procpool::writer& out, const touchy& t) {
-  procpool::encode(out, t.v);
-}
-inline touchy procpool_decode(procpool::reader& in, procpool::type_tag<touchy>) {
-  int v = procpool::decode<int>(in);
-  if (v == 13) throw std::runtime_error("13 is unlucky");
-  return {v};
 }
 
 struct say_when : std::runtime_error {

@@ -4,9 +4,11 @@
 // fuzz programs include it too.
 #pragma once
 
+#include <procpool/codec.hpp>
 #include <procpool/detail/os/fork.hpp>
 #include <procpool/detail/os/liveness.hpp>
 #include <procpool/detail/os/sys.hpp>
+#include <procpool/errors.hpp>
 #include <procpool/exit_status.hpp>
 
 #include <catch2/catch.hpp>
@@ -297,5 +299,35 @@ class computed_range {
   std::size_t n_;
   At at_;
 };
+
+/// A result whose decoding (in the parent) throws a plain std::runtime_error
+/// for 13: a decoder that fails partway through a call's results.
+struct touchy {
+  int v;
+};
+inline void procpool_encode(procpool::writer& out, const touchy& t) {
+  procpool::encode(out, t.v);
+}
+inline touchy procpool_decode(procpool::reader& in, procpool::type_tag<touchy>) {
+  int v = procpool::decode<int>(in);
+  if (v == 13) throw std::runtime_error("13 is unlucky");
+  return {v};
+}
+
+/// True when `use()`, run in a forked copy of the process that made a pool,
+/// throws `procpool::error` naming both pids: the maker's and this one's.
+template <class Use>
+bool refused_in_fork(Use&& use) {
+  pid_t maker = ::getppid(), me = ::getpid();
+  try {
+    use();
+  } catch (const procpool::error& e) {
+    std::string what = e.what();
+    return what.find("pid " + std::to_string(maker)) != std::string::npos &&
+           what.find("pid " + std::to_string(me)) != std::string::npos;
+  } catch (...) {
+  }
+  return false;
+}
 
 }  // namespace procpool_test
