@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 #if __cplusplus >= 202002L && __has_include(<span>)
 #include <span>
@@ -180,6 +181,47 @@ using namespace map_into_test;
 
 // ---------------------------------------------------------------------------
 // Every kind of output.
+
+TEST_CASE("starmap_into passes each tuple's elements as arguments, into every output kind",
+          "[map_into]") {
+  pool p(
+      [](int a, int b) {
+        if (a == 1234) throw std::domain_error("no 1234");
+        return std::int64_t(a) * b - 1;
+      },
+      2u);
+  std::vector<std::tuple<int, int>> pairs;
+  std::vector<std::int64_t> want;
+  for (int i = 0; i < 5000; ++i) {
+    int a = i == 1234 ? 1235 : i;  // no failing pair in the good input
+    pairs.emplace_back(a, 3 - i);
+    want.push_back(std::int64_t(a) * (3 - i) - 1);
+  }
+  std::vector<std::int64_t> out(7, 0);
+  auto end = p.starmap_into(pairs, out, map_options{7});
+  CHECK(end == out.end());
+  CHECK(out == want);
+  std::vector<std::int64_t> raw(pairs.size());
+  CHECK(p.starmap_into(pairs, raw.data()) == raw.data() + raw.size());
+  CHECK(raw == want);
+  std::list<std::int64_t> l;
+  p.starmap_into(pairs, std::back_inserter(l));
+  CHECK(std::vector<std::int64_t>(l.begin(), l.end()) == want);
+
+  pairs[1234] = std::tuple<int, int>(1234, 1);
+  pairs[4000] = std::tuple<int, int>(1234, 2);
+  try {
+    p.starmap_into(pairs, out, map_options{10});
+    FAIL("starmap_into did not throw");
+  } catch (const procpool::task_error& e) {
+    CHECK(e.index() == 1234);  // the lowest failing pair
+    CHECK(e.message() == "no 1234");
+  }
+  pairs[1234] = std::tuple<int, int>(1235, 3 - 1234);
+  pairs[4000] = std::tuple<int, int>(4000, 3 - 4000);
+  p.starmap_into(pairs, out);
+  CHECK(out == want);  // the pool goes on
+}
 
 TEST_CASE("map_into resizes a vector to the input's size whatever size it had", "[map_into]") {
   pool p(scaled, 2u);

@@ -227,6 +227,20 @@ class pool {
                                                           "map_into", options.chunk_size);
   }
 
+  /// `map_into` for a function of several arguments: each item is a tuple
+  /// whose elements are passed as the arguments (as `starmap`).
+  template <class Range, class Out>
+  auto starmap_into(Range&& inputs, Out&& out) {
+    return starmap_into(std::forward<Range>(inputs), std::forward<Out>(out), map_options{});
+  }
+  /// `starmap_into` with options for this call.
+  template <class Range, class Out>
+  auto starmap_into(Range&& inputs, Out&& out, map_options options) {
+    if constexpr (detail::check_map<detail::call_shape::tuple_item, F, Range>())
+      return calls_.template map_into<detail::invoke_apply>(inputs, std::forward<Out>(out),
+                                                            "starmap_into", options.chunk_size);
+  }
+
   /// `map` for a function of several arguments: each item is a tuple (or pair)
   /// whose elements are passed as the arguments (Python's `Pool.starmap`).
   template <class Range>
