@@ -388,6 +388,33 @@ TEST_CASE("a task past task_timeout raises timeout_error and its worker is repla
   CHECK(p.map(iota_vector(20, 6)) == iota_vector(20, 6));
 }
 
+TEST_CASE("worker_spin: zero and long spins give the same results; a negative one is refused",
+          "[pool]") {
+  auto f = [](int x) { return x * 2 + 1; };
+  std::vector<int> xs(2000);
+  for (int i = 0; i < 2000; ++i) xs[static_cast<std::size_t>(i)] = i - 1000;
+  std::vector<int> want;
+  for (int x : xs) want.push_back(f(x));
+  for (auto spin : {std::chrono::nanoseconds(0), std::chrono::nanoseconds(200us)}) {
+    procpool::pool_options o;
+    o.workers = 2;
+    o.worker_spin = spin;
+    o.chunk_size = 3;
+    procpool::pool p(f, o);
+    CHECK(p.map(xs) == want);
+    for (int i = 0; i < 50; ++i) CHECK(p.submit(i).get() == f(i));
+  }
+  procpool::pool_options bad;
+  bad.workers = 1;
+  bad.worker_spin = std::chrono::nanoseconds(-1);
+  try {
+    procpool::pool p(f, bad);
+    FAIL("a negative worker_spin was accepted");
+  } catch (const procpool::error& e) {
+    CHECK(std::string(e.what()).find("worker_spin") != std::string::npos);
+  }
+}
+
 TEST_CASE("max_tasks_per_child replaces workers without changing results", "[pool]") {
   pool_options o;
   o.workers = 2;

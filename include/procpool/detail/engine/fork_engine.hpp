@@ -271,7 +271,9 @@ class engine final : public driver {
   void server_lost(const error& e) noexcept;
   bool worker_exited(worker& w, bool block);
   bool pump();
-  bool send_pending(worker& w, bool publish = true);
+  /// Puts what fits of the worker's unsent chunks in its ring, unpublished
+  /// (`pump` publishes once per worker).
+  bool send_pending(worker& w);
   /// Chunks each worker may hold: `base_inflight`, or more when chunks are
   /// known to be short (`chunk_ns_`), up to `max_inflight`.
   std::size_t queue_depth() const noexcept;
@@ -759,11 +761,11 @@ inline bool engine::pump() {
   std::size_t depth = queue_depth();
   for (auto& w : workers_) {
     if (w.pid == 0) continue;
-    bool put = send_pending(w, false);
+    bool put = send_pending(w);
     while (!w.inflight.empty() && w.inflight.size() < depth && !w.inflight.back().revoked &&
            w.inflight.back().sent == w.inflight.back().bytes.size() &&
            fill(w, w.inflight.size() + 1)) {
-      put |= send_pending(w, false);
+      put |= send_pending(w);
       progress = true;
     }
     if (put) {
@@ -839,7 +841,7 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
   return made;
 }
 
-inline bool engine::send_pending(worker& w, bool publish) {
+inline bool engine::send_pending(worker& w) {
   bool sent = false;
   for (auto& c : w.inflight) {
     if (c.sent == c.bytes.size()) continue;
@@ -851,7 +853,6 @@ inline bool engine::send_pending(worker& w, bool publish) {
     sent = true;
     if (c.sent < c.bytes.size()) break;
   }
-  if (sent && publish) w.to.publish();
   return sent;
 }
 
