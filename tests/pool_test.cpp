@@ -1,8 +1,10 @@
 // pool<F>: results, laziness, futures, and every failure of the contract
 // provoked for real (throwing, dying, hanging workers, a dying parent).
 #include <procpool/pool.hpp>
+#include <procpool/process.hpp>
 #include <support/support.hpp>
 
+#include <malloc.h>
 #include <poll.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -414,6 +416,47 @@ TEST_CASE("worker_spin: zero and long spins give the same results; a negative on
     CHECK(std::string(e.what()).find("worker_spin") != std::string::npos);
   }
 }
+
+#if defined(__GLIBC__) && \
+    !defined(PROCPOOL_TEST_SANITIZED)  // a sanitizer's allocator has its own rules
+TEST_CASE("worker_keep_memory: a worker decodes big items into memory it kept, not fresh pages",
+          "[pool]") {
+  // An 8 MiB item decoded into a new vector, and copied by the function, came
+  // in fresh pages in the worker at every item: glibc maps blocks that size
+  // afresh, or gives the heap's top back to the kernel once two are freed.
+  // In a child, with the allocator as a fresh program has it (this test
+  // program's earlier tests moved glibc's thresholds, and workers inherit them).
+  procpool::process harness([] {
+    ::mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+    const std::size_t size = std::size_t(8) << 20;
+    std::vector<std::vector<char>> items;
+    for (std::size_t k = 0; k < 6; ++k) items.emplace_back(size, static_cast<char>('a' + k));
+    auto copy = [](const std::vector<char>& v) { return std::vector<char>(v); };
+    long faults[2] = {0, 0};
+    for (int with_keep : {0, 1}) {
+      pool_options o;
+      o.workers = 1;
+      o.chunk_size = 3;
+      o.worker_keep_memory = with_keep ? std::size_t(64) << 20 : 0;
+      pool p(copy, o);
+      if (p.map(items) != items) procpool::exit_process(1);  // the first call grows the heap
+      pid_t worker = p.pids().at(0);
+      long before = procpool_test::minor_faults(worker);
+      if (p.map(items) != items) procpool::exit_process(1);
+      faults[with_keep] = procpool_test::minor_faults(worker) - before;
+    }
+    std::fprintf(stderr,
+                 "worker page faults in a call: %ld with the allocator's defaults, %ld kept\n",
+                 faults[0], faults[1]);
+    // 6 items of 2,048 pages each, decoded and copied: 24,576 pages touched.
+    if (faults[1] >= 600) procpool::exit_process(2);
+    // Else this test could not tell the option from its absence.
+    if (faults[0] < 6000) procpool::exit_process(3);
+    procpool::exit_process(0);
+  });
+  CHECK(harness.join() == procpool::exit_status::exited(0));
+}
+#endif
 
 TEST_CASE("max_tasks_per_child replaces workers without changing results", "[pool]") {
   pool_options o;

@@ -22,16 +22,6 @@
 #include <system_error>
 #include <vector>
 
-// Sanitized builds skip the tests that set resource limits: ASan reserves
-// terabytes of address space, and UBSan's type checks need free descriptors.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define PROCPOOL_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define PROCPOOL_TEST_SANITIZED 1
-#endif
-#endif
-
 using namespace std::chrono_literals;
 using procpool::exit_status;
 using procpool::pool;
@@ -232,6 +222,8 @@ TEST_CASE("shared memory refused: system_error naming mmap and the size", "[reli
   CHECK(procpool_test::child_count() == children);
 }
 
+// Sanitized builds skip the tests that set resource limits: ASan reserves
+// terabytes of address space, and UBSan's type checks need free descriptors.
 #ifndef PROCPOOL_TEST_SANITIZED
 TEST_CASE("an address-space limit refuses the mapping with a clear error", "[reliability][fork]") {
   // Sanitizers reserve terabytes of shadow memory, so this runs in plain builds only.

@@ -35,6 +35,16 @@
 #include <utility>
 #include <vector>
 
+// Defined in builds under AddressSanitizer or ThreadSanitizer, whose
+// allocators and address-space reservations some tests cannot reason about.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PROCPOOL_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PROCPOOL_TEST_SANITIZED 1
+#endif
+#endif
+
 namespace procpool_test {
 
 /// Forks a child that runs `f()` and exits with what it returns (97 if it throws).
@@ -99,6 +109,25 @@ inline pid_t parent_of(pid_t pid) {
   int ppid = 0;
   if (p == nullptr || std::sscanf(p + 2, "%*c %d", &ppid) != 1) return 0;
   return static_cast<pid_t>(ppid);
+}
+
+/// Minor page faults process `pid` has taken so far, from /proc (field 10 of
+/// its stat line); -1 when it cannot be read.
+inline long minor_faults(pid_t pid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return -1;
+  char buf[1024];
+  std::size_t len = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[len] = '\0';
+  const char* p = std::strrchr(buf, ')');
+  long faults = -1;
+  // After the name: state, ppid, pgrp, session, tty, tpgid, flags, minflt.
+  if (p == nullptr || std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %ld", &faults) != 1)
+    return -1;
+  return faults;
 }
 
 /// Children of this process that exist, zombies included.

@@ -165,6 +165,7 @@ struct engine_config {
   wait_policy parent_wait{std::chrono::microseconds(20), std::chrono::milliseconds(10)};
   // An idle worker spins briefly (pool_options::worker_spin) before it sleeps.
   wait_policy worker_wait{std::chrono::microseconds(2), std::chrono::milliseconds(50)};
+  std::size_t worker_keep_memory = std::size_t(64) << 20;  // pool_options::worker_keep_memory
   std::chrono::milliseconds stop_grace{1000};
 };
 
@@ -461,6 +462,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     // worker's: every worker holds the same descriptors, whenever forked.
     for (auto& sibling : workers_) sibling.pidfd.reset();
     current_process_name() = fmt::format("pool-worker-{}", i + 1);
+    keep_freed_memory(config_.worker_keep_memory);
 
     auto& w = workers_[i];
     worker_context ctx{shared_, w.slot, config_.function};
@@ -482,7 +484,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         exit_child(1);
       }
     }
-    std::vector<std::byte> buffer;
+    writer buffer;                    // a task frame that wrapped the ring's end (not zeroed first)
     std::uint64_t seq = 0;            // task frames taken from the ring so far
     std::uint64_t revoked_until = 0;  // frames before this were taken back
     for (;;) {

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "../int_cast.hpp"
@@ -247,12 +248,13 @@ class ring_reader {
     return int_cast<std::size_t>(size);
   }
 
-  /// Reads the next message into `out` (resized to fit), waiting as needed;
-  /// the caller must know a message has begun or be prepared to wait for one.
-  /// False if `keep_waiting` said no or `deadline` passed before any byte of
-  /// the message arrived (nothing consumed then) — see `read_status`.
-  template <class KeepWaiting>
-  wait_status read_message(std::vector<std::byte>& out, std::optional<steady::time_point> deadline,
+  /// Reads the next message into `out` (a `std::vector<std::byte>`, resized
+  /// to fit, or a `writer`, cleared and appended to without zeroing), waiting
+  /// as needed; the caller must know a message has begun or be prepared to
+  /// wait for one. False if `keep_waiting` said no or `deadline` passed before
+  /// any byte of the message arrived (nothing consumed then) — see `read_status`.
+  template <class Buffer, class KeepWaiting>
+  wait_status read_message(Buffer& out, std::optional<steady::time_point> deadline,
                            KeepWaiting&& keep_waiting, const wait_policy& policy = {}) {
     auto st = wait_for_condition(
         r_->readable, [&] { return available() >= sizeof(std::uint64_t); }, deadline, keep_waiting,
@@ -273,8 +275,13 @@ class ring_reader {
         if (s != wait_status::ready) return s;
         continue;
       }
-      out.resize(done + n);
-      get(out.data() + done, n);
+      if constexpr (std::is_same_v<Buffer, std::vector<std::byte>>) {
+        out.resize(done + n);
+        get(out.data() + done, n);
+      } else {
+        get(out.prepare(n), n);
+        out.commit(n);
+      }
       done += n;
     }
     release();
