@@ -106,6 +106,11 @@ struct worker_slot {
   // worker that finds s taken answers every frame before `revoke_end` unrun.
   alignas(cache_line) std::atomic<std::uint64_t> claim{0};
   std::atomic<std::uint64_t> revoke_end{0};
+  // How long the worker takes over one chunk, in nanoseconds, as it measures
+  // it: between the ends of two chunks when the second was waiting in its
+  // ring (it did not wait for it); rises at once to a longer chunk, falls by
+  // 1/8 per chunk. A hint for `engine::queue_depth`, which clamps it.
+  std::atomic<std::int64_t> chunk_ns{0};
 };
 
 /// What a worker process knows about itself.
@@ -237,11 +242,9 @@ class engine final : public driver {
     ring_control* result = nullptr;
     ring_writer to;
     ring_reader from;
-    std::deque<chunk> inflight;        // in the order sent
-    std::size_t items_sent = 0;        // toward max_tasks_per_child
-    std::uint64_t frames_sent = 0;     // task frames put in the ring since the worker started
-    steady::time_point last_answer{};  // when its last frame was taken
-    bool busy_since_answer = false;    // a whole next frame was in its ring then
+    std::deque<chunk> inflight;     // in the order sent
+    std::size_t items_sent = 0;     // toward max_tasks_per_child
+    std::uint64_t frames_sent = 0;  // task frames put in the ring since the worker started
     writer inbuf;  // a frame that wrapped around the ring's end, gathered (not zeroed first)
     std::size_t in_need = 0;  // bytes of a partly received message still to come
     bool receiving = false;
@@ -276,7 +279,7 @@ class engine final : public driver {
   /// (`pump` publishes once per worker).
   bool send_pending(worker& w);
   /// Chunks each worker may hold: `base_inflight`, or more when chunks are
-  /// known to be short (`chunk_ns_`), up to `max_inflight`.
+  /// known to be short (`worker_slot::chunk_ns`), up to `max_inflight`.
   std::size_t queue_depth() const noexcept;
   bool fill(worker& w, std::size_t up_to);
   bool take_back_for_idle();
@@ -317,10 +320,6 @@ class engine final : public driver {
   engine_shared* shared_ = nullptr;
   std::size_t ring_capacity_ = 0;
   std::size_t chunk_bytes_ = 0;
-  /// How long a worker takes over one chunk, estimated from the answers of
-  /// workers that had their next frame waiting (0: not known yet). Rises at
-  /// once to a longer chunk, falls slowly.
-  std::int64_t chunk_ns_ = 0;
   std::vector<worker> workers_;
   fork_server server_;                          // forks and reaps the workers
   dispatcher dispatch_{sizeof(std::uint64_t)};  // frames in the rings follow their length
@@ -401,7 +400,7 @@ inline void engine::spawn(std::size_t i) {
   w.to = ring_writer(w.task);
   w.from = ring_reader(w.result);
   w.inbuf.clear();
-  w.busy_since_answer = false;
+  w.slot->chunk_ns.store(0);
   w.in_need = 0;
   w.receiving = false;
   w.timed_out = false;
@@ -487,7 +486,13 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     writer buffer;                    // a task frame that wrapped the ring's end (not zeroed first)
     std::uint64_t seq = 0;            // task frames taken from the ring so far
     std::uint64_t revoked_until = 0;  // frames before this were taken back
+    // For `worker_slot::chunk_ns`: when the last chunk run ended (none: zero).
+    std::int64_t last_end = 0;
+    std::int64_t chunk_ns = 0;
     for (;;) {
+      // A frame already waiting: the time until its answer is its own.
+      bool waiting = in.available() >= sizeof(std::uint64_t);
+      if (!waiting) last_end = 0;
       auto st = wait_for_condition(
           w.task->readable, [&] { return in.available() >= sizeof(std::uint64_t); }, std::nullopt,
           parent_alive, config_.worker_wait);
@@ -540,6 +545,17 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       }
       if (!out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait))
         exit_child(0);
+      if (run) {
+        std::int64_t end = steady::now().time_since_epoch().count();
+        if (last_end != 0) {
+          std::int64_t took = end - last_end;
+          chunk_ns = took > chunk_ns ? took : chunk_ns + (took - chunk_ns) / 8;
+          w.slot->chunk_ns.store(chunk_ns, std::memory_order_relaxed);
+        }
+        last_end = end;
+      } else {
+        last_end = 0;
+      }
     }
   } catch (...) {
     auto [type, message] = describe_current_exception();
@@ -733,8 +749,13 @@ inline bool engine::can_take_back() const {
 }
 
 inline std::size_t engine::queue_depth() const noexcept {
-  if (chunk_ns_ <= 0) return base_inflight;
-  auto n = static_cast<std::size_t>(queue_target.count() / chunk_ns_);
+  // The slowest worker's estimate (written by the worker: any value only
+  // moves the depth between its bounds).
+  std::int64_t ns = 0;
+  for (const auto& w : workers_)
+    if (w.pid != 0) ns = std::max(ns, w.slot->chunk_ns.load(std::memory_order_relaxed));
+  if (ns <= 0) return base_inflight;
+  auto n = static_cast<std::size_t>(queue_target.count() / ns);
   return std::clamp(n, base_inflight, max_inflight);
 }
 
@@ -845,8 +866,12 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
 
 inline bool engine::send_pending(worker& w) {
   bool sent = false;
-  for (auto& c : w.inflight) {
-    if (c.sent == c.bytes.size()) continue;
+  // Chunks go into the ring in order, so the unsent ones are the last few:
+  // start there rather than walk a deep queue at every call.
+  auto it = w.inflight.end();
+  while (it != w.inflight.begin() && std::prev(it)->sent != std::prev(it)->bytes.size()) --it;
+  for (; it != w.inflight.end(); ++it) {
+    chunk& c = *it;
     // The worker writes the ring's read position: never trust it past the capacity.
     std::size_t n = std::min({c.bytes.size() - c.sent, w.to.free_space(), ring_capacity_});
     if (n == 0) break;
@@ -1018,19 +1043,8 @@ inline void engine::drop_worker(std::size_t i) {
 }
 
 inline void engine::finish_chunk(worker& w) {
-  bool ran = !w.inflight.front().revoked;
   dispatch_.settle(w.inflight.front());
   w.inflight.pop_front();
-  // The time since the worker's previous answer is what this chunk took, if
-  // the worker had it whole in its ring then (it did not wait for it).
-  auto now = steady::now();
-  if (w.busy_since_answer && ran) {
-    auto took = std::chrono::duration_cast<std::chrono::nanoseconds>(now - w.last_answer).count();
-    chunk_ns_ = took > chunk_ns_ ? took : chunk_ns_ + (took - chunk_ns_) / 8;
-  }
-  w.last_answer = now;
-  w.busy_since_answer =
-      !w.inflight.empty() && w.inflight.front().sent == w.inflight.front().bytes.size();
 }
 
 inline bool engine::check_health(bool force) {
