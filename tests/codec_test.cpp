@@ -1045,6 +1045,37 @@ TEST_CASE("a writer grows, clears, and hands over its buffer", "[codec]") {
   CHECK(sized.capacity() >= 1000);
 }
 
+TEST_CASE("a writer's copy holds its bytes, not its spare room; a moved-from one is empty",
+          "[codec]") {
+  writer big(1 << 20);
+  big.write("abcdef", 6);
+  writer copy = big;
+  CHECK(copy.size() == 6);
+  CHECK(copy.capacity() < big.capacity());  // 6 bytes copied, not a megabyte
+  CHECK(std::memcmp(copy.data(), "abcdef", 6) == 0);
+  writer assigned(64);
+  assigned.write("zz", 2);
+  assigned = big;
+  CHECK(std::string(reinterpret_cast<const char*>(assigned.data()), assigned.size()) == "abcdef");
+  writer& self = assigned;
+  assigned = self;
+  CHECK(assigned.size() == 6);
+
+  writer moved = std::move(big);
+  CHECK(moved.size() == 6);
+  // NOLINTNEXTLINE(bugprone-use-after-move): a moved-from writer is empty, not stale
+  CHECK(big.size() == 0);
+  CHECK(big.capacity() == 0);
+  big.write("x", 1);  // and usable
+  CHECK(big.size() == 1);
+  writer target(128);
+  target.write("old", 3);
+  target = std::move(moved);
+  CHECK(target.size() == 6);
+  CHECK(moved.size() == 0);
+  CHECK(std::memcmp(target.data(), "abcdef", 6) == 0);
+}
+
 TEST_CASE("a warm writer and a reader allocate nothing per item", "[codec]") {
   writer out;
   for (int round = 0; round < 2; ++round) {

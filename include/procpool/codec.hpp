@@ -160,6 +160,28 @@ class writer {
   explicit writer(std::vector<std::byte> storage) : buf_(std::move(storage)) {
     buf_.resize(buf_.capacity());
   }
+  /// A copy of the bytes written (not of the spare capacity).
+  writer(const writer& other)
+      : buf_(other.buf_.begin(), other.buf_.begin() + static_cast<std::ptrdiff_t>(other.size_)),
+        size_(other.size_) {}
+  /// Takes the buffer; `other` is left empty, with no capacity.
+  writer(writer&& other) noexcept
+      : buf_(std::move(other.buf_)), size_(std::exchange(other.size_, 0)) {}
+  /// Copies the bytes written, reusing this writer's buffer where it is large enough.
+  writer& operator=(const writer& other) {
+    if (this != &other) {
+      clear();
+      write(other.data(), other.size());
+    }
+    return *this;
+  }
+  /// Takes the buffer; `other` is left empty, with no capacity.
+  writer& operator=(writer&& other) noexcept {
+    buf_ = std::move(other.buf_);
+    size_ = std::exchange(other.size_, 0);
+    return *this;
+  }
+  ~writer() = default;
 
   /// Appends `n` bytes from `data`.
   void write(const void* data, std::size_t n) {

@@ -65,6 +65,12 @@ struct pool_options {
   /// host), so one map uses every core of every node. Run one serving rank per
   /// node then. When empty, a rank calls the function itself, one item at a time.
   std::optional<procpool::pool_options> local;
+  /// Bytes of freed memory each serving rank keeps for its next items rather
+  /// than returning them to the kernel, as `procpool::pool_options::
+  /// worker_keep_memory` does for a worker (glibc only): big items are then
+  /// decoded into pages the rank already has. Set when the rank starts
+  /// serving, it stays set after the pool; 0 keeps the allocator's defaults.
+  std::size_t keep_memory = std::size_t(64) << 20;
   /// A rank that holds chunks and answers nothing for this long is given up
   /// (`rank_failed`); its items are not run again. Zero waits forever, which is
   /// right under Open MPI's default, where a rank that dies ends the whole job.
@@ -476,6 +482,7 @@ pool<F>::pool(F f, pool_options options) : f_(std::move(f)), options_(std::move(
 
   if (!root_) {
     detail::mpi::root_watch root{static_cast<pid_t>(root_id.pid), std::string(root_id.host), {}};
+    detail::keep_freed_memory(options_.keep_memory);
     auto lost = detail::mpi::serve(comm, s.get(), unusable, root);
     s.reset();
     MPI_Comm_free(&comm);

@@ -161,7 +161,16 @@ class backoff {
 /// A message being received (MPI_Imrecv): its request and the buffer it fills.
 struct pending_receive {
   MPI_Request request = MPI_REQUEST_NULL;
-  std::vector<std::byte> bytes;
+  procpool::writer bytes;  // not zeroed before MPI fills it
+
+  /// Room for `count` bytes, which the receive then fills.
+  std::byte* room(int count) {
+    auto n = static_cast<std::size_t>(std::max(count, 0));
+    bytes.clear();
+    std::byte* p = bytes.prepare(n);
+    bytes.commit(n);
+    return p;
+  }
 };
 
 struct rank_info {
@@ -225,8 +234,7 @@ inline bool drain(buried& b) noexcept {
     int count = 0;
     MPI_Get_count(&status, MPI_BYTE, &count);
     pending_receive p;
-    p.bytes.resize(static_cast<std::size_t>(std::max(count, 0)));
-    if (MPI_Imrecv(p.bytes.data(), count, MPI_BYTE, &message, &p.request) != MPI_SUCCESS) break;
+    if (MPI_Imrecv(p.room(count), count, MPI_BYTE, &message, &p.request) != MPI_SUCCESS) break;
     b.receives.push_back(std::move(p));
   }
   for (std::size_t k = 0; k < b.receives.size();) {
@@ -640,7 +648,7 @@ class engine final : public driver {
   std::chrono::nanoseconds rank_timeout_;
   dispatcher dispatch_;
   std::vector<chunk> abandoned_;  // sends to ranks given up, still to complete
-  std::vector<std::byte> spare_;  // a receive buffer to reuse
+  procpool::writer spare_;        // a receive buffer to reuse
   steady::time_point last_pump_ = steady::now();
   std::exception_ptr broken_;
   bool closed_ = false;
@@ -772,8 +780,7 @@ inline bool engine::receive() {
     auto index = static_cast<std::size_t>(status.MPI_SOURCE - 1);
     pending_receive p;
     p.bytes = std::move(spare_);
-    p.bytes.resize(static_cast<std::size_t>(count));
-    check(MPI_Imrecv(p.bytes.data(), count, MPI_BYTE, &message, &p.request), "MPI_Imrecv");
+    check(MPI_Imrecv(p.room(count), count, MPI_BYTE, &message, &p.request), "MPI_Imrecv");
     auto& r = ranks_.at(index);
     r.receiving.push_back(std::move(p));
     r.last_heard = now;  // it is answering
@@ -783,7 +790,7 @@ inline bool engine::receive() {
       int done = 0;
       check(MPI_Test(&r.receiving.front().request, &done, MPI_STATUS_IGNORE), "MPI_Test");
       if (!done) break;
-      std::vector<std::byte> bytes = std::move(r.receiving.front().bytes);
+      procpool::writer bytes = std::move(r.receiving.front().bytes);
       r.receiving.pop_front();
       any = true;
       r.last_heard = steady::now();
