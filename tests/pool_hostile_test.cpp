@@ -21,6 +21,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <optional>
 #include <string>
@@ -42,6 +43,8 @@ struct engine_probe {
   static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }
   static std::uint64_t next_call_id(const engine& e) { return e.dispatch_.next_call_id(); }
+  static worker_slot* slot(engine& e, std::size_t i) { return e.workers_[i].slot; }
+  static std::size_t queue_depth(const engine& e) { return e.queue_depth(); }
 };
 
 }  // namespace procpool::detail
@@ -489,6 +492,34 @@ TEST_CASE("a worker that keeps lying fails the call with an error naming it; the
     }
     table->lies_left = 0;
     CHECK(p.map(iota_vector(10)) == squares(10));
+  }
+}
+
+TEST_CASE(
+    "workers publish how long a chunk takes; garbage there moves the queue depth only "
+    "within its bounds",
+    "[hostile]") {
+  table = shared_block<hostile_table>();
+  table->lies_left = 0;
+  bare_pool p(2);
+  // Chunks of one item, many queued: each worker times those it found waiting.
+  CHECK(p.map(iota_vector(20000)) == squares(20000));
+  std::int64_t published = 0;
+  for (std::size_t i = 0; i < 2; ++i)
+    published = std::max(
+        published, pd::engine_probe::slot(*p.engine, i)->chunk_ns.load(std::memory_order_relaxed));
+  CHECK(published > 0);
+  // The slots are in memory the workers write: a worker may leave anything there.
+  for (std::int64_t garbage :
+       {std::numeric_limits<std::int64_t>::max(), std::numeric_limits<std::int64_t>::min(),
+        std::int64_t(-1), std::int64_t(1), std::int64_t(0)}) {
+    INFO("chunk_ns = " << garbage);
+    for (std::size_t i = 0; i < 2; ++i)
+      pd::engine_probe::slot(*p.engine, i)->chunk_ns.store(garbage);
+    auto depth = pd::engine_probe::queue_depth(*p.engine);
+    CHECK(depth >= 2);
+    CHECK(depth <= 64);
+    CHECK(p.map(iota_vector(3000)) == squares(3000));
   }
 }
 
