@@ -986,8 +986,10 @@ inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t s
     return;
   }
   std::memcpy(&h, data, sizeof h);
-  w.bad_frame = check_header(w, h, size);
-  if (!w.bad_frame.empty()) return;
+  if (std::string why = check_header(w, h, size); !why.empty()) {
+    w.bad_frame = std::move(why);
+    return;
+  }
   ++w.frames;
   reader in(data + sizeof h, size - sizeof h);
   if (h.kind == frame_kind::init_failed) {
