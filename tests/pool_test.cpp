@@ -16,6 +16,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <list>
 #include <map>
 #include <numeric>
@@ -452,6 +453,12 @@ TEST_CASE("worker_keep_memory: a worker decodes big items into memory it kept, n
     if (faults[1] >= 600) procpool::exit_process(2);
     // Else this test could not tell the option from its absence.
     if (faults[0] < 6000) procpool::exit_process(3);
+    // Any size is taken (clamped to what glibc accepts).
+    pool_options huge;
+    huge.workers = 1;
+    huge.worker_keep_memory = std::numeric_limits<std::size_t>::max();
+    pool h(copy, huge);
+    if (h.map(items) != items) procpool::exit_process(4);
     procpool::exit_process(0);
   });
   CHECK(harness.join() == procpool::exit_status::exited(0));

@@ -1,6 +1,7 @@
 // The SPSC byte ring under pipes and pools: messages around the ring's size
 // and far beyond it across a fork, wrap-around, a reader whose writer died,
 // and a two-thread stress run that ThreadSanitizer can check.
+#include <procpool/codec.hpp>
 #include <procpool/detail/os/fork.hpp>
 #include <procpool/detail/os/liveness.hpp>
 #include <procpool/detail/os/sys.hpp>
@@ -55,6 +56,11 @@ std::vector<std::byte> make_message(std::uint64_t seq, std::size_t size) {
 
 bool check_message(const std::vector<std::byte>& m, std::uint64_t seq, std::size_t size) {
   return m == make_message(seq, size);
+}
+
+/// The same for a message read into a `writer` (as workers read task frames).
+bool check_message(const procpool::writer& m, std::uint64_t seq, std::size_t size) {
+  return check_message(std::vector<std::byte>(m.data(), m.data() + m.size()), seq, size);
 }
 
 const std::vector<std::size_t> edge_sizes = {0,
@@ -156,11 +162,13 @@ TEST_CASE("a header published in pieces is seen whole by a waiting reader", "[ri
   CHECK(std::memcmp(got.data(), "hello", 5) == 0);
 }
 
-TEST_CASE("many messages wrap around the ring intact", "[ring]") {
+/// Writes and reads back messages of every size at every offset of the ring,
+/// each read into `got` (reused from one message to the next).
+template <class Buffer>
+void wrap_messages(Buffer& got) {
   shared_ring s;
   ring_writer w(s.ring);
   ring_reader rd(s.ring);
-  std::vector<std::byte> got;
   std::uint64_t written = 0, read = 0;
   int bad = 0;
   // Batches of up to 5 messages of 0 to ~1.5 KiB: positions cover every
@@ -186,6 +194,14 @@ TEST_CASE("many messages wrap around the ring intact", "[ring]") {
   CHECK(read == written);
   CHECK(written > 40000);
   CHECK(s.ring->tail.load() > 1000 * ring_size);
+}
+
+TEST_CASE("many messages wrap around the ring intact, read into a vector or a reused writer",
+          "[ring]") {
+  std::vector<std::byte> vector;
+  wrap_messages(vector);
+  procpool::writer writer;  // as a worker gathers a task frame: not zeroed, shrinking and growing
+  wrap_messages(writer);
 }
 
 TEST_CASE("a reader waiting on a dead writer returns when keep_waiting says no", "[ring][fork]") {
