@@ -136,7 +136,7 @@ TEST_CASE("then on a task already over runs at once, in the calling thread", "[a
   CHECK(f.get() == 10);
 }
 
-TEST_CASE("then's error callback gets the task's error; the value callback is not called",
+TEST_CASE("then's error callback gets the task's error, the value callback is not called",
           "[async]") {
   procpool::pool p(job, 1);
   std::promise<std::exception_ptr> error;

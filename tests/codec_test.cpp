@@ -1045,7 +1045,7 @@ TEST_CASE("a writer grows, clears, and hands over its buffer", "[codec]") {
   CHECK(sized.capacity() >= 1000);
 }
 
-TEST_CASE("a writer's copy holds its bytes, not its spare room; a moved-from one is empty",
+TEST_CASE("a writer's copy holds its bytes, not its spare room, a moved-from one is empty",
           "[codec]") {
   writer big(1 << 20);
   big.write("abcdef", 6);

@@ -172,7 +172,7 @@ TEST_CASE("a chunk sent again after its call is over is dropped, and counted out
   CHECK(a->finished());
 }
 
-TEST_CASE("items before a call's failing item still run; those after it do not", "[dispatcher]") {
+TEST_CASE("items before a call's failing item still run, those after it do not", "[dispatcher]") {
   pd::chunk before, after;
   auto a = std::make_shared<test_call>(10, 2);
   before.call = after.call = a;
@@ -209,7 +209,7 @@ TEST_CASE("every field of an answer is checked against its chunk", "[dispatcher]
   CHECK_THAT(pd::dispatcher::check_answer(c, bad, size), Catch::Contains("kind 77"));
 }
 
-TEST_CASE("an honest answer reaches its call; a cancelled call takes nothing", "[dispatcher]") {
+TEST_CASE("an honest answer reaches its call, a cancelled call takes nothing", "[dispatcher]") {
   pd::dispatcher d;
   auto [a, c] = first_chunk(d, 3, 3);
   auto ans = honest(c);
@@ -303,7 +303,7 @@ TEST_CASE("answers that cannot be true are named and fail their call", "[dispatc
   }
 }
 
-TEST_CASE("join ends the open ranges; stopping ends every pending call", "[dispatcher]") {
+TEST_CASE("join ends the open ranges, stopping ends every pending call", "[dispatcher]") {
   pd::dispatcher d;
   auto range = std::make_shared<test_call>(10, 1);
   range->range = true;

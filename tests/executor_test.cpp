@@ -203,7 +203,7 @@ TEST_CASE("shutdown(wait, cancel_futures) as Python's", "[executor]") {
   }
 }
 
-TEST_CASE("exit_policy::terminate stops at once; the default waits", "[pool]") {
+TEST_CASE("exit_policy::terminate stops at once, the default waits", "[pool]") {
   std::optional<procpool::future<int>> pending;
   pid_t worker = 0;
   {

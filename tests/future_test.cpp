@@ -41,7 +41,7 @@ int picky(int x) {
 
 using namespace future_test;
 
-TEST_CASE("cancel: true before the task is sent, false after; twice; get raises", "[future]") {
+TEST_CASE("cancel: true before the task is sent, false after, twice, get raises", "[future]") {
   // The helper thread sends tasks at once: with the one worker busy and a
   // second task in its ring (two chunks per worker), a third stays unsent.
   procpool::pool p(picky, 1);

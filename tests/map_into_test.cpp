@@ -605,7 +605,7 @@ TEST_CASE("an item that throws fails map_into with task_error at the lowest fail
   CHECK(first_mismatch(after, serial(ok)) == npos);
 }
 
-TEST_CASE("a worker killed during map_into raises worker_died naming the item; the pool goes on",
+TEST_CASE("a worker killed during map_into raises worker_died naming the item, the pool goes on",
           "[map_into]") {
   int how = GENERATE(1, 2);
   CAPTURE(how);
@@ -650,7 +650,7 @@ TEST_CASE("a worker killed during map_into raises worker_died naming the item; t
   CHECK(p.pids().size() == 2);
 }
 
-TEST_CASE("a result that cannot be decoded fails map_into with decode_error; the pool goes on",
+TEST_CASE("a result that cannot be decoded fails map_into with decode_error, the pool goes on",
           "[map_into]") {
   pool p([](int x) { return touchy{x}; }, 2u);
   auto xs = iota_vector(40);
@@ -678,7 +678,7 @@ TEST_CASE("a result that cannot be decoded fails map_into with decode_error; the
   CHECK(v[12].v == 12);
 }
 
-TEST_CASE("an on_progress exception ends map_into; no late result lands in its output",
+TEST_CASE("an on_progress exception ends map_into, no late result lands in its output",
           "[map_into]") {
   std::atomic<bool> armed{true};
   pool_options o;
@@ -978,7 +978,7 @@ TEST_CASE("map_into on a closed or terminated pool throws pool_closed and touche
   CHECK(small == std::array<std::int64_t, 2>{untouched, untouched});
 }
 
-TEST_CASE("map_into from a forked child throws there, leaving its output; the parent's is right",
+TEST_CASE("map_into from a forked child throws there, leaving its output, the parent's is right",
           "[map_into][fork]") {
   pool p(scaled, 2u);
   auto pids = p.pids();

@@ -140,7 +140,7 @@ TEST_CASE("an item that cannot be encoded fails its map and leaves nothing behin
   p.join();
 }
 
-TEST_CASE("an input iterator that throws fails its map; the next map works", "[pool]") {
+TEST_CASE("an input iterator that throws fails its map, the next map works", "[pool]") {
   pool p([](int x) { return x + 1; }, 2u);
   REQUIRE_THROWS_AS(p.map(throwing_forward(100, 57)), say_when);
   // A single-pass input is read before the call starts: its error leaves nothing either.
@@ -280,7 +280,7 @@ TEST_CASE("a result decoder that throws fails the call with decode_error and the
 // ---------------------------------------------------------------------------
 // 7. An exception escaping a running call cancels it on the way out.
 
-TEST_CASE("an exception from on_progress cancels its map; the pool goes on", "[pool]") {
+TEST_CASE("an exception from on_progress cancels its map, the pool goes on", "[pool]") {
   std::atomic<bool> throw_now{true};
   std::vector<std::size_t> totals_after_throw;
   bool thrown = false;
@@ -307,7 +307,7 @@ TEST_CASE("an exception from on_progress cancels its map; the pool goes on", "[p
   for (auto t : totals_after_throw) REQUIRE(t == 10);
 }
 
-TEST_CASE("an exception from on_progress during imap ends the range; the pool goes on", "[pool]") {
+TEST_CASE("an exception from on_progress during imap ends the range, the pool goes on", "[pool]") {
   std::atomic<int> calls{0};
   pool_options o;
   o.workers = 2;

@@ -473,7 +473,7 @@ TEST_CASE("a worker that lies once in a result frame is replaced and its chunk r
   }
 }
 
-TEST_CASE("a worker that keeps lying fails the call with an error naming it; the pool goes on",
+TEST_CASE("a worker that keeps lying fails the call with an error naming it, the pool goes on",
           "[hostile]") {
   table = shared_block<hostile_table>();
   bare_pool p(1);

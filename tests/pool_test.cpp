@@ -391,7 +391,7 @@ TEST_CASE("a task past task_timeout raises timeout_error and its worker is repla
   CHECK(p.map(iota_vector(20, 6)) == iota_vector(20, 6));
 }
 
-TEST_CASE("worker_spin: zero and long spins give the same results; a negative one is refused",
+TEST_CASE("worker_spin: zero and long spins give the same results, a negative one is refused",
           "[pool]") {
   auto f = [](int x) { return x * 2 + 1; };
   std::vector<int> xs(2000);
@@ -482,7 +482,7 @@ TEST_CASE("max_tasks_per_child replaces workers without changing results", "[poo
   for (auto& [pid, n] : per_pid) CHECK(n <= 10);
 }
 
-TEST_CASE("the initializer runs in every worker; a failing one is reported, not retried",
+TEST_CASE("the initializer runs in every worker, a failing one is reported, not retried",
           "[pool]") {
   static int configured = 0;
   pool_options o;

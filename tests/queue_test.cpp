@@ -654,7 +654,7 @@ TEST_CASE("task_done and join across processes (CPython _TestQueue.test_task_don
   CHECK_THROWS_WITH(q.task_done(), Catch::Contains("more times than items were pushed"));
 }
 
-TEST_CASE("join waits for the last task_done; join_for times out while items are unfinished",
+TEST_CASE("join waits for the last task_done, join_for times out while items are unfinished",
           "[queue][fork]") {
   procpool::queue<int> q;
   q.push(1);

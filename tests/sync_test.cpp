@@ -955,7 +955,7 @@ TEST_CASE("condition between threads: a bounded buffer", "[sync]") {
 // ---------------------------------------------------------------------------
 // event
 
-TEST_CASE("event: set() wakes waiters in other processes; clear() resets it (CPython)",
+TEST_CASE("event: set() wakes waiters in other processes, clear() resets it (CPython)",
           "[sync][fork]") {
   // _TestEvent.test_event, plus several waiters.
   procpool::event go;
@@ -1061,7 +1061,7 @@ TEST_CASE("barrier: the action runs once per phase, before anyone is released (C
   REQUIRE(runner.load() == phases);
 }
 
-TEST_CASE("barrier: an action that throws breaks it; one killed inside breaks it naming the pid",
+TEST_CASE("barrier: an action that throws breaks it, one killed inside breaks it naming the pid",
           "[sync][fork]") {
   {
     procpool::barrier b(3, [] { throw std::runtime_error("action failed"); });
