@@ -496,7 +496,7 @@ TEST_CASE("a worker that keeps lying fails the call with an error naming it, the
 }
 
 TEST_CASE(
-    "workers publish how long a chunk takes; garbage there moves the queue depth only "
+    "workers publish how long a chunk takes, and garbage there moves the queue depth only "
     "within its bounds",
     "[hostile]") {
   table = shared_block<hostile_table>();
