@@ -25,8 +25,8 @@ class test_call final : public pd::call_state {
   test_call(std::size_t n, std::size_t per_chunk, std::size_t window = 1000)
       : n_(n), per_chunk_(per_chunk), window_(window) {}
 
-  bool next_chunk(procpool::writer& out, std::size_t max_count, std::uint64_t& first,
-                  std::uint32_t& count, std::uint64_t& handler) override {
+  bool next_chunk(procpool::writer& out, pd::frame_refs*, std::size_t max_count,
+                  std::uint64_t& first, std::uint32_t& count, std::uint64_t& handler) override {
     if (throw_on_cut) throw std::runtime_error("the input's iterator broke");
     if (next_ >= n_) {
       input_done = true;

@@ -356,6 +356,9 @@ struct builtin_base {
   static constexpr refusal self_encode = refusal::none;
   static constexpr refusal self_decode = refusal::none;
   static constexpr bool trivial = false;
+  /// True for a container encoded as its element count and then its
+  /// elements' bytes as they are in memory (see `bulk_codec`).
+  static constexpr bool bulk() noexcept { return false; }
 };
 
 inline void write_count(writer& out, std::size_t n) {
@@ -449,6 +452,8 @@ struct builtin<std::basic_string<C, Tr, A>> : builtin_base {
     write_count(out, s.size());
     out.write(s.data(), s.size() * sizeof(C));
   }
+  static constexpr bool bulk() noexcept { return true; }
+  static const void* bulk_data(const T& s) noexcept { return s.data(); }
   static T decode(reader& in) {
     const std::size_t n = read_count<T, sizeof(C)>(in);
     const std::byte* p = in.take(n * sizeof(C));
@@ -504,6 +509,10 @@ struct builtin<std::vector<E, A>> : builtin_base {
       for (const E& e : v) codec<E>::encode(out, e);
     }
   }
+  // A function, not a constant: `E` may be incomplete where the vector is
+  // named (an aggregate holding a vector of itself).
+  static constexpr bool bulk() noexcept { return codec_trivial<E>(); }
+  static const void* bulk_data(const T& v) noexcept { return v.data(); }
   static T decode(reader& in) {
     constexpr std::size_t min_element = codec_min_size<E>();
     const std::size_t n = read_count<T, min_element>(in);
@@ -1085,6 +1094,28 @@ struct codec_for<T, codec_kind::fields> : fields_codec<T> {};
 /// `encode` and `decode` of an unqualified `T` that passed `verify`.
 template <class T>
 struct codec : codec_for<T, kind_of<T>()> {};
+
+/// True when procpool's own codec sends a `T` as `write_count(size())` and
+/// then `size() * sizeof(value_type)` bytes copied from `data()`: a
+/// `std::vector` of trivially sendable elements, a `std::basic_string`. Such
+/// a value's bytes can be sent from where they are (`bulk_bytes`) rather
+/// than copied into a buffer first. Never true for a type with its own
+/// `procpool_encode`.
+template <class T>
+constexpr bool bulk_codec() noexcept {
+  if constexpr (kind_of<T>() == codec_kind::builtin)
+    return builtin<T>::bulk();
+  else
+    return false;
+}
+
+/// Where the bytes after the count of a `bulk_codec` value start, and how many there are.
+template <class T>
+std::pair<const std::byte*, std::size_t> bulk_bytes(const T& value) noexcept {
+  static_assert(bulk_codec<T>());
+  return {static_cast<const std::byte*>(builtin<T>::bulk_data(value)),
+          value.size() * sizeof(typename T::value_type)};
+}
 
 // ---------------------------------------------------------------------------
 // Compile-time checks: why a type cannot be sent, and which part of it is to

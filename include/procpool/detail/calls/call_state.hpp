@@ -61,6 +61,42 @@ class function_ref<R(A...)> {
   R (*call_)(void*, A...);
 };
 
+/// A block of a task frame that is not copied into the chunk: it is read
+/// from the caller's input when the frame goes out, after the first `at` of
+/// the frame's own bytes.
+struct frame_ref {
+  std::size_t at = 0;
+  const std::byte* data = nullptr;
+  std::size_t size = 0;
+};
+
+/// The blocks of a chunk's frame left in the caller's input (see
+/// `map_call`): the big arrays and strings among its items, which are then
+/// copied once, into the ring, instead of twice. Empty, it allocates nothing.
+struct frame_refs {
+  /// Blocks per chunk; the items after that are copied.
+  static constexpr std::size_t capacity = 4;
+  /// Smaller blocks are copied: a block is worth leaving where it is only
+  /// when copying it costs more than keeping track of it.
+  static constexpr std::size_t min_bytes = std::size_t(16) << 10;
+
+  std::vector<frame_ref> list;
+  std::size_t bytes = 0;  ///< all the blocks' sizes
+
+  bool full() const noexcept { return list.size() == capacity; }
+  bool empty() const noexcept { return list.empty(); }
+  /// **Throws:** `std::bad_alloc` (the list is allocated at the first block).
+  void add(std::size_t at, const std::byte* data, std::size_t size) {
+    if (list.capacity() == 0) list.reserve(capacity);
+    list.push_back(frame_ref{at, data, size});
+    bytes += size;
+  }
+  void clear() noexcept {
+    list.clear();
+    bytes = 0;
+  }
+};
+
 /// A call in flight: one map, imap or imap_unordered, or one submitted task.
 /// Owned jointly by the driver (while chunks are in flight) and by whatever
 /// the user holds (map's frame, an imap range, a future).
@@ -72,9 +108,11 @@ class call_state {
   /// `max_count` items; sets `first`, `count` and `handler` (the token that
   /// names, to whoever runs the chunk, the code that runs it: see
   /// `Handlers`). Returns false when no chunk can be made now (input
-  /// exhausted, or a window is full).
-  virtual bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first,
-                          std::uint32_t& count, std::uint64_t& handler) = 0;
+  /// exhausted, or a window is full). With `refs` (when the engine can send
+  /// a frame from several places), a call whose input stays put until the
+  /// call ends may leave its big blocks there and list them in `refs`.
+  virtual bool next_chunk(writer& out, frame_refs* refs, std::size_t max_count,
+                          std::uint64_t& first, std::uint32_t& count, std::uint64_t& handler) = 0;
   /// Decodes the results of items `first` .. `first + count - 1` from `in`.
   /// Runs the user's decoders only: progress is reported by the caller of the call.
   virtual void on_results(std::uint64_t first, std::uint32_t count, reader& in) = 0;

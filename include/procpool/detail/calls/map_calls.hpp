@@ -129,19 +129,40 @@ constexpr bool is_forward_iterator_v =
 /// When reading or encoding an item throws (the input's iterator, the item's
 /// `procpool_encode`), the items before it stay encoded, the failing one is
 /// cut off, and `failure` holds the exception: the input ends there.
+///
+/// With `refs`, an item that is a big array or string in the input itself
+/// (the iterator yields a reference to it) is left there: only its count is
+/// written, and its bytes are listed in `refs`. The caller guarantees that
+/// the input outlives the chunk's sending, or copies the blocks in first.
 template <class Item, class It, class End>
-std::size_t encode_items(writer& out, It& it, const End& end, std::size_t limit,
+std::size_t encode_items(writer& out, frame_refs* refs, It& it, const End& end, std::size_t limit,
                          std::size_t max_bytes, std::exception_ptr& failure) {
   std::size_t start = out.size();
   std::size_t mark = start;
   std::size_t k = 0;
+  std::size_t referred = refs ? refs->bytes : 0;
   try {
     while (k < limit && it != end) {
-      encode<Item>(out, *it);  // a proxy (std::vector<bool>'s) converts to the item
+      bool left = false;
+      using Ref = decltype(*it);
+      if constexpr (bulk_codec<Item>() && std::is_lvalue_reference_v<Ref> &&
+                    std::is_same_v<std::remove_cv_t<std::remove_reference_t<Ref>>, Item>) {
+        if (refs && !refs->full()) {
+          const Item& item = *it;
+          auto [data, size] = bulk_bytes(item);
+          if (size >= frame_refs::min_bytes) {
+            write_count(out, item.size());
+            refs->add(out.size(), data, size);
+            left = true;
+          }
+        }
+      }
+      if (!left) encode<Item>(out, *it);  // a proxy (std::vector<bool>'s) converts to the item
       ++k;
       mark = out.size();
       ++it;
-      if (out.size() - start >= max_bytes) break;
+      std::size_t bytes = out.size() - start + (refs ? refs->bytes - referred : 0);
+      if (bytes >= max_bytes) break;
     }
   } catch (...) {
     out.resize(mark);
@@ -219,8 +240,8 @@ class map_call : public call_state {
     input_done = n == 0;
   }
 
-  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
-                  std::uint64_t& handler) override {
+  bool next_chunk(writer& out, frame_refs* refs, std::size_t max_count, std::uint64_t& first,
+                  std::uint32_t& count, std::uint64_t& handler) override {
     if (next_ >= n_) {
       input_done = true;
       return false;
@@ -229,15 +250,23 @@ class map_call : public call_state {
         {chunk_, max_count, n_ - next_, std::size_t(UINT32_MAX), result_limit(chunk_bytes_)});
     std::size_t k;
     std::exception_ptr failure;
+    // The input stays put until the call ends (the caller's range, or the
+    // vector a map_async owns), and a chunk still going out when it ends
+    // copies its blocks first (`chunk::own_blocks`): big blocks are sent from it.
     if constexpr (is_trivially_sendable_v<Item>) {
       if (contiguous_) {
         k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
-        out.write(contiguous_ + next_, k * sizeof(Item));
+        const auto* data = reinterpret_cast<const std::byte*>(contiguous_ + next_);
+        std::size_t size = k * sizeof(Item);
+        if (refs && !refs->full() && size >= frame_refs::min_bytes)
+          refs->add(out.size(), data, size);
+        else
+          out.write(data, size);
       } else {
-        k = encode_items<Item>(out, it_, end_, limit, chunk_bytes_, failure);
+        k = encode_items<Item>(out, refs, it_, end_, limit, chunk_bytes_, failure);
       }
     } else {
-      k = encode_items<Item>(out, it_, end_, limit, chunk_bytes_, failure);
+      k = encode_items<Item>(out, refs, it_, end_, limit, chunk_bytes_, failure);
     }
     if (failure) {
       // The items before the failing one still run: the lowest failing index wins.
@@ -382,8 +411,9 @@ class imap_call final : public imap_state<R> {
         driver_(std::move(e)),
         progress_(std::move(progress)) {}
 
-  bool next_chunk(writer& out, std::size_t max_count, std::uint64_t& first, std::uint32_t& count,
-                  std::uint64_t& handler) override {
+  bool next_chunk(writer& out, frame_refs*, std::size_t max_count, std::uint64_t& first,
+                  std::uint32_t& count, std::uint64_t& handler) override {
+    // Each item is copied: the input may be read once, or change between reads.
     if (source_.it == source_.end) {
       this->input_done = true;
       return false;
@@ -392,7 +422,8 @@ class imap_call final : public imap_state<R> {
     std::size_t limit =
         std::min({chunk_, max_count, std::size_t(UINT32_MAX), result_limit_for<R>(chunk_bytes_)});
     std::exception_ptr failure;
-    std::size_t k = encode_items<Item>(out, source_.it, source_.end, limit, chunk_bytes_, failure);
+    std::size_t k =
+        encode_items<Item>(out, nullptr, source_.it, source_.end, limit, chunk_bytes_, failure);
     if (failure) {
       // The results before the failing input are still yielded, then its error.
       this->fail(sent_ + k, std::move(failure));
@@ -510,7 +541,7 @@ class submit_call final : public call_state {
       batch_.reset();
     }
   }
-  bool next_chunk(writer& out, std::size_t, std::uint64_t& first, std::uint32_t& count,
+  bool next_chunk(writer& out, frame_refs*, std::size_t, std::uint64_t& first, std::uint32_t& count,
                   std::uint64_t& handler) override {
     input_done = true;
     std::size_t mark = out.size();

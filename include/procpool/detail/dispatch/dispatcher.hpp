@@ -46,8 +46,50 @@ struct chunk {
   std::uint64_t first = 0;
   std::uint32_t count = 0;
   writer bytes;             // the frame: the engine's prefix, a task_header, the items
+  frame_refs blocks;        // the frame's blocks left in the call's input, between `bytes`
   unsigned retries = 0;     // times it was sent again after its worker died
   unsigned bad_frames = 0;  // answers to it that were lies
+
+  /// Bytes in the whole frame: its own and its blocks'.
+  std::size_t size() const noexcept { return bytes.size() + blocks.bytes; }
+
+  /// Hands `sink(data, n)` the frame's bytes from `from` on, in order, in as
+  /// many pieces as they lie in, until `sink` has taken `n` of them.
+  template <class Sink>
+  void copy_out(std::size_t from, std::size_t n, Sink&& sink) const {
+    std::size_t own = 0;  // own bytes before the piece being looked at
+    std::size_t at = 0;   // frame bytes before it
+    auto piece = [&](const std::byte* data, std::size_t size) {
+      if (n == 0 || from >= at + size) {
+        at += size;
+        return;
+      }
+      std::size_t skip = from - at;
+      std::size_t take = std::min(size - skip, n);
+      sink(data + skip, take);
+      from += take;
+      n -= take;
+      at += size;
+    };
+    for (const frame_ref& b : blocks.list) {
+      if (n == 0) break;
+      piece(bytes.data() + own, b.at - own);
+      own = b.at;
+      piece(b.data, b.size);
+    }
+    piece(bytes.data() + own, bytes.size() - own);
+  }
+
+  /// Copies the frame's blocks into its own bytes: the frame no longer reads
+  /// the call's input (which its call's end may free while the frame still
+  /// goes out).
+  void own_blocks() {
+    if (blocks.empty()) return;
+    writer whole(size());
+    copy_out(0, size(), [&](const std::byte* data, std::size_t n) { whole.write(data, n); });
+    bytes = std::move(whole);
+    blocks.clear();
+  }
 };
 
 /// True when a chunk out needs someone to collect it though nobody reads it:
@@ -67,8 +109,11 @@ struct delivery {
 class dispatcher {
  public:
   /// `prefix` bytes come before each task frame's header in `chunk::bytes`
-  /// (the fork engine's ring messages start with their length).
-  explicit dispatcher(std::size_t prefix = 0) noexcept : prefix_(prefix) {}
+  /// (the fork engine's ring messages start with their length). With
+  /// `blocks`, the engine sends a frame from its pieces (`chunk::copy_out`),
+  /// and calls may leave big blocks in their input (`chunk::blocks`).
+  explicit dispatcher(std::size_t prefix = 0, bool blocks = false) noexcept
+      : prefix_(prefix), blocks_(blocks) {}
 
   /// Registers a call: gives it an id and queues it for cutting.
   void start(const std::shared_ptr<call_state>& call) {
@@ -132,8 +177,10 @@ class dispatcher {
       std::uint64_t first = 0;
       std::uint32_t count = 0;
       bool made = false;
+      building_blocks_.clear();
       try {
-        made = call->next_chunk(building_, max_count, first, count, handler);
+        made = call->next_chunk(building_, blocks_ ? &building_blocks_ : nullptr, max_count, first,
+                                count, handler);
       } catch (...) {
         // The call cuts its chunks catching what its input throws; what
         // escapes that (an iterator's comparison, memory) ends the call,
@@ -152,11 +199,12 @@ class dispatcher {
       task_header h{handler, call->id, first, count, frame_kind::task};
       std::memcpy(building_.data() + prefix_, &h, sizeof h);
       if (prefix_ == sizeof(std::uint64_t)) {
-        std::uint64_t size = building_.size() - prefix_;
+        std::uint64_t size = building_.size() - prefix_ + building_blocks_.bytes;
         std::memcpy(building_.data(), &size, sizeof size);
       }
       c = chunk{};
       c.bytes = std::move(building_);
+      if (!building_blocks_.empty()) c.blocks = std::move(building_blocks_);
       building_ = writer();
       c.call = call;
       c.call_id = call->id;
@@ -342,6 +390,7 @@ class dispatcher {
 
  private:
   std::size_t prefix_;
+  bool blocks_;
   std::deque<std::shared_ptr<call_state>> sending_;  // calls with chunks still to cut
   std::deque<chunk> resend_;                         // chunks to send again
   std::vector<std::weak_ptr<call_state>> live_;      // every call started and not yet over
@@ -351,7 +400,8 @@ class dispatcher {
   static constexpr std::size_t max_spare_bytes = std::size_t(8) << 20;
   std::vector<writer> spare_;  // buffers of settled chunks
   std::size_t spare_bytes_ = 0;
-  writer building_;  // the next chunk's frame, while it is cut
+  writer building_;             // the next chunk's frame, while it is cut
+  frame_refs building_blocks_;  // its blocks left in its call's input
 };
 
 }  // namespace procpool::detail

@@ -321,8 +321,9 @@ class engine final : public driver {
   std::size_t ring_capacity_ = 0;
   std::size_t chunk_bytes_ = 0;
   std::vector<worker> workers_;
-  fork_server server_;                          // forks and reaps the workers
-  dispatcher dispatch_{sizeof(std::uint64_t)};  // frames in the rings follow their length
+  fork_server server_;  // forks and reaps the workers
+  // Frames in the rings follow their length, and are put there from their pieces.
+  dispatcher dispatch_{sizeof(std::uint64_t), true};
   steady::time_point next_health_check_{};
   steady::time_point next_refresh_{};  // a call's start looks for dead workers from then
   std::exception_ptr broken_;
@@ -579,6 +580,22 @@ inline void engine::start(const std::shared_ptr<call_state>& call) {
 inline void engine::end_call(call_state& call) noexcept {
   if (!call.finished()) cancel(call);
   if (!driving_) forget(call);
+  // The call's input may go with it: a frame not yet all in its ring stops
+  // reading from there. (Its answer, unrun, is dropped when it comes.)
+  for (auto& w : workers_) {
+    for (auto& c : w.inflight) {
+      if (c.call.get() != &call || c.sent == c.size() || c.blocks.empty()) continue;
+      try {
+        c.own_blocks();
+      } catch (...) {
+        // No memory for the copy: the frame cannot be finished, so its
+        // worker, which may be reading it, goes (and is replaced).
+        kill_worker(w, SIGKILL);
+        c.blocks.clear();
+        c.sent = c.size();
+      }
+    }
+  }
 }
 
 inline void engine::forget(call_state& call) noexcept {
@@ -721,7 +738,7 @@ inline bool engine::any_ready() {
     std::size_t avail = w.from.refresh();
     if (w.receiving ? avail > 0 : avail >= sizeof(std::uint64_t)) return true;
     for (auto& c : w.inflight) {
-      if (c.sent < c.bytes.size()) {
+      if (c.sent < c.size()) {
         if (w.to.free_space() > 0) return true;
         break;
       }
@@ -741,8 +758,7 @@ inline bool engine::can_take_back() const {
   for (auto& w : workers_) {
     if (w.pid == 0 || w.inflight.size() < 2 || w.inflight.front().revoked) continue;
     const chunk& c = w.inflight[1];
-    if (!c.revoked && c.sent == c.bytes.size() &&
-        w.slot->claim.load(std::memory_order_acquire) == c.seq)
+    if (!c.revoked && c.sent == c.size() && w.slot->claim.load(std::memory_order_acquire) == c.seq)
       return true;
   }
   return false;
@@ -786,8 +802,7 @@ inline bool engine::pump() {
     if (w.pid == 0) continue;
     bool put = send_pending(w);
     while (!w.inflight.empty() && w.inflight.size() < depth && !w.inflight.back().revoked &&
-           w.inflight.back().sent == w.inflight.back().bytes.size() &&
-           fill(w, w.inflight.size() + 1)) {
+           w.inflight.back().sent == w.inflight.back().size() && fill(w, w.inflight.size() + 1)) {
       put |= send_pending(w);
       progress = true;
     }
@@ -815,9 +830,9 @@ inline bool engine::take_back_for_idle() {
     // the next), and only with their bytes all in the ring: the worker reads
     // past them either way.
     chunk& c = w.inflight[1];
-    if (c.revoked || c.sent != c.bytes.size() || !c.call || !still_needed(c)) continue;
+    if (c.revoked || c.sent != c.size() || !c.call || !still_needed(c)) continue;
     std::size_t end = 2;
-    while (end < w.inflight.size() && w.inflight[end].sent == w.inflight[end].bytes.size()) ++end;
+    while (end < w.inflight.size() && w.inflight[end].sent == w.inflight[end].size()) ++end;
     w.slot->revoke_end.store(w.inflight[end - 1].seq + 1, std::memory_order_release);
     std::uint64_t expected = c.seq;
     if (!w.slot->claim.compare_exchange_strong(expected, c.seq | revoked_bit,
@@ -869,16 +884,16 @@ inline bool engine::send_pending(worker& w) {
   // Chunks go into the ring in order, so the unsent ones are the last few:
   // start there rather than walk a deep queue at every call.
   auto it = w.inflight.end();
-  while (it != w.inflight.begin() && std::prev(it)->sent != std::prev(it)->bytes.size()) --it;
+  while (it != w.inflight.begin() && std::prev(it)->sent != std::prev(it)->size()) --it;
   for (; it != w.inflight.end(); ++it) {
     chunk& c = *it;
     // The worker writes the ring's read position: never trust it past the capacity.
-    std::size_t n = std::min({c.bytes.size() - c.sent, w.to.free_space(), ring_capacity_});
+    std::size_t n = std::min({c.size() - c.sent, w.to.free_space(), ring_capacity_});
     if (n == 0) break;
-    w.to.put(c.bytes.data() + c.sent, n);
+    c.copy_out(c.sent, n, [&](const std::byte* data, std::size_t k) { w.to.put(data, k); });
     c.sent += n;
     sent = true;
-    if (c.sent < c.bytes.size()) break;
+    if (c.sent < c.size()) break;
   }
   return sent;
 }
@@ -966,7 +981,7 @@ inline std::string engine::check_header(const worker& w, const result_header& h,
   if (size > max_frame_bytes) return fmt::format("a frame of {} bytes", size);
   if (w.inflight.empty()) return "an answer while it owed none";
   const chunk& c = w.inflight.front();
-  if (c.sent != c.bytes.size()) return "an answer to a chunk it had not yet been sent whole";
+  if (c.sent != c.size()) return "an answer to a chunk it had not yet been sent whole";
   // A chunk taken back is answered unrun, and only such a chunk is.
   if ((h.kind == frame_kind::revoked) != c.revoked) {
     if (h.call != c.call_id || h.first != c.first) return dispatcher::check_answer(c, h, size);

@@ -1,0 +1,361 @@
+// The pool's data path: big arrays and strings among a map's items go into
+// the rings straight from the caller's input, not through a copy the chunk
+// keeps; what that must never break.
+//
+// The input's big blocks live in pages that are unmapped when the input is
+// destroyed (`unmapped_allocator`), so a frame that read its input after the
+// call ended would crash the test rather than read stale memory quietly.
+#include <procpool/pool.hpp>
+#include <procpool/sync.hpp>
+#include <support/support.hpp>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <cstdint>
+#include <cstring>
+#include <iterator>
+#include <list>
+#include <new>
+#include <numeric>
+#include <string>
+#include <vector>
+
+using procpool::map_options;
+using procpool::pool;
+using procpool::pool_options;
+
+namespace pd = procpool::detail;
+
+namespace {
+
+/// Every allocation in pages of its own, unmapped when freed: reading freed
+/// memory faults.
+template <class T>
+struct unmapped_allocator {
+  using value_type = T;
+  unmapped_allocator() = default;
+  template <class U>
+  unmapped_allocator(const unmapped_allocator<U>&) noexcept {}  // NOLINT: rebinding converts
+  static std::size_t rounded(std::size_t n) {
+    std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    return (n * sizeof(T) + page - 1) / page * page;
+  }
+  T* allocate(std::size_t n) {
+    void* p =
+        ::mmap(nullptr, rounded(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t n) noexcept { ::munmap(p, rounded(n)); }
+  template <class U>
+  bool operator==(const unmapped_allocator<U>&) const noexcept {
+    return true;
+  }
+  template <class U>
+  bool operator!=(const unmapped_allocator<U>&) const noexcept {
+    return false;
+  }
+};
+
+using bytes = std::vector<char, unmapped_allocator<char>>;
+
+bytes pattern(std::size_t size, unsigned seed) {
+  bytes v(size);
+  for (std::size_t i = 0; i < size; ++i) v[i] = static_cast<char>(i * 131 + seed * 7 + 1);
+  return v;
+}
+
+std::uint64_t checksum(const char* p, std::size_t n) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ static_cast<unsigned char>(p[i])) * 1099511628211ull;
+  return h ^ n;
+}
+
+/// A sized range whose iterator yields each item by value: nothing of it
+/// outlives the expression that read it.
+struct by_value_range {
+  std::size_t n;
+  std::size_t each;  // bytes per item
+  struct iterator {
+    using iterator_category = std::forward_iterator_tag;
+    using value_type = std::vector<char>;
+    using difference_type = std::ptrdiff_t;
+    using pointer = void;
+    using reference = std::vector<char>;
+    std::size_t i;
+    std::size_t each;
+    std::vector<char> operator*() const {
+      std::vector<char> v(each);
+      for (std::size_t k = 0; k < each; ++k) v[k] = static_cast<char>(k * 131 + i * 7 + 1);
+      return v;
+    }
+    iterator& operator++() {
+      ++i;
+      return *this;
+    }
+    iterator operator++(int) {
+      iterator old = *this;
+      ++i;
+      return old;
+    }
+    bool operator==(const iterator& o) const { return i == o.i; }
+    bool operator!=(const iterator& o) const { return i != o.i; }
+  };
+  iterator begin() const { return {0, each}; }
+  iterator end() const { return {n, each}; }
+  std::size_t size() const { return n; }
+};
+
+}  // namespace
+
+namespace money_ns {
+/// A type whose vectors have an encoding of their own (each element negated).
+struct money {
+  long cents;
+};
+inline void procpool_encode(procpool::writer& out, const std::vector<money>& v) {
+  procpool::encode(out, std::uint64_t(v.size()));
+  for (const money& m : v) procpool::encode(out, -m.cents);
+}
+inline std::vector<money> procpool_decode(procpool::reader& in,
+                                          procpool::type_tag<std::vector<money>>) {
+  auto n = procpool::decode<std::uint64_t>(in);
+  std::vector<money> v;
+  for (std::uint64_t k = 0; k < n; ++k) v.push_back(money{-procpool::decode<long>(in)});
+  return v;
+}
+}  // namespace money_ns
+
+// What may be sent from where it lies: arrays of trivially sendable elements
+// and strings, encoded by procpool; never a type with an encoding of its own.
+static_assert(pd::bulk_codec<std::vector<double>>());
+static_assert(pd::bulk_codec<std::string>());
+static_assert(pd::bulk_codec<bytes>());
+static_assert(!pd::bulk_codec<std::vector<bool>>());
+static_assert(!pd::bulk_codec<std::vector<std::string>>());
+static_assert(!pd::bulk_codec<std::vector<money_ns::money>>());
+static_assert(!pd::bulk_codec<int>());
+
+TEST_CASE("a frame's pieces come out in order from any offset", "[data_path]") {
+  pd::chunk c;
+  std::string own = "0123456789";
+  c.bytes.write(own.data(), own.size());
+  std::string b1 = "ABCDEFG", b2 = "xy", b3 = "LMNOP";
+  auto as_bytes = [](const std::string& s) { return reinterpret_cast<const std::byte*>(s.data()); };
+  c.blocks.add(0, as_bytes(b1), b1.size());  // before any own byte
+  c.blocks.add(4, as_bytes(b2), b2.size());
+  c.blocks.add(4, as_bytes(b3), b3.size());  // two blocks back to back
+  std::string whole = b1 + "0123" + b2 + b3 + "456789";
+  REQUIRE(c.size() == whole.size());
+  for (std::size_t from = 0; from <= whole.size(); ++from) {
+    for (std::size_t n = 0; from + n <= whole.size(); ++n) {
+      std::string got;
+      c.copy_out(from, n, [&](const std::byte* p, std::size_t k) {
+        REQUIRE(k > 0);
+        got.append(reinterpret_cast<const char*>(p), k);
+      });
+      REQUIRE(got == whole.substr(from, n));
+    }
+  }
+  c.blocks.add(10, as_bytes(b1), b1.size());  // after the last own byte
+  whole += b1;
+  c.own_blocks();
+  REQUIRE(c.blocks.empty());
+  REQUIRE(c.size() == whole.size());
+  REQUIRE(std::string(reinterpret_cast<const char*>(c.bytes.data()), c.bytes.size()) == whole);
+}
+
+TEST_CASE("big arrays and strings among the items arrive whole, at every size around the cut",
+          "[data_path]") {
+  pool_options o;
+  o.workers = 2;
+  o.ring_bytes = 64 * 1024;  // frames bigger than the ring go out in pieces
+  constexpr std::size_t edge = pd::frame_refs::min_bytes;
+
+  SECTION("arrays of doubles, sizes either side of the smallest block left in place") {
+    pool p([](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0); },
+           o);
+    std::vector<std::vector<double>> in;
+    for (std::size_t n : {std::size_t(0), edge / 8 - 1, edge / 8, edge / 8 + 1, std::size_t(1),
+                          std::size_t(1) << 17, edge / 8, std::size_t(3)}) {
+      std::vector<double> v(n);
+      std::iota(v.begin(), v.end(), double(in.size()));
+      in.push_back(std::move(v));
+    }
+    for (std::size_t chunk : {1, 3, 8}) {
+      auto r = p.map(in, map_options{chunk});
+      REQUIRE(r.size() == in.size());
+      for (std::size_t k = 0; k < in.size(); ++k)
+        REQUIRE(r[k] == std::accumulate(in[k].begin(), in[k].end(), 0.0));
+    }
+  }
+
+  SECTION("strings, more big ones in a chunk than it leaves in place") {
+    pool p([](const std::string& s) { return checksum(s.data(), s.size()); }, o);
+    std::vector<std::string> in;
+    for (std::size_t k = 0; k < 24; ++k) {
+      std::size_t n = k % 3 == 0 ? edge + k : k % 3 == 1 ? edge - 1 : 3 * edge;
+      std::string s(n, '\0');
+      for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>('a' + (i + k) % 26);
+      in.push_back(std::move(s));
+    }
+    // 12 items to a chunk: more blocks than a chunk holds, the rest copied.
+    auto r = p.map(in, map_options{12});
+    for (std::size_t k = 0; k < in.size(); ++k)
+      REQUIRE(r[k] == checksum(in[k].data(), in[k].size()));
+  }
+
+  SECTION("a contiguous array of numbers, cut in chunks of many kilobytes") {
+    pool p([](std::int32_t x) { return std::int64_t(x) * 3; }, o);
+    std::vector<std::int32_t> in(300000);
+    std::iota(in.begin(), in.end(), -1000);
+    for (std::size_t chunk : {std::size_t(0), std::size_t(5000), std::size_t(100000)}) {
+      auto r = p.map(in, map_options{chunk});
+      REQUIRE(r.size() == in.size());
+      for (std::size_t k = 0; k < in.size(); ++k) REQUIRE(r[k] == std::int64_t(in[k]) * 3);
+    }
+  }
+
+  SECTION("from a list, and from a range that yields each item by value") {
+    pool p([](const std::vector<char>& v) { return checksum(v.data(), v.size()); }, o);
+    std::list<std::vector<char>> listed;
+    for (unsigned k = 0; k < 6; ++k) {
+      auto b = pattern(edge * (k + 1), k);
+      listed.emplace_back(b.begin(), b.end());
+    }
+    auto r = p.map(listed, map_options{2});
+    std::size_t k = 0;
+    for (const auto& v : listed) REQUIRE(r[k++] == checksum(v.data(), v.size()));
+
+    by_value_range fresh{6, 2 * edge};
+    auto f = p.map(fresh, map_options{3});
+    REQUIRE(f.size() == 6);
+    for (std::size_t i = 0; i < 6; ++i) {
+      auto v = *by_value_range::iterator{i, 2 * edge};
+      REQUIRE(f[i] == checksum(v.data(), v.size()));
+    }
+  }
+
+  SECTION("a type whose arrays have an encoding of their own keeps it") {
+    pool p(
+        [](const std::vector<money_ns::money>& v) {
+          long sum = 0;
+          for (auto m : v) sum += m.cents;
+          return sum;
+        },
+        o);
+    std::vector<std::vector<money_ns::money>> in(3, std::vector<money_ns::money>(4 * edge));
+    for (std::size_t k = 0; k < in.size(); ++k)
+      for (std::size_t i = 0; i < in[k].size(); ++i) in[k][i].cents = long(i % 100) + long(k);
+    auto r = p.map(in);
+    for (std::size_t k = 0; k < in.size(); ++k) {
+      long sum = 0;
+      for (auto m : in[k]) sum += m.cents;
+      REQUIRE(r[k] == sum);
+    }
+  }
+}
+
+TEST_CASE("a map that ends early reads nothing of its input once it returned", "[data_path]") {
+  pool_options o;
+  o.workers = 2;
+  o.ring_bytes = 64 * 1024;
+  bool stop = false;
+  o.on_progress = [&](const procpool::progress_info&) {
+    if (stop) throw std::runtime_error("enough");
+  };
+  pool p([](const bytes& v) { return checksum(v.data(), v.size()); }, o);
+  for (int round = 0; round < 3; ++round) {
+    {
+      // Items of 1 MiB through rings of 64 KiB: when the first result
+      // arrives, later frames are partly in their rings.
+      std::vector<bytes> in;
+      for (unsigned k = 0; k < 12; ++k) in.push_back(pattern(std::size_t(1) << 20, k));
+      stop = true;
+      REQUIRE_THROWS_WITH(p.map(in, map_options{1}), "enough");
+      stop = false;
+      // `in` is unmapped here: a frame still reading it would fault.
+    }
+    std::vector<bytes> again;
+    for (unsigned k = 0; k < 5; ++k) again.push_back(pattern((std::size_t(1) << 19) + k, k + 50));
+    auto r = p.map(again);
+    for (std::size_t k = 0; k < again.size(); ++k)
+      REQUIRE(r[k] == checksum(again[k].data(), again[k].size()));
+  }
+}
+
+TEST_CASE("a map whose item fails reads nothing of its input once it threw", "[data_path]") {
+  pool_options o;
+  o.workers = 2;
+  o.ring_bytes = 64 * 1024;
+  pool p(
+      [](const bytes& v) {
+        if (v[0] == 'X') throw std::runtime_error("bad item");
+        return checksum(v.data(), v.size());
+      },
+      o);
+  {
+    std::vector<bytes> in;
+    for (unsigned k = 0; k < 12; ++k) in.push_back(pattern(std::size_t(1) << 20, k));
+    in[1][0] = 'X';
+    REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::task_error);
+  }
+  std::vector<bytes> again;
+  for (unsigned k = 0; k < 4; ++k) again.push_back(pattern(std::size_t(1) << 20, k + 9));
+  auto r = p.map(again, map_options{1});
+  for (std::size_t k = 0; k < again.size(); ++k)
+    REQUIRE(r[k] == checksum(again[k].data(), again[k].size()));
+}
+
+TEST_CASE("a map_async whose future is dropped early leaves the pool right", "[data_path]") {
+  pool_options o;
+  o.workers = 2;
+  o.ring_bytes = 64 * 1024;
+  pool p([](const bytes& v) { return checksum(v.data(), v.size()); }, o);
+  for (int round = 0; round < 3; ++round) {
+    {
+      std::vector<bytes> in;
+      for (unsigned k = 0; k < 8; ++k) in.push_back(pattern(std::size_t(1) << 20, k));
+      auto f = p.map_async(in, map_options{1});
+      // The future owns a copy of the input; it goes with the future.
+    }
+    std::vector<bytes> again;
+    for (unsigned k = 0; k < 3; ++k) again.push_back(pattern(std::size_t(1) << 18, k + 20));
+    auto r = p.map_async(again).get();
+    for (std::size_t k = 0; k < again.size(); ++k)
+      REQUIRE(r[k] == checksum(again[k].data(), again[k].size()));
+  }
+}
+
+TEST_CASE("chunks taken back for an idle worker are sent again from the input, whole",
+          "[data_path][sched]") {
+  // Item 0 waits until every other item ran. With chunk 1, the items queued
+  // behind it in its worker's ring are taken back and sent again to the
+  // other worker: from the caller's input, whose blocks must arrive whole.
+  constexpr unsigned n = 10;
+  procpool::semaphore ran(0);
+  pool_options o;
+  o.workers = 2;
+  o.ring_bytes = 256 * 1024;
+  pool p(
+      [&](const bytes& v) {
+        if (v[0] != 'S') {
+          ran.release();
+        } else {
+          for (unsigned i = 1; i < n; ++i)
+            if (!ran.try_acquire_for(std::chrono::seconds(20))) return std::uint64_t(0);
+        }
+        return checksum(v.data(), v.size());
+      },
+      o);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<bytes> in;
+    for (unsigned k = 0; k < n; ++k) in.push_back(pattern(40 * 1024 + k, k + round));
+    in[0][0] = 'S';
+    auto r = p.map(in, map_options{1});
+    for (std::size_t k = 0; k < n; ++k) REQUIRE(r[k] == checksum(in[k].data(), in[k].size()));
+  }
+}
