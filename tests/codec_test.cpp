@@ -3,6 +3,7 @@
 #include <procpool/codec.hpp>
 #include <support/support.hpp>
 
+#include <malloc.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <bitset>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cinttypes>
 #include <complex>
 #include <cstdint>
 #include <cstdio>
@@ -1124,6 +1126,91 @@ TEST_CASE("a reader checks every read", "[codec]") {
   CHECK_THROWS_AS(in.consume_empty(reader::max_empty_elements), decode_error);
   reader none;
   CHECK_THROWS_AS(decode<std::uint8_t>(none), decode_error);
+}
+
+namespace {
+
+/// The kernel's transparent huge page mode: "always", "madvise" or "never"
+/// (empty when it has none).
+std::string thp_mode() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string all;
+  std::getline(f, all);
+  auto open = all.find('['), close = all.find(']');
+  return open == std::string::npos || close == std::string::npos
+             ? std::string()
+             : all.substr(open + 1, close - open - 1);
+}
+
+/// KiB of huge pages backing the mapping that holds `p`, from /proc/self/smaps.
+long huge_kib_at(const void* p) {
+  auto at = reinterpret_cast<std::uintptr_t>(p);
+  std::ifstream f("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  while (std::getline(f, line)) {
+    std::uintptr_t lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR, &lo, &hi) ==
+        2) {  // a mapping's first line
+      inside = lo <= at && at < hi;
+      continue;
+    }
+    long kib = 0;
+    if (inside && std::sscanf(line.c_str(), "AnonHugePages: %ld kB", &kib) == 1) return kib;
+  }
+  return 0;
+}
+
+/// How often the kernel wanted a huge page on a fault and fell back to small ones.
+long thp_fallbacks() {
+  std::ifstream f("/proc/vmstat");
+  std::string name;
+  long value = 0;
+  while (f >> name >> value)
+    if (name == "thp_fault_fallback") return value;
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("a big decoded array or string asks for huge pages", "[codec]") {
+  std::string mode = thp_mode();
+  if (mode != "madvise" && mode != "always") {
+    WARN("transparent huge pages are '" << mode << "' here: nothing to ask for");
+    return;
+  }
+  // In a child whose allocator maps every block of 1 MiB or more afresh (as
+  // glibc does for a program's first big blocks): the test's earlier
+  // allocations cannot hand the decode pages already backed.
+  constexpr std::size_t big = std::size_t(8) << 20;
+  pid_t child = procpool_test::spawn([&] {
+#if defined(__GLIBC__) && !PROCPOOL_TEST_SANITIZED
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
+    std::vector<char> bytes(big, 'x');
+    std::string text(big, 'y');
+    procpool::writer w;
+    procpool::encode(w, bytes);
+    procpool::encode(w, text);
+    procpool::encode(w, std::vector<double>(big / 8, 1.5));
+    long fallbacks = thp_fallbacks();
+    procpool::reader r(w.data(), w.size());
+    auto v = procpool::decode<std::vector<char>>(r);
+    auto s = procpool::decode<std::string>(r);
+    auto d = procpool::decode<std::vector<double>>(r);
+    if (v != bytes || s != text || d != std::vector<double>(big / 8, 1.5)) return 2;
+    // Each holds at least two aligned 2 MiB spans; the kernel backed them
+    // with huge pages, or counted the fault it could not (memory too
+    // fragmented). The middle is looked at: madvise splits the mapping,
+    // and its first bytes stay unadvised.
+    bool fell_back = thp_fallbacks() > fallbacks;
+    for (const void* p : {static_cast<const void*>(v.data()), static_cast<const void*>(s.data()),
+                          static_cast<const void*>(d.data())})
+      if (huge_kib_at(static_cast<const char*>(p) + big / 2) < 2048 && !fell_back) return 1;
+    return 0;
+  });
+  INFO("mode " << mode << "; exit code 1: not in huge pages, 2: decoded wrong");
+  REQUIRE(procpool_test::reap(child) == procpool::exit_status::exited(0));
 }
 
 TEST_CASE("a valueless variant cannot be encoded", "[codec]") {

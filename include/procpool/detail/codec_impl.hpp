@@ -13,6 +13,8 @@
 //                                bounds counts before anything is reserved
 #pragma once
 
+#include <sys/mman.h>
+
 #include <fmt/format.h>
 #include <boost/pfr/core.hpp>
 #include <boost/pfr/tuple_size.hpp>
@@ -361,6 +363,36 @@ struct builtin_base {
   static constexpr bool bulk() noexcept { return false; }
 };
 
+/// Bytes from which a decoded array or string asks for huge pages.
+inline constexpr std::size_t huge_decode_bytes = std::size_t(4) << 20;
+
+/// Asks the kernel to back the 2 MiB-aligned part of [p, p + n) with huge
+/// pages when it first touches it (transparent huge pages in `madvise`
+/// mode). A big decoded value usually lands in memory never touched yet,
+/// where a fault per 4 KiB page costs several times the copy itself. Only
+/// advice: refused (THP off, `PR_SET_THP_DISABLE`, an old kernel) it changes
+/// nothing, and memory already backed stays as it is.
+inline void advise_huge_pages(const void* p, std::size_t n) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t huge = std::uintptr_t(2) << 20;
+  auto begin = (reinterpret_cast<std::uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  auto end = (reinterpret_cast<std::uintptr_t>(p) + n) & ~(huge - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+/// Makes room for `n` elements in `v` (a vector or a string about to be
+/// filled), advised into huge pages when they are many bytes.
+template <class Container>
+void reserve_for_decode(Container& v, std::size_t n) {
+  v.reserve(n);
+  std::size_t bytes = n * sizeof(typename Container::value_type);
+  if (bytes >= huge_decode_bytes) advise_huge_pages(v.data(), bytes);
+}
+
 inline void write_count(writer& out, std::size_t n) {
   const std::uint64_t count = n;
   out.write(&count, sizeof count);
@@ -458,7 +490,11 @@ struct builtin<std::basic_string<C, Tr, A>> : builtin_base {
     const std::size_t n = read_count<T, sizeof(C)>(in);
     const std::byte* p = in.take(n * sizeof(C));
     if constexpr (std::is_same_v<C, char> || std::is_same_v<C, unsigned char>) {
-      return T(reinterpret_cast<const C*>(p), n);
+      if (n * sizeof(C) < huge_decode_bytes) return T(reinterpret_cast<const C*>(p), n);
+      T s;
+      reserve_for_decode(s, n);
+      s.append(reinterpret_cast<const C*>(p), n);
+      return s;
     } else {
       T s(n, C{});
       if (n != 0) std::memcpy(s.data(), p, n * sizeof(C));
@@ -519,6 +555,7 @@ struct builtin<std::vector<E, A>> : builtin_base {
     T v;
     if constexpr (codec_trivial<E>()) {
       const std::byte* p = in.take(n * sizeof(E));
+      reserve_for_decode(v, n);
       if constexpr (is_byte_like_v<E>) {
         v.assign(reinterpret_cast<const E*>(p), reinterpret_cast<const E*>(p) + n);
       } else if (n != 0) {
