@@ -804,7 +804,7 @@ def section_chunks(add, R, info):
         "runs fewer items when its chunks are small (a chunk of one item costs it tens of "
         "microseconds), as given in the table; every figure is per item. At chunk size 1 every "
         "item is a frame of its own, a frame each way per item. Each worker holds two frames at "
-        "first, and more (up to 64) once the pool has seen that its chunks are short, enough "
+        "first, and more (up to 256) once the pool has seen that its chunks are short, enough "
         "for about 50 µs of work, so that a worker woken from sleep finds a batch waiting.")
     add("")
     if R.xs("chunks", "floor"):

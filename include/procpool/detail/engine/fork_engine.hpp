@@ -259,8 +259,10 @@ class engine final : public driver {
   /// Chunks every worker gets before any gets more: one each, then a second
   /// each, so that no worker waits while another holds two.
   static constexpr std::size_t base_inflight = 2;
-  /// Most chunks queued in one worker's ring (`queue_depth`).
-  static constexpr std::size_t max_inflight = 64;
+  /// Most chunks queued in one worker's ring (`queue_depth`): chunks of a
+  /// few hundred nanoseconds need that many for `queue_target`'s work, and
+  /// each wake-up of a worker that went to sleep then hands it that many.
+  static constexpr std::size_t max_inflight = 256;
   /// Work a worker is given ahead when its chunks are short: enough to cover
   /// the time it takes to wake, so that it runs a batch of frames per wake-up
   /// rather than one, and little enough that a slow item surprising the
@@ -737,12 +739,10 @@ inline bool engine::any_ready() {
     // past its deadline.
     std::size_t avail = w.from.refresh();
     if (w.receiving ? avail > 0 : avail >= sizeof(std::uint64_t)) return true;
-    for (auto& c : w.inflight) {
-      if (c.sent < c.size()) {
-        if (w.to.free_space() > 0) return true;
-        break;
-      }
-    }
+    // Chunks go into the ring in order: one is unsent when the last is.
+    if (!w.inflight.empty() && w.inflight.back().sent < w.inflight.back().size() &&
+        w.to.free_space() > 0)
+      return true;
   }
   return can_take_back();
 }
