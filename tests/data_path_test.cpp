@@ -31,8 +31,12 @@ namespace pd = procpool::detail;
 
 namespace {
 
-/// Every allocation in pages of its own, unmapped when freed: reading freed
-/// memory faults.
+/// Set in the test's own process: every allocation of `unmapped_allocator`
+/// is then in pages of its own, unmapped when freed, so that reading freed
+/// memory faults. Workers clear it (in the pool's initializer) and allocate
+/// as usual: their items are decoded fast, so that each is given many frames.
+bool unmapping = false;
+
 template <class T>
 struct unmapped_allocator {
   using value_type = T;
@@ -44,12 +48,18 @@ struct unmapped_allocator {
     return (n * sizeof(T) + page - 1) / page * page;
   }
   T* allocate(std::size_t n) {
+    if (!unmapping) return std::allocator<T>().allocate(n);
     void* p =
         ::mmap(nullptr, rounded(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::bad_alloc();
     return static_cast<T*>(p);
   }
-  void deallocate(T* p, std::size_t n) noexcept { ::munmap(p, rounded(n)); }
+  void deallocate(T* p, std::size_t n) noexcept {
+    if (!unmapping)
+      std::allocator<T>().deallocate(p, n);
+    else
+      ::munmap(p, rounded(n));
+  }
   template <class U>
   bool operator==(const unmapped_allocator<U>&) const noexcept {
     return true;
@@ -60,7 +70,19 @@ struct unmapped_allocator {
   }
 };
 
+/// Turns `unmapping` on for a test's life; its pools' workers turn it off.
+struct unmapping_scope {
+  unmapping_scope() { unmapping = true; }
+  ~unmapping_scope() { unmapping = false; }
+  unmapping_scope(const unmapping_scope&) = delete;
+  unmapping_scope& operator=(const unmapping_scope&) = delete;
+};
+
 using bytes = std::vector<char, unmapped_allocator<char>>;
+
+/// Items left in the input by rings of 64 KiB: at least `frame_refs::min_bytes`,
+/// at most half a ring.
+constexpr std::size_t item_bytes = pd::frame_refs::min_bytes + 4096;
 
 bytes pattern(std::size_t size, unsigned seed) {
   bytes v(size);
@@ -194,7 +216,9 @@ TEST_CASE("big arrays and strings among the items arrive whole, at every size ar
   }
 
   SECTION("strings, more big ones in a chunk than it leaves in place") {
-    pool p([](const std::string& s) { return checksum(s.data(), s.size()); }, o);
+    pool_options roomy = o;
+    roomy.ring_bytes = std::size_t(1) << 20;  // 12 of these items make one chunk
+    pool p([](const std::string& s) { return checksum(s.data(), s.size()); }, roomy);
     std::vector<std::string> in;
     for (std::size_t k = 0; k < 24; ++k) {
       std::size_t n = k % 3 == 0 ? edge + k : k % 3 == 1 ? edge - 1 : 3 * edge;
@@ -260,20 +284,24 @@ TEST_CASE("big arrays and strings among the items arrive whole, at every size ar
 }
 
 TEST_CASE("a map that ends early reads nothing of its input once it returned", "[data_path]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
   pool_options o;
+  o.initializer = [] { unmapping = false; };
   o.workers = 2;
   o.ring_bytes = 64 * 1024;
   bool stop = false;
   o.on_progress = [&](const procpool::progress_info&) {
     if (stop) throw std::runtime_error("enough");
   };
-  pool p([](const bytes& v) { return checksum(v.data(), v.size()); }, o);
-  for (int round = 0; round < 3; ++round) {
+  // Cheap items, so that each worker is given many frames at once (see
+  // `engine::queue_depth`) and the ring fills.
+  pool p([](const bytes& v) { return std::uint64_t(v.size()) + std::uint64_t(v[7]); }, o);
+  for (int round = 0; round < 5; ++round) {
     {
-      // Items of 1 MiB through rings of 64 KiB: when the first result
-      // arrives, later frames are partly in their rings.
+      // Items of 20 KiB, left in the input, through rings of 64 KiB: when
+      // the first result arrives, later frames are partly in their rings.
       std::vector<bytes> in;
-      for (unsigned k = 0; k < 12; ++k) in.push_back(pattern(std::size_t(1) << 20, k));
+      for (unsigned k = 0; k < 400; ++k) in.push_back(pattern(item_bytes, k));
       stop = true;
       REQUIRE_THROWS_WITH(p.map(in, map_options{1}), "enough");
       stop = false;
@@ -283,42 +311,46 @@ TEST_CASE("a map that ends early reads nothing of its input once it returned", "
     for (unsigned k = 0; k < 5; ++k) again.push_back(pattern((std::size_t(1) << 19) + k, k + 50));
     auto r = p.map(again);
     for (std::size_t k = 0; k < again.size(); ++k)
-      REQUIRE(r[k] == checksum(again[k].data(), again[k].size()));
+      REQUIRE(r[k] == again[k].size() + std::uint64_t(again[k][7]));
   }
 }
 
 TEST_CASE("a map whose item fails reads nothing of its input once it threw", "[data_path]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
   pool_options o;
+  o.initializer = [] { unmapping = false; };
   o.workers = 2;
   o.ring_bytes = 64 * 1024;
   pool p(
       [](const bytes& v) {
         if (v[0] == 'X') throw std::runtime_error("bad item");
-        return checksum(v.data(), v.size());
+        return std::uint64_t(v.size()) + std::uint64_t(v[7]);
       },
       o);
-  {
+  for (int round = 0; round < 5; ++round) {
     std::vector<bytes> in;
-    for (unsigned k = 0; k < 12; ++k) in.push_back(pattern(std::size_t(1) << 20, k));
-    in[1][0] = 'X';
+    for (unsigned k = 0; k < 400; ++k) in.push_back(pattern(item_bytes, k));
+    in[200][0] = 'X';
     REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::task_error);
   }
   std::vector<bytes> again;
   for (unsigned k = 0; k < 4; ++k) again.push_back(pattern(std::size_t(1) << 20, k + 9));
   auto r = p.map(again, map_options{1});
   for (std::size_t k = 0; k < again.size(); ++k)
-    REQUIRE(r[k] == checksum(again[k].data(), again[k].size()));
+    REQUIRE(r[k] == again[k].size() + std::uint64_t(again[k][7]));
 }
 
 TEST_CASE("a map_async whose future is dropped early leaves the pool right", "[data_path]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
   pool_options o;
+  o.initializer = [] { unmapping = false; };
   o.workers = 2;
   o.ring_bytes = 64 * 1024;
   pool p([](const bytes& v) { return checksum(v.data(), v.size()); }, o);
   for (int round = 0; round < 3; ++round) {
     {
       std::vector<bytes> in;
-      for (unsigned k = 0; k < 8; ++k) in.push_back(pattern(std::size_t(1) << 20, k));
+      for (unsigned k = 0; k < 64; ++k) in.push_back(pattern(item_bytes, k));
       auto f = p.map_async(in, map_options{1});
       // The future owns a copy of the input; it goes with the future.
     }
@@ -332,12 +364,14 @@ TEST_CASE("a map_async whose future is dropped early leaves the pool right", "[d
 
 TEST_CASE("chunks taken back for an idle worker are sent again from the input, whole",
           "[data_path][sched]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
   // Item 0 waits until every other item ran. With chunk 1, the items queued
   // behind it in its worker's ring are taken back and sent again to the
   // other worker: from the caller's input, whose blocks must arrive whole.
   constexpr unsigned n = 10;
   procpool::semaphore ran(0);
   pool_options o;
+  o.initializer = [] { unmapping = false; };
   o.workers = 2;
   o.ring_bytes = 256 * 1024;
   pool p(

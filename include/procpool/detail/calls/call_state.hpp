@@ -77,7 +77,8 @@ struct frame_refs {
   /// Blocks per chunk; the items after that are copied.
   static constexpr std::size_t capacity = 4;
   /// Smaller blocks are copied: a block is worth leaving where it is only
-  /// when copying it costs more than keeping track of it.
+  /// when copying it costs more than keeping track of it. (Blocks larger
+  /// than a chunk's byte limit are copied too: see `encode_items`.)
   static constexpr std::size_t min_bytes = std::size_t(16) << 10;
 
   std::vector<frame_ref> list;
