@@ -315,6 +315,52 @@ TEST_CASE("a map that ends early reads nothing of its input once it returned", "
   }
 }
 
+TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and not from the input",
+          "[data_path]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
+  procpool::semaphore gate(0);
+  for (int round = 0; round < 3; ++round) {
+    pool_options o;
+    o.initializer = [] { unmapping = false; };
+    o.workers = 2;
+    o.ring_bytes = 64 * 1024;
+    bool stop = false;
+    o.on_progress = [&](const procpool::progress_info&) {
+      if (stop) {
+        stop = false;
+        throw std::runtime_error("enough");
+      }
+    };
+    pool p(
+        [&gate](const bytes& v) {
+          if (v[0] == 'T') gate.acquire();
+          return std::uint64_t(v.size()) + std::uint64_t(v[7]);
+        },
+        o);
+    // A task of 50 KiB holds the first worker. Its frame stays in that
+    // worker's ring while it runs, so the map's frame queued behind it fits
+    // only in part; the map ends (its callback throws) when the other
+    // worker's first result arrives.
+    bytes hold = pattern(50 * 1024, 99);
+    hold[0] = 'T';
+    auto held = p.submit(hold);
+    {
+      std::vector<bytes> in;
+      for (unsigned k = 0; k < 8; ++k) in.push_back(pattern(item_bytes, k));
+      stop = true;
+      REQUIRE_THROWS_WITH(p.map(in, map_options{1}), "enough");
+      // `in` is unmapped here: the rest of the frame must come from elsewhere.
+    }
+    gate.release();
+    REQUIRE(held.get() == hold.size() + std::uint64_t(hold[7]));
+    std::vector<bytes> again;
+    for (unsigned k = 0; k < 6; ++k) again.push_back(pattern(item_bytes + k, k + 30));
+    auto r = p.map(again, map_options{1});
+    for (std::size_t k = 0; k < again.size(); ++k)
+      REQUIRE(r[k] == again[k].size() + std::uint64_t(again[k][7]));
+  }
+}
+
 TEST_CASE("a map whose item fails reads nothing of its input once it threw", "[data_path]") {
   unmapping_scope scope;  // first: every `bytes` goes before it
   pool_options o;
