@@ -96,40 +96,30 @@ std::uint64_t checksum(const char* p, std::size_t n) {
   return h ^ n;
 }
 
-/// A sized range whose iterator yields each item by value: nothing of it
-/// outlives the expression that read it.
-struct by_value_range {
-  std::size_t n;
-  std::size_t each;  // bytes per item
-  struct iterator {
-    using iterator_category = std::forward_iterator_tag;
-    using value_type = std::vector<char>;
-    using difference_type = std::ptrdiff_t;
-    using pointer = void;
-    using reference = std::vector<char>;
-    std::size_t i;
-    std::size_t each;
-    std::vector<char> operator*() const {
-      std::vector<char> v(each);
-      for (std::size_t k = 0; k < each; ++k) v[k] = static_cast<char>(k * 131 + i * 7 + 1);
-      return v;
-    }
-    iterator& operator++() {
-      ++i;
-      return *this;
-    }
-    iterator operator++(int) {
-      iterator old = *this;
-      ++i;
-      return old;
-    }
-    bool operator==(const iterator& o) const { return i == o.i; }
-    bool operator!=(const iterator& o) const { return i != o.i; }
-  };
-  iterator begin() const { return {0, each}; }
-  iterator end() const { return {n, each}; }
-  std::size_t size() const { return n; }
-};
+/// Options for a pool of 2 workers with rings of `ring` bytes whose workers
+/// allocate as usual (see `unmapping`).
+pool_options small_rings(std::size_t ring = 64 * 1024) {
+  pool_options o;
+  o.initializer = [] { unmapping = false; };
+  o.workers = 2;
+  o.ring_bytes = ring;
+  return o;
+}
+
+/// What the cheap functions below return for `v`.
+std::uint64_t cheap(const bytes& v) {
+  return std::uint64_t(v.size()) + std::uint64_t(v[7]);
+}
+
+/// Maps `n` fresh items through `p` (a pool of `cheap`) and checks them: the
+/// pool still works after what a test did to it.
+template <class Pool>
+void still_maps(Pool& p, std::size_t n, std::size_t size) {
+  std::vector<bytes> again;
+  for (unsigned k = 0; k < n; ++k) again.push_back(pattern(size + k, k + 30));
+  auto r = p.map(again, map_options{1});
+  for (std::size_t k = 0; k < again.size(); ++k) REQUIRE(r[k] == cheap(again[k]));
+}
 
 }  // namespace
 
@@ -254,11 +244,17 @@ TEST_CASE("big arrays and strings among the items arrive whole, at every size ar
     std::size_t k = 0;
     for (const auto& v : listed) REQUIRE(r[k++] == checksum(v.data(), v.size()));
 
-    by_value_range fresh{6, 2 * edge};
+    // A range whose iterator yields each item by value: nothing of it
+    // outlives the expression that read it, so nothing is left in place.
+    auto make = [](std::size_t i) {
+      auto b = pattern(2 * edge, static_cast<unsigned>(i));
+      return std::vector<char>(b.begin(), b.end());
+    };
+    procpool_test::computed_range fresh(6, make);
     auto f = p.map(fresh, map_options{3});
     REQUIRE(f.size() == 6);
     for (std::size_t i = 0; i < 6; ++i) {
-      auto v = *by_value_range::iterator{i, 2 * edge};
+      auto v = make(i);
       REQUIRE(f[i] == checksum(v.data(), v.size()));
     }
   }
@@ -285,17 +281,14 @@ TEST_CASE("big arrays and strings among the items arrive whole, at every size ar
 
 TEST_CASE("a map that ends early reads nothing of its input once it returned", "[data_path]") {
   unmapping_scope scope;  // first: every `bytes` goes before it
-  pool_options o;
-  o.initializer = [] { unmapping = false; };
-  o.workers = 2;
-  o.ring_bytes = 64 * 1024;
+  pool_options o = small_rings();
   bool stop = false;
   o.on_progress = [&](const procpool::progress_info&) {
     if (stop) throw std::runtime_error("enough");
   };
   // Cheap items, so that each worker is given many frames at once (see
   // `engine::queue_depth`) and the ring fills.
-  pool p([](const bytes& v) { return std::uint64_t(v.size()) + std::uint64_t(v[7]); }, o);
+  pool p(cheap, o);
   for (int round = 0; round < 5; ++round) {
     {
       // Items of 20 KiB, left in the input, through rings of 64 KiB: when
@@ -307,11 +300,7 @@ TEST_CASE("a map that ends early reads nothing of its input once it returned", "
       stop = false;
       // `in` is unmapped here: a frame still reading it would fault.
     }
-    std::vector<bytes> again;
-    for (unsigned k = 0; k < 5; ++k) again.push_back(pattern((std::size_t(1) << 19) + k, k + 50));
-    auto r = p.map(again);
-    for (std::size_t k = 0; k < again.size(); ++k)
-      REQUIRE(r[k] == again[k].size() + std::uint64_t(again[k][7]));
+    still_maps(p, 5, std::size_t(1) << 19);
   }
 }
 
@@ -320,10 +309,7 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
   unmapping_scope scope;  // first: every `bytes` goes before it
   procpool::semaphore gate(0);
   for (int round = 0; round < 3; ++round) {
-    pool_options o;
-    o.initializer = [] { unmapping = false; };
-    o.workers = 2;
-    o.ring_bytes = 64 * 1024;
+    pool_options o = small_rings();
     bool stop = false;
     o.on_progress = [&](const procpool::progress_info&) {
       if (stop) {
@@ -334,7 +320,7 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
     pool p(
         [&gate](const bytes& v) {
           if (v[0] == 'T') gate.acquire();
-          return std::uint64_t(v.size()) + std::uint64_t(v[7]);
+          return cheap(v);
         },
         o);
     // A task of 50 KiB holds the first worker. Its frame stays in that
@@ -352,25 +338,18 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
       // `in` is unmapped here: the rest of the frame must come from elsewhere.
     }
     gate.release();
-    REQUIRE(held.get() == hold.size() + std::uint64_t(hold[7]));
-    std::vector<bytes> again;
-    for (unsigned k = 0; k < 6; ++k) again.push_back(pattern(item_bytes + k, k + 30));
-    auto r = p.map(again, map_options{1});
-    for (std::size_t k = 0; k < again.size(); ++k)
-      REQUIRE(r[k] == again[k].size() + std::uint64_t(again[k][7]));
+    REQUIRE(held.get() == cheap(hold));
+    still_maps(p, 6, item_bytes);
   }
 }
 
 TEST_CASE("a map whose item fails reads nothing of its input once it threw", "[data_path]") {
   unmapping_scope scope;  // first: every `bytes` goes before it
-  pool_options o;
-  o.initializer = [] { unmapping = false; };
-  o.workers = 2;
-  o.ring_bytes = 64 * 1024;
+  pool_options o = small_rings();
   pool p(
       [](const bytes& v) {
         if (v[0] == 'X') throw std::runtime_error("bad item");
-        return std::uint64_t(v.size()) + std::uint64_t(v[7]);
+        return cheap(v);
       },
       o);
   for (int round = 0; round < 5; ++round) {
@@ -379,19 +358,12 @@ TEST_CASE("a map whose item fails reads nothing of its input once it threw", "[d
     in[200][0] = 'X';
     REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::task_error);
   }
-  std::vector<bytes> again;
-  for (unsigned k = 0; k < 4; ++k) again.push_back(pattern(std::size_t(1) << 20, k + 9));
-  auto r = p.map(again, map_options{1});
-  for (std::size_t k = 0; k < again.size(); ++k)
-    REQUIRE(r[k] == again[k].size() + std::uint64_t(again[k][7]));
+  still_maps(p, 4, std::size_t(1) << 20);
 }
 
 TEST_CASE("a map_async whose future is dropped early leaves the pool right", "[data_path]") {
   unmapping_scope scope;  // first: every `bytes` goes before it
-  pool_options o;
-  o.initializer = [] { unmapping = false; };
-  o.workers = 2;
-  o.ring_bytes = 64 * 1024;
+  pool_options o = small_rings();
   pool p([](const bytes& v) { return checksum(v.data(), v.size()); }, o);
   for (int round = 0; round < 3; ++round) {
     {
