@@ -20,7 +20,9 @@
 #include <list>
 #include <new>
 #include <numeric>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 using procpool::map_options;
@@ -291,8 +293,9 @@ TEST_CASE("a map that ends early reads nothing of its input once it returned", "
   pool p(cheap, o);
   for (int round = 0; round < 5; ++round) {
     {
-      // Items of 20 KiB, left in the input, through rings of 64 KiB: when
-      // the first result arrives, later frames are partly in their rings.
+      // Items of 20 KiB, left in the input, through rings of 64 KiB. (Whether
+      // a frame is still partly out when the call ends depends on timing:
+      // the next test makes sure of one.)
       std::vector<bytes> in;
       for (unsigned k = 0; k < 400; ++k) in.push_back(pattern(item_bytes, k));
       stop = true;
@@ -340,6 +343,50 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
     gate.release();
     REQUIRE(held.get() == cheap(hold));
     still_maps(p, 6, item_bytes);
+  }
+}
+
+TEST_CASE("an input that throws after items left in place fails its map and only its map",
+          "[data_path]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
+  pool p(cheap, small_rings());
+  for (int when : {0, 1, 5}) {
+    std::vector<bytes> in;
+    for (unsigned k = 0; k < 8; ++k) in.push_back(pattern(item_bytes, k));
+    // Each item by reference into `in` (so it is left in place), until item `when`.
+    procpool_test::computed_range throwing(in.size(), [&in, when](std::size_t i) -> const bytes& {
+      if (static_cast<int>(i) == when) throw std::runtime_error("the input broke");
+      return in[i];
+    });
+    REQUIRE_THROWS_WITH(p.map(throwing, map_options{2}), "the input broke");
+  }
+  still_maps(p, 6, item_bytes);
+}
+
+TEST_CASE("two threads map items left in place, one ending early, the other unharmed",
+          "[data_path][threads]") {
+  unmapping_scope scope;  // first: every `bytes` goes before it
+  std::atomic<std::thread::id> victim{};
+  pool_options o = small_rings();
+  o.on_progress = [&](const procpool::progress_info&) {
+    if (std::this_thread::get_id() == victim.load()) throw std::runtime_error("enough");
+  };
+  pool p(cheap, o);
+  for (int round = 0; round < 3; ++round) {
+    std::thread ender([&] {
+      victim = std::this_thread::get_id();
+      std::vector<bytes> in;
+      for (unsigned k = 0; k < 200; ++k) in.push_back(pattern(item_bytes, k));
+      try {
+        p.map(in, map_options{1});
+      } catch (const std::runtime_error&) {
+      }
+    });
+    std::vector<bytes> mine;
+    for (unsigned k = 0; k < 200; ++k) mine.push_back(pattern(item_bytes + 8, k + 7));
+    auto r = p.map(mine, map_options{1});
+    ender.join();
+    for (std::size_t k = 0; k < mine.size(); ++k) REQUIRE(r[k] == cheap(mine[k]));
   }
 }
 

@@ -584,6 +584,7 @@ inline void engine::end_call(call_state& call) noexcept {
   if (!driving_) forget(call);
   // The call's input may go with it: a frame not yet all in its ring stops
   // reading from there. (Its answer, unrun, is dropped when it comes.)
+  if (call.in_flight == 0) return;  // none of its frames is out
   for (auto& w : workers_) {
     for (auto& c : w.inflight) {
       if (c.call.get() != &call || c.sent == c.size() || c.blocks.empty()) continue;
