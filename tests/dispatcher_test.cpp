@@ -4,12 +4,15 @@
 // decoded, and how stopping ends every call. Driven directly, without
 // workers or ranks, so each rule is seen alone; the engines' own tests
 // (pool_hostile_test, tests/mpi) show the same rules end to end.
+#include <procpool/detail/calls/map_calls.hpp>
 #include <procpool/detail/dispatch/dispatcher.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "support/support.hpp"
@@ -324,4 +327,124 @@ TEST_CASE("join ends the open ranges, stopping ends every pending call", "[dispa
   CHECK(plain->aborted());
   CHECK_THROWS_AS(plain->rethrow_if_failed(), procpool::pool_closed);
   CHECK_FALSE(d.work_queued());
+}
+
+// ---------------------------------------------------------------------------
+// run_items: what a worker does with a chunk. Items whose encoding is their
+// bytes (std::int64_t) take a loop of their own; the same cases run over
+// items that are encoded one by one (std::string), and must come out alike.
+
+namespace {
+
+int value_of(std::int64_t v) { return static_cast<int>(v); }
+int value_of(const std::string& s) { return std::stoi(s); }
+template <class T>
+T item_of(int v) {
+  if constexpr (std::is_same_v<T, std::string>)
+    return std::to_string(v);
+  else
+    return T(v);
+}
+
+/// Doubles its item; throws at the item whose value is `throw_at`.
+struct doubler {
+  int throw_at = -1;
+  template <class T>
+  T operator()(const T& x) const {
+    int v = value_of(x);
+    if (v == throw_at) throw std::out_of_range("no double for " + std::to_string(v));
+    return item_of<T>(2 * v);
+  }
+};
+
+/// What run_items answered: its header, its results, the failure it encoded.
+struct ran {
+  pd::result_header h{};
+  std::vector<int> results;
+  std::uint64_t failed_at = 0;
+  std::string type, message;
+  std::vector<std::uint64_t> seen;  // the indices `before` was asked about
+};
+
+/// Runs a chunk of `count` items from item 100 of call 7, whose frame holds
+/// `values` (and `junk` bytes after them); `before` refuses `stop_at`.
+template <class T>
+ran run_chunk_of(const std::vector<int>& values, std::uint32_t count, doubler f,
+                 std::uint64_t stop_at = ~std::uint64_t(0), std::size_t junk = 0) {
+  procpool::writer frame;
+  for (int v : values) procpool::encode(frame, item_of<T>(v));
+  for (std::size_t i = 0; i < junk; ++i) procpool::encode(frame, std::uint8_t(0xAB));
+  procpool::reader in(frame.data(), frame.size());
+  procpool::writer out;
+  out.write("head", 4);  // what the caller put before the results
+  ran r;
+  r.h = pd::run_items<T, pd::invoke_one>(f, in, 7, 100, count, out, [&](std::uint64_t i) {
+    r.seen.push_back(i);
+    return i != stop_at;
+  });
+  procpool::reader back(out.data() + 4, out.size() - 4);
+  REQUIRE(std::memcmp(out.data(), "head", 4) == 0);
+  for (std::uint32_t k = 0; k < r.h.count; ++k) r.results.push_back(value_of(procpool::decode<T>(back)));
+  if (r.h.kind == pd::frame_kind::error) {
+    r.failed_at = procpool::decode<std::uint64_t>(back);
+    r.type = procpool::decode<std::string>(back);
+    r.message = procpool::decode<std::string>(back);
+    pd::decode_original(back);
+  }
+  CHECK(back.at_end());
+  CHECK(r.h.call == 7);
+  CHECK(r.h.first == 100);
+  return r;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a chunk's items run in order and their results follow the header",
+                   "[dispatcher][run_items]", std::int64_t, std::string) {
+  auto r = run_chunk_of<TestType>({0, 1, 2, 3, 4}, 5, doubler{});
+  CHECK(r.h.kind == pd::frame_kind::results);
+  CHECK(r.h.count == 5);
+  CHECK(r.results == std::vector<int>{0, 2, 4, 6, 8});
+  CHECK(r.seen == std::vector<std::uint64_t>{100, 101, 102, 103, 104});
+}
+
+TEMPLATE_TEST_CASE("an item that throws ends its chunk and keeps the results before it",
+                   "[dispatcher][run_items]", std::int64_t, std::string) {
+  for (int at = 0; at < 5; ++at) {
+    auto r = run_chunk_of<TestType>({0, 1, 2, 3, 4}, 5, doubler{at});
+    CHECK(r.h.kind == pd::frame_kind::error);
+    CHECK(r.h.count == std::uint32_t(at));
+    CHECK(r.results.size() == std::size_t(at));
+    CHECK(r.failed_at == std::uint64_t(100 + at));
+    CHECK(r.type == "std::out_of_range");
+    CHECK(r.message == "no double for " + std::to_string(at));
+    CHECK(r.seen.size() == std::size_t(at + 1));  // nothing asked after the failure
+  }
+}
+
+TEMPLATE_TEST_CASE("a cancelled item stops its chunk with the results before it",
+                   "[dispatcher][run_items]", std::int64_t, std::string) {
+  for (std::uint64_t at = 100; at < 105; ++at) {
+    auto r = run_chunk_of<TestType>({0, 1, 2, 3, 4}, 5, doubler{}, at);
+    CHECK(r.h.kind == pd::frame_kind::skipped);
+    CHECK(r.h.count == at - 100);
+    CHECK(r.results.size() == at - 100);
+    CHECK(r.seen.back() == at);
+  }
+}
+
+TEMPLATE_TEST_CASE("a frame that claims more items than it holds fails at the first one missing",
+                   "[dispatcher][run_items]", std::int64_t, std::string) {
+  // Three whole items, then three bytes of a fourth, where five were claimed.
+  auto r = run_chunk_of<TestType>({5, 6, 7}, 5, doubler{}, ~std::uint64_t(0), 3);
+  CHECK(r.h.kind == pd::frame_kind::error);
+  CHECK(r.h.count == 3);
+  CHECK(r.results == std::vector<int>{10, 12, 14});
+  CHECK(r.failed_at == 103);
+  CHECK(r.type == "procpool::decode_error");
+  // A frame with no item at all, where one was claimed.
+  auto none = run_chunk_of<TestType>({}, 1, doubler{});
+  CHECK(none.h.kind == pd::frame_kind::error);
+  CHECK(none.h.count == 0);
+  CHECK(none.failed_at == 100);
 }
