@@ -5,6 +5,7 @@
 // workers or ranks, so each rule is seen alone; the engines' own tests
 // (pool_hostile_test, tests/mpi) show the same rules end to end.
 #include <procpool/detail/calls/map_calls.hpp>
+#include <procpool/detail/dispatch/chunk_queue.hpp>
 #include <procpool/detail/dispatch/dispatcher.hpp>
 
 #include <cstdint>
@@ -447,4 +448,43 @@ TEMPLATE_TEST_CASE("a frame that claims more items than it holds fails at the fi
   CHECK(none.h.kind == pd::frame_kind::error);
   CHECK(none.h.count == 0);
   CHECK(none.failed_at == 100);
+}
+
+TEST_CASE("a worker's queue of chunks stays in order through growth and reuse",
+          "[dispatcher][chunk_queue]") {
+  // Elements that own memory, so that one popped but not freed, or moved
+  // twice, shows up.
+  pd::chunk_queue<std::shared_ptr<int>> q;
+  std::vector<std::weak_ptr<int>> popped;
+  int next_in = 0, next_out = 0;
+  auto push = [&] { q.push_back(std::make_shared<int>(next_in++)); };
+  auto pop = [&] {
+    REQUIRE_FALSE(q.empty());
+    REQUIRE(*q.front() == next_out);
+    popped.push_back(q.front());
+    q.pop_front();
+    CHECK(popped.back().expired());  // freed at once, not when the slot is reused
+    ++next_out;
+  };
+  // Steady states of every depth from 1 to 300, each crossing the vector's
+  // capacity many times: what is popped comes out in the order pushed.
+  for (int depth = 1; depth <= 300; depth += 37) {
+    while (int(q.size()) < depth) push();
+    for (int i = 0; i < 1000; ++i) {
+      push();
+      pop();
+      REQUIRE(int(q.size()) == depth);
+      REQUIRE(*q.back() == next_in - 1);
+      for (std::size_t k = 0; k < q.size(); k += 17) REQUIRE(*q[k] == next_out + int(k));
+    }
+    int expect = next_out;
+    for (auto& p : q) REQUIRE(*p == expect++);
+    CHECK(expect == next_in);
+  }
+  while (!q.empty()) pop();
+  CHECK(q.size() == 0);
+  CHECK(q.begin() == q.end());
+  push();
+  q.clear();
+  CHECK(q.empty());
 }

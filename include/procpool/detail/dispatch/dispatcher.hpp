@@ -396,7 +396,10 @@ class dispatcher {
   std::vector<std::weak_ptr<call_state>> live_;      // every call started and not yet over
   std::size_t prune_live_at_ = 64;
   std::uint64_t next_call_id_ = 1;
-  static constexpr std::size_t max_spare = 256;
+  // As many as the chunks a pool keeps out (up to 256 per worker), so that
+  // short chunks reuse their buffers instead of freeing and allocating one
+  // each; the bytes' bound below keeps big ones from being hoarded.
+  static constexpr std::size_t max_spare = 4096;
   static constexpr std::size_t max_spare_bytes = std::size_t(8) << 20;
   std::vector<writer> spare_;  // buffers of settled chunks
   std::size_t spare_bytes_ = 0;

@@ -40,7 +40,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -54,6 +53,7 @@
 #include "../../codec.hpp"
 #include "../../errors.hpp"
 #include "../calls/calls.hpp"
+#include "../dispatch/chunk_queue.hpp"
 #include "../dispatch/dispatcher.hpp"
 #include "../dispatch/frame.hpp"
 #include "../int_cast.hpp"
@@ -242,7 +242,7 @@ class engine final : public driver {
     ring_control* result = nullptr;
     ring_writer to;
     ring_reader from;
-    std::deque<chunk> inflight;     // in the order sent
+    chunk_queue<chunk> inflight;    // in the order sent
     std::size_t items_sent = 0;     // toward max_tasks_per_child
     std::uint64_t frames_sent = 0;  // task frames put in the ring since the worker started
     writer inbuf;  // a frame that wrapped around the ring's end, gathered (not zeroed first)
