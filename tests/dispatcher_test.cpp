@@ -337,12 +337,29 @@ TEST_CASE("join ends the open ranges, stopping ends every pending call", "[dispa
 
 namespace {
 
+/// Plain bytes, but with an encoding of its own (the value shifted by
+/// 1000): the worker's loop for plain items must not copy it as bytes.
+struct shifted {
+  std::int64_t v = 0;
+  friend void procpool_encode(procpool::writer& out, const shifted& n) {
+    procpool::encode(out, n.v + 1000);
+  }
+  friend shifted procpool_decode(procpool::reader& in, procpool::type_tag<shifted>) {
+    return shifted{procpool::decode<std::int64_t>(in) - 1000};
+  }
+};
+static_assert(std::is_trivially_copyable_v<shifted>);
+static_assert(!pd::is_trivially_sendable_v<shifted>);
+
 int value_of(std::int64_t v) { return static_cast<int>(v); }
 int value_of(const std::string& s) { return std::stoi(s); }
+int value_of(const shifted& n) { return static_cast<int>(n.v); }
 template <class T>
 T item_of(int v) {
   if constexpr (std::is_same_v<T, std::string>)
     return std::to_string(v);
+  else if constexpr (std::is_same_v<T, shifted>)
+    return shifted{v};
   else
     return T(v);
 }
@@ -401,7 +418,7 @@ ran run_chunk_of(const std::vector<int>& values, std::uint32_t count, doubler f,
 }  // namespace
 
 TEMPLATE_TEST_CASE("a chunk's items run in order and their results follow the header",
-                   "[dispatcher][run_items]", std::int64_t, std::string) {
+                   "[dispatcher][run_items]", std::int64_t, std::string, shifted) {
   auto r = run_chunk_of<TestType>({0, 1, 2, 3, 4}, 5, doubler{});
   CHECK(r.h.kind == pd::frame_kind::results);
   CHECK(r.h.count == 5);
@@ -410,7 +427,7 @@ TEMPLATE_TEST_CASE("a chunk's items run in order and their results follow the he
 }
 
 TEMPLATE_TEST_CASE("an item that throws ends its chunk and keeps the results before it",
-                   "[dispatcher][run_items]", std::int64_t, std::string) {
+                   "[dispatcher][run_items]", std::int64_t, std::string, shifted) {
   for (int at = 0; at < 5; ++at) {
     auto r = run_chunk_of<TestType>({0, 1, 2, 3, 4}, 5, doubler{at});
     CHECK(r.h.kind == pd::frame_kind::error);
@@ -424,7 +441,7 @@ TEMPLATE_TEST_CASE("an item that throws ends its chunk and keeps the results bef
 }
 
 TEMPLATE_TEST_CASE("a cancelled item stops its chunk with the results before it",
-                   "[dispatcher][run_items]", std::int64_t, std::string) {
+                   "[dispatcher][run_items]", std::int64_t, std::string, shifted) {
   for (std::uint64_t at = 100; at < 105; ++at) {
     auto r = run_chunk_of<TestType>({0, 1, 2, 3, 4}, 5, doubler{}, at);
     CHECK(r.h.kind == pd::frame_kind::skipped);
@@ -435,7 +452,7 @@ TEMPLATE_TEST_CASE("a cancelled item stops its chunk with the results before it"
 }
 
 TEMPLATE_TEST_CASE("a frame that claims more items than it holds fails at the first one missing",
-                   "[dispatcher][run_items]", std::int64_t, std::string) {
+                   "[dispatcher][run_items]", std::int64_t, std::string, shifted) {
   // Three whole items, then three bytes of a fourth, where five were claimed.
   auto r = run_chunk_of<TestType>({5, 6, 7}, 5, doubler{}, ~std::uint64_t(0), 3);
   CHECK(r.h.kind == pd::frame_kind::error);

@@ -22,11 +22,18 @@ class chunk_queue {
   using const_iterator = typename std::vector<T>::const_iterator;
 
   /// Appends `t` at the back.
-  void push_back(T&& t) {
+  void push_back(T&& t) { emplace_back() = std::move(t); }
+  /// Appends a default-constructed element and returns it.
+  T& emplace_back() {
     // Full: slide the live elements down when at least as many were
     // popped (each is then moved once per pop, amortized), else grow.
     if (items_.size() == items_.capacity() && head_ > 0 && head_ >= size()) compact();
-    items_.push_back(std::move(t));
+    return items_.emplace_back();
+  }
+  /// Removes the back element (which must exist).
+  void pop_back() noexcept {
+    items_.pop_back();
+    if (items_.size() == head_) clear();
   }
   /// Removes the front element (which must exist). Its resources are freed now.
   void pop_front() noexcept {

@@ -202,9 +202,15 @@ class dispatcher {
         std::uint64_t size = building_.size() - prefix_ + building_blocks_.bytes;
         std::memcpy(building_.data(), &size, sizeof size);
       }
-      c = chunk{};
+      // Every field set (not `c = chunk{}`: zeroing a whole chunk first
+      // was a seventh of this function's time at ten items per chunk).
       c.bytes = std::move(building_);
-      if (!building_blocks_.empty()) c.blocks = std::move(building_blocks_);
+      if (!building_blocks_.empty())
+        c.blocks = std::move(building_blocks_);
+      else
+        c.blocks.clear();
+      c.retries = 0;
+      c.bad_frames = 0;
       building_ = writer();
       c.call = call;
       c.call_id = call->id;

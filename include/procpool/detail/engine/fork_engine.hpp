@@ -868,13 +868,21 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
     if (config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child) break;
     std::size_t max_count = ~std::size_t(0);
     if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
-    chunk c;
-    if (!dispatch_.next_chunk(c, max_count)) break;
-    c.sent = 0;
+    // Made in its place in the queue, not moved there.
+    chunk& c = w.inflight.emplace_back();
+    bool got = false;
+    try {
+      got = dispatch_.next_chunk(c, max_count);
+    } catch (...) {
+      w.inflight.pop_back();
+      throw;
+    }
+    if (!got) {
+      w.inflight.pop_back();
+      break;
+    }
     w.items_sent += c.count;
     c.seq = w.frames_sent++;
-    c.revoked = false;
-    w.inflight.push_back(std::move(c));
     made = true;
   }
   return made;
