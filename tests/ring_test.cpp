@@ -13,6 +13,7 @@
 
 #include <support/support.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -282,4 +283,88 @@ TEST_CASE("two threads stream a million messages through a small ring", "[ring]"
   CHECK(bad == 0);
   CHECK(received_sum == sent_sum);
   CHECK(ring->head.load() == ring->tail.load());
+}
+
+// ---------------------------------------------------------------------------
+// The eventcount under every ring's waits.
+
+TEST_CASE("an eventcount wakes once per announced wait, not once per notification",
+          "[ring][eventcount]") {
+  procpool::detail::eventcount ec;
+  auto seq = [&] { return ec.seq.load(); };
+  std::uint32_t start = seq();
+  ec.notify();  // nobody waits: nothing changes
+  CHECK(seq() == start);
+
+  std::uint32_t key = ec.prepare();
+  CHECK(seq() == key);
+  ec.notify();  // wakes the waiter: a new epoch
+  std::uint32_t woken = seq();
+  CHECK(woken != key);
+  // The waiter has not run yet (it still counts as waiting): more
+  // notifications before it announces itself again wake nobody.
+  ec.notify();
+  ec.notify();
+  CHECK(seq() == woken);
+  CHECK(ec.wait(key, std::chrono::nanoseconds(0)));  // returns at once: its epoch is over
+
+  // Announced again, it is woken again.
+  key = ec.prepare();
+  CHECK(key == (woken | 1u));
+  ec.notify();
+  CHECK(seq() != key);
+  CHECK(ec.wait(key, std::chrono::nanoseconds(0)));
+  CHECK(ec.waiters.load() == 0);
+
+  // A waiter that withdrew is not woken for.
+  key = ec.prepare();
+  ec.cancel();
+  ec.notify();
+  CHECK(seq() == key);
+  // A later one is.
+  std::uint32_t again = ec.prepare();
+  ec.notify();
+  CHECK(seq() != again);
+  CHECK(ec.wait(again, std::nullopt));
+}
+
+TEST_CASE("no notification is lost between threads that wait and notify at once",
+          "[ring][eventcount]") {
+  // One thread counts up and notifies after each step; two threads each wait
+  // for every value in turn. A lost wake-up leaves a waiter asleep: with no
+  // timeout given, it would hang here, so each wait is bounded, and a wait
+  // that had to time out counts as a failure.
+  procpool::detail::eventcount ec;
+  std::atomic<std::uint32_t> counter{0};
+  constexpr std::uint32_t steps = 20000;
+  std::atomic<int> timed_out{0};
+  auto waiter = [&] {
+    for (std::uint32_t want = 1; want <= steps; ++want) {
+      for (;;) {
+        if (counter.load(std::memory_order_acquire) >= want) break;
+        std::uint32_t key = ec.prepare();
+        if (counter.load(std::memory_order_acquire) >= want) {
+          ec.cancel();
+          break;
+        }
+        if (!ec.wait(key, std::chrono::seconds(10))) ++timed_out;
+      }
+    }
+  };
+  std::thread a(waiter), b(waiter);
+  for (std::uint32_t i = 1; i <= steps; ++i) {
+    if (i % 64 == 0) {
+      // Now and then, both waiters announced (most of them asleep) before
+      // the next step: the notification has someone to wake.
+      auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (ec.waiters.load() < 2 && std::chrono::steady_clock::now() < give_up)
+        std::this_thread::yield();
+    }
+    counter.store(i, std::memory_order_release);
+    ec.notify();
+  }
+  a.join();
+  b.join();
+  CHECK(timed_out.load() == 0);
+  CHECK(ec.waiters.load() == 0);
 }

@@ -59,17 +59,22 @@ inline void futex_wake(std::atomic<std::uint32_t>* word, int count = INT_MAX) no
 
 /// A wake-up channel in shared memory: a waiter takes a key, re-checks its
 /// condition, then sleeps on the key; a notifier that changed the condition
-/// bumps the sequence and wakes sleepers — with a system call only when
-/// someone sleeps. Trivially constructible from zeroed memory.
+/// starts a new epoch and wakes the sleepers — with a system call only when
+/// someone waits and announced itself since the last wake-up. (Counting the
+/// waiters alone cost a notifier a system call for every notification until
+/// the woken waiter had run again: on a busy machine, several per wake-up.)
+/// Trivially constructible from zeroed memory.
 struct eventcount {
+  /// Bit 0: a waiter announced itself in this epoch. The other bits: the epoch.
   std::atomic<std::uint32_t> seq{0};
+  /// Waiters between `prepare` and the end of `wait` or `cancel`.
   std::atomic<std::uint32_t> waiters{0};
 
   /// Announces a waiter and returns the key to sleep on. The caller must re-check
   /// its condition after this, then call `wait(key)` or `cancel()`.
   std::uint32_t prepare() noexcept {
     waiters.fetch_add(1, std::memory_order_seq_cst);
-    return seq.load(std::memory_order_seq_cst);
+    return seq.fetch_or(1, std::memory_order_seq_cst) | 1u;
   }
   /// Withdraws a waiter announced by `prepare` whose condition turned out true.
   void cancel() noexcept { waiters.fetch_sub(1, std::memory_order_relaxed); }
@@ -84,15 +89,21 @@ struct eventcount {
   /// Wakes every waiter. Call after making the condition true (with release
   /// or stronger ordering); costs one atomic read-modify-write when nobody waits.
   void notify() noexcept {
-    // A read-modify-write of `waiters` rather than a fence and a load: it is
-    // ordered with each waiter's increment in `prepare`, so either it sees the
-    // waiter, or the waiter's increment reads from it and then sees the
-    // condition. Same cost as a seq_cst fence, and ThreadSanitizer, which does
-    // not model standalone fences (GCC rejects them under -fsanitize=thread
-    // with -Werror), understands it.
-    if (waiters.fetch_add(0, std::memory_order_seq_cst) != 0) {
-      seq.fetch_add(1, std::memory_order_release);
-      futex_wake(&seq);
+    // Read-modify-writes rather than a fence and loads: each is ordered with
+    // the waiter's own in `prepare`, so either it sees the waiter, or the
+    // waiter's reads from it and then sees the condition. Same cost as a
+    // seq_cst fence, and ThreadSanitizer, which does not model standalone
+    // fences (GCC rejects them under -fsanitize=thread with -Werror),
+    // understands them.
+    if (waiters.fetch_add(0, std::memory_order_seq_cst) == 0) return;
+    std::uint32_t v = seq.fetch_add(0, std::memory_order_seq_cst);
+    // Whoever clears the bit wakes; a waiter announced in the new epoch sets
+    // it again, and is woken by the next notification.
+    while (v & 1u) {
+      if (seq.compare_exchange_weak(v, (v + 2) & ~1u, std::memory_order_seq_cst)) {
+        futex_wake(&seq);
+        return;
+      }
     }
   }
 };
