@@ -14,12 +14,14 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <iterator>
 #include <list>
 #include <new>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -456,5 +458,60 @@ TEST_CASE("chunks taken back for an idle worker are sent again from the input, w
     in[0][0] = 'S';
     auto r = p.map(in, map_options{1});
     for (std::size_t k = 0; k < n; ++k) REQUIRE(r[k] == checksum(in[k].data(), in[k].size()));
+  }
+}
+
+TEST_CASE("plain items in long chunks: the item that throws or ends its worker is the one named",
+          "[data_path]") {
+  // Items and results copied as bytes (int64) run without the codec per
+  // item; each item still publishes its index before it runs, so a failure
+  // anywhere in a chunk of 5,000 names its own item, and the results before
+  // it are not lost.
+  pool_options o;
+  o.workers = 2;
+  o.chunk_size = 5000;
+  std::vector<std::int64_t> in(10000);
+  std::iota(in.begin(), in.end(), std::int64_t{0});
+  for (std::int64_t bad : {std::int64_t{0}, std::int64_t{4999}, std::int64_t{5000},
+                           std::int64_t{7777}, std::int64_t{9999}}) {
+    CAPTURE(bad);
+    pool thrower(
+        [bad](std::int64_t x) -> std::int64_t {
+          if (x == bad) throw std::domain_error("no square for " + std::to_string(x));
+          return x * x;
+        },
+        o);
+    try {
+      (void)thrower.map(in);
+      FAIL("map did not throw");
+    } catch (const procpool::task_error& e) {
+      CHECK(e.index() == std::size_t(bad));
+      CHECK(e.type_name() == "std::domain_error");
+      CHECK(e.message() == "no square for " + std::to_string(bad));
+    }
+    // imap hands over every result before the failing item, in order.
+    std::vector<std::int64_t> seen;
+    try {
+      for (std::int64_t r : thrower.imap(in)) seen.push_back(r);
+      FAIL("imap did not throw");
+    } catch (const procpool::task_error& e) {
+      CHECK(e.index() == std::size_t(bad));
+    }
+    REQUIRE(seen.size() == std::size_t(bad));
+    for (std::size_t i = 0; i < seen.size(); ++i) REQUIRE(seen[i] == std::int64_t(i * i));
+
+    pool killer(
+        [bad](std::int64_t x) -> std::int64_t {
+          if (x == bad) ::raise(SIGKILL);
+          return x * x;
+        },
+        o);
+    try {
+      (void)killer.map(in);
+      FAIL("map did not throw");
+    } catch (const procpool::worker_died& e) {
+      CHECK(e.index() == std::optional<std::size_t>(std::size_t(bad)));
+      CHECK(e.status() == procpool::exit_status::killed(SIGKILL));
+    }
   }
 }
