@@ -351,9 +351,15 @@ struct shifted {
 static_assert(std::is_trivially_copyable_v<shifted>);
 static_assert(!pd::is_trivially_sendable_v<shifted>);
 
-int value_of(std::int64_t v) { return static_cast<int>(v); }
-int value_of(const std::string& s) { return std::stoi(s); }
-int value_of(const shifted& n) { return static_cast<int>(n.v); }
+int value_of(std::int64_t v) {
+  return static_cast<int>(v);
+}
+int value_of(const std::string& s) {
+  return std::stoi(s);
+}
+int value_of(const shifted& n) {
+  return static_cast<int>(n.v);
+}
 template <class T>
 T item_of(int v) {
   if constexpr (std::is_same_v<T, std::string>)
@@ -402,7 +408,8 @@ ran run_chunk_of(const std::vector<int>& values, std::uint32_t count, doubler f,
   });
   procpool::reader back(out.data() + 4, out.size() - 4);
   REQUIRE(std::memcmp(out.data(), "head", 4) == 0);
-  for (std::uint32_t k = 0; k < r.h.count; ++k) r.results.push_back(value_of(procpool::decode<T>(back)));
+  for (std::uint32_t k = 0; k < r.h.count; ++k)
+    r.results.push_back(value_of(procpool::decode<T>(back)));
   if (r.h.kind == pd::frame_kind::error) {
     r.failed_at = procpool::decode<std::uint64_t>(back);
     r.type = procpool::decode<std::string>(back);

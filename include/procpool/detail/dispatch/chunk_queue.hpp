@@ -39,8 +39,9 @@ class chunk_queue {
   void pop_front() noexcept {
     // Checked here, not on the class: a chunk nested in a class being
     // defined is complete only once that class is.
-    static_assert(std::is_nothrow_move_assignable_v<T> && std::is_nothrow_default_constructible_v<T>,
-                  "chunk_queue moves and resets its elements where nothing may throw");
+    static_assert(
+        std::is_nothrow_move_assignable_v<T> && std::is_nothrow_default_constructible_v<T>,
+        "chunk_queue moves and resets its elements where nothing may throw");
     items_[head_] = T();
     if (++head_ == items_.size()) clear();
   }

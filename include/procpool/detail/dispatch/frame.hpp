@@ -123,8 +123,8 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
                         std::uint32_t count, writer& out, Before&& before) {
   result_header h{call, first, 0, frame_kind::results};
   std::size_t mark = out.size();
-  using R = std::remove_cv_t<
-      std::remove_reference_t<decltype(Invoke::call(f, std::declval<Item&>()))>>;
+  using R =
+      std::remove_cv_t<std::remove_reference_t<decltype(Invoke::call(f, std::declval<Item&>()))>>;
   try {
     if constexpr (is_trivially_sendable_v<Item> && is_trivially_sendable_v<R> &&
                   std::is_default_constructible_v<Item>) {
