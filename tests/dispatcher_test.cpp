@@ -481,7 +481,7 @@ TEST_CASE("a worker's queue of chunks stays in order through growth and reuse",
   pd::chunk_queue<std::shared_ptr<int>> q;
   std::vector<std::weak_ptr<int>> popped;
   int next_in = 0, next_out = 0;
-  auto push = [&] { q.push_back(std::make_shared<int>(next_in++)); };
+  auto push = [&] { q.emplace_back() = std::make_shared<int>(next_in++); };
   auto pop = [&] {
     REQUIRE_FALSE(q.empty());
     REQUIRE(*q.front() == next_out);

@@ -26,6 +26,7 @@
 #include <optional>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 using namespace std::chrono_literals;
@@ -522,6 +523,42 @@ TEST_CASE(
     CHECK(depth <= pd::engine_probe::max_depth);
     CHECK(p.map(iota_vector(3000)) == squares(3000));
   }
+}
+
+TEST_CASE("garbage in the doorbell the workers ring costs at most a late wake-up, never a result",
+          "[hostile]") {
+  // The doorbell (an eventcount) is in memory every worker can write: its
+  // epoch word, with the bit that says a waiter announced itself, and its
+  // count of waiters. Whatever a worker leaves there, the parent either
+  // wakes as usual or sleeps out its slice and looks again.
+  table = shared_block<hostile_table>();
+  table->lies_left = 0;
+  bare_pool p(2);
+  pd::eventcount* bell = pd::engine_probe::doorbell(*p.engine);
+  const std::uint32_t words[] = {0u, 1u, 2u, 0x7FFFFFFFu, 0xFFFFFFFEu, 0xFFFFFFFFu};
+  for (std::uint32_t seq : words) {
+    for (std::uint32_t waiters : words) {
+      INFO("seq = " << seq << ", waiters = " << waiters);
+      bell->seq.store(seq);
+      bell->waiters.store(waiters);
+      CHECK(p.map(iota_vector(300)) == squares(300));
+    }
+  }
+  // And scribbled on while maps run.
+  std::atomic<bool> done{false};
+  std::thread scribbler([&] {
+    std::uint32_t x = 12345;
+    while (!done.load()) {
+      x = x * 1103515245u + 12345u;
+      bell->seq.store(x);
+      bell->waiters.store(x >> 7);
+      std::this_thread::yield();
+    }
+  });
+  for (int round = 0; round < 5; ++round) CHECK(p.map(iota_vector(2000)) == squares(2000));
+  done = true;
+  scribbler.join();
+  CHECK(p.map(iota_vector(100)) == squares(100));
 }
 
 // ---------------------------------------------------------------------------

@@ -85,6 +85,11 @@ struct frame_refs {
   std::size_t bytes = 0;  ///< all the blocks' sizes
 
   bool full() const noexcept { return list.size() == capacity; }
+  /// Whether a block of `size` bytes is left in place: the list has room,
+  /// and it is from `min_bytes` up to `max_bytes` (a chunk's byte limit).
+  bool takes(std::size_t size, std::size_t max_bytes) const noexcept {
+    return !full() && size >= min_bytes && size <= max_bytes;
+  }
   bool empty() const noexcept { return list.empty(); }
   /// **Throws:** `std::bad_alloc` (the list is allocated at the first block).
   void add(std::size_t at, const std::byte* data, std::size_t size) {

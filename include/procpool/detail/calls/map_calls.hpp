@@ -154,7 +154,7 @@ std::size_t encode_items(writer& out, frame_refs* refs, It& it, const End& end, 
         if (refs && !refs->full()) {
           const Item& item = *it;
           auto [data, size] = bulk_bytes(item);
-          if (size >= frame_refs::min_bytes && size <= max_bytes) {
+          if (refs->takes(size, max_bytes)) {
             write_count(out, item.size());
             refs->add(out.size(), data, size);
             left = true;
@@ -262,7 +262,7 @@ class map_call : public call_state {
         k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
         const auto* data = reinterpret_cast<const std::byte*>(contiguous_ + next_);
         std::size_t size = k * sizeof(Item);
-        if (refs && !refs->full() && size >= frame_refs::min_bytes && size <= chunk_bytes_)
+        if (refs && refs->takes(size, chunk_bytes_))
           refs->add(out.size(), data, size);
         else
           out.write(data, size);

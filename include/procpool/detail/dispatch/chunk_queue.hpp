@@ -13,16 +13,14 @@
 namespace procpool::detail {
 
 /// A FIFO of `T` that allocates only when it holds more than ever before.
-/// Pushing may move the elements (references to them are not kept across a
-/// `push_back`); iterators are the vector's (random access).
+/// Appending may move the elements (references to them are not kept across
+/// an `emplace_back`); iterators are the vector's (random access).
 template <class T>
 class chunk_queue {
  public:
   using iterator = typename std::vector<T>::iterator;
   using const_iterator = typename std::vector<T>::const_iterator;
 
-  /// Appends `t` at the back.
-  void push_back(T&& t) { emplace_back() = std::move(t); }
   /// Appends a default-constructed element and returns it.
   T& emplace_back() {
     // Full: slide the live elements down when at least as many were
