@@ -298,8 +298,8 @@ def ms(seconds):
 DATA_PATH = (
     "The parent sends and collects alone, on one core: it encodes each chunk into the "
     "chunk's own buffer (a settled chunk's, reused; kept so that the chunk can be sent again "
-    "if its worker dies) and copies that into the worker's task ring. Blocks of 16 KiB up "
-    "to half a ring (contiguous trivially sendable items, an item that is an array or a "
+    "if its worker dies) and copies that into the worker's task ring. Blocks of 16 KiB or "
+    "more (contiguous trivially sendable items, an item that is an array or a "
     "string) are not copied into that buffer: they go into the ring from the caller's input, "
     "which a chunk sent again reads again. A result frame that "
     "lies whole in the 1 MiB result ring is decoded in place; one that wraps the ring's end, "

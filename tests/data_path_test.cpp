@@ -84,8 +84,8 @@ struct unmapping_scope {
 
 using bytes = std::vector<char, unmapped_allocator<char>>;
 
-/// Items left in the input by rings of 64 KiB: at least `frame_refs::min_bytes`,
-/// at most half a ring.
+/// Items left in the input, two to a ring of 64 KiB: at least
+/// `frame_refs::min_bytes`.
 constexpr std::size_t item_bytes = pd::frame_refs::min_bytes + 4096;
 
 bytes pattern(std::size_t size, unsigned seed) {
@@ -209,6 +209,18 @@ TEST_CASE("big arrays and strings among the items arrive whole, at every size ar
     }
   }
 
+  SECTION("arrays around the ring's size stream through it from the input, there and back") {
+    pool p([](const std::vector<double>& v) { return v; }, o);
+    constexpr std::size_t ring = 64 * 1024 / sizeof(double);
+    std::vector<std::vector<double>> in;
+    for (std::size_t n : {ring - 1, ring, ring + 1, edge / 8, 3 * ring + 5, ring - 3, 7 * ring}) {
+      std::vector<double> v(n);
+      std::iota(v.begin(), v.end(), double(n));
+      in.push_back(std::move(v));
+    }
+    for (std::size_t chunk : {1, 2, 7}) REQUIRE(p.map(in, map_options{chunk}) == in);
+  }
+
   SECTION("strings, more big ones in a chunk than it leaves in place") {
     pool_options roomy = o;
     roomy.ring_bytes = std::size_t(1) << 20;  // 12 of these items make one chunk
@@ -313,6 +325,10 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
           "[data_path]") {
   unmapping_scope scope;  // first: every `bytes` goes before it
   procpool::semaphore gate(0);
+  // Items that fit the ring, and items three times its size, which stream
+  // through it from the input.
+  auto size = GENERATE(item_bytes, std::size_t(3 * 64 * 1024 + 5));
+  CAPTURE(size);
   for (int round = 0; round < 3; ++round) {
     pool_options o = small_rings();
     bool stop = false;
@@ -337,14 +353,14 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
     auto held = p.submit(hold);
     {
       std::vector<bytes> in;
-      for (unsigned k = 0; k < 8; ++k) in.push_back(pattern(item_bytes, k));
+      for (unsigned k = 0; k < 8; ++k) in.push_back(pattern(size, k));
       stop = true;
       REQUIRE_THROWS_WITH(p.map(in, map_options{1}), "enough");
       // `in` is unmapped here: the rest of the frame must come from elsewhere.
     }
     gate.release();
     REQUIRE(held.get() == cheap(hold));
-    still_maps(p, 6, item_bytes);
+    still_maps(p, 6, size);
   }
 }
 

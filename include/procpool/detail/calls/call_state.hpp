@@ -77,8 +77,8 @@ struct frame_refs {
   /// Blocks per chunk; the items after that are copied.
   static constexpr std::size_t capacity = 4;
   /// Smaller blocks are copied: a block is worth leaving where it is only
-  /// when copying it costs more than keeping track of it. (Blocks larger
-  /// than a chunk's byte limit are copied too: see `encode_items`.)
+  /// when copying it costs more than keeping track of it. A block larger
+  /// than the ring streams through it from the input, in pieces.
   static constexpr std::size_t min_bytes = std::size_t(16) << 10;
 
   std::vector<frame_ref> list;
@@ -86,10 +86,8 @@ struct frame_refs {
 
   bool full() const noexcept { return list.size() == capacity; }
   /// Whether a block of `size` bytes is left in place: the list has room,
-  /// and it is from `min_bytes` up to `max_bytes` (a chunk's byte limit).
-  bool takes(std::size_t size, std::size_t max_bytes) const noexcept {
-    return !full() && size >= min_bytes && size <= max_bytes;
-  }
+  /// and it is at least `min_bytes`.
+  bool takes(std::size_t size) const noexcept { return !full() && size >= min_bytes; }
   bool empty() const noexcept { return list.empty(); }
   /// **Throws:** `std::bad_alloc` (the list is allocated at the first block).
   void add(std::size_t at, const std::byte* data, std::size_t size) {
