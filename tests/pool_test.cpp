@@ -2,6 +2,7 @@
 // provoked for real (throwing, dying, hanging workers, a dying parent).
 #include <procpool/pool.hpp>
 #include <procpool/process.hpp>
+#include <procpool/sync.hpp>
 #include <support/support.hpp>
 
 #include <malloc.h>
@@ -532,6 +533,36 @@ TEST_CASE("progress reaches the total once, at the end", "[pool]") {
   auto last = procpool::format_progress({1000, 1000, 61s});
   CHECK_THAT(last, Catch::Contains("1000/1000") && Catch::Contains("in 1:01"));
   CHECK_THAT(last, !Catch::Contains("ETA"));
+}
+
+TEST_CASE("the count before a long last item is reported while it runs", "[pool]") {
+  // Item 0 runs until the callback has seen every other item done. Those
+  // finish within a tenth of a second of each other, so the last of their
+  // counts is held back at first; it must still come while item 0 waits.
+  procpool::semaphore gate(0);
+  constexpr int n = 200;
+  bool seen = false;
+  pool_options o;
+  o.workers = 2;
+  o.on_progress = [&](const procpool::progress_info& info) {
+    if (!seen && info.done == n - 1) {
+      seen = true;
+      gate.release();
+    }
+  };
+  pool p(
+      [&gate](int x) {
+        // Not forever: without the report, the map ends with a wrong result.
+        if (x == 0 && !gate.try_acquire_for(20s)) return -1;
+        return x;
+      },
+      o);
+  for (int round = 0; round < 2; ++round) {
+    seen = false;
+    auto r = p.map(iota_vector(n), procpool::map_options{1});
+    REQUIRE(seen);
+    CHECK(r[0] == 0);
+  }
 }
 
 TEST_CASE("no zombie, descriptor or mapping is left after any failure", "[pool][fork]") {

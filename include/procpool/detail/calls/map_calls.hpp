@@ -302,8 +302,10 @@ class map_call : public call_state {
   /// caller, outside the driver's collection, so the callback may throw).
   void report_progress() override {
     if (done_ == reported_) return;
-    reported_ = done_;
-    progress_.update(done_, done_ == n_);
+    // Called again at every turn of the caller's wait (at least every
+    // slice): a count held back now is reported once its tenth of a second
+    // is over, even if no result comes after it.
+    if (progress_.update(done_, done_ == n_)) reported_ = done_;
   }
 
  private:

@@ -87,10 +87,13 @@ class progress_reporter {
   void set_total(std::size_t total) noexcept { total_ = total; }
 
   /// `done` items have finished; `final` for the last report of the call.
-  void update(std::size_t done, bool final = false) {
-    if (!active()) return;
+  /// Returns false when the report was held back (one came less than a
+  /// tenth of a second ago): the caller then offers the count again later,
+  /// so that the last count before a long wait is shown during the wait.
+  bool update(std::size_t done, bool final = false) {
+    if (!active()) return true;
     auto now = std::chrono::steady_clock::now();
-    if (!final && now - last_ < std::chrono::milliseconds(100)) return;
+    if (!final && now - last_ < std::chrono::milliseconds(100)) return false;
     last_ = now;
     progress_info info{done, total_, now - start_};
     if (callback_) {
@@ -99,6 +102,7 @@ class progress_reporter {
       fmt::print(stderr, "\r{}\x1b[K{}", format_progress(info), final ? "\n" : "");
       std::fflush(stderr);
     }
+    return true;
   }
 
  private:
