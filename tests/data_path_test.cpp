@@ -531,3 +531,114 @@ TEST_CASE("plain items in long chunks: the item that throws or ends its worker i
     }
   }
 }
+
+namespace {
+/// Default constructions of `counted` in this process.
+std::size_t counted_made = 0;
+
+/// A result that counts its default constructions: `map` must not make a
+/// slot for every result before the first one arrives.
+struct counted {
+  std::int64_t v;
+  counted() : v(-1) { ++counted_made; }
+  explicit counted(std::int64_t x) : v(x) {}
+  friend void procpool_encode(procpool::writer& out, const counted& c) {
+    procpool::encode(out, c.v);
+  }
+  friend counted procpool_decode(procpool::reader& in, procpool::type_tag<counted>) {
+    return counted{procpool::decode<std::int64_t>(in)};
+  }
+};
+}  // namespace
+
+TEST_CASE("map makes each result's slot when its chunk arrives, not all before the first",
+          "[data_path]") {
+  constexpr std::size_t n = 10000;
+  std::vector<std::int64_t> in(n);
+  std::iota(in.begin(), in.end(), std::int64_t{0});
+  std::size_t made_at_first = 0;
+  bool first = true;
+  pool_options o;
+  o.workers = 2;
+  o.on_progress = [&](const procpool::progress_info& info) {
+    if (first && info.done > 0) {
+      made_at_first = counted_made;
+      first = false;
+    }
+  };
+  pool p([](std::int64_t x) { return counted{x * 3}; }, o);
+  counted_made = 0;
+  auto r = p.map(in, map_options{10});
+  REQUIRE(r.size() == n);
+  for (std::size_t k = 0; k < n; ++k) REQUIRE(r[k].v == std::int64_t(k) * 3);
+  REQUIRE_FALSE(first);
+  // Before its results arrive, no slot of the 1,000th chunk on is made.
+  CHECK(made_at_first < n / 2);
+  CHECK(counted_made <= n);  // once each at most
+
+  first = true;
+  counted_made = 0;
+  auto fut = p.map_async(in, map_options{10});
+  auto ra = fut.get();
+  REQUIRE(ra.size() == n);
+  for (std::size_t k = 0; k < n; ++k) REQUIRE(ra[k].v == std::int64_t(k) * 3);
+  CHECK(counted_made <= n);
+}
+
+TEST_CASE("results that arrive ahead of an earlier chunk's land in place when it comes",
+          "[data_path]") {
+  // Item 0 holds its worker until 40 later results are in: the vector of
+  // results is then made past a slot still waiting for its result.
+  procpool::semaphore gate(0);
+  bool released = false;
+  pool_options o;
+  o.workers = 2;
+  o.on_progress = [&](const procpool::progress_info& info) {
+    if (!released && info.done >= 40) {
+      released = true;
+      gate.release();
+    }
+  };
+  pool p(
+      [&gate](int x) {
+        if (x == 0) gate.acquire();
+        return std::string(std::size_t(x % 50), char('a' + x % 26));
+      },
+      o);
+  std::vector<int> in(100);
+  std::iota(in.begin(), in.end(), 0);
+  auto r = p.map(in, map_options{1});
+  REQUIRE(released);
+  REQUIRE(r.size() == in.size());
+  for (int x : in)
+    REQUIRE(r[std::size_t(x)] == std::string(std::size_t(x % 50), char('a' + x % 26)));
+}
+
+TEST_CASE("a map that fails after results past a gap arrived leaves the pool right",
+          "[data_path]") {
+  procpool::semaphore gate(0);
+  bool released = false;
+  pool_options o;
+  o.workers = 2;
+  o.on_progress = [&](const procpool::progress_info& info) {
+    if (!released && info.done >= 20) {
+      released = true;
+      gate.release();
+    }
+  };
+  pool p(
+      [&gate](int x) -> std::string {
+        if (x == 0) {
+          gate.acquire();
+          throw std::runtime_error("zero");
+        }
+        return std::to_string(x);
+      },
+      o);
+  std::vector<int> in(60);
+  std::iota(in.begin(), in.end(), 0);
+  REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::task_error);
+  in[0] = 1;
+  auto r = p.map(in, map_options{1});
+  for (std::size_t k = 0; k < in.size(); ++k) REQUIRE(r[k] == std::to_string(in[k]));
+}

@@ -93,10 +93,8 @@ template <class Invoke, class Range>
 auto call_front<F, Handlers>::run_map(Range& inputs, const char* name, std::size_t chunk) {
   using Result = call_result_t<F, range_item_t<Range>, Invoke>;
   std::vector<result_slot_t<Result>> results;
-  run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
-    results.resize(n);
-    return results.data();
-  });
+  run_map_into<Invoke>(inputs, name, chunk,
+                       [&](std::size_t n) { return reserve_slots(results, n); });
   if constexpr (std::is_same_v<Result, std::monostate>)
     return;
   else
@@ -128,11 +126,23 @@ void call_front<F, Handlers>::run_map_into(Range& inputs, const char* name, std:
     if constexpr (is_contiguous_of<Range, Item>::value) contiguous = std::data(inputs);
     // Where result i goes: asked for before the call starts, so that an
     // output too small fails it before any item is sent.
-    auto* out = dest(n);
-    using Slot = std::remove_pointer_t<decltype(out)>;
+    // A pointer to room for every result, or slots made as results arrive
+    // (`growing_slots`).
+    auto target = dest(n);
+    using Target = decltype(target);
+    using Slot = typename std::conditional_t<is_growing_slots<Target>::value, Target,
+                                             std::pointer_traits<Target>>::element_type;
+    Slot* out;
+    std::vector<Slot>* grow = nullptr;
+    if constexpr (is_growing_slots<Target>::value) {
+      grow = target.slots;
+      out = grow->data();
+    } else {
+      out = target;
+    }
     auto call = std::make_shared<map_call<F, Handlers, Item, Invoke, Begin, End, Slot>>(
         std::begin(inputs), std::end(inputs), contiguous, n, default_chunk(n, chunk),
-        driver_->chunk_bytes(), out, progress_reporter(progress_, on_progress_, n));
+        driver_->chunk_bytes(), out, progress_reporter(progress_, on_progress_, n), grow);
     driver_->start(call);
     // However this scope ends (results, an error, an exception from a
     // callback or the driver), the call ends with it: nothing keeps using
@@ -161,10 +171,8 @@ auto call_front<F, Handlers>::map_into(Range& inputs, Out&& out, const char* nam
     // Bits have no address to decode into: the results are kept as bytes
     // and packed into the vector once all are in.
     std::vector<unsigned char> results;
-    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
-      results.resize(n);
-      return results.data();
-    });
+    run_map_into<Invoke>(inputs, name, chunk,
+                         [&](std::size_t n) { return reserve_slots(results, n); });
     out.assign(results.begin(), results.end());
     return out.end();
   } else if constexpr (std::is_same_v<O, std::vector<Result>>) {
@@ -217,10 +225,8 @@ auto call_front<F, Handlers>::map_into(Range& inputs, Out&& out, const char* nam
                   "a range of it with data() and size() (a std::span, a std::array), or an "
                   "output iterator that a result can be assigned through");
     std::vector<result_slot_t<Result>> results;
-    run_map_into<Invoke>(inputs, name, chunk, [&](std::size_t n) {
-      results.resize(n);
-      return results.data();
-    });
+    run_map_into<Invoke>(inputs, name, chunk,
+                         [&](std::size_t n) { return reserve_slots(results, n); });
     O it = std::forward<Out>(out);
     for (auto& r : results) {
       if constexpr (std::is_same_v<result_slot_t<Result>, std::optional<Result>>)

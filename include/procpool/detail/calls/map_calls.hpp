@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -225,13 +226,39 @@ constexpr std::size_t result_limit_for(std::size_t chunk_bytes) noexcept {
     return ~std::size_t(0);
 }
 
+/// Where a `map` that returns a new vector keeps its results: a vector with
+/// room reserved for every one and none made yet. Each chunk's slots are made
+/// (value-initialized) as its results arrive, just before they are written,
+/// in cache: no pass over the whole vector before the first result.
+template <class Slot>
+struct growing_slots {
+  using element_type = Slot;
+  std::vector<Slot>* slots;
+};
+
+template <class T>
+struct is_growing_slots : std::false_type {};
+template <class Slot>
+struct is_growing_slots<growing_slots<Slot>> : std::true_type {};
+
+/// Reserves `n` slots in `v` (advised into huge pages when they are many
+/// bytes) and returns them to be made as results arrive (`growing_slots`).
+template <class Slot>
+growing_slots<Slot> reserve_slots(std::vector<Slot>& v, std::size_t n) {
+  reserve_for_decode(v, n);
+  return {&v};
+}
+
 /// One `map` or `starmap` call over a sized range, result `i` written into
 /// `out[i]` (a `Slot` that a result is assigned to) as its chunk comes back.
+/// With `grow`, `out` is `grow->data()`, its capacity at least `n`, and the
+/// slots up to each chunk's end are made when its results arrive.
 template <class F, class Handlers, class Item, class Invoke, class It, class End, class Slot>
 class map_call : public call_state {
  public:
   map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
-           std::size_t chunk_bytes, Slot* out, progress_reporter progress)
+           std::size_t chunk_bytes, Slot* out, progress_reporter progress,
+           std::vector<Slot>* grow = nullptr)
       : it_(begin),
         end_(end),
         contiguous_(contiguous),
@@ -239,8 +266,11 @@ class map_call : public call_state {
         chunk_(chunk),
         chunk_bytes_(chunk_bytes),
         out_(out),
+        grow_(grow),
         progress_(std::move(progress)) {
     input_done = n == 0;
+    if constexpr (!std::is_same_v<Slot, bool>)  // bits are kept as bytes: never grown
+      assert(!grow || (grow->capacity() >= n && out == grow->data()));
   }
 
   bool next_chunk(writer& out, frame_refs* refs, std::size_t max_count, std::uint64_t& first,
@@ -286,6 +316,10 @@ class map_call : public call_state {
   }
 
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
+    // Within the capacity reserved: `out_` stays valid. (The dispatcher
+    // checked that the chunk lies within the call's items.)
+    if constexpr (std::is_default_constructible_v<Slot>)  // slots that can grow (`result_slot_t`)
+      if (grow_ && first + count > grow_->size()) grow_->resize(first + count);
     decode_results<call_result_t<F, Item, Invoke>>(in, out_ + first, count);
     done_ += count;
   }
@@ -319,6 +353,7 @@ class map_call : public call_state {
   std::size_t chunk_;
   std::size_t chunk_bytes_;
   Slot* out_;
+  std::vector<Slot>* grow_;
   progress_reporter progress_;
 };
 
@@ -326,8 +361,9 @@ class map_call : public call_state {
 /// is made (as Python's `map_async` makes a list of it), and its results.
 template <class Item, class Slot>
 struct map_async_storage {
-  explicit map_async_storage(std::vector<Item> input)
-      : items(std::move(input)), slots(items.size()) {}
+  explicit map_async_storage(std::vector<Item> input) : items(std::move(input)) {
+    reserve_slots(slots, items.size());
+  }
   std::vector<Item> items;
   std::vector<Slot> slots;
 };
@@ -353,8 +389,8 @@ class map_async_call final
                  progress_reporter progress)
       : storage(std::move(input)),
         base(storage::items.cbegin(), storage::items.cend(), data_of(storage::items),
-             storage::items.size(), chunk, chunk_bytes, storage::slots.data(),
-             std::move(progress)) {
+             storage::items.size(), chunk, chunk_bytes, storage::slots.data(), std::move(progress),
+             &(storage::slots)) {
     if (storage::items.empty()) result.emplace();
   }
 
