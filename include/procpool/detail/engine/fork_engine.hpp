@@ -544,7 +544,12 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       ++seq;
       if (in_place) {
         in.skip(sizeof(std::uint64_t) + size);
-        in.release();
+        // The answer, when it fits now, is published at once on the same
+        // doorbell, which wakes the parent for the freed space as well.
+        if (out.free_space() >= sizeof(std::uint64_t) + result.size())
+          in.release_quietly();
+        else
+          in.release();
       }
       if (!out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait))
         exit_child(0);
@@ -911,8 +916,13 @@ inline bool engine::receive(worker& w, bool may_drop) {
   // The worker's bytes are hostile input: its ring positions, every length
   // and every header field are checked before anything is read by them.
   bool got = false;
+  // Frames read in place free their space once, after the last: each
+  // release is a store the worker reads and an atomic read-modify-write.
+  bool skipped = false;
   while (w.bad_frame.empty()) {
-    std::size_t avail = w.from.refresh();
+    // The worker's position is read again only when what is known of it
+    // runs short: each read of it is a cache miss while the worker writes.
+    std::size_t avail = w.receiving ? w.from.refresh() : w.from.available();
     if (avail > ring_capacity_) {
       w.bad_frame =
           fmt::format("its result ring claims {} unread bytes in {}", avail, ring_capacity_);
@@ -926,12 +936,13 @@ inline bool engine::receive(worker& w, bool may_drop) {
         break;
       }
       std::size_t total = sizeof(std::uint64_t) + *size;
+      if (avail < total) avail = w.from.refresh();
       if (avail >= total) {
         if (const std::byte* p = w.from.peek(total)) {
           handle_frame(w, p + sizeof(std::uint64_t), *size);
           if (!w.bad_frame.empty()) break;
           w.from.skip(total);
-          w.from.release();
+          skipped = true;
           got = true;
           continue;
         }
@@ -964,6 +975,7 @@ inline bool engine::receive(worker& w, bool may_drop) {
     w.receiving = false;
     handle_frame(w, w.inbuf.data(), w.inbuf.size());
   }
+  if (skipped) w.from.release();
   if (!w.bad_frame.empty() && may_drop) {
     drop_worker(static_cast<std::size_t>(&w - workers_.data()));
     return true;
