@@ -303,10 +303,10 @@ DATA_PATH = (
     "string) are not copied into that buffer: they go into the ring from the caller's input, "
     "which a chunk sent again reads again. A result frame that "
     "lies whole in the 1 MiB result ring is decoded in place; one that wraps the ring's end, "
-    "or is larger than the ring, is first gathered into a buffer (not zeroed). So the parent "
-    "writes most input bytes twice (a block once), every result byte once "
-    "or twice, on top of zeroing "
-    "the result vector `map` returns, while the thread pool's threads write each result "
+    "or is larger than the ring, is first gathered into a buffer (not zeroed). The vector "
+    "`map` returns is reserved (in huge pages from 4 MiB) and each chunk's slots are made as "
+    "its results arrive. So the parent writes most input bytes twice (a block once) and "
+    "every result byte once or twice, while the thread pool's threads write each result "
     "once, in place. Its cost per chunk is a frame each way: cutting and encoding it, "
     "copying it through the rings, checking the answer's header, and a wake-up when the "
     "worker went to sleep between batches.")
@@ -479,7 +479,8 @@ def goals(R, info, meta):
                     continue
                 s = (f"At n = {md_pow10(x)} procpool takes {fmt_num(b['pp'])} ns per item, the "
                      f"thread pool {fmt_num(b['th'])}. Making the result vector alone (a new, "
-                     f"zeroed `std::vector<int64_t>(n)`, as `map` must return one) costs "
+                     f"zeroed `std::vector<int64_t>(n)` in the allocator's own pages; `map` returns a new "
+                     f"vector too, reserved in huge pages) costs "
                      f"{fmt_num(b['alloc'])} ns per item in the same run")
                 if b["pp_faults"]:
                     s += (f"; a `map` call took {b['pp_faults']:,.0f} page faults in the parent "
@@ -596,10 +597,10 @@ def goals(R, info, meta):
                              f"procpool reaches {huge:.2f} GiB/s.")
             parts.append(
                 "What remains is the data path (above), where `memcpy` runs at "
-                f"{fmt_num(mc)} GiB/s: for an 8 MiB item, four passes over every byte in the "
-                "parent (the item's encoding and its copy into the ring on the way out, the "
-                "result gathered from the ring and decoded on the way back), two of them "
-                "through the 1 MiB rings in pieces, the two sides taking turns; the workers make "
+                f"{fmt_num(mc)} GiB/s: for an 8 MiB item, three passes over every byte in the "
+                "parent (the item copied from the input into the ring on the way out, the "
+                "result gathered from the ring and decoded on the way back), each through the "
+                "1 MiB rings in pieces, the two sides taking turns; the workers make "
                 "five of their own (gathering the frame, decoding the item, the function's "
                 "copy, encoding the result, copying it into the ring), on the same two cores.")
             why = " ".join(parts)
