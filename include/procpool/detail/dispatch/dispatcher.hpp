@@ -196,8 +196,8 @@ class dispatcher {
         if (!call->input_done && !call->failed()) sending_.push_back(call);
         continue;
       }
-      task_header h{handler, call->id, first, count, frame_kind::task};
-      std::memcpy(building_.data() + prefix_, &h, sizeof h);
+      write_task_header(building_.data() + prefix_, handler, call->id, first, count,
+                        frame_kind::task);
       if (prefix_ == sizeof(std::uint64_t)) {
         std::uint64_t size = building_.size() - prefix_ + building_blocks_.bytes;
         std::memcpy(building_.data(), &size, sizeof size);

@@ -14,6 +14,7 @@
 #include <cxxabi.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -50,6 +51,18 @@ struct task_header {
   std::uint32_t count;
   frame_kind kind;
 };
+
+/// Writes a task header at `at`, field by field: a header built on the stack
+/// and copied whole was read back (16 bytes at once) before its narrower
+/// stores had left the store buffer, a stall in every chunk the parent cut.
+inline void write_task_header(std::byte* at, std::uint64_t handler, std::uint64_t call,
+                              std::uint64_t first, std::uint32_t count, frame_kind kind) noexcept {
+  std::memcpy(at + offsetof(task_header, handler), &handler, sizeof handler);
+  std::memcpy(at + offsetof(task_header, call), &call, sizeof call);
+  std::memcpy(at + offsetof(task_header, first), &first, sizeof first);
+  std::memcpy(at + offsetof(task_header, count), &count, sizeof count);
+  std::memcpy(at + offsetof(task_header, kind), &kind, sizeof kind);
+}
 
 /// The head of a frame sent back.
 struct result_header {
