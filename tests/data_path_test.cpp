@@ -585,20 +585,29 @@ TEST_CASE("map makes each result's slot when its chunk arrives, not all before t
   CHECK(counted_made <= n);
 }
 
+namespace {
+/// Options for 2 workers whose progress callback releases `gate` once
+/// `after` results are in (`released` says whether it did).
+pool_options release_after(procpool::semaphore& gate, bool& released, std::size_t after) {
+  pool_options o;
+  o.workers = 2;
+  o.on_progress = [&gate, &released, after](const procpool::progress_info& info) {
+    if (!released && info.done >= after) {
+      released = true;
+      gate.release();
+    }
+  };
+  return o;
+}
+}  // namespace
+
 TEST_CASE("results that arrive ahead of an earlier chunk's land in place when it comes",
           "[data_path]") {
   // Item 0 holds its worker until 40 later results are in: the vector of
   // results is then made past a slot still waiting for its result.
   procpool::semaphore gate(0);
   bool released = false;
-  pool_options o;
-  o.workers = 2;
-  o.on_progress = [&](const procpool::progress_info& info) {
-    if (!released && info.done >= 40) {
-      released = true;
-      gate.release();
-    }
-  };
+  pool_options o = release_after(gate, released, 40);
   pool p(
       [&gate](int x) {
         if (x == 0) gate.acquire();
@@ -618,14 +627,7 @@ TEST_CASE("a map that fails after results past a gap arrived leaves the pool rig
           "[data_path]") {
   procpool::semaphore gate(0);
   bool released = false;
-  pool_options o;
-  o.workers = 2;
-  o.on_progress = [&](const procpool::progress_info& info) {
-    if (!released && info.done >= 20) {
-      released = true;
-      gate.release();
-    }
-  };
+  pool_options o = release_after(gate, released, 20);
   pool p(
       [&gate](int x) -> std::string {
         if (x == 0) {
