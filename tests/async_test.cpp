@@ -466,6 +466,30 @@ TEST_CASE("a batch of submitted tasks reports progress, the last report when non
   for (std::size_t k = 1; k < seen.size(); ++k) CHECK(seen[k].done > seen[k - 1].done);
 }
 
+TEST_CASE("a batch's count before its long last task is reported while that task runs",
+          "[async][progress]") {
+  // Task -3 runs until the callback has seen every other task done. Those
+  // end within a tenth of a second of each other, so their last count is
+  // held back at first; it must still come while task -3 waits.
+  drain_reports();
+  constexpr int n = 200;
+  signal_flag all_but_one;
+  procpool::pool_options o;
+  o.workers = 2;
+  o.on_progress = [&](const procpool::progress_info& info) {
+    if (info.done == n - 1) all_but_one.raise();
+  };
+  procpool::pool p(job, o);
+  std::vector<procpool::future<int>> fs;
+  fs.push_back(p.submit(-3));
+  for (int i = 1; i < n; ++i) fs.push_back(p.submit(i == 3 ? 4 : i));
+  bool reported = all_but_one.wait();
+  gate.give();  // task -3 returns either way: a missing report fails, not hangs
+  REQUIRE(reported);
+  CHECK(fs[0].get() == -6);
+  for (int i = 1; i < n; ++i) CHECK(fs[std::size_t(i)].get() == 2 * (i == 3 ? 4 : i));
+}
+
 TEST_CASE("callbacks as concurrent.futures' tests have them: cancelled, several, one raising",
           "[async]") {
   SECTION("a cancelled task's error callback gets task_cancelled") {

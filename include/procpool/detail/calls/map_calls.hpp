@@ -575,11 +575,15 @@ class submit_call final : public call_state {
       : args_(std::move(args)), batch_(std::move(batch)) {
     if (batch_) batch_->added();
   }
-  /// Counts the task in its batch's progress once it is over.
+  /// Counts the task in its batch's progress once it is over; until then,
+  /// offers the batch's held-back count again (see `task_batch::refresh`).
   void report_progress() override {
-    if (batch_ && finished()) {
+    if (!batch_) return;
+    if (finished()) {
       batch_->finished();
       batch_.reset();
+    } else {
+      batch_->refresh();
     }
   }
   bool next_chunk(writer& out, frame_refs*, std::size_t, std::uint64_t& first, std::uint32_t& count,

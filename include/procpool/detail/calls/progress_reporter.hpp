@@ -126,6 +126,7 @@ class task_batch {
     if (pending_ == 0) {
       reporter_.emplace(bar_, callback_, 0);
       submitted_ = done_ = 0;
+      held_ = false;
     }
     ++pending_;
     reporter_->set_total(++submitted_);
@@ -134,14 +135,24 @@ class task_batch {
   void finished() {
     if (pending_ == 0) return;
     --pending_;
-    reporter_->update(++done_, pending_ == 0);
+    ++done_;
+    offer();
+  }
+  /// Offers again a count the reporter held back (one came less than a
+  /// tenth of a second before it); called while tasks are pending, so that
+  /// the count before a long last task is shown while it runs.
+  void refresh() {
+    if (held_ && pending_ > 0) offer();
   }
 
  private:
+  void offer() { held_ = !reporter_->update(done_, pending_ == 0); }
+
   bool bar_;
   std::function<void(const progress_info&)> callback_;
   std::optional<progress_reporter> reporter_;
   std::size_t pending_ = 0, submitted_ = 0, done_ = 0;
+  bool held_ = false;  // the last count was held back, not yet reported
 };
 
 }  // namespace detail
