@@ -17,11 +17,13 @@
 #include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <iterator>
 #include <list>
 #include <new>
 #include <numeric>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -645,4 +647,56 @@ TEST_CASE("a map that fails after results past a gap arrived leaves the pool rig
   in[0] = 1;
   auto r = p.map(in, map_options{1});
   for (std::size_t k = 0; k < in.size(); ++k) REQUIRE(r[k] == std::to_string(in[k]));
+}
+
+namespace {
+/// Whether the 2 MiB-aligned part of [p, p + n) lies in a mapping advised
+/// into transparent huge pages (`hg` in its /proc/self/smaps VmFlags).
+bool advised_huge(const void* p, std::size_t n) {
+  constexpr std::uintptr_t huge = std::uintptr_t(2) << 20;
+  auto begin = (reinterpret_cast<std::uintptr_t>(p) + huge - 1) & ~(huge - 1);
+  REQUIRE(begin + huge <= reinterpret_cast<std::uintptr_t>(p) + n);  // a part to advise
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    std::uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-') {
+      inside = lo <= begin && begin < hi;
+      continue;
+    }
+    if (inside && line.rfind("VmFlags:", 0) == 0)
+      return (line + " ").find(" hg ") != std::string::npos;
+  }
+  return false;
+}
+}  // namespace
+
+TEST_CASE("a map's big result vector and its big decoded arrays are advised into huge pages",
+          "[data_path]") {
+  if (::access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) != 0) {
+    WARN("this kernel has no transparent huge pages: nothing to check");
+    return;
+  }
+  pool_options o;
+  o.workers = 2;
+  // 8 MiB of results: the vector map returns is reserved and advised.
+  pool squares([](std::int32_t x) { return std::int64_t(x) * x; }, o);
+  std::vector<std::int32_t> in(std::size_t(1) << 20);
+  std::iota(in.begin(), in.end(), 0);
+  auto r = squares.map(in);
+  REQUIRE(r.size() == in.size());
+  CHECK(r.back() == std::int64_t(in.back()) * in.back());
+  CHECK(advised_huge(r.data(), r.size() * sizeof(r[0])));
+  auto ra = squares.map_async(in).get();
+  CHECK(advised_huge(ra.data(), ra.size() * sizeof(ra[0])));
+
+  // An 8 MiB array decoded in the parent.
+  pool same([](const std::vector<char>& v) { return v; }, o);
+  std::vector<std::vector<char>> big(2, std::vector<char>(std::size_t(8) << 20, 'x'));
+  auto rb = same.map(big);
+  REQUIRE(rb == big);
+  CHECK(advised_huge(rb[0].data(), rb[0].size()));
 }
