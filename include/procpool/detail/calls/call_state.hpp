@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -71,34 +72,39 @@ struct frame_ref {
 };
 
 /// The blocks of a chunk's frame left in the caller's input (see
-/// `map_call`): the big arrays and strings among its items, which are then
-/// copied once, into the ring, instead of twice. Empty, it allocates nothing.
+/// `map_call`): the big arrays and strings among its items, and a chunk's
+/// whole run of items when they lie contiguous there, which are then copied
+/// once, into the ring, instead of twice. Held inline: it never allocates,
+/// so a chunk moved out of the dispatcher leaves nothing to make again.
 struct frame_refs {
   /// Blocks per chunk; the items after that are copied.
   static constexpr std::size_t capacity = 4;
-  /// Smaller blocks are copied: a block is worth leaving where it is only
-  /// when copying it costs more than keeping track of it. A block larger
-  /// than the ring streams through it from the input, in pieces.
+  /// Smaller items are copied: an item is worth leaving where it is only
+  /// when copying it costs more than keeping track of it (its count is
+  /// written between blocks). A block larger than the ring streams through
+  /// it from the input, in pieces.
   static constexpr std::size_t min_bytes = std::size_t(16) << 10;
 
-  std::vector<frame_ref> list;
+  std::array<frame_ref, capacity> list{};
+  std::size_t count = 0;  ///< blocks in `list`
   std::size_t bytes = 0;  ///< all the blocks' sizes
 
-  bool full() const noexcept { return list.size() == capacity; }
-  /// Whether a block of `size` bytes is left in place: the list has room,
+  bool full() const noexcept { return count == capacity; }
+  /// Whether an item of `size` bytes is left in place: the list has room,
   /// and it is at least `min_bytes`.
   bool takes(std::size_t size) const noexcept { return !full() && size >= min_bytes; }
-  bool empty() const noexcept { return list.empty(); }
-  /// **Throws:** `std::bad_alloc` (the list is allocated at the first block).
-  void add(std::size_t at, const std::byte* data, std::size_t size) {
-    if (list.capacity() == 0) list.reserve(capacity);
-    list.push_back(frame_ref{at, data, size});
+  bool empty() const noexcept { return count == 0; }
+  /// Lists a block; the list must not be `full()`.
+  void add(std::size_t at, const std::byte* data, std::size_t size) noexcept {
+    list[count++] = frame_ref{at, data, size};
     bytes += size;
   }
   void clear() noexcept {
-    list.clear();
+    count = 0;
     bytes = 0;
   }
+  const frame_ref* begin() const noexcept { return list.data(); }
+  const frame_ref* end() const noexcept { return list.data() + count; }
 };
 
 /// A call in flight: one map, imap or imap_unordered, or one submitted task.

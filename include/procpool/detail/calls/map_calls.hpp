@@ -291,7 +291,10 @@ class map_call : public call_state {
         k = std::min(limit, std::max<std::size_t>(1, chunk_bytes_ / sizeof(Item)));
         const auto* data = reinterpret_cast<const std::byte*>(contiguous_ + next_);
         std::size_t size = k * sizeof(Item);
-        if (refs && refs->takes(size))
+        // The whole run is left in the input, whatever its size: it then
+        // goes into the ring in one copy, and a chunk sent again reads it
+        // there again.
+        if (refs && !refs->full())
           refs->add(out.size(), data, size);
         else
           out.write(data, size);

@@ -71,7 +71,7 @@ struct chunk {
       n -= take;
       at += size;
     };
-    for (const frame_ref& b : blocks.list) {
+    for (const frame_ref& b : blocks) {
       if (n == 0) break;
       piece(bytes.data() + own, b.at - own);
       own = b.at;
@@ -177,10 +177,12 @@ class dispatcher {
       std::uint64_t first = 0;
       std::uint32_t count = 0;
       bool made = false;
-      building_blocks_.clear();
+      // Listed straight into the chunk: a list built aside and copied was
+      // read back in wide loads before its narrow stores had landed.
+      c.blocks.clear();
       try {
-        made = call->next_chunk(building_, blocks_ ? &building_blocks_ : nullptr, max_count, first,
-                                count, handler);
+        made = call->next_chunk(building_, blocks_ ? &c.blocks : nullptr, max_count, first, count,
+                                handler);
       } catch (...) {
         // The call cuts its chunks catching what its input throws; what
         // escapes that (an iterator's comparison, memory) ends the call,
@@ -199,25 +201,21 @@ class dispatcher {
       write_task_header(building_.data() + prefix_, handler, call->id, first, count,
                         frame_kind::task);
       if (prefix_ == sizeof(std::uint64_t)) {
-        std::uint64_t size = building_.size() - prefix_ + building_blocks_.bytes;
+        std::uint64_t size = building_.size() - prefix_ + c.blocks.bytes;
         std::memcpy(building_.data(), &size, sizeof size);
       }
       // Every field set (not `c = chunk{}`: zeroing a whole chunk first
       // was a seventh of this function's time at ten items per chunk).
       c.bytes = std::move(building_);
-      if (!building_blocks_.empty())
-        c.blocks = std::move(building_blocks_);
-      else
-        c.blocks.clear();
       c.retries = 0;
       c.bad_frames = 0;
       building_ = writer();
-      c.call = call;
       c.call_id = call->id;
       c.first = first;
       c.count = count;
       ++call->in_flight;
       call->dispatched = true;
+      c.call = std::move(call);  // moved, not copied: one atomic count less per chunk
       return true;
     }
     return false;
@@ -409,8 +407,7 @@ class dispatcher {
   static constexpr std::size_t max_spare_bytes = std::size_t(8) << 20;
   std::vector<writer> spare_;  // buffers of settled chunks
   std::size_t spare_bytes_ = 0;
-  writer building_;             // the next chunk's frame, while it is cut
-  frame_refs building_blocks_;  // its blocks left in its call's input
+  writer building_;  // the next chunk's frame, while it is cut
 };
 
 }  // namespace procpool::detail
