@@ -296,20 +296,22 @@ def ms(seconds):
 # (include/procpool/detail/engine/fork_engine.hpp and pool.hpp); the explanations of
 # missed goals refer to it.
 DATA_PATH = (
-    "The parent sends and collects alone, on one core: it encodes each chunk into the "
-    "chunk's own buffer (a settled chunk's, reused; kept so that the chunk can be sent again "
-    "if its worker dies) and copies that into the worker's task ring. Blocks of 16 KiB or "
-    "more (contiguous trivially sendable items, an item that is an array or a "
-    "string) are not copied into that buffer: they go into the ring from the caller's input, "
-    "which a chunk sent again reads again. A result frame that "
-    "lies whole in the 1 MiB result ring is decoded in place; one that wraps the ring's end, "
-    "or is larger than the ring, is first gathered into a buffer (not zeroed). The vector "
-    "`map` returns is reserved (in huge pages from 4 MiB) and each chunk's slots are made as "
-    "its results arrive. So the parent writes most input bytes twice (a block once) and "
-    "every result byte once or twice, while the thread pool's threads write each result "
-    "once, in place. Its cost per chunk is a frame each way: cutting and encoding it, "
-    "copying it through the rings, checking the answer's header, and a wake-up when the "
-    "worker went to sleep between batches.")
+    "The parent sends and collects alone, on one core. A chunk of items that lie contiguous "
+    "in the caller's input and are trivially sendable (numbers, plain structs), and any item "
+    "of 16 KiB or more that is an array or a string, go into the worker's task ring straight "
+    "from the input, in one copy; a chunk sent again (its worker died) reads them there again. "
+    "Other items are encoded into the chunk's own buffer (a settled chunk's, reused, kept for "
+    "a resend) and copied into the ring. Each ring's memory is mapped twice in a row, so a "
+    "frame of up to the ring's size (1 MiB) is one contiguous piece wherever it lies: result "
+    "frames are decoded in place, and only a frame larger than the ring is gathered into a "
+    "buffer (not zeroed). The vector `map` returns is reserved (in huge pages from 4 MiB); "
+    "results that arrive in order are appended to it straight from the ring, and slots are "
+    "value-initialized only for a chunk whose results come before an earlier chunk's. So the "
+    "parent writes plain input bytes once and every result byte once, as the thread pool's "
+    "threads do, but after its workers wrote them into the ring, where the threads write them "
+    "in place. Its cost per chunk is a frame each way: cutting it, copying it through the "
+    "rings, checking the answer's header, and a wake-up when the worker went to sleep "
+    "between batches.")
 
 
 # The floor, as the sections that show it describe it (bench/floor_pool.hpp).

@@ -38,8 +38,9 @@ namespace pd = procpool::detail;
 namespace {
 
 /// Set in the test's own process: every allocation of `unmapped_allocator`
-/// is then in pages of its own, unmapped when freed, so that reading freed
-/// memory faults. Workers clear it (in the pool's initializer) and allocate
+/// is then in pages of its own, made inaccessible when freed (and kept so:
+/// no later mapping reuses the addresses), so that reading freed memory
+/// faults. Workers clear it (in the pool's initializer) and allocate
 /// as usual: their items are decoded fast, so that each is given many frames.
 bool unmapping = false;
 
@@ -64,7 +65,8 @@ struct unmapped_allocator {
     if (!unmapping)
       std::allocator<T>().deallocate(p, n);
     else
-      ::munmap(p, rounded(n));
+      ::mmap(p, rounded(n), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1,
+             0);
   }
   template <class U>
   bool operator==(const unmapped_allocator<U>&) const noexcept {
@@ -699,4 +701,109 @@ TEST_CASE("a map's big result vector and its big decoded arrays are advised into
   auto rb = same.map(big);
   REQUIRE(rb == big);
   CHECK(advised_huge(rb[0].data(), rb[0].size()));
+}
+
+namespace {
+
+using plain = std::vector<std::uint64_t, unmapped_allocator<std::uint64_t>>;
+
+/// True when this process maps a pool's mirrored rings.
+bool maps_mirrored_rings() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line))
+    if (line.find("procpool-rings") != std::string::npos) return true;
+  return false;
+}
+
+/// Maps `n` numbers through `p` (a pool of `x * 3`) with `chunk` items per
+/// chunk and checks every result.
+template <class Pool>
+void triples(Pool& p, std::size_t n, std::size_t chunk, std::uint64_t seed) {
+  std::vector<std::uint64_t> in(n);
+  std::iota(in.begin(), in.end(), seed);
+  auto r = p.map(in, map_options{chunk});
+  REQUIRE(r.size() == n);
+  std::size_t bad = 0;
+  for (std::size_t k = 0; k < n; ++k) bad += r[k] != in[k] * 3;
+  REQUIRE(bad == 0);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "plain items go from a contiguous input, and a frame partly out when its map ends goes on "
+    "from a copy",
+    "[data_path]") {
+  unmapping_scope scope;  // first: every `plain` goes before it
+  constexpr std::uint64_t hold = ~std::uint64_t(0);
+  procpool::semaphore gate(0);
+  for (int round = 0; round < 3; ++round) {
+    CAPTURE(round);
+    pool_options o = small_rings();
+    bool stop = false;
+    o.on_progress = [&](const procpool::progress_info&) {
+      if (stop) {
+        stop = false;
+        throw std::runtime_error("enough");
+      }
+    };
+    pool p(
+        [&gate](std::uint64_t x) {
+          if (x == hold) gate.acquire();
+          return x * 3;
+        },
+        o);
+    // Short chunks first: the pool then gives each worker many frames at
+    // once (see `engine::queue_depth`). The first worker holds a task; the
+    // map's frames to it (chunks of half a ring, read from the input) fill
+    // its ring, the last in part. The map ends when the other worker's
+    // first results arrive.
+    triples(p, 100000, 100, 1);
+    auto held = p.submit(hold);
+    {
+      plain in(200000);
+      std::iota(in.begin(), in.end(), std::uint64_t(round) * 1000);
+      stop = true;
+      REQUIRE_THROWS_WITH(p.map(in), "enough");
+      // `in` is unmapped here: the rest of a frame must come from elsewhere.
+    }
+    gate.release();
+    REQUIRE(held.get() == hold * 3);
+    triples(p, 100000, 0, 7);
+    triples(p, 1000, 1, 9);
+  }
+}
+
+TEST_CASE("a pool's rings are mirrored, and work the same where the kernel refuses the mirror",
+          "[data_path]") {
+  // Small rings, many chunks of results that are not a whole fraction of
+  // the ring: frames cross the rings' ends in both directions.
+  for (bool refuse : {false, true}) {
+    CAPTURE(refuse);
+    static int asked;
+    asked = 0;
+    if (refuse)
+      pd::sys::fault_hook = [](const char* call) {
+        if (std::strcmp(call, "memfd_create") != 0) return 0;
+        ++asked;
+        return ENOSYS;
+      };
+    std::optional<pool<std::uint64_t (*)(std::uint64_t)>> p;
+    try {
+      p.emplace([](std::uint64_t x) { return x * 3; }, small_rings(16 * 1024));
+    } catch (...) {
+      pd::sys::fault_hook = nullptr;
+      throw;
+    }
+    pd::sys::fault_hook = nullptr;
+    CHECK(maps_mirrored_rings() == !refuse);
+    if (refuse) CHECK(asked == 1);
+    for (std::size_t chunk : {0, 1, 7, 333, 1021}) {
+      CAPTURE(chunk);
+      triples(*p, 20011, chunk, chunk);
+    }
+    p.reset();
+    CHECK_FALSE(maps_mirrored_rings());  // unmapped with the pool
+  }
 }

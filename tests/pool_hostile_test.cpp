@@ -42,6 +42,8 @@ namespace procpool::detail {
 /// The tests' view of an engine's internals (declared by detail/engine/fork_engine.hpp).
 struct engine_probe {
   static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
+  /// The result ring's bytes when they are mirrored, else null (see `ring_writer`).
+  static std::byte* result_bytes(engine& e, std::size_t i) { return e.workers_[i].result_bytes; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }
   static std::uint64_t next_call_id(const engine& e) { return e.dispatch_.next_call_id(); }
   static worker_slot* slot(engine& e, std::size_t i) { return e.workers_[i].slot; }
@@ -297,6 +299,7 @@ namespace {
 /// What the test tells the workers, in memory they all share.
 struct hostile_table {
   pd::ring_control* result[4] = {};
+  std::byte* result_bytes[4] = {};
   pd::eventcount* doorbell = nullptr;
   std::uint64_t call = 0;         // id of the call under test
   std::atomic<int> lies_left{0};  // how many lies workers still tell
@@ -379,13 +382,15 @@ void lie(int x) {
       procpool::encode(body, false);  // no exception object
       break;
     case partial_prefix: {
-      pd::ring_writer out(table->result[my_worker_index()], table->doorbell);
+      pd::ring_writer out(table->result[my_worker_index()], table->doorbell,
+                          table->result_bytes[my_worker_index()]);
       out.put("\x10\x00", 2);
       out.publish();
       return;
     }
     case huge_size: {
-      pd::ring_writer out(table->result[my_worker_index()], table->doorbell);
+      pd::ring_writer out(table->result[my_worker_index()], table->doorbell,
+                          table->result_bytes[my_worker_index()]);
       std::uint64_t size = ~std::uint64_t(0) - 4;
       out.put(&size, sizeof size);
       out.put(body.data(), body.size());
@@ -393,7 +398,8 @@ void lie(int x) {
       return;
     }
   }
-  pd::ring_writer out(table->result[my_worker_index()], table->doorbell);
+  pd::ring_writer out(table->result[my_worker_index()], table->doorbell,
+                      table->result_bytes[my_worker_index()]);
   out.write_message(body.data(), body.size(), [] { return true; });
 }
 
@@ -421,8 +427,10 @@ struct bare_pool {
     c.function = &f;
     engine = std::make_shared<pd::engine>(std::move(c));
     calls = pd::call_front<int (*)(int), pd::local_handlers>(engine, 1, false, {});
-    for (unsigned i = 0; i < workers; ++i)
+    for (unsigned i = 0; i < workers; ++i) {
       table->result[i] = pd::engine_probe::result_ring(*engine, i);
+      table->result_bytes[i] = pd::engine_probe::result_bytes(*engine, i);
+    }
     table->doorbell = pd::engine_probe::doorbell(*engine);
   }
   std::vector<int> map(const std::vector<int>& xs) {

@@ -18,6 +18,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -36,10 +38,23 @@ namespace {
 
 constexpr std::size_t ring_size = 4096;
 
-/// A ring of `ring_size` bytes in a shared mapping, usable across fork.
+/// A ring of `ring_size` bytes in a shared mapping, usable across fork: its
+/// bytes after its control, or, `mirrored`, mapped twice in a row apart
+/// from it (as a pool's rings are).
 struct shared_ring {
+  explicit shared_ring(bool mirrored = false) {
+    if (mirrored) {
+      mirror = procpool::detail::mirrored_mapping(1, ring_size);
+      bytes = mirror.area(0);
+    }
+  }
+  ring_writer writer() { return ring_writer(ring, nullptr, bytes); }
+  ring_reader reader() { return ring_reader(ring, nullptr, bytes); }
+
   shared_mapping mapping{ring_control::bytes_needed(ring_size)};
   ring_control* ring = ring_control::create(mapping.data(), ring_size);
+  procpool::detail::mirrored_mapping mirror;
+  std::byte* bytes = nullptr;  // the mirrored bytes, or null
 };
 
 /// True while `pid` runs (false once it is a zombie).
@@ -80,10 +95,10 @@ const std::vector<std::size_t> edge_sizes = {0,
 }  // namespace
 
 TEST_CASE("messages around the ring's size cross a fork intact, child to parent", "[ring][fork]") {
-  shared_ring s;
+  shared_ring s(GENERATE(false, true));
   constexpr int rounds = 3;  // each round starts at a different offset in the ring
   pid_t child = spawn([&] {
-    ring_writer w(s.ring);
+    auto w = s.writer();
     std::uint64_t seq = 0;
     for (int r = 0; r < rounds; ++r) {
       for (std::size_t size : edge_sizes) {
@@ -93,7 +108,7 @@ TEST_CASE("messages around the ring's size cross a fork intact, child to parent"
     }
     return 0;
   });
-  ring_reader rd(s.ring);
+  auto rd = s.reader();
   std::vector<std::byte> got;
   std::uint64_t seq = 0;
   int bad = 0;
@@ -114,11 +129,11 @@ TEST_CASE("messages around the ring's size cross a fork intact, child to parent"
 }
 
 TEST_CASE("messages around the ring's size cross a fork intact, parent to child", "[ring][fork]") {
-  shared_ring s;
+  shared_ring s(GENERATE(false, true));
   constexpr int rounds = 3;
   pid_t parent = ::getpid();
   pid_t child = spawn([&] {
-    ring_reader rd(s.ring);
+    auto rd = s.reader();
     std::vector<std::byte> got;
     std::uint64_t seq = 0;
     for (int r = 0; r < rounds; ++r) {
@@ -131,7 +146,7 @@ TEST_CASE("messages around the ring's size cross a fork intact, parent to child"
     }
     return 0;
   });
-  ring_writer w(s.ring);
+  auto w = s.writer();
   std::uint64_t seq = 0;
   for (int r = 0; r < rounds; ++r) {
     for (std::size_t size : edge_sizes) {
@@ -146,8 +161,8 @@ TEST_CASE("a header published in pieces is seen whole by a waiting reader", "[ri
   // The reader caches how far the writer got; a part of a header must not
   // stop it from seeing the rest once it is published.
   shared_ring s;
-  ring_writer w(s.ring);
-  ring_reader rd(s.ring);
+  auto w = s.writer();
+  auto rd = s.reader();
   std::uint64_t header = 5;
   w.put(&header, 3);
   w.publish();
@@ -166,10 +181,10 @@ TEST_CASE("a header published in pieces is seen whole by a waiting reader", "[ri
 /// Writes and reads back messages of every size at every offset of the ring,
 /// each read into `got` (reused from one message to the next).
 template <class Buffer>
-void wrap_messages(Buffer& got) {
-  shared_ring s;
-  ring_writer w(s.ring);
-  ring_reader rd(s.ring);
+void wrap_messages(Buffer& got, bool mirrored) {
+  shared_ring s(mirrored);
+  auto w = s.writer();
+  auto rd = s.reader();
   std::uint64_t written = 0, read = 0;
   int bad = 0;
   // Batches of up to 5 messages of 0 to ~1.5 KiB: positions cover every
@@ -199,17 +214,18 @@ void wrap_messages(Buffer& got) {
 
 TEST_CASE("many messages wrap around the ring intact, read into a vector or a reused writer",
           "[ring]") {
+  bool mirrored = GENERATE(false, true);
   std::vector<std::byte> vector;
-  wrap_messages(vector);
+  wrap_messages(vector, mirrored);
   procpool::writer writer;  // as a worker gathers a task frame: not zeroed, shrinking and growing
-  wrap_messages(writer);
+  wrap_messages(writer, mirrored);
 }
 
 TEST_CASE("a reader waiting on a dead writer returns when keep_waiting says no", "[ring][fork]") {
   using clock = std::chrono::steady_clock;
   shared_ring s;
   std::vector<std::byte> got;
-  ring_reader rd(s.ring);
+  auto rd = s.reader();
 
   SECTION("the writer exits before writing anything") {
     pid_t child = spawn([] { return 0; });
@@ -221,7 +237,7 @@ TEST_CASE("a reader waiting on a dead writer returns when keep_waiting says no",
   }
   SECTION("the writer dies in the middle of a message") {
     pid_t child = spawn([&] {
-      ring_writer w(s.ring);
+      auto w = s.writer();
       std::uint64_t header = 100;
       w.put(&header, sizeof header);
       w.put("0123456789", 10);
@@ -367,4 +383,90 @@ TEST_CASE("no notification is lost between threads that wait and notify at once"
   b.join();
   CHECK(timed_out.load() == 0);
   CHECK(ec.waiters.load() == 0);
+}
+
+TEST_CASE("a mirrored mapping shows each area again right after it, across a fork",
+          "[ring][fork]") {
+  procpool::detail::mirrored_mapping m(3, ring_size);
+  REQUIRE(m);
+  REQUIRE(m.size() == ring_size);
+  // The child writes each area through its second view; the parent reads
+  // the first: the same bytes, and no area's bytes in another's.
+  pid_t child = spawn([&] {
+    for (std::size_t a = 0; a < 3; ++a)
+      for (std::size_t k = 0; k < ring_size; ++k)
+        m.area(a)[ring_size + k] = static_cast<std::byte>((a * 31 + k * 7) & 0xff);
+    return 0;
+  });
+  REQUIRE(reap(child).success());
+  int bad = 0;
+  for (std::size_t a = 0; a < 3; ++a)
+    for (std::size_t k = 0; k < ring_size; ++k)
+      if (m.area(a)[k] != static_cast<std::byte>((a * 31 + k * 7) & 0xff)) ++bad;
+  CHECK(bad == 0);
+  // Written through the first view, seen through the second.
+  m.area(1)[5] = std::byte{0xab};
+  CHECK(m.area(1)[ring_size + 5] == std::byte{0xab});
+  CHECK(m.area(0)[ring_size + 5] != std::byte{0xab});
+}
+
+TEST_CASE("a mirrored mapping refuses a size that is not whole pages, and its failures are clean",
+          "[ring]") {
+  CHECK_THROWS_AS(procpool::detail::mirrored_mapping(1, 1000), std::system_error);
+  auto fds = procpool_test::open_fd_count();
+  static const char* refuse;
+  for (const char* call : {"memfd_create", "ftruncate", "mmap"}) {
+    CAPTURE(call);
+    refuse = call;
+    procpool::detail::sys::fault_hook = [](const char* c) {
+      return std::strcmp(c, refuse) == 0 ? ENOMEM : 0;
+    };
+    try {
+      procpool::detail::mirrored_mapping m(2, ring_size);
+      procpool::detail::sys::fault_hook = nullptr;
+      FAIL("the mapping was made with " << call << " refused");
+    } catch (const std::system_error& e) {
+      procpool::detail::sys::fault_hook = nullptr;
+      CHECK_THAT(e.what(), Catch::Contains(call));
+    }
+  }
+  CHECK(procpool_test::open_fd_count() == fds);  // the memfd is closed on every path
+}
+
+TEST_CASE("through a mirrored ring every message up to its size is read in place, across its end",
+          "[ring]") {
+  shared_ring s(true);
+  auto w = s.writer();
+  auto rd = s.reader();
+  std::uint64_t seq = 0;
+  int across = 0, bad = 0;
+  for (int round = 0; round < 3000; ++round) {
+    // Sizes from 0 to the whole ring less the length: every split of
+    // length and body at the ring's end comes up.
+    std::size_t size = (seq * 2654435761u) % (ring_size - sizeof(std::uint64_t) + 1);
+    auto m = make_message(seq, size);
+    REQUIRE(w.write_message(m.data(), m.size(), [] { return true; }));
+    REQUIRE(rd.next_message_size() == size);
+    std::size_t total = sizeof(std::uint64_t) + size;
+    std::size_t at = std::size_t(s.ring->head.load() % ring_size);
+    if (at + total > ring_size) ++across;
+    const std::byte* p = rd.peek(total);
+    REQUIRE(p != nullptr);
+    if (std::vector<std::byte>(p + sizeof(std::uint64_t), p + total) != m) ++bad;
+    rd.skip(total);
+    rd.release();
+    ++seq;
+  }
+  CHECK(bad == 0);
+  CHECK(across > 500);  // most messages this size cross the end
+  // Without the mirror, a message across the end cannot be read in place.
+  shared_ring plain;
+  auto pw = plain.writer();
+  auto pr = plain.reader();
+  std::vector<std::byte> filler(ring_size / 2);
+  REQUIRE(pw.write_message(filler.data(), filler.size(), [] { return true; }));
+  REQUIRE(pr.read_message(filler, std::nullopt, [] { return true; }) == wait_status::ready);
+  REQUIRE(pw.write_message(filler.data(), filler.size(), [] { return true; }));
+  CHECK(pr.peek(sizeof(std::uint64_t) + filler.size()) == nullptr);
+  CHECK_FALSE(pr.mirrored());
 }

@@ -64,6 +64,8 @@ namespace procpool::detail {
 /// The run's view of the engine's rings (declared by detail/engine/fork_engine.hpp).
 struct engine_probe {
   static ring_control* result_ring(engine& e, std::size_t i) { return e.workers_[i].result; }
+  /// The result ring's bytes when they are mirrored, else null (see `ring_writer`).
+  static std::byte* result_bytes(engine& e, std::size_t i) { return e.workers_[i].result_bytes; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }
 };
 
@@ -80,6 +82,7 @@ const char* const fault_names[] = {"none",    "throw", "abort",         "SIGKILL
 /// What the workers need to lie, in memory shared with them.
 struct lie_table {
   pd::ring_control* result[2] = {};
+  std::byte* result_bytes[2] = {};
   pd::eventcount* doorbell = nullptr;
 };
 lie_table* liars = nullptr;
@@ -185,7 +188,7 @@ long rss_kib() {
       procpool::encode(body, 0);
       break;
   }
-  pd::ring_writer out(liars->result[me], liars->doorbell);
+  pd::ring_writer out(liars->result[me], liars->doorbell, liars->result_bytes[me]);
   out.write_message(body.data(), body.size(), [] { return true; });
   for (;;) ::pause();  // its own writer would write over the lie
 }
@@ -284,8 +287,10 @@ int main(int argc, char** argv) {
   liars = new (table) lie_table();
   auto engine = std::make_shared<pd::engine>(std::move(config));
   pd::call_front<int (*)(const item&), pd::local_handlers> p(engine, 0, false, {});
-  for (unsigned i = 0; i < options.workers; ++i)
+  for (unsigned i = 0; i < options.workers; ++i) {
     liars->result[i] = pd::engine_probe::result_ring(*engine, i);
+    liars->result_bytes[i] = pd::engine_probe::result_bytes(*engine, i);
+  }
   liars->doorbell = pd::engine_probe::doorbell(*engine);
 
   // A one-worker pool whose worker dies while fork or pidfd_open is refused.

@@ -215,6 +215,32 @@ void decode_results(reader& in, Slot* dest, std::size_t count) {
   }
 }
 
+/// Appends `count` results of type `R` to `v` straight from `in`, when they
+/// are trivially sendable, kept as they are, and lie aligned for `R` there:
+/// the slots are made by the copy, with no value-initialization first. False
+/// (nothing read) otherwise. `v` has the capacity for them: it does not move.
+/// **Throws:** `decode_error` when fewer bytes than the results remain.
+template <class R, class Slot>
+bool append_results(reader& in, std::vector<Slot>& v, std::size_t count) {
+  if constexpr (std::is_same_v<R, Slot> && is_trivially_sendable_v<R> && !std::is_same_v<R, bool>) {
+    const std::byte* p = in.data() + in.offset();
+    if (reinterpret_cast<std::uintptr_t>(p) % alignof(R) != 0) return false;
+    if (count > in.remaining() / sizeof(R))
+      throw decode_error(in.offset(),
+                         fmt::format("expected {} results of {} bytes, {} bytes remain", count,
+                                     sizeof(R), in.remaining()));
+    assert(v.capacity() - v.size() >= count);
+    // The bytes are `count` objects of a trivially copyable type, copied
+    // there by the worker and aligned: read in place, as a shared mapping's are.
+    const R* first = reinterpret_cast<const R*>(in.take(count * sizeof(R)));
+    v.insert(v.end(), first, first + count);
+    return true;
+  } else {
+    (void)in, (void)v, (void)count;
+    return false;
+  }
+}
+
 /// Items per chunk whose results of type `R` fit in `chunk_bytes`, when
 /// their size is known (trivially sendable results): a chunk's answer then
 /// fits the ring as its frame does, and is read in place, not gathered.
@@ -321,8 +347,18 @@ class map_call : public call_state {
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
     // Within the capacity reserved: `out_` stays valid. (The dispatcher
     // checked that the chunk lies within the call's items.)
-    if constexpr (std::is_default_constructible_v<Slot>)  // slots that can grow (`result_slot_t`)
-      if (grow_ && first + count > grow_->size()) grow_->resize(first + count);
+    if constexpr (std::is_default_constructible_v<Slot>) {  // slots that can grow (`result_slot_t`)
+      if (grow_ && first + count > grow_->size()) {
+        // The next results in order are appended: made by the copy itself,
+        // with no value-initialization before it.
+        if (first == grow_->size() &&
+            append_results<call_result_t<F, Item, Invoke>>(in, *grow_, count)) {
+          done_ += count;
+          return;
+        }
+        grow_->resize(first + count);
+      }
+    }
     decode_results<call_result_t<F, Item, Invoke>>(in, out_ + first, count);
     done_ += count;
   }

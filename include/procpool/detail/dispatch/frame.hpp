@@ -147,27 +147,36 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
       if (n > 0) {
         const std::byte* src = in.data() + in.offset();
         std::byte* dst = out.prepare(n * sizeof(R));
+        // Counted in a local, not in `h`: the result bytes written through
+        // `dst` may alias anything in memory, `h` included, which kept the
+        // count going back to memory at every item.
+        std::size_t k = 0;
+        bool stopped = false;
         try {
-          for (; h.count < n; ++h.count) {
-            if (!before(first + h.count)) {
-              h.kind = frame_kind::skipped;
+          for (; k < n; ++k) {
+            if (!before(first + k)) {
+              stopped = true;
               break;
             }
             Item item;
-            std::memcpy(static_cast<void*>(&item), src + std::size_t(h.count) * sizeof(Item),
-                        sizeof(Item));
+            std::memcpy(static_cast<void*>(&item), src + k * sizeof(Item), sizeof(Item));
             auto&& r = Invoke::call(f, item);
-            std::memcpy(dst + std::size_t(h.count) * sizeof(R), std::addressof(r), sizeof(R));
+            std::memcpy(dst + k * sizeof(R), std::addressof(r), sizeof(R));
           }
         } catch (...) {
-          out.commit(std::size_t(h.count) * sizeof(R));
+          h.count = static_cast<std::uint32_t>(k);
+          out.commit(k * sizeof(R));
           mark = out.size();
-          in.take(std::size_t(h.count) * sizeof(Item));
+          in.take(k * sizeof(Item));
           throw;
         }
-        out.commit(std::size_t(h.count) * sizeof(R));
-        in.take(std::size_t(h.count) * sizeof(Item));
-        if (h.kind == frame_kind::skipped) return h;
+        h.count = static_cast<std::uint32_t>(k);
+        out.commit(k * sizeof(R));
+        in.take(k * sizeof(Item));
+        if (stopped) {
+          h.kind = frame_kind::skipped;
+          return h;
+        }
       }
     }
     for (; h.count < count; ++h.count) {

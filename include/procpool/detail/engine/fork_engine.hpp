@@ -121,17 +121,26 @@ struct worker_context {
   std::uint64_t call = 0;
   bool stamp_times = false;
 
-  /// Called by handlers before each item: publishes it, and says whether the
-  /// call was cancelled from this item on (the handler then stops).
-  bool begin_item(std::uint64_t index) noexcept {
-    if (shared->cancel_call.load(std::memory_order_relaxed) == call &&
-        index >= shared->cancel_from.load(std::memory_order_relaxed))
-      return false;
-    if (stamp_times)
-      slot->started_ns.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
-    slot->current.store(index, std::memory_order_release);
-    return true;
-  }
+  /// Called by handlers before each item, with the context's fields copied
+  /// (a handler's loop keeps them in registers instead of reading them again
+  /// after every result it writes, bytes that for all the compiler knows may
+  /// overwrite them): publishes the item, and says whether the call was
+  /// cancelled from this item on (the handler then stops).
+  struct item_gate {
+    engine_shared* shared;
+    worker_slot* slot;
+    std::uint64_t call;
+    bool stamp_times;
+    bool operator()(std::uint64_t index) const noexcept {
+      if (shared->cancel_call.load(std::memory_order_relaxed) == call &&
+          index >= shared->cancel_from.load(std::memory_order_relaxed))
+        return false;
+      if (stamp_times)
+        slot->started_ns.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
+      slot->current.store(index, std::memory_order_release);
+      return true;
+    }
+  };
 };
 
 /// Thrown inside a handler to report that the call was cancelled mid-chunk.
@@ -145,9 +154,8 @@ template <class F, class Item, class Invoke>
 void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32_t count,
                writer& out) {
   F& f = *static_cast<F*>(ctx.function);
-  patch_result_header(out,
-                      run_items<Item, Invoke>(f, in, ctx.call, first, count, out,
-                                              [&](std::uint64_t i) { return ctx.begin_item(i); }));
+  const worker_context::item_gate gate{ctx.shared, ctx.slot, ctx.call, ctx.stamp_times};
+  patch_result_header(out, run_items<Item, Invoke>(f, in, ctx.call, first, count, out, gate));
 }
 
 /// Handler tokens for forked workers: the address of the handler, the same
@@ -240,6 +248,8 @@ class engine final : public driver {
     worker_slot* slot = nullptr;
     ring_control* task = nullptr;
     ring_control* result = nullptr;
+    std::byte* task_bytes = nullptr;    // the rings' bytes when mirrored (`engine::rings_`),
+    std::byte* result_bytes = nullptr;  // else null: they follow their controls
     ring_writer to;
     ring_reader from;
     chunk_queue<chunk> inflight;    // in the order sent
@@ -319,6 +329,7 @@ class engine final : public driver {
   engine_config config_;
   pid_t parent_ = 0;
   shared_mapping mapping_;
+  mirrored_mapping rings_;  // the rings' bytes, mapped twice in a row; empty where refused
   engine_shared* shared_ = nullptr;
   std::size_t ring_capacity_ = 0;
   std::size_t chunk_bytes_ = 0;
@@ -338,8 +349,12 @@ class engine final : public driver {
 
 // ---------------------------------------------------------------------------
 
-inline std::size_t slot_bytes(std::size_t ring_capacity) {
-  return align_up(sizeof(worker_slot), cache_line) + 2 * ring_control::bytes_needed(ring_capacity);
+/// Bytes of a worker's part of the engine's mapping: its slot and its two
+/// rings' controls, and their bytes unless those are `mirrored`.
+inline std::size_t slot_bytes(std::size_t ring_capacity, bool mirrored) {
+  std::size_t ring = mirrored ? align_up(sizeof(ring_control), cache_line)
+                              : ring_control::bytes_needed(ring_capacity);
+  return align_up(sizeof(worker_slot), cache_line) + 2 * ring;
 }
 
 inline engine::engine(engine_config config) : config_(std::move(config)), parent_(::getpid()) {
@@ -348,18 +363,35 @@ inline engine::engine(engine_config config) : config_(std::move(config)), parent
   // Two chunks in flight per worker fit the ring without streaming.
   chunk_bytes_ = ring_capacity_ / 2 - sizeof(task_header) - 2 * sizeof(std::uint64_t);
   std::size_t header = align_up(sizeof(engine_shared), cache_line);
-  mapping_ = shared_mapping(header + config_.workers * slot_bytes(ring_capacity_));
+  // The rings' bytes mapped twice in a row, so that no frame is ever cut at
+  // a ring's end: each is read in place and copied in one piece, whatever
+  // its position. Where the kernel refuses (no memfd, a page larger than a
+  // ring), the bytes follow their controls and frames across the end are
+  // gathered: slower, not different.
+  try {
+    rings_ = mirrored_mapping(2 * std::size_t(config_.workers), ring_capacity_);
+  } catch (const std::system_error&) {
+    rings_ = mirrored_mapping();
+  }
+  bool mirrored = static_cast<bool>(rings_);
+  std::size_t slot = slot_bytes(ring_capacity_, mirrored);
+  mapping_ = shared_mapping(header + config_.workers * slot);
   auto* base = static_cast<std::byte*>(mapping_.data());
   shared_ = new (base) engine_shared();
   shared_->track_start_times.store(config_.task_timeout.count() > 0 ? 1 : 0);
   workers_.resize(config_.workers);
   for (std::size_t i = 0; i < workers_.size(); ++i) {
-    std::byte* p = base + header + i * slot_bytes(ring_capacity_);
+    std::byte* p = base + header + i * slot;
     auto& w = workers_[i];
     w.slot = new (p) worker_slot();
     p += align_up(sizeof(worker_slot), cache_line);
     w.task = ring_control::create(p, ring_capacity_);
-    w.result = ring_control::create(p + ring_control::bytes_needed(ring_capacity_), ring_capacity_);
+    p += (slot - align_up(sizeof(worker_slot), cache_line)) / 2;
+    w.result = ring_control::create(p, ring_capacity_);
+    if (mirrored) {
+      w.task_bytes = rings_.area(2 * i);
+      w.result_bytes = rings_.area(2 * i + 1);
+    }
   }
   try {
     // The server is a copy of this process as it is now, slots and rings
@@ -400,8 +432,8 @@ inline void engine::spawn(std::size_t i) {
   w.slot->claim.store(0);
   w.slot->revoke_end.store(0);
   w.frames_sent = 0;
-  w.to = ring_writer(w.task);
-  w.from = ring_reader(w.result);
+  w.to = ring_writer(w.task, nullptr, w.task_bytes);
+  w.from = ring_reader(w.result, nullptr, w.result_bytes);
   w.inbuf.clear();
   w.slot->chunk_ns.store(0);
   w.in_need = 0;
@@ -469,8 +501,8 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     auto& w = workers_[i];
     worker_context ctx{shared_, w.slot, config_.function};
     ctx.stamp_times = shared_->track_start_times.load() != 0;
-    ring_reader in(w.task, &shared_->doorbell);
-    ring_writer out(w.result, &shared_->doorbell);
+    ring_reader in(w.task, &shared_->doorbell, w.task_bytes);
+    ring_writer out(w.result, &shared_->doorbell, w.result_bytes);
     auto parent_alive = [server] { return ::getppid() == server; };
     writer result;
     if (config_.initializer) {

@@ -8,6 +8,12 @@
 // `ring_reader`) that caches the other side's counter, so the common case
 // touches the other side's cache line only when the cached value runs out.
 //
+// A ring's bytes may lie in the control's own mapping, right after it, or in
+// a mirrored mapping (`mirrored_mapping`: the bytes mapped twice in a row),
+// given to each view. Through a mirrored view any piece of at most the
+// ring's capacity is contiguous, across the ring's end too: it is copied in
+// one piece and read in place (`peek`), never gathered.
+//
 // Messages are `u64 size` + `size` bytes. A message larger than the ring is
 // streamed through it: the writer waits for space as the reader drains, so no
 // message is too large.
@@ -78,12 +84,16 @@ class ring_writer {
   ring_writer() = default;
   /// A view of `r`; `publish()` notifies `on_publish` (the ring's own
   /// `readable` when null), so one reader can wait for several rings at once.
-  explicit ring_writer(ring_control* r, eventcount* on_publish = nullptr) noexcept
+  /// With `mirror`, the ring's bytes are there, mapped twice in a row (see
+  /// `mirrored_mapping`), not after `r`.
+  explicit ring_writer(ring_control* r, eventcount* on_publish = nullptr,
+                       std::byte* mirror = nullptr) noexcept
       : r_(r),
-        data_(r->data()),
+        data_(mirror ? mirror : r->data()),
         mask_(r->capacity - 1),
         capacity_(r->capacity),
-        on_publish_(on_publish ? on_publish : &r->readable) {
+        on_publish_(on_publish ? on_publish : &r->readable),
+        mirrored_(mirror != nullptr) {
     tail_ = r->tail.load(std::memory_order_relaxed);
     head_cache_ = r->head.load(std::memory_order_acquire);
   }
@@ -110,9 +120,9 @@ class ring_writer {
   void put(const void* src, std::size_t n) noexcept {
     if (n == 0) return;  // src may be null then, which memcpy does not allow
     std::size_t at = int_cast<std::size_t>(tail_ & mask_);
-    std::size_t first = std::min(n, capacity_ - at);
+    std::size_t first = mirrored_ ? n : std::min(n, capacity_ - at);
     std::memcpy(data_ + at, src, first);
-    std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
+    if (n > first) std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
     tail_ += n;
   }
   /// Makes everything put so far visible to the reader and wakes it if it sleeps.
@@ -170,6 +180,7 @@ class ring_writer {
   std::uint64_t mask_ = 0;
   std::size_t capacity_ = 0;
   eventcount* on_publish_ = nullptr;
+  bool mirrored_ = false;
   std::uint64_t tail_ = 0;
   std::uint64_t head_cache_ = 0;
   bool corrupt_ = false;
@@ -181,12 +192,16 @@ class ring_reader {
   ring_reader() = default;
   /// A view of `r`; `release()` notifies `on_release` (the ring's own
   /// `writable` when null), so one writer can wait for several rings at once.
-  explicit ring_reader(ring_control* r, eventcount* on_release = nullptr) noexcept
+  /// With `mirror`, the ring's bytes are there, mapped twice in a row (see
+  /// `mirrored_mapping`), not after `r`.
+  explicit ring_reader(ring_control* r, eventcount* on_release = nullptr,
+                       std::byte* mirror = nullptr) noexcept
       : r_(r),
-        data_(r->data()),
+        data_(mirror ? mirror : r->data()),
         mask_(r->capacity - 1),
         capacity_(r->capacity),
-        on_release_(on_release ? on_release : &r->writable) {
+        on_release_(on_release ? on_release : &r->writable),
+        mirrored_(mirror != nullptr) {
     head_ = r->head.load(std::memory_order_relaxed);
     tail_cache_ = r->tail.load(std::memory_order_acquire);
   }
@@ -216,17 +231,20 @@ class ring_reader {
   void get(void* dst, std::size_t n) noexcept {
     if (n == 0) return;  // dst may be null then, which memcpy does not allow
     std::size_t at = int_cast<std::size_t>(head_ & mask_);
-    std::size_t first = std::min(n, capacity_ - at);
+    std::size_t first = mirrored_ ? n : std::min(n, capacity_ - at);
     std::memcpy(dst, data_ + at, first);
-    std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
+    if (n > first) std::memcpy(static_cast<std::byte*>(dst) + first, data_, n - first);
     head_ += n;
   }
-  /// A pointer to the next `n` bytes if they are available and contiguous, else null.
+  /// A pointer to the next `n` bytes if they are available and contiguous
+  /// (always, through a mirrored view), else null.
   const std::byte* peek(std::size_t n) noexcept {
-    if (available(n) < n) return nullptr;
+    if (available(n) < n) return nullptr;  // and so n <= capacity
     std::size_t at = int_cast<std::size_t>(head_ & mask_);
-    return at + n <= capacity_ ? data_ + at : nullptr;
+    return mirrored_ || at + n <= capacity_ ? data_ + at : nullptr;
   }
+  /// Whether the ring's bytes are mapped twice in a row (see `peek`).
+  bool mirrored() const noexcept { return mirrored_; }
   /// Skips `n` bytes (after `peek`).
   void skip(std::size_t n) noexcept { head_ += n; }
   /// Frees the space of everything read so far and wakes a writer that waits for it.
@@ -299,6 +317,7 @@ class ring_reader {
   std::uint64_t mask_ = 0;
   std::size_t capacity_ = 0;
   eventcount* on_release_ = nullptr;
+  bool mirrored_ = false;
   std::size_t checked(std::uint64_t a) noexcept {
     if (a <= capacity_) return int_cast<std::size_t>(a);
     corrupt_ = true;  // the writer claims more bytes than the ring holds
