@@ -53,10 +53,9 @@
 // its reads through `connection_source`; ring mode writes them from
 // `read_message`'s `keep_waiting`.
 //
-// Two known library issues are tolerated unless FRAME_FUZZ_STRICT is set in
-// the environment: read_contiguous reserving what a (lying) header claims,
-// and an empty message's wrapped header left unreleased (see where they are
-// tolerated, in `recv` and `recv_library`).
+// One known library issue is tolerated unless FRAME_FUZZ_STRICT is set in
+// the environment: read_contiguous reserving what a (lying) header claims
+// (see where it is tolerated, in `recv`).
 #pragma once
 
 #include <procpool/codec.hpp>
@@ -599,7 +598,6 @@ class harness {
   /// A receive with the library's consumer for `T` (decode_streamed when `Streamed`).
   template <class T, bool Streamed>
   void recv_library(bool block) {
-    const bool header_wraps = (start_ + at_) % capacity_ > capacity_ - 8;
     std::optional<T> out;
     outcome got;
     if constexpr (Streamed) {
@@ -639,11 +637,11 @@ class harness {
       require(got == outcome::decode_error, "a message that does not decode gave no decode_error");
       require(good_.count(at_) == 0 || !decodes_as_kind<T>(), "a valid message did not decode");
     }
-    // Tolerated library quirk: for an empty message whose header straddles
-    // the end of the ring, taken without stream(), connection_core::read_begun gets
-    // the header and calls no read_exact, so nothing releases it: the shared
-    // read counter stays 8 bytes behind until the next message is released.
-    advance(size, !strict() && !Streamed && size == 0 && header_wraps ? 8 : 0);
+    // Every byte read is released, the header of an empty message that
+    // straddles the ring's end too (taken without stream(), it is read by
+    // `get`, not by `read_exact`): the shared read counter stands at the
+    // message's end.
+    advance(size);
   }
 
   /// True when the next message is a valid one of type `T`.

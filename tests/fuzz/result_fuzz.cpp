@@ -57,11 +57,13 @@ struct engine_probe {
     auto& w = e.workers_[0];
     if (w.pid == 0 || w.inflight.empty()) return false;
     auto& c = w.inflight.front();
-    if (c.sent != c.bytes.size()) return false;
+    if (c.sent != c.size()) return false;
     out = {c.call_id, c.first, c.count};
     return true;
   }
   static ring_control* result_ring(engine& e) { return e.workers_[0].result; }
+  /// The result ring's bytes when they are mirrored, else null (see `ring_writer`).
+  static std::byte* result_bytes(engine& e) { return e.workers_[0].result_bytes; }
   static eventcount* doorbell(engine& e) { return &e.shared_->doorbell; }
   static bool alive(engine& e) { return e.workers_[0].pid != 0; }
 };
@@ -117,7 +119,7 @@ class harness {
     for (std::size_t i = 0; i < n; ++i) items_[i] = static_cast<int>(i) + 1;
     results_.assign(n, 0);
     auto call = std::make_shared<map_t>(items_.cbegin(), items_.cend(), items_.data(), n, chunk,
-                                        engine_->chunk_bytes(), results_,
+                                        engine_->chunk_bytes(), results_.data(),
                                         pd::progress_reporter(false, {}, n));
     engine_->start(call);
     return call;
@@ -155,8 +157,8 @@ class harness {
   /// Writes `bytes` into the result ring as they are, as far as they fit.
   void write_raw(const std::byte* bytes, std::size_t n) {
     if (!pd::engine_probe::alive(*engine_)) return;
-    pd::ring_writer w(pd::engine_probe::result_ring(*engine_),
-                      pd::engine_probe::doorbell(*engine_));
+    pd::ring_writer w(pd::engine_probe::result_ring(*engine_), pd::engine_probe::doorbell(*engine_),
+                      pd::engine_probe::result_bytes(*engine_));
     n = std::min(n, w.free_space());
     w.put(bytes, n);
     w.publish();
@@ -165,8 +167,8 @@ class harness {
   /// Writes one length-prefixed message, if it fits whole.
   void write_message(const std::vector<std::byte>& body) {
     if (!pd::engine_probe::alive(*engine_)) return;
-    pd::ring_writer w(pd::engine_probe::result_ring(*engine_),
-                      pd::engine_probe::doorbell(*engine_));
+    pd::ring_writer w(pd::engine_probe::result_ring(*engine_), pd::engine_probe::doorbell(*engine_),
+                      pd::engine_probe::result_bytes(*engine_));
     if (w.free_space() < body.size() + 8) return;
     std::uint64_t size = body.size();
     w.put(&size, sizeof size);
