@@ -308,8 +308,8 @@ DATA_PATH = (
     "results that arrive in order are appended to it straight from the ring, and slots are "
     "value-initialized only for a chunk whose results come before an earlier chunk's. So the "
     "parent writes plain input bytes once and every result byte once, as the thread pool's "
-    "threads do, but after its workers wrote them into the ring, where the threads write them "
-    "in place. Its cost per chunk is a frame each way: cutting it, copying it through the "
+    "threads do, but after its workers wrote them into the ring (in place, when they fit the "
+    "ring's free room), where the threads write them in place. Its cost per chunk is a frame each way: cutting it, copying it through the "
     "rings, checking the answer's header, and a wake-up when the worker went to sleep "
     "between batches.")
 

@@ -1047,6 +1047,71 @@ TEST_CASE("a writer grows, clears, and hands over its buffer", "[codec]") {
   CHECK(sized.capacity() >= 1000);
 }
 
+TEST_CASE("a writer writes in place while the memory given lasts, then in its own buffer",
+          "[codec]") {
+  std::vector<std::byte> memory(64, std::byte{0xee});
+  writer out;
+  out.write("old", 3);
+  out.write_in_place(memory.data() + 8, 32);  // starts empty, over the given bytes
+  CHECK(out.in_place());
+  CHECK(out.empty());
+  CHECK(out.capacity() == 32);
+  encode(out, std::uint32_t{7});
+  out.write("0123456789", 10);
+  CHECK(out.data() == memory.data() + 8);
+  CHECK(out.size() == 14);
+  CHECK(std::memcmp(memory.data() + 12, "0123456789", 10) == 0);
+  CHECK(memory[7] == std::byte{0xee});  // nothing written before the memory given
+  out.clear();
+  out.write("abcdefghijklmnopqrstuvwxyz012345", 32);  // exactly fills it
+  CHECK(out.in_place());
+  CHECK(memory[40] == std::byte{0xee});  // nor after it
+  out.write("!", 1);  // one byte more: on in its own buffer, what was written copied
+  CHECK_FALSE(out.in_place());
+  CHECK(out.data() != memory.data() + 8);
+  CHECK(out.size() == 33);
+  CHECK(std::memcmp(out.data(), "abcdefghijklmnopqrstuvwxyz012345!", 33) == 0);
+  CHECK(memory[40] == std::byte{0xee});
+
+  // A copy or a release of a writer in place owns its bytes; a move takes the place.
+  out.write_in_place(memory.data(), 16);
+  out.write("xy", 2);
+  writer copy = out;
+  CHECK_FALSE(copy.in_place());
+  CHECK(copy.data() != memory.data());
+  CHECK(std::memcmp(copy.data(), "xy", 2) == 0);
+  writer moved = std::move(out);
+  CHECK(moved.in_place());
+  CHECK(moved.data() == memory.data());
+  CHECK(out.empty());
+  CHECK_FALSE(out.in_place());
+  auto bytes = moved.release();
+  CHECK(bytes.size() == 2);
+  CHECK(bytes.data() != memory.data());
+  CHECK(std::memcmp(bytes.data(), "xy", 2) == 0);
+  CHECK(moved.empty());
+  CHECK_FALSE(moved.in_place());
+
+  // Back to its own buffer, empty; a reserve beyond the place moves out of it.
+  writer w(256);
+  w.write_in_place(memory.data(), 16);
+  w.write("ab", 2);
+  w.write_in_own();
+  CHECK_FALSE(w.in_place());
+  CHECK(w.empty());
+  CHECK(w.capacity() >= 256);
+  w.write_in_place(memory.data(), 16);
+  w.write("cd", 2);
+  w.reserve(100);
+  CHECK_FALSE(w.in_place());
+  CHECK(std::memcmp(w.data(), "cd", 2) == 0);
+  // Zero bytes given: the first write moves out at once.
+  w.write_in_place(memory.data(), 0);
+  w.write("e", 1);
+  CHECK_FALSE(w.in_place());
+  CHECK(*w.data() == std::byte{'e'});
+}
+
 TEST_CASE("a writer's copy holds its bytes, not its spare room, a moved-from one is empty",
           "[codec]") {
   writer big(1 << 20);

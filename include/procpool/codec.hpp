@@ -144,7 +144,8 @@ namespace procpool {
 template <class T>
 struct type_tag {};
 
-/// Appends encoded bytes to a growable buffer it owns.
+/// Appends encoded bytes to a growable buffer it owns, or in place into
+/// memory it is given until that runs out (`write_in_place`).
 ///
 /// Reusable: `clear()` keeps the capacity, so once the buffer has grown to the
 /// size of the largest message, encoding allocates nothing.
@@ -159,14 +160,22 @@ class writer {
   /// An empty writer that reuses the storage of `storage` (its content is discarded).
   explicit writer(std::vector<std::byte> storage) : buf_(std::move(storage)) {
     buf_.resize(buf_.capacity());
+    own();
   }
-  /// A copy of the bytes written (not of the spare capacity).
+  /// A copy of the bytes written (not of the spare capacity), in a buffer of its own.
   writer(const writer& other)
-      : buf_(other.buf_.begin(), other.buf_.begin() + static_cast<std::ptrdiff_t>(other.size_)),
+      : buf_(other.data(), other.data() + other.size_),
+        data_(buf_.data()),
+        capacity_(buf_.size()),
         size_(other.size_) {}
-  /// Takes the buffer; `other` is left empty, with no capacity.
+  /// Takes the buffer (or the memory it writes in place); `other` is left
+  /// empty, with no capacity.
   writer(writer&& other) noexcept
-      : buf_(std::move(other.buf_)), size_(std::exchange(other.size_, 0)) {}
+      : buf_(std::move(other.buf_)),
+        data_(std::exchange(other.data_, nullptr)),
+        capacity_(std::exchange(other.capacity_, 0)),
+        size_(std::exchange(other.size_, 0)),
+        in_place_(std::exchange(other.in_place_, false)) {}
   /// Copies the bytes written, reusing this writer's buffer where it is large enough.
   writer& operator=(const writer& other) {
     if (this != &other) {
@@ -175,10 +184,14 @@ class writer {
     }
     return *this;
   }
-  /// Takes the buffer; `other` is left empty, with no capacity.
+  /// Takes the buffer (or the memory it writes in place); `other` is left
+  /// empty, with no capacity.
   writer& operator=(writer&& other) noexcept {
     buf_ = std::move(other.buf_);
+    data_ = std::exchange(other.data_, nullptr);
+    capacity_ = std::exchange(other.capacity_, 0);
     size_ = std::exchange(other.size_, 0);
+    in_place_ = std::exchange(other.in_place_, false);
     return *this;
   }
   ~writer() = default;
@@ -193,19 +206,19 @@ class writer {
   /// Returns room for at least `n` more bytes after the end; `commit(k)` then
   /// appends the first `k <= n` of them. Other calls in between invalidate it.
   std::byte* prepare(std::size_t n) {
-    if (n > buf_.size() - size_) grow(n);
-    return buf_.data() + size_;
+    if (n > capacity_ - size_) grow(n);
+    return data_ + size_;
   }
 
   /// Appends `n` bytes written into the room returned by `prepare`.
   void commit(std::size_t n) noexcept {
-    assert(n <= buf_.size() - size_);
+    assert(n <= capacity_ - size_);
     size_ += n;
   }
 
   /// Makes room for `capacity` bytes in all without reallocating.
   void reserve(std::size_t capacity) {
-    if (capacity > buf_.size()) grow(capacity - size_);
+    if (capacity > capacity_) grow(capacity - size_);
   }
 
   /// Cuts the content to `n` bytes, or extends it with zero bytes to `n`.
@@ -214,33 +227,67 @@ class writer {
     size_ = n;
   }
 
-  /// Forgets the content and keeps the capacity.
+  /// Forgets the content and keeps the capacity (and where it writes).
   void clear() noexcept { size_ = 0; }
 
+  /// From now on writes into the `size` bytes at `memory`, which it does not
+  /// own and which must outlive this use, starting empty: the bytes go where
+  /// they are needed with no copy. When they run out, it goes on in its own
+  /// buffer, with what was written copied there (`in_place()` turns false).
+  void write_in_place(std::byte* memory, std::size_t size) noexcept {
+    data_ = memory;
+    capacity_ = size;
+    size_ = 0;
+    in_place_ = true;
+  }
+  /// Whether it still writes into the memory given to `write_in_place`.
+  bool in_place() const noexcept { return in_place_; }
+  /// Goes back to its own buffer, starting empty (after `write_in_place`).
+  void write_in_own() noexcept {
+    own();
+    size_ = 0;
+  }
+
   /// The bytes written so far (`size()` of them).
-  std::byte* data() noexcept { return buf_.data(); }
+  std::byte* data() noexcept { return data_; }
   /// The bytes written so far (`size()` of them).
-  const std::byte* data() const noexcept { return buf_.data(); }
+  const std::byte* data() const noexcept { return data_; }
   /// How many bytes were written since construction or the last `clear()`.
   std::size_t size() const noexcept { return size_; }
   /// How many bytes fit before the buffer has to grow.
-  std::size_t capacity() const noexcept { return buf_.size(); }
+  std::size_t capacity() const noexcept { return capacity_; }
   /// Whether nothing was written.
   bool empty() const noexcept { return size_ == 0; }
 
-  /// Hands over the buffer holding exactly the bytes written, without a copy;
-  /// the writer is left empty, with no capacity.
+  /// Hands over the buffer holding exactly the bytes written, without a copy
+  /// (with one, when it writes in place); the writer is left empty, with no
+  /// capacity.
   std::vector<std::byte> release() {
+    if (in_place_) {
+      std::vector<std::byte> out(data_, data_ + size_);
+      *this = writer();
+      return out;
+    }
     buf_.resize(size_);
     size_ = 0;
+    data_ = nullptr;
+    capacity_ = 0;
     return std::move(buf_);
   }
 
  private:
   void grow(std::size_t n);
+  void own() noexcept {
+    data_ = buf_.data();
+    capacity_ = buf_.size();
+    in_place_ = false;
+  }
 
-  std::vector<std::byte> buf_;  // all of it is capacity; the first size_ bytes are content
-  std::size_t size_ = 0;
+  std::vector<std::byte> buf_;  // all of it is capacity
+  std::byte* data_ = nullptr;   // where it writes: buf_'s bytes, or memory given to write_in_place
+  std::size_t capacity_ = 0;    // bytes at data_
+  std::size_t size_ = 0;        // the first size_ bytes at data_ are the content
+  bool in_place_ = false;
 };
 
 /// Reads encoded bytes from a contiguous buffer it does not own.
@@ -384,10 +431,20 @@ inline constexpr bool is_trivially_sendable_v =
 inline void writer::grow(std::size_t n) {
   constexpr std::size_t limit = std::numeric_limits<std::size_t>::max() / 2;
   if (n > limit || size_ > limit - n) throw std::length_error("procpool::writer: buffer too large");
-  std::size_t capacity = std::max({size_ + n, 2 * buf_.size(), std::size_t{256}});
-  buf_.resize(size_);  // only the content moves to the new block
-  buf_.reserve(capacity);
-  buf_.resize(capacity);
+  std::size_t capacity = std::max({size_ + n, 2 * capacity_, std::size_t{256}});
+  if (in_place_) {
+    // Out of the memory given: the content moves into a buffer of its own.
+    if (buf_.size() < capacity) {
+      buf_.clear();
+      buf_.resize(capacity);
+    }
+    if (size_ > 0) std::memcpy(buf_.data(), data_, size_);
+  } else {
+    buf_.resize(size_);  // only the content moves to the new block
+    buf_.reserve(capacity);
+    buf_.resize(capacity);
+  }
+  own();
 }
 
 inline void reader::fail_short(std::size_t n, std::string_view what) const {

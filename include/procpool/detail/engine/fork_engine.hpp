@@ -553,7 +553,16 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       std::memcpy(&h, frame, sizeof h);
       if (h.kind == frame_kind::stop) exit_child(0);
       reader items(frame + sizeof h, size - sizeof h);
-      result.clear();
+      // The answer is written straight into the result ring when that is
+      // mirrored and has room for more than a header: it is then copied
+      // nowhere. When it outgrows the room, the writer goes on in its own
+      // buffer, and the answer goes into the ring as a message after that.
+      result.write_in_own();
+      if (out.mirrored()) {
+        std::size_t room = out.free_space();
+        if (room > sizeof(std::uint64_t) + sizeof(result_header))
+          result.write_in_place(out.room() + sizeof(std::uint64_t), room - sizeof(std::uint64_t));
+      }
       std::uint64_t expected = seq;
       bool run = false;
       if (seq >= revoked_until) {
@@ -578,13 +587,20 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         in.skip(sizeof(std::uint64_t) + size);
         // The answer, when it fits now, is published at once on the same
         // doorbell, which wakes the parent for the freed space as well.
-        if (out.free_space() >= sizeof(std::uint64_t) + result.size())
+        if (result.in_place() || out.free_space() >= sizeof(std::uint64_t) + result.size())
           in.release_quietly();
         else
           in.release();
       }
-      if (!out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait))
+      if (result.in_place()) {
+        std::uint64_t length = result.size();
+        std::memcpy(out.room(), &length, sizeof length);
+        out.advance(sizeof length + result.size());
+        out.publish();
+      } else if (!out.write_message(result.data(), result.size(), parent_alive,
+                                    config_.worker_wait)) {
         exit_child(0);
+      }
       if (run) {
         std::int64_t end = steady::now().time_since_epoch().count();
         if (last_end != 0) {

@@ -125,6 +125,15 @@ class ring_writer {
     if (n > first) std::memcpy(data_, static_cast<const std::byte*>(src) + first, n - first);
     tail_ += n;
   }
+  /// Whether the ring's bytes are mapped twice in a row (see `room`).
+  bool mirrored() const noexcept { return mirrored_; }
+  /// Where the next byte goes. Through a mirrored view the `free_space()`
+  /// bytes from there are contiguous: a message may be written there in
+  /// place, then counted with `advance`.
+  std::byte* room() noexcept { return data_ + int_cast<std::size_t>(tail_ & mask_); }
+  /// Counts `n` bytes written at `room()` as put, unpublished; `n` must not
+  /// exceed `free_space()`, and the view must be mirrored.
+  void advance(std::size_t n) noexcept { tail_ += n; }
   /// Makes everything put so far visible to the reader and wakes it if it sleeps.
   void publish() noexcept {
     r_->tail.store(tail_, std::memory_order_release);
