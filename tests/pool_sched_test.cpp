@@ -9,6 +9,7 @@
 #include <procpool/sync.hpp>
 
 #include <chrono>
+#include <string>
 #include <vector>
 
 #include "support/support.hpp"
@@ -182,4 +183,97 @@ TEST_CASE("a worker that dies holding a chunk taken back loses nothing", "[pool]
     CHECK(e.index() == std::optional<std::size_t>(0));
   }
   CHECK(p.map(std::vector<int>{1, 2}) == std::vector<int>{1, 2});
+}
+
+namespace {
+
+/// Item `k` as a string, as long as `k` is (plus its digits): encoded
+/// items, not a contiguous run of numbers, so that chunks are encoded
+/// straight into the rings and kept nowhere.
+std::string text(int k) {
+  return std::to_string(k) + std::string(k < 0 ? 0 : static_cast<std::size_t>(k % 97), 'x');
+}
+
+int number(const std::string& s) {
+  return std::stoi(s);
+}
+
+}  // namespace
+
+TEST_CASE("chunks of encoded items taken back from a stuck worker are encoded again, whole",
+          "[pool][sched]") {
+  // As the deep-queue case above, with strings: the frames queued behind
+  // the slow item were written straight into its worker's ring and kept
+  // nowhere else, so the idle worker gets them encoded again from the input.
+  constexpr int n = 3000;
+  constexpr int slow = 1000;
+  procpool::semaphore ran(0);
+  procpool::pool_options o;
+  o.workers = 2;
+  o.chunk_size = 1;
+  procpool::pool p(
+      [&](const std::string& s) {
+        int k = number(s);
+        if (s != text(k)) return -2;  // the item arrived changed
+        if (k < 0) return k;
+        if (k > slow) ran.release();
+        if (k != slow) return k;
+        for (int i = slow + 1; i < n; ++i)
+          if (!ran.try_acquire_for(bound)) return -1;
+        return k;
+      },
+      o);
+  std::vector<std::string> warm;
+  for (int i = 0; i < 20000; ++i) warm.push_back(text(-1 - i));
+  auto w = p.map(warm);
+  for (int i = 0; i < 20000; ++i) REQUIRE(w[static_cast<std::size_t>(i)] == -1 - i);
+  std::vector<std::string> xs;
+  std::vector<int> want;
+  for (int i = 0; i < n; ++i) {
+    xs.push_back(text(i));
+    want.push_back(i);
+  }
+  for (int round = 0; round < 2; ++round) CHECK(p.map(xs) == want);
+}
+
+TEST_CASE("a worker that dies with encoded chunks queued loses none of them", "[pool][sched]") {
+  // Item 0 waits until every other item ran, then kills its worker. The
+  // chunks queued behind it were written straight into its ring: they are
+  // taken back or sent again after the death, encoded again from the input,
+  // and only item 0 is charged.
+  constexpr int n = 400;
+  procpool::semaphore ran(0);
+  procpool::pool_options o;
+  o.workers = 2;
+  o.chunk_size = 1;
+  procpool::pool p(
+      [&](const std::string& s) {
+        int k = number(s);
+        if (s != text(k)) return -2;
+        if (k < 0) return k;
+        if (k != 0) {
+          ran.release();
+          return k;
+        }
+        for (int i = 1; i < n; ++i)
+          if (!ran.try_acquire_for(bound)) return -1;
+        ::raise(SIGKILL);
+        return 0;
+      },
+      o);
+  std::vector<std::string> warm;
+  for (int i = 0; i < 5000; ++i) warm.push_back(text(-1 - i));
+  p.map(warm);
+  std::vector<std::string> xs;
+  for (int i = 0; i < n; ++i) xs.push_back(text(i));
+  try {
+    p.map(xs);
+    FAIL("worker_died expected");
+  } catch (const procpool::worker_died& e) {
+    CHECK(e.index() == std::optional<std::size_t>(0));
+  }
+  xs.erase(xs.begin());
+  std::vector<int> want;
+  for (int i = 1; i < n; ++i) want.push_back(i);
+  CHECK(p.map(xs) == want);
 }

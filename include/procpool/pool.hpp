@@ -188,7 +188,9 @@ class pool {
 
   /// Applies `f` to every item of `inputs` and returns the results in input order
   /// (Python's `Pool.map`). `inputs` is any range: a container, an array, a pair of
-  /// iterators in a struct with begin/end, a C++20 view.
+  /// iterators in a struct with begin/end, a C++20 view. Items are read from it
+  /// while the call runs, and read again for a chunk sent again after its
+  /// worker died: leave it unchanged until `map` returns (nothing is read after).
   ///
   /// **Throws:** `task_error` (lowest failing index), `worker_died`,
   /// `timeout_error`, `pool_closed` after `close()`; the pool stays usable after

@@ -123,6 +123,19 @@ class call_state {
   /// call ends may leave its big blocks there and list them in `refs`.
   virtual bool next_chunk(writer& out, frame_refs* refs, std::size_t max_count,
                           std::uint64_t& first, std::uint32_t& count, std::uint64_t& handler) = 0;
+  /// Whether the call can encode any chunk of its again (`reencode`): its
+  /// input stays put and can be read at any position until it ends. A
+  /// chunk of such a call need not keep its bytes once they are in a ring.
+  virtual bool rereadable() const noexcept { return false; }
+  /// Encodes the `count` items from item `first` again, as `next_chunk` did
+  /// (into `out`, its blocks listed in `refs`), for a chunk sent again whose
+  /// bytes were not kept. Only for a `rereadable()` call.
+  /// **Throws:** what reading or encoding an item throws; `error` when the
+  /// input no longer holds those items.
+  virtual void reencode(std::uint64_t first, std::uint32_t count, writer& out, frame_refs* refs) {
+    (void)first, (void)count, (void)out, (void)refs;
+    throw error("a chunk was to be encoded again from an input that cannot be read again");
+  }
   /// Decodes the results of items `first` .. `first + count - 1` from `in`.
   /// Runs the user's decoders only: progress is reported by the caller of the call.
   virtual void on_results(std::uint64_t first, std::uint32_t count, reader& in) = 0;

@@ -285,7 +285,8 @@ class map_call : public call_state {
   map_call(It begin, End end, const Item* contiguous, std::size_t n, std::size_t chunk,
            std::size_t chunk_bytes, Slot* out, progress_reporter progress,
            std::vector<Slot>* grow = nullptr)
-      : it_(begin),
+      : begin_(begin),
+        it_(begin),
         end_(end),
         contiguous_(contiguous),
         n_(n),
@@ -344,6 +345,39 @@ class map_call : public call_state {
     return true;
   }
 
+  /// A random-access input is read again at any item (a chunk sent again
+  /// then needs no copy of its bytes); the input stays put until the call
+  /// ends (the caller's range, or the vector a map_async owns).
+  bool rereadable() const noexcept override { return random_access; }
+
+  void reencode(std::uint64_t first, std::uint32_t count, writer& out, frame_refs* refs) override {
+    if constexpr (random_access) {
+      if (first + count > n_) throw error("a chunk to encode again lies past the input's end");
+      if constexpr (is_trivially_sendable_v<Item>) {
+        if (contiguous_) {
+          const auto* data = reinterpret_cast<const std::byte*>(contiguous_ + first);
+          std::size_t size = std::size_t(count) * sizeof(Item);
+          if (refs && !refs->full())
+            refs->add(out.size(), data, size);
+          else
+            out.write(data, size);
+          return;
+        }
+      }
+      It it = begin_ + static_cast<typename std::iterator_traits<It>::difference_type>(first);
+      std::exception_ptr failure;
+      std::size_t k = encode_items<Item>(out, refs, it, end_, count, ~std::size_t(0), failure);
+      if (failure) std::rethrow_exception(failure);
+      if (k != count)
+        throw error(
+            fmt::format("the input ended at item {} while items {} to {} were encoded "
+                        "again",
+                        first + k, first, first + count - 1));
+    } else {
+      call_state::reencode(first, count, out, refs);
+    }
+  }
+
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
     // Within the capacity reserved: `out_` stays valid. (The dispatcher
     // checked that the chunk lies within the call's items.)
@@ -366,6 +400,10 @@ class map_call : public call_state {
   /// True once every item's result arrived.
   bool complete() const noexcept { return done_ == n_; }
 
+  static constexpr bool random_access =
+      std::is_base_of_v<std::random_access_iterator_tag,
+                        typename std::iterator_traits<It>::iterator_category>;
+
   /// Items per chunk whose results fit a chunk's bytes (see `result_limit_for`).
   static constexpr std::size_t result_limit(std::size_t chunk_bytes) noexcept {
     return result_limit_for<call_result_t<F, Item, Invoke>>(chunk_bytes);
@@ -382,6 +420,7 @@ class map_call : public call_state {
   }
 
  private:
+  It begin_;
   It it_;
   End end_;
   const Item* contiguous_;

@@ -45,13 +45,15 @@ struct chunk {
   std::uint64_t call_id = 0;
   std::uint64_t first = 0;
   std::uint32_t count = 0;
-  writer bytes;             // the frame: the engine's prefix, a task_header, the items
-  frame_refs blocks;        // the frame's blocks left in the call's input, between `bytes`
-  unsigned retries = 0;     // times it was sent again after its worker died
-  unsigned bad_frames = 0;  // answers to it that were lies
+  std::uint64_t handler = 0;  // token of the code that runs it (see task_header)
+  writer bytes;               // the frame: the engine's prefix, a task_header, the items
+  frame_refs blocks;          // the frame's blocks left in the call's input, between `bytes`
+  std::size_t placed = 0;     // or: the frame's bytes, encoded straight into a ring, kept nowhere
+  unsigned retries = 0;       // times it was sent again after its worker died
+  unsigned bad_frames = 0;    // answers to it that were lies
 
-  /// Bytes in the whole frame: its own and its blocks'.
-  std::size_t size() const noexcept { return bytes.size() + blocks.bytes; }
+  /// Bytes in the whole frame: its own and its blocks', or those it placed.
+  std::size_t size() const noexcept { return bytes.size() + blocks.bytes + placed; }
 
   /// Hands `sink(data, n)` the frame's bytes from `from` on, in order, in as
   /// many pieces as they lie in, until `sink` has taken `n` of them.
@@ -146,7 +148,14 @@ class dispatcher {
   /// Makes the next chunk to send into `c`, of at most `max_count` items: a
   /// chunk to run again first, then the queued calls in turn. False when
   /// nothing can be sent now (no input left, or every window is full).
-  bool next_chunk(chunk& c, std::size_t max_count = ~std::size_t(0)) {
+  ///
+  /// With `room` (`room_size` bytes where the frame would go next in the
+  /// ring, contiguous), a chunk of a call that can encode it again
+  /// (`call_state::rereadable`) is encoded straight there when it fits and
+  /// has no blocks: its bytes are then kept nowhere (`chunk::placed`), and
+  /// a resend encodes them again. The caller counts them into the ring.
+  bool next_chunk(chunk& c, std::size_t max_count = ~std::size_t(0), std::byte* room = nullptr,
+                  std::size_t room_size = 0) {
     while (!resend_.empty()) {
       c = std::move(resend_.front());
       resend_.pop_front();
@@ -154,6 +163,7 @@ class dispatcher {
         --c.call->in_flight;  // its call is over: never run it again
         continue;
       }
+      if (c.placed > 0 && !encode_again(c)) continue;
       return true;
     }
     // Each queued call is asked at most once: when every one is blocked
@@ -171,7 +181,10 @@ class dispatcher {
         spare_.pop_back();
         spare_bytes_ -= building_.capacity();
       }
-      building_.clear();
+      if (room && room_size > prefix_ + sizeof(task_header) && call->rereadable())
+        building_.write_in_place(room, room_size);
+      else
+        building_.write_in_own();
       building_.resize(prefix_ + sizeof(task_header));
       std::uint64_t handler = 0;
       std::uint64_t first = 0;
@@ -206,19 +219,64 @@ class dispatcher {
       }
       // Every field set (not `c = chunk{}`: zeroing a whole chunk first
       // was a seventh of this function's time at ten items per chunk).
-      c.bytes = std::move(building_);
+      if (building_.in_place() && c.blocks.empty()) {
+        c.placed = building_.size();
+        c.bytes.clear();
+        building_.write_in_own();
+      } else {
+        // Its blocks go into the ring after its own bytes: those are copied
+        // out of the room into a buffer of the chunk's own.
+        if (building_.in_place()) {
+          writer own(building_.size());
+          own.write(building_.data(), building_.size());
+          building_ = std::move(own);
+        }
+        c.placed = 0;
+        c.bytes = std::move(building_);
+        building_ = writer();
+      }
       c.retries = 0;
       c.bad_frames = 0;
-      building_ = writer();
       c.call_id = call->id;
       c.first = first;
       c.count = count;
+      c.handler = handler;
       ++call->in_flight;
       call->dispatched = true;
       c.call = std::move(call);  // moved, not copied: one atomic count less per chunk
       return true;
     }
+    building_.write_in_own();  // nothing of it stays pointed at a ring
     return false;
+  }
+
+  /// Encodes the frame of `c`, whose bytes were placed in a ring and kept
+  /// nowhere, again into a buffer of its own, for a resend. False when its
+  /// input cannot give its items again: its call then fails, and `c` is
+  /// settled.
+  bool encode_again(chunk& c) noexcept {
+    auto& call = *c.call;
+    try {
+      writer out;
+      out.resize(prefix_ + sizeof(task_header));
+      c.blocks.clear();
+      call.reencode(c.first, c.count, out, blocks_ ? &c.blocks : nullptr);
+      write_task_header(out.data() + prefix_, c.handler, c.call_id, c.first, c.count,
+                        frame_kind::task);
+      if (prefix_ == sizeof(std::uint64_t)) {
+        std::uint64_t size = out.size() - prefix_ + c.blocks.bytes;
+        std::memcpy(out.data(), &size, sizeof size);
+      }
+      c.bytes = std::move(out);
+      c.placed = 0;
+      return true;
+    } catch (...) {
+      call.fail(c.first, std::current_exception());
+      c.placed = 0;
+      c.blocks.clear();
+      --call.in_flight;
+      return false;
+    }
   }
 
   /// Queues a chunk to be sent again (its worker died before running it, or

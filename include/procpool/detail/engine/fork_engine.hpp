@@ -251,6 +251,7 @@ class engine final : public driver {
     std::byte* task_bytes = nullptr;    // the rings' bytes when mirrored (`engine::rings_`),
     std::byte* result_bytes = nullptr;  // else null: they follow their controls
     ring_writer to;
+    bool placed = false;  // frames encoded straight into `to` since it was last published
     ring_reader from;
     chunk_queue<chunk> inflight;    // in the order sent
     std::size_t items_sent = 0;     // toward max_tasks_per_child
@@ -433,6 +434,7 @@ inline void engine::spawn(std::size_t i) {
   w.slot->revoke_end.store(0);
   w.frames_sent = 0;
   w.to = ring_writer(w.task, nullptr, w.task_bytes);
+  w.placed = false;
   w.from = ring_reader(w.result, nullptr, w.result_bytes);
   w.inbuf.clear();
   w.slot->chunk_ns.store(0);
@@ -860,6 +862,7 @@ inline bool engine::pump() {
       put |= send_pending(w);
       progress = true;
     }
+    put |= std::exchange(w.placed, false);  // frames encoded in place by `fill`
     if (put) {
       w.to.publish();
       progress = true;
@@ -921,11 +924,21 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
     if (config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child) break;
     std::size_t max_count = ~std::size_t(0);
     if (config_.max_tasks_per_child) max_count = config_.max_tasks_per_child - w.items_sent;
+    // Where the frame would go when every chunk before it is in the ring:
+    // a mirrored ring's free room is one piece, and a chunk whose call can
+    // encode it again is encoded straight there (`chunk::placed`).
+    std::byte* room = nullptr;
+    std::size_t room_size = 0;
+    if (w.to.mirrored() &&
+        (w.inflight.empty() || w.inflight.back().sent == w.inflight.back().size())) {
+      room_size = std::min(w.to.free_space(), ring_capacity_);
+      room = w.to.room();
+    }
     // Made in its place in the queue, not moved there.
     chunk& c = w.inflight.emplace_back();
     bool got = false;
     try {
-      got = dispatch_.next_chunk(c, max_count);
+      got = dispatch_.next_chunk(c, max_count, room, room_size);
     } catch (...) {
       w.inflight.pop_back();
       throw;
@@ -933,6 +946,11 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
     if (!got) {
       w.inflight.pop_back();
       break;
+    }
+    if (c.placed > 0) {
+      w.to.advance(c.placed);
+      c.sent = c.size();
+      w.placed = true;
     }
     w.items_sent += c.count;
     c.seq = w.frames_sent++;
