@@ -1105,6 +1105,17 @@ TEST_CASE("a writer writes in place while the memory given lasts, then in its ow
   w.reserve(100);
   CHECK_FALSE(w.in_place());
   CHECK(std::memcmp(w.data(), "cd", 2) == 0);
+  // Kept in its own buffer: the content copied, sized by the content, not the place.
+  std::vector<std::byte> big(1 << 20);
+  w.write_in_place(big.data(), big.size());
+  w.write("fgh", 3);
+  w.keep_in_own();
+  CHECK_FALSE(w.in_place());
+  CHECK(w.size() == 3);
+  CHECK(std::memcmp(w.data(), "fgh", 3) == 0);
+  CHECK(w.capacity() < big.size());
+  w.keep_in_own();  // nothing changes out of place
+  CHECK(w.size() == 3);
   // Zero bytes given: the first write moves out at once.
   w.write_in_place(memory.data(), 0);
   w.write("e", 1);

@@ -247,6 +247,11 @@ class writer {
     own();
     size_ = 0;
   }
+  /// Goes back to its own buffer with the content written in place copied
+  /// there (nothing changes when it does not write in place).
+  void keep_in_own() {
+    if (in_place_) grow(0);
+  }
 
   /// The bytes written so far (`size()` of them).
   std::byte* data() noexcept { return data_; }
@@ -431,7 +436,10 @@ inline constexpr bool is_trivially_sendable_v =
 inline void writer::grow(std::size_t n) {
   constexpr std::size_t limit = std::numeric_limits<std::size_t>::max() / 2;
   if (n > limit || size_ > limit - n) throw std::length_error("procpool::writer: buffer too large");
-  std::size_t capacity = std::max({size_ + n, 2 * capacity_, std::size_t{256}});
+  // Out of place, it doubles; from a place, it takes what the content needs
+  // (the place may have been far larger than what was written in it).
+  std::size_t capacity =
+      std::max({size_ + n, 2 * (in_place_ ? size_ : capacity_), std::size_t{256}});
   if (in_place_) {
     // Out of the memory given: the content moves into a buffer of its own.
     if (buf_.size() < capacity) {

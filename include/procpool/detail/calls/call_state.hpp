@@ -123,13 +123,14 @@ class call_state {
   /// call ends may leave its big blocks there and list them in `refs`.
   virtual bool next_chunk(writer& out, frame_refs* refs, std::size_t max_count,
                           std::uint64_t& first, std::uint32_t& count, std::uint64_t& handler) = 0;
-  /// Whether the call can encode any chunk of its again (`reencode`): its
-  /// input stays put and can be read at any position until it ends. A
-  /// chunk of such a call need not keep its bytes once they are in a ring.
-  virtual bool rereadable() const noexcept { return false; }
+  /// Whether a chunk of the call may be encoded straight into a ring and
+  /// kept nowhere: the call can encode any chunk of its again (`reencode`),
+  /// its input staying put and readable at any position until it ends, and
+  /// its chunks are not mere blocks of that input (those go from there).
+  virtual bool places_chunks() const noexcept { return false; }
   /// Encodes the `count` items from item `first` again, as `next_chunk` did
   /// (into `out`, its blocks listed in `refs`), for a chunk sent again whose
-  /// bytes were not kept. Only for a `rereadable()` call.
+  /// bytes were not kept. Only for a `places_chunks()` call.
   /// **Throws:** what reading or encoding an item throws; `error` when the
   /// input no longer holds those items.
   virtual void reencode(std::uint64_t first, std::uint32_t count, writer& out, frame_refs* refs) {

@@ -347,8 +347,13 @@ class map_call : public call_state {
 
   /// A random-access input is read again at any item (a chunk sent again
   /// then needs no copy of its bytes); the input stays put until the call
-  /// ends (the caller's range, or the vector a map_async owns).
-  bool rereadable() const noexcept override { return random_access; }
+  /// ends (the caller's range, or the vector a map_async owns). Plain items
+  /// lying contiguous there go from the input as blocks: nothing to place.
+  bool places_chunks() const noexcept override {
+    if constexpr (is_trivially_sendable_v<Item>)
+      if (contiguous_) return false;
+    return random_access;
+  }
 
   void reencode(std::uint64_t first, std::uint32_t count, writer& out, frame_refs* refs) override {
     if constexpr (random_access) {

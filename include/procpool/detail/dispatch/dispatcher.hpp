@@ -151,7 +151,7 @@ class dispatcher {
   ///
   /// With `room` (`room_size` bytes where the frame would go next in the
   /// ring, contiguous), a chunk of a call that can encode it again
-  /// (`call_state::rereadable`) is encoded straight there when it fits and
+  /// (`call_state::places_chunks`) is encoded straight there when it fits and
   /// has no blocks: its bytes are then kept nowhere (`chunk::placed`), and
   /// a resend encodes them again. The caller counts them into the ring.
   bool next_chunk(chunk& c, std::size_t max_count = ~std::size_t(0), std::byte* room = nullptr,
@@ -181,7 +181,7 @@ class dispatcher {
         spare_.pop_back();
         spare_bytes_ -= building_.capacity();
       }
-      if (room && room_size > prefix_ + sizeof(task_header) && call->rereadable())
+      if (room && room_size > prefix_ + sizeof(task_header) && call->places_chunks())
         building_.write_in_place(room, room_size);
       else
         building_.write_in_own();
@@ -226,11 +226,7 @@ class dispatcher {
       } else {
         // Its blocks go into the ring after its own bytes: those are copied
         // out of the room into a buffer of the chunk's own.
-        if (building_.in_place()) {
-          writer own(building_.size());
-          own.write(building_.data(), building_.size());
-          building_ = std::move(own);
-        }
+        building_.keep_in_own();
         c.placed = 0;
         c.bytes = std::move(building_);
         building_ = writer();
