@@ -161,7 +161,9 @@ def machine_info(bench, python):
                              "import sys, platform; print(platform.python_implementation(), "
                              "sys.version.split()[0], sys.executable)"])
     commit = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+    # The page and plots an earlier run wrote are not changes to what is measured.
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no",
+                            "--", ".", ":(exclude)docs/benchmarks.md", ":(exclude)docs/img"],
                            capture_output=True, text=True).stdout.strip()
     thp = read_text("/sys/kernel/mm/transparent_hugepage/enabled")
     return {
