@@ -114,6 +114,19 @@ pool_options small_rings(std::size_t ring = 64 * 1024) {
   return o;
 }
 
+/// `small_rings()` whose progress callback, once `stop` is set, throws
+/// "enough" (once: it clears `stop`), ending the map it reports on.
+pool_options stopping_rings(bool& stop) {
+  pool_options o = small_rings();
+  o.on_progress = [&stop](const procpool::progress_info&) {
+    if (stop) {
+      stop = false;
+      throw std::runtime_error("enough");
+    }
+  };
+  return o;
+}
+
 /// What the cheap functions below return for `v`.
 std::uint64_t cheap(const bytes& v) {
   return std::uint64_t(v.size()) + std::uint64_t(v[7]);
@@ -334,14 +347,8 @@ TEST_CASE("a frame partly in its ring when its map ends goes on from a copy and 
   for (std::size_t size : {item_bytes, std::size_t(3 * 64 * 1024 + 5)})
     for (int round = 0; round < 3; ++round) {
       CAPTURE(size, round);
-      pool_options o = small_rings();
       bool stop = false;
-      o.on_progress = [&](const procpool::progress_info&) {
-        if (stop) {
-          stop = false;
-          throw std::runtime_error("enough");
-        }
-      };
+      pool_options o = stopping_rings(stop);
       pool p(
           [&gate](const bytes& v) {
             if (v[0] == 'T') gate.acquire();
@@ -740,14 +747,8 @@ TEST_CASE(
   procpool::semaphore gate(0);
   for (int round = 0; round < 3; ++round) {
     CAPTURE(round);
-    pool_options o = small_rings();
     bool stop = false;
-    o.on_progress = [&](const procpool::progress_info&) {
-      if (stop) {
-        stop = false;
-        throw std::runtime_error("enough");
-      }
-    };
+    pool_options o = stopping_rings(stop);
     pool p(
         [&gate](std::uint64_t x) {
           if (x == hold) gate.acquire();

@@ -88,35 +88,6 @@ TEST_CASE("an idle worker takes over a chunk queued behind a long one", "[pool][
   CHECK(got == std::vector<int>{0, 1, 2, 3, 4});
 }
 
-TEST_CASE("the deep queue of a worker stuck on a slow item is taken over by the idle one",
-          "[pool][sched]") {
-  // Short chunks make the pool give each worker many at once. Item `slow`
-  // then waits until every item after it ran: those queued behind it in its
-  // worker's ring must all be taken back, not only the next one.
-  constexpr int n = 3000;
-  constexpr int slow = 1000;
-  procpool::semaphore ran(0);
-  procpool::pool_options o;
-  o.workers = 2;
-  o.chunk_size = 1;
-  procpool::pool p(
-      [&](int k) {
-        if (k < 0) return k;  // the warm-up: short items, many per worker
-        if (k > slow) ran.release();
-        if (k != slow) return k;
-        for (int i = slow + 1; i < n; ++i)
-          if (!ran.try_acquire_for(bound)) return -1;
-        return k;
-      },
-      o);
-  std::vector<int> warm(20000);
-  for (int i = 0; i < 20000; ++i) warm[static_cast<std::size_t>(i)] = -1 - i;
-  CHECK(p.map(warm) == warm);
-  std::vector<int> xs(n);
-  for (int i = 0; i < n; ++i) xs[static_cast<std::size_t>(i)] = i;
-  for (int round = 0; round < 2; ++round) CHECK(p.map(xs) == xs);
-}
-
 TEST_CASE("a task queued behind one that never ends is answered by the idle worker",
           "[pool][sched]") {
   // The frame taken back stays in the stuck worker's ring, unanswered for
@@ -198,42 +169,72 @@ int number(const std::string& s) {
   return std::stoi(s);
 }
 
-}  // namespace
-
-TEST_CASE("chunks of encoded items taken back from a stuck worker are encoded again, whole",
-          "[pool][sched]") {
-  // As the deep-queue case above, with strings: the frames queued behind
-  // the slow item were written straight into its worker's ring and kept
-  // nowhere else, so the idle worker gets them encoded again from the input.
-  constexpr int n = 3000;
-  constexpr int slow = 1000;
-  procpool::semaphore ran(0);
+/// Two workers, one item per chunk.
+procpool::pool_options two_workers_chunk_1() {
   procpool::pool_options o;
   o.workers = 2;
   o.chunk_size = 1;
+  return o;
+}
+
+/// Short chunks make the pool give each worker many at once. Item `slow`
+/// then waits until every item after it ran: those queued behind it in its
+/// worker's ring must all be taken back, not only the next one. Items are
+/// `make(k)`, read back by `read`; one that arrives changed answers -2.
+template <class Item>
+void stuck_queue_taken_over(Item (*make)(int), int (*read)(const Item&)) {
+  constexpr int n = 3000;
+  constexpr int slow = 1000;
+  procpool::semaphore ran(0);
   procpool::pool p(
-      [&](const std::string& s) {
-        int k = number(s);
-        if (s != text(k)) return -2;  // the item arrived changed
-        if (k < 0) return k;
+      [&](const Item& item) {
+        int k = read(item);
+        if (!(item == make(k))) return -2;
+        if (k < 0) return k;  // the warm-up: short items, many per worker
         if (k > slow) ran.release();
         if (k != slow) return k;
         for (int i = slow + 1; i < n; ++i)
           if (!ran.try_acquire_for(bound)) return -1;
         return k;
       },
-      o);
-  std::vector<std::string> warm;
-  for (int i = 0; i < 20000; ++i) warm.push_back(text(-1 - i));
-  auto w = p.map(warm);
-  for (int i = 0; i < 20000; ++i) REQUIRE(w[static_cast<std::size_t>(i)] == -1 - i);
-  std::vector<std::string> xs;
+      two_workers_chunk_1());
+  std::vector<Item> warm;
+  std::vector<int> warm_want;
+  for (int i = 0; i < 20000; ++i) {
+    warm.push_back(make(-1 - i));
+    warm_want.push_back(-1 - i);
+  }
+  CHECK(p.map(warm) == warm_want);
+  std::vector<Item> xs;
   std::vector<int> want;
   for (int i = 0; i < n; ++i) {
-    xs.push_back(text(i));
+    xs.push_back(make(i));
     want.push_back(i);
   }
   for (int round = 0; round < 2; ++round) CHECK(p.map(xs) == want);
+}
+
+int same(int k) {
+  return k;
+}
+int same_read(const int& k) {
+  return k;
+}
+
+}  // namespace
+
+TEST_CASE("the deep queue of a worker stuck on a slow item is taken over by the idle one",
+          "[pool][sched]") {
+  // Numbers in a contiguous input: the chunks taken back are read from it again.
+  stuck_queue_taken_over<int>(same, same_read);
+}
+
+TEST_CASE("chunks of encoded items taken back from a stuck worker are encoded again, whole",
+          "[pool][sched]") {
+  // Strings: the frames queued behind the slow item were written straight
+  // into its worker's ring and kept nowhere else, so the idle worker gets
+  // them encoded again from the input.
+  stuck_queue_taken_over<std::string>(text, number);
 }
 
 TEST_CASE("a worker that dies with encoded chunks queued loses none of them", "[pool][sched]") {
@@ -243,9 +244,6 @@ TEST_CASE("a worker that dies with encoded chunks queued loses none of them", "[
   // and only item 0 is charged.
   constexpr int n = 400;
   procpool::semaphore ran(0);
-  procpool::pool_options o;
-  o.workers = 2;
-  o.chunk_size = 1;
   procpool::pool p(
       [&](const std::string& s) {
         int k = number(s);
@@ -260,7 +258,7 @@ TEST_CASE("a worker that dies with encoded chunks queued loses none of them", "[
         ::raise(SIGKILL);
         return 0;
       },
-      o);
+      two_workers_chunk_1());
   std::vector<std::string> warm;
   for (int i = 0; i < 5000; ++i) warm.push_back(text(-1 - i));
   p.map(warm);
