@@ -614,26 +614,40 @@ pool_options release_after(procpool::semaphore& gate, bool& released, std::size_
 }
 }  // namespace
 
-TEST_CASE("results that arrive ahead of an earlier chunk's land in place when it comes",
-          "[data_path]") {
-  // Item 0 holds its worker until 40 later results are in: the vector of
-  // results is then made past a slot still waiting for its result.
+namespace {
+std::string text_of(int x) {
+  return std::string(std::size_t(x % 50), char('a' + x % 26));
+}
+std::int64_t triple_of(int x) {
+  return std::int64_t(x) * 3;
+}
+
+/// Item 0 holds its worker until 40 later results are in: the vector of
+/// results is then made past a slot still waiting for its result. Results
+/// are `make(x)`.
+template <class Result>
+void results_past_a_gap(Result (*make)(int)) {
   procpool::semaphore gate(0);
   bool released = false;
-  pool_options o = release_after(gate, released, 40);
   pool p(
-      [&gate](int x) {
+      [&gate, make](int x) {
         if (x == 0) gate.acquire();
-        return std::string(std::size_t(x % 50), char('a' + x % 26));
+        return make(x);
       },
-      o);
+      release_after(gate, released, 40));
   std::vector<int> in(100);
   std::iota(in.begin(), in.end(), 0);
   auto r = p.map(in, map_options{1});
   REQUIRE(released);
   REQUIRE(r.size() == in.size());
-  for (int x : in)
-    REQUIRE(r[std::size_t(x)] == std::string(std::size_t(x % 50), char('a' + x % 26)));
+  for (int x : in) REQUIRE(r[std::size_t(x)] == make(x));
+}
+}  // namespace
+
+TEST_CASE("results that arrive ahead of an earlier chunk's land in place when it comes",
+          "[data_path]") {
+  results_past_a_gap(text_of);    // decoded one by one
+  results_past_a_gap(triple_of);  // plain: appended from the ring when they come in order
 }
 
 TEST_CASE("a map that fails after results past a gap arrived leaves the pool right",
@@ -779,8 +793,10 @@ TEST_CASE(
 TEST_CASE("a pool's rings are mirrored, and work the same where the kernel refuses the mirror",
           "[data_path]") {
   // Small rings, many chunks of results that are not a whole fraction of
-  // the ring: frames cross the rings' ends in both directions.
-  for (bool refuse : {false, true}) {
+  // the ring: frames cross the rings' ends in both directions. First with
+  // descriptors refused (as when they are exhausted) for a pool of one
+  // worker, then given back: the next pool maps the mirror again.
+  for (bool refuse : {true, false}) {
     CAPTURE(refuse);
     static int asked;
     asked = 0;
@@ -788,11 +804,13 @@ TEST_CASE("a pool's rings are mirrored, and work the same where the kernel refus
       pd::sys::fault_hook = [](const char* call) {
         if (std::strcmp(call, "memfd_create") != 0) return 0;
         ++asked;
-        return ENOSYS;
+        return EMFILE;
       };
+    pool_options o = small_rings(16 * 1024);
+    o.workers = refuse ? 1 : 2;
     std::optional<pool<std::uint64_t (*)(std::uint64_t)>> p;
     try {
-      p.emplace([](std::uint64_t x) { return x * 3; }, small_rings(16 * 1024));
+      p.emplace([](std::uint64_t x) { return x * 3; }, o);
     } catch (...) {
       pd::sys::fault_hook = nullptr;
       throw;

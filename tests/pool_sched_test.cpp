@@ -9,6 +9,7 @@
 #include <procpool/sync.hpp>
 
 #include <chrono>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -274,4 +275,65 @@ TEST_CASE("a worker that dies with encoded chunks queued loses none of them", "[
   std::vector<int> want;
   for (int i = 1; i < n; ++i) want.push_back(i);
   CHECK(p.map(xs) == want);
+}
+
+namespace {
+
+/// An item with an encoding of its own that throws when an item is encoded
+/// a second time while `flaky_refuses`: the parent encodes an item once when
+/// it cuts its chunk, and again only when that chunk, kept nowhere, is sent
+/// again.
+struct flaky {
+  int v = 0;
+};
+constexpr int flaky_items = 10;
+int flaky_encodes[flaky_items] = {};  // the parent's counts (it alone encodes)
+bool flaky_refuses = false;
+void procpool_encode(procpool::writer& out, const flaky& f) {
+  if (++flaky_encodes[f.v] > 1 && flaky_refuses)
+    throw std::runtime_error("flaky's encoder refused item " + std::to_string(f.v));
+  procpool::encode(out, f.v);
+}
+flaky procpool_decode(procpool::reader& in, procpool::type_tag<flaky>) {
+  return flaky{procpool::decode<int>(in)};
+}
+
+}  // namespace
+
+TEST_CASE("an encoder that throws when a chunk is encoded again fails the map at that chunk",
+          "[pool][sched]") {
+  // Item 0 waits for the others (a bounded wait: they may never run); the
+  // chunks queued behind it are taken back for the idle worker and encoded
+  // again, and the encoder now throws. The map fails with the encoder's
+  // error, the pool goes on.
+  constexpr int n = flaky_items;
+  procpool::semaphore ran(0);
+  procpool::pool p(
+      [&](const flaky& f) {
+        if (f.v != 0) {
+          ran.release();
+          return f.v;
+        }
+        for (int i = 1; i < n; ++i)
+          if (!ran.try_acquire_for(2s)) break;
+        return 0;
+      },
+      two_workers_chunk_1());
+  std::vector<flaky> in;
+  for (int i = 0; i < n; ++i) in.push_back(flaky{i});
+  flaky_refuses = true;
+  bool failed = false;
+  try {
+    p.map(in, procpool::map_options{1});
+  } catch (const std::runtime_error& e) {
+    failed = std::string(e.what()).find("flaky's encoder refused") != std::string::npos;
+  }
+  flaky_refuses = false;
+  CHECK(failed);
+  int again = 0;
+  for (int c : flaky_encodes) again += c > 1;
+  CHECK(again > 0);  // a chunk was encoded again
+  std::vector<int> want(n);
+  for (int i = 0; i < n; ++i) want[std::size_t(i)] = i;
+  CHECK(p.map(in) == want);
 }

@@ -357,18 +357,8 @@ class map_call : public call_state {
 
   void reencode(std::uint64_t first, std::uint32_t count, writer& out, frame_refs* refs) override {
     if constexpr (random_access) {
+      // (Never a contiguous run of plain items: those are blocks, not placed.)
       if (first + count > n_) throw error("a chunk to encode again lies past the input's end");
-      if constexpr (is_trivially_sendable_v<Item>) {
-        if (contiguous_) {
-          const auto* data = reinterpret_cast<const std::byte*>(contiguous_ + first);
-          std::size_t size = std::size_t(count) * sizeof(Item);
-          if (refs && !refs->full())
-            refs->add(out.size(), data, size);
-          else
-            out.write(data, size);
-          return;
-        }
-      }
       It it = begin_ + static_cast<typename std::iterator_traits<It>::difference_type>(first);
       std::exception_ptr failure;
       std::size_t k = encode_items<Item>(out, refs, it, end_, count, ~std::size_t(0), failure);

@@ -350,12 +350,16 @@ class engine final : public driver {
 
 // ---------------------------------------------------------------------------
 
-/// Bytes of a worker's part of the engine's mapping: its slot and its two
-/// rings' controls, and their bytes unless those are `mirrored`.
+/// Bytes of one ring in the engine's mapping: its control, and its bytes
+/// unless those are `mirrored` (mapped apart).
+inline std::size_t ring_part(std::size_t ring_capacity, bool mirrored) {
+  return mirrored ? align_up(sizeof(ring_control), cache_line)
+                  : ring_control::bytes_needed(ring_capacity);
+}
+
+/// Bytes of a worker's part of the engine's mapping: its slot and two rings.
 inline std::size_t slot_bytes(std::size_t ring_capacity, bool mirrored) {
-  std::size_t ring = mirrored ? align_up(sizeof(ring_control), cache_line)
-                              : ring_control::bytes_needed(ring_capacity);
-  return align_up(sizeof(worker_slot), cache_line) + 2 * ring;
+  return align_up(sizeof(worker_slot), cache_line) + 2 * ring_part(ring_capacity, mirrored);
 }
 
 inline engine::engine(engine_config config) : config_(std::move(config)), parent_(::getpid()) {
@@ -372,7 +376,7 @@ inline engine::engine(engine_config config) : config_(std::move(config)), parent
   try {
     rings_ = mirrored_mapping(2 * std::size_t(config_.workers), ring_capacity_);
   } catch (const std::system_error&) {
-    rings_ = mirrored_mapping();
+    // Left empty: the rings' bytes go in the one mapping below.
   }
   bool mirrored = static_cast<bool>(rings_);
   std::size_t slot = slot_bytes(ring_capacity_, mirrored);
@@ -387,7 +391,7 @@ inline engine::engine(engine_config config) : config_(std::move(config)), parent
     w.slot = new (p) worker_slot();
     p += align_up(sizeof(worker_slot), cache_line);
     w.task = ring_control::create(p, ring_capacity_);
-    p += (slot - align_up(sizeof(worker_slot), cache_line)) / 2;
+    p += ring_part(ring_capacity_, mirrored);
     w.result = ring_control::create(p, ring_capacity_);
     if (mirrored) {
       w.task_bytes = rings_.area(2 * i);
