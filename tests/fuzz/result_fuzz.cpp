@@ -2,8 +2,8 @@
 // writes whatever the fuzzer says into its result ring. Run it with
 // `scripts/fuzz --target result`.
 //
-// Each input makes a one-worker engine whose real worker never answers (its
-// function blocks), so the harness plays the worker: it writes frames into
+// Each input makes a one-worker engine whose real worker never touches its
+// rings (its initializer blocks), so the harness plays the worker: it writes frames into
 // the worker's result ring (well-formed answers, answers with one field
 // changed, raw messages, raw bytes with lying length prefixes) and lets the
 // engine drive between writes. After every write the engine must refuse a
@@ -79,8 +79,8 @@ namespace pd = procpool::detail;
   std::abort();
 }
 
-int never_answers(int) {
-  for (;;) ::pause();
+int never_runs(int x) {
+  return x;
 }
 
 using map_t = pd::map_call<int (*)(int), pd::local_handlers, int, pd::invoke_one,
@@ -107,6 +107,13 @@ class harness {
     c.workers = 1;
     c.ring_bytes = 4096;
     c.function = &f_;
+    // The worker never touches its rings: the harness alone writes the
+    // result ring, as a worker does (a ring has one writer). A worker that
+    // ran would write its answer's header in place in the ring's free room,
+    // over the frames the harness had put there.
+    c.initializer = [] {
+      for (;;) ::pause();
+    };
     c.parent_wait = pd::wait_policy{std::chrono::nanoseconds(0), std::chrono::milliseconds(1)};
     c.stop_grace = std::chrono::milliseconds(50);
     engine_ = std::make_shared<pd::engine>(std::move(c));
@@ -180,7 +187,7 @@ class harness {
   const std::vector<int>& results() const { return results_; }
 
  private:
-  int (*f_)(int) = never_answers;
+  int (*f_)(int) = never_runs;  // its worker blocks before any item
   std::shared_ptr<pd::engine> engine_;
   std::vector<int> items_;
   std::vector<int> results_;
@@ -298,7 +305,15 @@ void run(input& in) {
   auto next = h.start(n, chunk);
   if (!finish(h, next)) fail("a second call never ended");
   if (h.broken) fail("the pool broke on honest answers");
-  if (next->failed()) fail("a second call, answered honestly, failed");
+  if (next->failed()) {
+    try {
+      next->rethrow_if_failed();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "result_fuzz: the second call failed at item %llu: %s\n",
+                   static_cast<unsigned long long>(next->error_index()), e.what());
+    }
+    fail("a second call, answered honestly, failed");
+  }
   for (std::size_t i = 0; i < n; ++i)
     if (h.results()[i] != h.result_of(i)) fail("a second call returned a wrong result");
 }
