@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <new>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <set>
@@ -244,6 +245,7 @@ struct fragile {
   fragile() = default;
   fragile(const fragile&) { throw std::runtime_error("copy"); }
   fragile& operator=(const fragile&) = default;
+  friend bool operator==(const fragile&, const fragile&) { return true; }
 };
 void procpool_encode(writer&, const fragile&) {}
 fragile procpool_decode(reader&, procpool::type_tag<fragile>) {
@@ -466,6 +468,43 @@ void randomize(std::complex<F>& c, rng_t& rng, int depth, rtag<std::complex<F>>)
 // ---------------------------------------------------------------------------
 // Helpers.
 
+template <class T, class = void>
+struct comparable : std::false_type {};
+template <class T>
+struct comparable<T, std::void_t<decltype(std::declval<const T&>() == std::declval<const T&>())>>
+    : std::true_type {};
+
+/// The bytes of a buffer given to a streamed reader in pieces of at most
+/// `piece` bytes (more when more are wanted), no more than `hold` at once:
+/// as a ring smaller than the message gives them. Each piece is a copy of
+/// its own, freed when the next is asked for, so that a decoder that reads
+/// past a piece, or keeps a pointer into one it gave up, trips the sanitizers.
+class piece_source final : public procpool::detail::reader_source {
+ public:
+  piece_source(const std::byte* data, std::size_t size, std::size_t piece, std::size_t hold)
+      : data_(data), size_(size), piece_(piece), hold_(hold) {}
+  piece next(std::size_t from, std::size_t want) override {
+    REQUIRE(from >= from_);  // a streamed reader never goes back
+    REQUIRE(from <= size_);
+    from_ = from;
+    ++pieces;
+    std::size_t left = size_ - from;
+    std::size_t n = std::min({left, hold_, std::max(want, piece_)});
+    copy_ = std::make_unique<std::byte[]>(n + 1);
+    if (n != 0) std::memcpy(copy_.get(), data_ + from, n);
+    return {copy_.get(), n};
+  }
+  std::size_t pieces = 0;
+
+ private:
+  const std::byte* data_;
+  std::size_t size_;
+  std::size_t piece_;
+  std::size_t hold_;
+  std::size_t from_ = 0;
+  std::unique_ptr<std::byte[]> copy_;
+};
+
 template <class T>
 T round_trip(const T& value) {
   std::vector<std::byte> bytes = encode(value);
@@ -483,6 +522,24 @@ T round_trip(const T& value) {
   REQUIRE(decode<std::uint8_t>(in) == 0xAB);
   REQUIRE(in.at_end());
   REQUIRE(encode(again).size() == bytes.size());
+  // The same bytes coming in pieces, as a message longer than its ring does.
+  struct shape {
+    std::size_t piece, hold;
+  };
+  for (shape sh : {shape{1, 1}, shape{3, 64}, shape{7, std::size_t(1) << 20}, shape{4096, 4096}}) {
+    bool slow = sh.piece < 4096;
+    if (slow && out.size() > (std::size_t(1) << 20)) continue;  // too slow a byte at a time
+    INFO("pieces of " << sh.piece << " bytes, " << sh.hold << " at most at once");
+    piece_source source(out.data(), out.size(), sh.piece, sh.hold);
+    reader streamed(source, out.size());
+    REQUIRE(decode<std::string>(streamed) == "prefix");
+    T piecewise = decode<T>(streamed);
+    REQUIRE(streamed.offset() == 14 + bytes.size());
+    REQUIRE(decode<std::uint8_t>(streamed) == 0xAB);
+    REQUIRE(streamed.at_end());
+    REQUIRE(encode(piecewise).size() == bytes.size());
+    if constexpr (comparable<T>::value) REQUIRE(piecewise == again);
+  }
   return decode<T>(bytes);
 }
 
@@ -858,6 +915,15 @@ TEST_CASE("every truncation of a valid buffer throws decode_error", "[codec]") {
     record r = random_value<record>(rng);
     r.entries.push_back(random_value<entry>(rng));
     check_all_truncations(encode(r), procpool::detail::tid<record>{});
+  }
+  // A streamed message that ends short: the same, whatever the pieces.
+  record r = random_value<record>(rng);
+  std::vector<std::byte> bytes = encode(r);
+  for (std::size_t n = 0; n < bytes.size(); n += 1 + n / 8) {
+    std::vector<std::byte> prefix(bytes.begin(), bytes.begin() + static_cast<long>(n));
+    piece_source source(prefix.data(), prefix.size(), 5, 16);
+    reader streamed(source, prefix.size());
+    CHECK_THROWS_AS(decode<record>(streamed), decode_error);
   }
   for (const auto& [name, bytes] : codec_fuzz::seeds()) {
     INFO(name);
@@ -1476,4 +1542,72 @@ TEST_CASE("encoding and decoding an int takes a few nanoseconds", "[.bench]") {
   WARN("encode int: " << encode_ns << " ns, decode int: " << decode_ns << " ns (sum " << sum
                       << ")");
   CHECK(sum == static_cast<long long>(n) * (n - 1) / 2);
+}
+
+// ---------------------------------------------------------------------------
+// A streamed reader: the bytes of a message come in pieces.
+
+TEST_CASE("a streamed reader gives each read its bytes whatever the pieces", "[codec]") {
+  std::vector<std::byte> bytes(1000);
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = std::byte(i * 7 + 1);
+  auto expect = [&](const std::byte* p, std::size_t at, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) REQUIRE(p[i] == bytes[at + i]);
+  };
+  for (std::size_t hold : {std::size_t(1), std::size_t(5), std::size_t(64), std::size_t(4096)}) {
+    INFO("at most " << hold << " bytes at once");
+    piece_source source(bytes.data(), bytes.size(), 3, hold);
+    reader in(source, bytes.size());
+    REQUIRE(in.remaining() == 1000);
+    REQUIRE(in.at_hand() == 0);  // nothing asked for yet
+    // More than the source holds at once, wanted whole: a copy, then the
+    // rest of it read from that copy, and reads across its end.
+    expect(in.take(100), 0, 100);
+    expect(in.peek(10), 100, 10);
+    REQUIRE(in.offset() == 100);
+    expect(in.take(7), 100, 7);
+    std::byte out[300];
+    in.read(out, 300);
+    expect(out, 107, 300);
+    REQUIRE(in.offset() == 407);
+    // Piece by piece: never more than asked, at least one byte each time.
+    std::size_t at = 407;
+    while (at < 900) {
+      std::size_t n = 900 - at;
+      const std::byte* p = in.take_some(n);
+      REQUIRE(n >= 1);
+      REQUIRE(n <= 900 - at);
+      expect(p, at, n);
+      at += n;
+    }
+    REQUIRE(in.remaining() == 100);
+    // Asking for more than remains throws, naming the offset, and takes nothing.
+    REQUIRE_THROWS_AS(in.take(101), decode_error);
+    REQUIRE(in.offset() == 900);
+    expect(in.take(100), 900, 100);
+    REQUIRE(in.at_end());
+    std::size_t none = 5;
+    in.take_some(none);
+    REQUIRE(none == 0);
+  }
+}
+
+TEST_CASE("a streamed reader fetches big values in pieces, not byte by byte", "[codec]") {
+  std::string big(100000, 'x');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>('a' + i % 26);
+  std::vector<std::uint8_t> blob(big.begin(), big.end());
+  std::vector<double> numbers(5000);
+  std::iota(numbers.begin(), numbers.end(), 0.5);
+  writer out;
+  encode(out, big);
+  encode(out, blob);
+  encode(out, numbers);
+  // A ring of 4 KiB: each value arrives in pieces of what it holds, and
+  // none is gathered first (the pieces asked for are about 4 KiB each).
+  piece_source source(out.data(), out.size(), 4096, 4096);
+  reader in(source, out.size());
+  REQUIRE(decode<std::string>(in) == big);
+  REQUIRE(decode<std::vector<std::uint8_t>>(in) == blob);
+  REQUIRE(decode<std::vector<double>>(in) == numbers);
+  REQUIRE(in.at_end());
+  REQUIRE(source.pieces <= out.size() / 4096 + 8);
 }

@@ -826,3 +826,223 @@ TEST_CASE("a pool's rings are mirrored, and work the same where the kernel refus
     CHECK_FALSE(maps_mirrored_rings());  // unmapped with the pool
   }
 }
+
+// ---------------------------------------------------------------------------
+// Frames longer than the ring: read as they come, decoded piece by piece.
+
+namespace {
+
+/// Runs `body` with a pool made from `o`, its rings mirrored or (`refuse`,
+/// the kernel refusing the memfd) not.
+template <class F, class Body>
+void with_rings(bool refuse, F f, pool_options o, Body&& body) {
+  if (refuse)
+    pd::sys::fault_hook = [](const char* call) {
+      return std::strcmp(call, "memfd_create") == 0 ? EMFILE : 0;
+    };
+  std::optional<pool<F>> p;
+  try {
+    p.emplace(f, o);
+  } catch (...) {
+    pd::sys::fault_hook = nullptr;
+    throw;
+  }
+  pd::sys::fault_hook = nullptr;
+  REQUIRE(maps_mirrored_rings() == !refuse);
+  body(*p);
+}
+
+std::string text(std::size_t n, std::size_t seed) {
+  std::string s(n, '\0');
+  for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>('a' + (i * 7 + seed) % 26);
+  return s;
+}
+
+/// Kills the worker that made it while the pool decodes it, as many times
+/// as `kills_left` says (a count in the test's process: only the pool's
+/// side decodes one): its answer, longer than the ring, is cut short there.
+std::atomic<int> kills_left{0};
+/// What a decoder that catches everything made of a cut answer.
+constexpr const char* swallowed = "swallowed";
+
+template <bool Swallow>
+struct dying_answer {
+  std::int64_t pid = 0;
+  std::string body;
+  friend void procpool_encode(procpool::writer& out, const dying_answer& a) {
+    procpool::encode(out, a.pid);
+    procpool::encode(out, a.body);
+  }
+  friend dying_answer procpool_decode(procpool::reader& in, procpool::type_tag<dying_answer>) {
+    dying_answer a;
+    a.pid = procpool::decode<std::int64_t>(in);
+    if (kills_left.fetch_sub(1) > 0) ::kill(static_cast<pid_t>(a.pid), SIGKILL);
+    if constexpr (Swallow) {
+      try {
+        a.body = procpool::decode<std::string>(in);
+      } catch (...) {  // what a careless decoder does
+        a.body = swallowed;
+      }
+    } else {
+      a.body = procpool::decode<std::string>(in);
+    }
+    return a;
+  }
+};
+
+template <bool Swallow>
+dying_answer<Swallow> long_answer(std::uint32_t k) {
+  return {::getpid(), text(300 * 1024 + k, k)};
+}
+
+}  // namespace
+
+TEST_CASE("items and answers longer than the ring stream through it, mirrored or not",
+          "[data_path]") {
+  for (bool refuse : {false, true}) {
+    CAPTURE(refuse);
+    pool_options o = small_rings(16 * 1024);
+    std::vector<std::string> in;
+    for (std::size_t n : {std::size_t(1), std::size_t(16 * 1024 - 40), std::size_t(16 * 1024),
+                          std::size_t(16 * 1024 + 1), std::size_t(100000), std::size_t(0),
+                          std::size_t(1) << 20, std::size_t(33333)})
+      in.push_back(text(n, in.size()));
+    with_rings(
+        refuse, [](const std::string& s) { return s + "!"; }, o,
+        [&](auto& p) {
+          std::vector<std::string> want;
+          for (auto& s : in) want.push_back(s + "!");
+          for (std::size_t chunk : {1, 2, 5}) {
+            CAPTURE(chunk);
+            REQUIRE(p.map(in, map_options{chunk}) == want);
+            std::vector<std::string> ordered;
+            for (auto&& r : p.imap(in, map_options{chunk})) ordered.push_back(std::move(r));
+            REQUIRE(ordered == want);
+            std::vector<int> seen(in.size());
+            for (auto&& [k, r] : p.imap_unordered(in, map_options{chunk})) {
+              REQUIRE(r == want[k]);
+              ++seen[k];
+            }
+            REQUIRE(std::count(seen.begin(), seen.end(), 1) == static_cast<long>(in.size()));
+          }
+          REQUIRE(p.submit(in[6]).get() == want[6]);
+        });
+    // Arrays of numbers (read in pieces into their storage), and a chunk
+    // of plain results longer than the ring.
+    with_rings(
+        refuse, [](const std::vector<double>& v) { return v; }, o,
+        [&](auto& p) {
+          std::vector<std::vector<double>> arrays;
+          for (std::size_t n : {std::size_t(2047), std::size_t(2048), std::size_t(50001)}) {
+            std::vector<double> v(n);
+            std::iota(v.begin(), v.end(), double(n));
+            arrays.push_back(std::move(v));
+          }
+          REQUIRE(p.map(arrays, map_options{2}) == arrays);
+        });
+    with_rings(
+        refuse, [](std::uint32_t x) { return std::uint64_t(x) * 5; }, o,
+        [&](auto& p) {
+          std::vector<std::uint32_t> xs(100003);
+          std::iota(xs.begin(), xs.end(), 11u);
+          for (std::size_t chunk : {std::size_t(30001), xs.size()}) {
+            auto r = p.map(xs, map_options{chunk});
+            REQUIRE(r.size() == xs.size());
+            std::size_t bad = 0;
+            for (std::size_t k = 0; k < xs.size(); ++k) bad += r[k] != std::uint64_t(xs[k]) * 5;
+            REQUIRE(bad == 0);
+          }
+        });
+  }
+}
+
+TEST_CASE(
+    "a worker that dies while its long answer streams: the chunk runs again, its results "
+    "are taken once",
+    "[data_path][reliability]") {
+  pool_options o = small_rings(16 * 1024);
+  std::vector<std::uint32_t> in(6);
+  std::iota(in.begin(), in.end(), 0u);
+  pool p(&long_answer<false>, o);
+  auto check = [&](const dying_answer<false>& a, std::uint32_t k) {
+    REQUIRE(a.body == text(300 * 1024 + k, k));
+  };
+
+  SECTION("map") {
+    kills_left = 2;
+    auto r = p.map(in, map_options{1});
+    REQUIRE(kills_left <= 0);
+    for (std::uint32_t k = 0; k < in.size(); ++k) check(r[k], k);
+  }
+  SECTION("imap, in order") {
+    kills_left = 2;
+    std::uint32_t k = 0;
+    for (auto&& a : p.imap(in, map_options{2})) check(a, k++);
+    REQUIRE(k == in.size());
+  }
+  SECTION("imap_unordered: no result twice") {
+    kills_left = 2;
+    std::vector<int> seen(in.size());
+    for (auto&& [k, a] : p.imap_unordered(in, map_options{3})) {
+      check(a, static_cast<std::uint32_t>(k));
+      ++seen[k];
+    }
+    REQUIRE(std::count(seen.begin(), seen.end(), 1) == static_cast<long>(in.size()));
+  }
+  SECTION("a task") {
+    kills_left = 1;
+    check(p.submit(4u).get(), 4);
+  }
+  SECTION("a chunk whose answer is cut every time is charged with the death") {
+    kills_left = 1000;
+    REQUIRE_THROWS_AS(p.map(std::vector<std::uint32_t>{1}), procpool::worker_died);
+    kills_left = 0;
+  }
+  // The pool goes on with fresh workers.
+  kills_left = 0;
+  auto r = p.map(in, map_options{1});
+  for (std::uint32_t k = 0; k < in.size(); ++k) check(r[k], k);
+}
+
+TEST_CASE("a decoder that catches the end of a cut answer does not make its results count",
+          "[data_path][reliability][hostile]") {
+  pool_options o = small_rings(16 * 1024);
+  pool p(&long_answer<true>, o);
+  kills_left = 1;
+  std::vector<std::uint32_t> in{0, 1, 2};
+  std::vector<dying_answer<true>> r;
+  REQUIRE_THROWS_AS(r = p.map(in, map_options{1}), procpool::error);
+  kills_left = 0;
+  r = p.map(in, map_options{1});
+  for (std::uint32_t k = 0; k < in.size(); ++k) REQUIRE(r[k].body == text(300 * 1024 + k, k));
+}
+
+TEST_CASE(
+    "a failing item in a chunk longer than the ring: the rest of it is skipped as it "
+    "comes, and the pool goes on",
+    "[data_path]") {
+  pool_options o = small_rings(16 * 1024);
+  pool p(
+      [](const std::string& s) {
+        if (s.front() == '!') throw std::runtime_error("refused " + std::to_string(s.size()));
+        return s.size();
+      },
+      o);
+  std::vector<std::string> in;
+  for (std::size_t k = 0; k < 7; ++k) in.push_back(text(100000 + k, k));
+  in[1].front() = '!';
+  for (std::size_t chunk : {1, 3, 7}) {
+    CAPTURE(chunk);
+    try {
+      (void)p.map(in, map_options{chunk});
+      FAIL("the map did not fail");
+    } catch (const procpool::task_error& e) {
+      REQUIRE(e.index() == 1);
+      REQUIRE(std::string(e.what()).find("refused 100001") != std::string::npos);
+    }
+    in[1].front() = 'x';
+    auto sizes = p.map(in, map_options{chunk});
+    for (std::size_t k = 0; k < in.size(); ++k) REQUIRE(sizes[k] == 100000 + k);
+    in[1].front() = '!';
+  }
+}

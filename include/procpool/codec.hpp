@@ -295,11 +295,50 @@ class writer {
   bool in_place_ = false;
 };
 
-/// Reads encoded bytes from a contiguous buffer it does not own.
+namespace detail {
+/// Where a streamed `reader` gets its bytes: a message that passes through a
+/// ring smaller than itself, read as it arrives.
+class reader_source {
+ public:
+  /// Bytes of the message in one piece.
+  struct piece {
+    const std::byte* data;
+    std::size_t size;
+  };
+  /// The bytes from the message's offset `from` on, once at least `want` of
+  /// them (fewer when fewer remain, or when more than the source holds at
+  /// once are asked for) have arrived; at least one while any remain. The
+  /// bytes before `from` are given up: the writer may reuse their space.
+  /// Throws `cut` when the bytes stop coming (the writer died).
+  virtual piece next(std::size_t from, std::size_t want) = 0;
+  /// What `next` throws when the bytes stop coming: no `std::exception`, so
+  /// that a decoder catching those lets it through.
+  struct cut {};
+  /// A piece asked for whole and larger than the source holds at once, copied.
+  std::vector<std::byte> stage;
+
+ protected:
+  reader_source() = default;
+  reader_source(const reader_source&) = default;
+  reader_source& operator=(const reader_source&) = default;
+  ~reader_source() = default;
+};
+}  // namespace detail
+
+/// Reads encoded bytes from a contiguous buffer it does not own, or from a
+/// message that arrives in pieces (a streamed reader, which the pools use for
+/// a message larger than the ring it passes through).
 ///
 /// Every read is checked: asking for more than remains throws `decode_error`
 /// naming the offset and what was expected ("expected 8 bytes for double,
 /// 3 remain"); nothing is ever read out of bounds.
+///
+/// The bytes of a streamed reader are read in place as they arrive, and a
+/// read waits for them. The pointer `take` returns there is valid until the
+/// reader is next read from (over a buffer, for as long as the buffer); `read`
+/// and `take_some` copy big values out piece by piece, with no copy between.
+/// A copy of a streamed reader must not be read from: both would consume
+/// the one message.
 ///
 /// **Thread safety:** none; one thread uses a reader at a time.
 class reader {
@@ -312,15 +351,20 @@ class reader {
   /// A reader of no bytes.
   reader() noexcept = default;
   /// A reader of the `size` bytes at `data`, which must outlive it.
-  reader(const std::byte* data, std::size_t size) noexcept : data_(data), size_(size) {}
+  reader(const std::byte* data, std::size_t size) noexcept
+      : data_(data), size_(size), total_(size) {}
   /// A reader of the bytes of `bytes`, which must outlive it.
   explicit reader(const std::vector<std::byte>& bytes) noexcept
       : reader(bytes.data(), bytes.size()) {}
+  /// A streamed reader of a message of `size` bytes that `source` gives in
+  /// pieces; `source` must outlive it.
+  reader(detail::reader_source& source, std::size_t size) noexcept : total_(size), src_(&source) {}
 
-  /// Consumes `n` bytes and returns where they start.
+  /// Consumes `n` bytes and returns where they start (see the class's note on
+  /// how long they stay there).
   /// **Throws:** `decode_error` if fewer than `n` remain.
   const std::byte* take(std::size_t n) {
-    if (n > size_ - pos_) fail_short(n, {});
+    if (n > size_ - pos_) return take_more(n, {});
     const std::byte* p = data_ + pos_;
     pos_ += n;
     return p;
@@ -329,15 +373,34 @@ class reader {
   /// Consumes `n` bytes and returns where they start; `what` names them in the
   /// error. **Throws:** `decode_error` if fewer than `n` remain.
   const std::byte* take(std::size_t n, std::string_view what) {
-    if (n > size_ - pos_) fail_short(n, what);
+    if (n > size_ - pos_) return take_more(n, what);
     return take(n);
+  }
+
+  /// Consumes up to `n` bytes of those at hand, at least one while any remain
+  /// and `n` is not zero, and returns where they start; `n` becomes how many
+  /// it took. For a big value copied out piece by piece.
+  const std::byte* take_some(std::size_t& n) {
+    if (pos_ == size_ && n != 0 && remaining() != 0) refill(1);
+    n = std::min(n, size_ - pos_);
+    const std::byte* p = data_ + pos_;
+    pos_ += n;
+    return p;
+  }
+
+  /// Returns where the next `n` bytes start, without consuming them.
+  /// **Throws:** `decode_error` if fewer than `n` remain.
+  const std::byte* peek(std::size_t n) {
+    if (n > size_ - pos_) hold(n, {});
+    return data_ + pos_;
   }
 
   /// Copies the next `n` bytes to `out`.
   /// **Throws:** `decode_error` if fewer than `n` remain.
   void read(void* out, std::size_t n) {
-    const std::byte* p = take(n);
-    if (n != 0) std::memcpy(out, p, n);
+    if (n > size_ - pos_) return read_more(static_cast<std::byte*>(out), n);
+    if (n != 0) std::memcpy(out, data_ + pos_, n);
+    pos_ += n;
   }
 
   /// Counts `n` more elements that were decoded from no bytes at all against
@@ -345,25 +408,43 @@ class reader {
   /// **Throws:** `decode_error` once the allowance is spent.
   void consume_empty(std::uint64_t n);
 
-  /// Offset of the next byte to read from the start of the buffer.
-  std::size_t offset() const noexcept { return pos_; }
+  /// Offset of the next byte to read from the start of the buffer or message.
+  std::size_t offset() const noexcept { return base_ + pos_; }
   /// How many bytes remain to be read.
-  std::size_t remaining() const noexcept { return size_ - pos_; }
+  std::size_t remaining() const noexcept { return total_ - base_ - pos_; }
   /// Whether every byte was read.
-  bool at_end() const noexcept { return pos_ == size_; }
-  /// The whole buffer.
+  bool at_end() const noexcept { return remaining() == 0; }
+  /// How many of the remaining bytes are at hand: readable in place at
+  /// `here()` without waiting (all of them, over a buffer).
+  std::size_t at_hand() const noexcept { return size_ - pos_; }
+  /// Where the bytes at hand start.
+  const std::byte* here() const noexcept { return data_ + pos_; }
+  /// The whole buffer (the piece at hand, for a streamed reader).
   const std::byte* data() const noexcept { return data_; }
-  /// Size of the whole buffer.
+  /// Size of the whole buffer (of the piece at hand, for a streamed reader).
   std::size_t size() const noexcept { return size_; }
   /// How many more elements with an empty encoding this reader accepts.
   std::size_t empty_allowance() const noexcept { return empty_left_; }
 
  private:
   [[noreturn]] void fail_short(std::size_t n, std::string_view what) const;
+  const std::byte* take_more(std::size_t n, std::string_view what) {
+    hold(n, what);
+    return take(n);
+  }
+  void read_more(std::byte* out, std::size_t n);
+  /// Makes the next `n` bytes the piece at hand (or its start).
+  void hold(std::size_t n, std::string_view what);
+  /// The next piece from the source, from the next byte on.
+  void refill(std::size_t want);
 
-  const std::byte* data_ = nullptr;
+  const std::byte* data_ = nullptr;  // the bytes at hand: a buffer, or a piece of a message
   std::size_t size_ = 0;
   std::size_t pos_ = 0;
+  std::size_t base_ = 0;                  // offset in the message of data_[0]
+  std::size_t total_ = 0;                 // the buffer's or message's size
+  detail::reader_source* src_ = nullptr;  // null over a buffer
+  bool staged_ = false;                   // the bytes at hand are a copy in src_->stage
   std::size_t empty_left_ = max_empty_elements;
 };
 
@@ -457,16 +538,66 @@ inline void writer::grow(std::size_t n) {
 
 inline void reader::fail_short(std::size_t n, std::string_view what) const {
   throw decode_error(
-      pos_, what.empty()
-                ? fmt::format("expected {} bytes, {} remain", n, size_ - pos_)
-                : fmt::format("expected {} bytes for {}, {} remain", n, what, size_ - pos_));
+      offset(), what.empty()
+                    ? fmt::format("expected {} bytes, {} remain", n, remaining())
+                    : fmt::format("expected {} bytes for {}, {} remain", n, what, remaining()));
+}
+
+inline void reader::refill(std::size_t want) {
+  auto piece = src_->next(base_ + pos_, want);
+  base_ += pos_;
+  data_ = piece.data;
+  size_ = piece.size;
+  pos_ = 0;
+  staged_ = false;
+}
+
+inline void reader::hold(std::size_t n, std::string_view what) {
+  if (n > remaining()) fail_short(n, what);
+  // Over a buffer everything is at hand: only a streamed reader gets here.
+  // A staged piece's source is past its end already: what is left of it is
+  // copied on, not asked for again.
+  if (!staged_) {
+    refill(n);
+    if (n <= size_ - pos_) return;
+  }
+  // More than the source holds at once, wanted whole: copied.
+  std::vector<std::byte> stage(n);
+  const std::size_t start = offset();
+  for (std::size_t done = 0; done < n;) {
+    if (pos_ == size_) refill(n - done);
+    std::size_t k = std::min(n - done, size_ - pos_);
+    std::memcpy(stage.data() + done, data_ + pos_, k);
+    pos_ += k;
+    done += k;
+  }
+  src_->stage.swap(stage);
+  data_ = src_->stage.data();
+  size_ = n;
+  pos_ = 0;
+  base_ = start;
+  staged_ = true;
+}
+
+inline void reader::read_more(std::byte* out, std::size_t n) {
+  if (n > remaining()) fail_short(n, {});
+  for (;;) {
+    std::size_t k = std::min(n, size_ - pos_);
+    if (k != 0) std::memcpy(out, data_ + pos_, k);
+    pos_ += k;
+    out += k;
+    n -= k;
+    if (n == 0) return;
+    refill(n);
+  }
 }
 
 inline void reader::consume_empty(std::uint64_t n) {
   if (n > empty_left_)
-    throw decode_error(pos_, fmt::format("more than {} elements with an empty encoding (such as "
-                                         "std::monostate) in one buffer",
-                                         max_empty_elements));
+    throw decode_error(offset(),
+                       fmt::format("more than {} elements with an empty encoding (such as "
+                                   "std::monostate) in one buffer",
+                                   max_empty_elements));
   empty_left_ -= detail::int_cast<std::size_t>(n);
 }
 

@@ -488,16 +488,23 @@ struct builtin<std::basic_string<C, Tr, A>> : builtin_base {
   static const void* bulk_data(const T& s) noexcept { return s.data(); }
   static T decode(reader& in) {
     const std::size_t n = read_count<T, sizeof(C)>(in);
-    const std::byte* p = in.take(n * sizeof(C));
     if constexpr (std::is_same_v<C, char> || std::is_same_v<C, unsigned char>) {
-      if (n * sizeof(C) < huge_decode_bytes) return T(reinterpret_cast<const C*>(p), n);
+      if (n <= in.at_hand() && n < huge_decode_bytes)
+        return T(reinterpret_cast<const C*>(in.take(n)), n);
+      // Appended piece by piece as a streamed reader gets them: no zeroing
+      // first, no copy between.
       T s;
       reserve_for_decode(s, n);
-      s.append(reinterpret_cast<const C*>(p), n);
+      for (std::size_t left = n; left > 0;) {
+        std::size_t k = left;
+        const std::byte* p = in.take_some(k);
+        s.append(reinterpret_cast<const C*>(p), k);
+        left -= k;
+      }
       return s;
     } else {
       T s(n, C{});
-      if (n != 0) std::memcpy(s.data(), p, n * sizeof(C));
+      in.read(s.data(), n * sizeof(C));
       return s;
     }
   }
@@ -554,13 +561,20 @@ struct builtin<std::vector<E, A>> : builtin_base {
     const std::size_t n = read_count<T, min_element>(in);
     T v;
     if constexpr (codec_trivial<E>()) {
-      const std::byte* p = in.take(n * sizeof(E));
+      if (n * sizeof(E) > in.remaining()) in.take(n * sizeof(E));  // throws, naming the shortfall
       reserve_for_decode(v, n);
       if constexpr (is_byte_like_v<E>) {
-        v.assign(reinterpret_cast<const E*>(p), reinterpret_cast<const E*>(p) + n);
+        // Piece by piece as a streamed reader gets them (one piece over a
+        // buffer): made by the copy, with no zeroing first.
+        for (std::size_t left = n; left > 0;) {
+          std::size_t k = left;
+          auto p = reinterpret_cast<const E*>(in.take_some(k));
+          v.insert(v.end(), p, p + k);
+          left -= k;
+        }
       } else if (n != 0) {
         v.resize(n);
-        std::memcpy(static_cast<void*>(v.data()), p, n * sizeof(E));
+        in.read(static_cast<void*>(v.data()), n * sizeof(E));
       }
     } else {
       if constexpr (min_element > 0) v.reserve(n);

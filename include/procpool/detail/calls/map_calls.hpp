@@ -209,7 +209,7 @@ void decode_results(reader& in, Slot* dest, std::size_t count) {
       throw decode_error(in.offset(),
                          fmt::format("expected {} results of {} bytes, {} bytes remain", count,
                                      sizeof(R), in.remaining()));
-    std::memcpy(static_cast<void*>(dest), in.take(count * sizeof(R)), count * sizeof(R));
+    in.read(static_cast<void*>(dest), count * sizeof(R));
   } else {
     for (std::size_t k = 0; k < count; ++k) dest[k] = decode<R>(in);
   }
@@ -223,12 +223,13 @@ void decode_results(reader& in, Slot* dest, std::size_t count) {
 template <class R, class Slot>
 bool append_results(reader& in, std::vector<Slot>& v, std::size_t count) {
   if constexpr (std::is_same_v<R, Slot> && is_trivially_sendable_v<R> && !std::is_same_v<R, bool>) {
-    const std::byte* p = in.data() + in.offset();
+    const std::byte* p = in.here();
     if (reinterpret_cast<std::uintptr_t>(p) % alignof(R) != 0) return false;
     if (count > in.remaining() / sizeof(R))
       throw decode_error(in.offset(),
                          fmt::format("expected {} results of {} bytes, {} bytes remain", count,
                                      sizeof(R), in.remaining()));
+    if (count > in.at_hand() / sizeof(R)) return false;  // a streamed answer, still coming
     assert(v.capacity() - v.size() >= count);
     // The bytes are `count` objects of a trivially copyable type, copied
     // there by the worker and aligned: read in place, as a shared mapping's are.
@@ -554,15 +555,28 @@ class imap_call final : public imap_state<R> {
   }
 
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
-    for (std::uint32_t k = 0; k < count; ++k) {
-      std::size_t index = first + k;
-      if constexpr (Ordered) {
-        std::size_t slot = index - yielded_;
-        if (window_results_.size() <= slot) window_results_.resize(slot + 1);
-        window_results_[slot] = decode<R>(in);
-      } else {
-        ready_.emplace_back(index, decode<R>(in));
+    // A chunk's results are yielded all or none: an answer cut off midway
+    // (its worker died while it streamed) comes again whole from elsewhere.
+    std::size_t before = ready_.size();
+    std::uint32_t k = 0;
+    try {
+      for (; k < count; ++k) {
+        std::size_t index = first + k;
+        if constexpr (Ordered) {
+          std::size_t slot = index - yielded_;
+          if (window_results_.size() <= slot) window_results_.resize(slot + 1);
+          window_results_[slot] = decode<R>(in);
+        } else {
+          ready_.emplace_back(index, decode<R>(in));
+        }
       }
+    } catch (...) {
+      if constexpr (Ordered) {
+        for (std::uint32_t j = 0; j < k; ++j) window_results_[first + j - yielded_].reset();
+      } else {
+        ready_.erase(ready_.begin() + static_cast<std::ptrdiff_t>(before), ready_.end());
+      }
+      throw;
     }
     done_ += count;
   }

@@ -325,7 +325,8 @@ class dispatcher {
   /// the error of a failed item (reading what the engine appends from `in`);
   /// `lie(reason)` the error that fails the call when the answer turns out
   /// false (an error for an item other than the one after the results, bytes
-  /// past its end). The results of a cancelled call are dropped. Never throws.
+  /// past its end). The results of a cancelled call are dropped. Throws only
+  /// what `deliver_frame` lets through (a streamed answer cut off).
   ///
   /// With `gaps`, an error may name a later item of the chunk than the one
   /// after the results: the items between ran without failing, but their
@@ -333,7 +334,7 @@ class dispatcher {
   /// died holding them). Without it, the error must follow the results.
   template <class MakeFailure, class MakeLie>
   static delivery deliver(chunk& c, const result_header& h, reader& in, MakeFailure&& failure,
-                          MakeLie&& lie, bool gaps = false) noexcept {
+                          MakeLie&& lie, bool gaps = false) {
     delivery d;
     auto& call = *c.call;
     // Where the failing item of an error answer may be: right after the
@@ -344,11 +345,10 @@ class dispatcher {
     };
     if (h.kind == frame_kind::error && h.count == 0) {
       // No results: the failing item is checked before anything is delivered.
-      reader look = in;
       std::uint64_t index = no_item;
-      try {
+      if (in.remaining() >= sizeof index) {
+        reader look(in.peek(sizeof index), sizeof index);
         index = decode<std::uint64_t>(look);
-      } catch (const decode_error&) {
       }
       if (!in_place(index)) {
         d.lie = fmt::format("an error for item {} in a chunk from item {}", index, h.first);

@@ -143,9 +143,10 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
                   std::is_default_constructible_v<Item>) {
       // Items short of `count` (a lying frame) are left to the loop below,
       // whose decoding fails on the first of them.
-      std::size_t n = std::min<std::size_t>(count, in.remaining() / sizeof(Item));
+      // Items of a streamed chunk beyond those at hand take that loop too.
+      std::size_t n = std::min<std::size_t>(count, in.at_hand() / sizeof(Item));
       if (n > 0) {
-        const std::byte* src = in.data() + in.offset();
+        const std::byte* src = in.here();
         std::byte* dst = out.prepare(n * sizeof(R));
         // Counted in a local, not in `h`: the result bytes written through
         // `dst` may alias anything in memory, `h` included, which kept the
@@ -202,10 +203,11 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
 /// left in `in` for the caller). A frame that cannot be decoded fails the call
 /// at its first item, whatever the decoder threw: a `decode_error` as it is,
 /// anything else as a `decode_error` naming its type and `what()`. Never
-/// throws, so the caller always consumes the frame. A cancelled call takes nothing.
+/// throws, but for `reader_source::cut` from a streamed reader whose bytes
+/// stopped coming (results it delivered before are delivered again by the
+/// chunk's next answer). A cancelled call takes nothing.
 template <class MakeFailure>
-void deliver_frame(call_state& call, const result_header& h, reader& in,
-                   MakeFailure&& failure) noexcept {
+void deliver_frame(call_state& call, const result_header& h, reader& in, MakeFailure&& failure) {
   if (call.cancelled) return;
   try {
     try {
@@ -218,6 +220,8 @@ void deliver_frame(call_state& call, const result_header& h, reader& in,
       }
     } catch (const decode_error&) {
       call.fail(h.first, std::current_exception());
+    } catch (const reader_source::cut&) {
+      throw;
     } catch (...) {
       auto [type, message] = describe_current_exception();
       call.fail(h.first, std::make_exception_ptr(decode_error(
@@ -225,6 +229,8 @@ void deliver_frame(call_state& call, const result_header& h, reader& in,
                                                       "decoded: the decoder threw {}: {}",
                                                       h.first, h.first + h.count, type, message))));
     }
+  } catch (const reader_source::cut&) {
+    throw;
   } catch (...) {
     // Not even the failure could be made (out of memory): the call ends anyway.
     call.abort(std::current_exception());

@@ -65,6 +65,7 @@
 #include "../os/type_name.hpp"
 #include "../transport/futex.hpp"
 #include "../transport/ring.hpp"
+#include "../transport/ring_stream.hpp"
 #include "../transport/shm.hpp"
 #include "../transport/wait.hpp"
 
@@ -111,6 +112,11 @@ struct worker_slot {
   // ring (it did not wait for it); rises at once to a longer chunk, falls by
   // 1/8 per chunk. A hint for `engine::queue_depth`, which clamps it.
   std::atomic<std::int64_t> chunk_ns{0};
+  // Set while the worker writes an answer that did not fit its result ring
+  // at once: the parent reading such an answer as it comes knows that the
+  // bytes it misses are on their way. Found clear with bytes missing, the
+  // answer was a lie (its length claims more than was ever written).
+  std::atomic<std::uint32_t> answering{0};
 };
 
 /// What a worker process knows about itself.
@@ -256,13 +262,12 @@ class engine final : public driver {
     chunk_queue<chunk> inflight;    // in the order sent
     std::size_t items_sent = 0;     // toward max_tasks_per_child
     std::uint64_t frames_sent = 0;  // task frames put in the ring since the worker started
-    writer inbuf;  // a frame that wrapped around the ring's end, gathered (not zeroed first)
-    std::size_t in_need = 0;  // bytes of a partly received message still to come
-    bool receiving = false;
+    // A frame it was streaming was cut off (it died, or the pool stops):
+    // nothing more is read from its ring.
+    bool frame_cut = false;
     bool timed_out = false;
     std::uint64_t timed_out_item = no_item;
     std::size_t frames = 0;              // frames taken from this worker
-    bool header_checked = false;         // of the frame being received in pieces
     std::string bad_frame;               // why its last frame was refused; empty if none
     steady::time_point stopped_since{};  // when it was first seen stopped (SIGSTOP)
   };
@@ -298,8 +303,17 @@ class engine final : public driver {
   bool take_back_for_idle();
   bool can_take_back() const;
   static bool still_needed(const chunk& c) noexcept { return dispatcher::still_needed(c); }
+  /// Takes the answers in the worker's ring. `may_drop` false: the worker
+  /// died (a bad frame is not acted on, and a frame not all there is left).
   bool receive(worker& w, bool may_drop = true);
-  void handle_frame(worker& w, const std::byte* data, std::size_t size);
+  /// Whether the worker's next frame can be read: all of it is in its ring,
+  /// or it is longer than the ring (and is read as it comes).
+  bool frame_ready(worker& w, std::size_t avail) noexcept;
+  /// Reads a frame longer than the ring (or cut by a ring's end) as its
+  /// worker writes it; its length is the next thing in the ring.
+  void stream_frame(worker& w, std::size_t size);
+  /// Hands the frame `in` reads from (a whole one) to its call.
+  void handle_frame(worker& w, reader& in);
   std::string check_header(const worker& w, const result_header& h, std::size_t size) const;
   void drop_worker(std::size_t w);
   void finish_chunk(worker& w);
@@ -440,14 +454,12 @@ inline void engine::spawn(std::size_t i) {
   w.to = ring_writer(w.task, nullptr, w.task_bytes);
   w.placed = false;
   w.from = ring_reader(w.result, nullptr, w.result_bytes);
-  w.inbuf.clear();
   w.slot->chunk_ns.store(0);
-  w.in_need = 0;
-  w.receiving = false;
+  w.slot->answering.store(0);
+  w.frame_cut = false;
   w.timed_out = false;
   w.items_sent = 0;
   w.frames = 0;
-  w.header_checked = false;
   w.bad_frame.clear();
   w.stopped_since = {};
   pid_t pid = 0;
@@ -524,7 +536,14 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         exit_child(1);
       }
     }
-    writer buffer;                    // a task frame that wrapped the ring's end (not zeroed first)
+    // A task frame longer than the ring (or cut by its end, when it is not
+    // mirrored) is decoded as it comes; this waits for its next bytes.
+    auto wait = [&](auto&& ready) {
+      if (wait_for_condition(w.task->readable, ready, std::nullopt, parent_alive,
+                             config_.worker_wait) != wait_status::ready)
+        exit_child(0);  // the parent is gone
+    };
+    std::optional<ring_message<decltype(wait)>> stream;
     std::uint64_t seq = 0;            // task frames taken from the ring so far
     std::uint64_t revoked_until = 0;  // frames before this were taken back
     // For `worker_slot::chunk_ns`: when the last chunk run ended (none: zero).
@@ -539,26 +558,27 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
           parent_alive, config_.worker_wait);
       if (st != wait_status::ready) exit_child(0);  // the parent is gone
       std::size_t size = *in.next_message_size();
+      std::size_t total = sizeof(std::uint64_t) + size;
+      // A frame that fits the ring is read in place once all of it is there.
       const std::byte* frame = nullptr;
-      bool in_place = false;
-      if (in.refresh() >= sizeof(std::uint64_t) + size) {
-        if (const std::byte* p = in.peek(sizeof(std::uint64_t) + size)) {
-          frame = p + sizeof(std::uint64_t);
-          in_place = true;
-        }
+      if (total <= in.capacity()) {
+        wait([&] { return in.available(total) >= total; });
+        frame = in.peek(total);
       }
-      if (!in_place) {
-        if (in.read_message(buffer, std::nullopt, parent_alive, config_.worker_wait) !=
-            wait_status::ready)
-          exit_child(0);
-        frame = buffer.data();
-        size = buffer.size();
+      reader items;
+      stream.reset();
+      if (frame) {
+        items = reader(frame + sizeof(std::uint64_t), size);
+      } else {
+        std::uint64_t length;
+        in.get(&length, sizeof length);
+        stream.emplace(in, size, wait);
+        items = reader(*stream, size);
       }
       task_header h;
       if (size < sizeof h) exit_child(70);
-      std::memcpy(&h, frame, sizeof h);
+      items.read(&h, sizeof h);
       if (h.kind == frame_kind::stop) exit_child(0);
-      reader items(frame + sizeof h, size - sizeof h);
       // The answer is written straight into the result ring when that is
       // mirrored and has room for more than a header: it is then copied
       // nowhere. When it outgrows the room, the writer goes on in its own
@@ -589,8 +609,12 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         result.write(&r, sizeof r);
       }
       ++seq;
-      if (in_place) {
-        in.skip(sizeof(std::uint64_t) + size);
+      if (stream) {
+        // What the chunk did not read of its frame (it stopped early, or it
+        // was taken back) is skipped as it comes.
+        stream->finish(items.offset());
+      } else {
+        in.skip(total);
         // The answer, when it fits now, is published at once on the same
         // doorbell, which wakes the parent for the freed space as well.
         if (result.in_place() || out.free_space() >= sizeof(std::uint64_t) + result.size())
@@ -603,9 +627,12 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         std::memcpy(out.room(), &length, sizeof length);
         out.advance(sizeof length + result.size());
         out.publish();
-      } else if (!out.write_message(result.data(), result.size(), parent_alive,
-                                    config_.worker_wait)) {
-        exit_child(0);
+      } else {
+        w.slot->answering.store(1, std::memory_order_relaxed);
+        if (!out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait))
+          exit_child(0);
+        // After its last byte was published (and so seen with it).
+        w.slot->answering.store(0, std::memory_order_release);
       }
       if (run) {
         std::int64_t end = steady::now().time_since_epoch().count();
@@ -797,8 +824,7 @@ inline bool engine::any_ready() {
     // Bytes short of a message's length prefix are not worth waking for: a
     // worker that wrote a few and fell silent would keep the caller spinning
     // past its deadline.
-    std::size_t avail = w.from.refresh();
-    if (w.receiving ? avail > 0 : avail >= sizeof(std::uint64_t)) return true;
+    if (frame_ready(w, w.from.refresh())) return true;
     // Chunks go into the ring in order: one is unsent when the last is.
     if (!w.inflight.empty() && w.inflight.back().sent < w.inflight.back().size() &&
         w.to.free_space() > 0)
@@ -811,7 +837,7 @@ inline bool engine::can_take_back() const {
   // An idle worker, and a chunk waiting behind one its worker has started.
   bool idle = false;
   for (auto& w : workers_)
-    if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
+    if (w.pid != 0 && w.inflight.empty() && !w.frame_cut &&
         !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
       idle = true;
   if (!idle || dispatch_.resending()) return false;
@@ -879,7 +905,7 @@ inline bool engine::take_back_for_idle() {
   if (dispatch_.resending()) return false;
   std::size_t idle = 0;
   for (auto& w : workers_)
-    if (w.pid != 0 && w.inflight.empty() && !w.receiving &&
+    if (w.pid != 0 && w.inflight.empty() && !w.frame_cut &&
         !(config_.max_tasks_per_child && w.items_sent >= config_.max_tasks_per_child))
       ++idle;
   if (idle == 0) return false;
@@ -982,6 +1008,16 @@ inline bool engine::send_pending(worker& w) {
   return sent;
 }
 
+inline bool engine::frame_ready(worker& w, std::size_t avail) noexcept {
+  if (w.frame_cut || avail < sizeof(std::uint64_t)) return false;
+  auto size = w.from.next_message_size();
+  // A frame that fits the ring is read once it is all there (its worker
+  // writes all of it at once, or as fast as it is read); a longer one, and
+  // a length that is a lie, at once.
+  return !size || *size > ring_capacity_ - sizeof(std::uint64_t) ||
+         *size <= avail - sizeof(std::uint64_t);
+}
+
 inline bool engine::receive(worker& w, bool may_drop) {
   // The worker's bytes are hostile input: its ring positions, every length
   // and every header field are checked before anything is read by them.
@@ -989,61 +1025,42 @@ inline bool engine::receive(worker& w, bool may_drop) {
   // Frames read in place free their space once, after the last: each
   // release is a store the worker reads and an atomic read-modify-write.
   bool skipped = false;
-  while (w.bad_frame.empty()) {
+  while (w.bad_frame.empty() && !w.frame_cut) {
     // The worker's position is read again only when what is known of it
     // runs short: each read of it is a cache miss while the worker writes.
-    std::size_t avail = w.receiving ? w.from.refresh() : w.from.available();
+    std::size_t avail = w.from.available();
     if (avail > ring_capacity_) {
       w.bad_frame =
           fmt::format("its result ring claims {} unread bytes in {}", avail, ring_capacity_);
       break;
     }
-    if (!w.receiving) {
-      auto size = w.from.next_message_size();
-      if (!size) break;
-      if (*size < sizeof(result_header) || *size > max_frame_bytes) {
-        w.bad_frame = fmt::format("a frame of {} bytes", *size);
-        break;
-      }
-      std::size_t total = sizeof(std::uint64_t) + *size;
-      if (avail < total) avail = w.from.refresh();
-      if (avail >= total) {
-        if (const std::byte* p = w.from.peek(total)) {
-          handle_frame(w, p + sizeof(std::uint64_t), *size);
-          if (!w.bad_frame.empty()) break;
-          w.from.skip(total);
-          skipped = true;
-          got = true;
-          continue;
-        }
-      }
-      std::uint64_t header;
-      w.from.get(&header, sizeof header);
-      avail -= sizeof header;
-      w.inbuf.clear();
-      w.in_need = *size;
-      w.receiving = true;
-      w.header_checked = false;
+    auto size = w.from.next_message_size();
+    if (!size) break;
+    if (*size < sizeof(result_header) || *size > max_frame_bytes) {
+      w.bad_frame = fmt::format("a frame of {} bytes", *size);
+      break;
     }
-    std::size_t n = std::min(avail, w.in_need);
-    if (n == 0 && w.in_need > 0) break;
-    w.from.get(w.inbuf.prepare(n), n);
-    w.inbuf.commit(n);
-    w.from.release();
-    w.in_need -= n;
+    std::size_t total = sizeof(std::uint64_t) + *size;
+    if (avail < total) avail = w.from.refresh();
+    if (avail >= total) {
+      if (const std::byte* p = w.from.peek(total)) {
+        reader in(p + sizeof(std::uint64_t), *size);
+        handle_frame(w, in);
+        if (!w.bad_frame.empty()) break;
+        w.from.skip(total);
+        skipped = true;
+        got = true;
+        continue;
+      }
+    } else if (total <= ring_capacity_ || !may_drop) {
+      // It fits: it is read once all of it is there. (Without `may_drop`
+      // the worker is dead: what is not there now never comes.)
+      break;
+    }
+    // Longer than the ring, or cut by the end of a ring not mirrored.
+    if (std::exchange(skipped, false)) w.from.release();
+    stream_frame(w, *size);
     got = true;
-    if (!w.header_checked && w.inbuf.size() >= sizeof(result_header)) {
-      // A frame that comes in pieces is judged by its header at once, not
-      // after its claimed length has been gathered.
-      result_header h;
-      std::memcpy(&h, w.inbuf.data(), sizeof h);
-      w.bad_frame = check_header(w, h, w.inbuf.size() + w.in_need);
-      if (!w.bad_frame.empty()) break;
-      w.header_checked = true;
-    }
-    if (w.in_need > 0) break;
-    w.receiving = false;
-    handle_frame(w, w.inbuf.data(), w.inbuf.size());
   }
   if (skipped) w.from.release();
   if (!w.bad_frame.empty() && may_drop) {
@@ -1051,6 +1068,83 @@ inline bool engine::receive(worker& w, bool may_drop) {
     return true;
   }
   return got;
+}
+
+inline void engine::stream_frame(worker& w, std::size_t size) {
+  // The worker had encoded all of this answer before it wrote its first
+  // byte: the rest comes as fast as the ring is read, unless the worker
+  // stops. This waits for it, holding the pool (the other workers' answers
+  // wait in their rings), and gives up when it died or the pool stops.
+  std::string lie;
+  auto wait = [this, &w, &lie, size](auto&& ready) {
+    // Its worker writes the answer's last byte before it clears `answering`:
+    // found clear, a byte that is not there yet never comes.
+    if (w.slot->answering.load(std::memory_order_acquire) == 0 && !ready()) {
+      lie = fmt::format("an answer of {} bytes that ended early", size);
+      throw reader_source::cut{};
+    }
+    auto keep_waiting = [&] {
+      if (stop_requested_.load() || w.from.corrupt()) return false;
+      if (w.pidfd) {
+        pollfd pfd{w.pidfd.get(), POLLIN, 0};
+        if (sys::poll(&pfd, 1, 0) > 0) return false;
+      } else if (worker_exited(w, false)) {
+        return false;
+      }
+      if (closed_) {
+        // As `check_health` does: a worker stopped (SIGSTOP) in a closed pool
+        // is given `stop_grace` to be continued, then killed.
+        auto state = read_proc_thread(w.pid, w.pid);
+        if (state.readable && (state.state == 'T' || state.state == 't')) {
+          auto now = steady::now();
+          if (w.stopped_since == steady::time_point{})
+            w.stopped_since = now;
+          else if (now - w.stopped_since > config_.stop_grace)
+            kill_worker(w, SIGKILL);
+        } else {
+          w.stopped_since = {};
+        }
+      }
+      return true;
+    };
+    if (wait_for_condition(shared_->doorbell, ready, std::nullopt, keep_waiting,
+                           config_.parent_wait) != wait_status::ready)
+      throw reader_source::cut{};
+  };
+  std::uint64_t length;
+  w.from.get(&length, sizeof length);
+  ring_message<decltype(wait)> source(w.from, size, wait);
+  reader in(source, size);
+  std::shared_ptr<call_state> call;
+  std::uint64_t first = 0;
+  if (!w.inflight.empty()) {
+    call = w.inflight.front().call;
+    first = w.inflight.front().first;
+  }
+  try {
+    handle_frame(w, in);
+    // A decoder that caught the cut (a `catch (...)` of the user's) made
+    // the call take results that never came whole.
+    if (source.was_cut()) {
+      if (call && !call->cancelled)
+        call->fail(first, std::make_exception_ptr(error(fmt::format(
+                              "worker {} stopped sending the answer from item {}, and a decoder "
+                              "caught what ended the reading: the results cannot be trusted",
+                              w.pid, first))));
+      throw reader_source::cut{};
+    }
+    if (w.bad_frame.empty()) source.finish(in.offset());
+  } catch (const reader_source::cut&) {
+    // It does not finish this frame: dead, or the pool stops. Its chunks go
+    // elsewhere once it is reaped.
+    w.frame_cut = true;
+    if (!lie.empty())
+      w.bad_frame = std::move(lie);
+    else if (w.from.corrupt())
+      w.bad_frame = "a result ring that claims more unread bytes than it holds";
+    else
+      kill_worker(w, SIGKILL);
+  }
 }
 
 inline std::string engine::check_header(const worker& w, const result_header& h,
@@ -1085,19 +1179,19 @@ inline std::string engine::check_header(const worker& w, const result_header& h,
   return dispatcher::check_answer(c, h, size);
 }
 
-inline void engine::handle_frame(worker& w, const std::byte* data, std::size_t size) {
+inline void engine::handle_frame(worker& w, reader& in) {
+  const std::size_t size = in.remaining();
   result_header h;
   if (size < sizeof h) {
     w.bad_frame = fmt::format("a frame of {} bytes, shorter than a header", size);
     return;
   }
-  std::memcpy(&h, data, sizeof h);
+  in.read(&h, sizeof h);
   if (std::string why = check_header(w, h, size); !why.empty()) {
     w.bad_frame = std::move(why);
     return;
   }
   ++w.frames;
-  reader in(data + sizeof h, size - sizeof h);
   if (h.kind == frame_kind::init_failed) {
     std::string type, message;
     try {
@@ -1249,7 +1343,7 @@ inline void engine::on_death(std::size_t i, exit_status status) {
   pid_t pid = w.pid;
   // Results the worker finished before it died still count (not those of a
   // worker that lied: nothing more is read from it).
-  if (!w.receiving && w.bad_frame.empty()) receive(w, false);
+  if (!w.frame_cut && w.bad_frame.empty()) receive(w, false);
   w.pid = 0;
   w.pidfd.reset();
   auto current = w.slot->current.load(std::memory_order_acquire);
@@ -1313,7 +1407,7 @@ inline void engine::on_death(std::size_t i, exit_status status) {
 inline bool engine::retire_if_due(std::size_t i) {
   auto& w = workers_[i];
   if (config_.max_tasks_per_child == 0 || w.items_sent < config_.max_tasks_per_child ||
-      !w.inflight.empty() || w.receiving)
+      !w.inflight.empty() || w.frame_cut)
     return false;
   // The worker did its share: stop it, reap it, start a fresh one.
   std::vector<std::byte> frame(sizeof(std::uint64_t) + sizeof(task_header));

@@ -252,6 +252,14 @@ class ring_reader {
     std::size_t at = int_cast<std::size_t>(head_ & mask_);
     return mirrored_ || at + n <= capacity_ ? data_ + at : nullptr;
   }
+  /// Where the next bytes start; `n` becomes how many of those available
+  /// lie there in a row (all of them, through a mirrored view).
+  const std::byte* contiguous(std::size_t& n) noexcept {
+    std::size_t a = available();
+    std::size_t at = int_cast<std::size_t>(head_ & mask_);
+    n = mirrored_ ? a : std::min(a, capacity_ - at);
+    return data_ + at;
+  }
   /// Whether the ring's bytes are mapped twice in a row (see `peek`).
   bool mirrored() const noexcept { return mirrored_; }
   /// Skips `n` bytes (after `peek`).
