@@ -308,8 +308,9 @@ DATA_PATH = (
     "chunk's own buffer (a settled chunk's, reused, kept for a resend) and copied into the "
     "ring. Each ring's memory is mapped twice in a row, so a "
     "frame of up to the ring's size (1 MiB) is one contiguous piece wherever it lies: result "
-    "frames are decoded in place, and only a frame larger than the ring is gathered into a "
-    "buffer (not zeroed). The vector `map` returns is reserved (in huge pages from 4 MiB); "
+    "frames are decoded in place, and a frame larger than the ring is decoded piece by piece "
+    "as it arrives (a big string or array copied from each piece into its storage), on both "
+    "sides, with no buffer to gather it in. The vector `map` returns is reserved (in huge pages from 4 MiB); "
     "results that arrive in order are appended to it straight from the ring, and slots are "
     "value-initialized only for a chunk whose results come before an earlier chunk's. So the "
     "parent writes plain input bytes once and every result byte once, as the thread pool's "
@@ -604,12 +605,12 @@ def goals(R, info, meta):
                              f"procpool reaches {huge:.2f} GiB/s.")
             parts.append(
                 "What remains is the data path (above), where `memcpy` runs at "
-                f"{fmt_num(mc)} GiB/s: for an 8 MiB item, three passes over every byte in the "
+                f"{fmt_num(mc)} GiB/s: for an 8 MiB item, two passes over every byte in the "
                 "parent (the item copied from the input into the ring on the way out, the "
-                "result gathered from the ring and decoded on the way back), each through the "
-                "1 MiB rings in pieces, the two sides taking turns; the workers make "
-                "five of their own (gathering the frame, decoding the item, the function's "
-                "copy, encoding the result, copying it into the ring), on the same two cores.")
+                "result decoded from the ring on the way back), each through the 1 MiB rings "
+                "in pieces, the two sides taking turns; the workers make four of their own "
+                "(decoding the item from the ring, the function's copy, encoding the result, "
+                "copying it into the ring), on the same two cores.")
             why = " ".join(parts)
         g.append({"name": "Big items (8 MiB): identity `map` throughput", "target": "≥ 3 GiB/s",
                   "measured": f"{gib:.2f} GiB/s", "met": met, "why": why})

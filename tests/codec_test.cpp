@@ -474,36 +474,7 @@ template <class T>
 struct comparable<T, std::void_t<decltype(std::declval<const T&>() == std::declval<const T&>())>>
     : std::true_type {};
 
-/// The bytes of a buffer given to a streamed reader in pieces of at most
-/// `piece` bytes (more when more are wanted), no more than `hold` at once:
-/// as a ring smaller than the message gives them. Each piece is a copy of
-/// its own, freed when the next is asked for, so that a decoder that reads
-/// past a piece, or keeps a pointer into one it gave up, trips the sanitizers.
-class piece_source final : public procpool::detail::reader_source {
- public:
-  piece_source(const std::byte* data, std::size_t size, std::size_t piece, std::size_t hold)
-      : data_(data), size_(size), piece_(piece), hold_(hold) {}
-  piece next(std::size_t from, std::size_t want) override {
-    REQUIRE(from >= from_);  // a streamed reader never goes back
-    REQUIRE(from <= size_);
-    from_ = from;
-    ++pieces;
-    std::size_t left = size_ - from;
-    std::size_t n = std::min({left, hold_, std::max(want, piece_)});
-    copy_ = std::make_unique<std::byte[]>(n + 1);
-    if (n != 0) std::memcpy(copy_.get(), data_ + from, n);
-    return {copy_.get(), n};
-  }
-  std::size_t pieces = 0;
-
- private:
-  const std::byte* data_;
-  std::size_t size_;
-  std::size_t piece_;
-  std::size_t hold_;
-  std::size_t from_ = 0;
-  std::unique_ptr<std::byte[]> copy_;
-};
+using codec_fuzz::piece_source;
 
 template <class T>
 T round_trip(const T& value) {

@@ -9,6 +9,7 @@
 
 #include <procpool/codec.hpp>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <complex>
@@ -18,6 +19,7 @@
 #include <deque>
 #include <list>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -147,16 +149,60 @@ bool equal(const T& a, const T& b) {
   }
 }
 
+/// The bytes of a buffer given to a streamed reader in pieces of at most
+/// `piece` bytes (more when more are wanted), no more than `hold` at once:
+/// as a ring smaller than the message gives them. Each piece is a copy of
+/// its own, freed when the next is asked for, so that a decoder that reads
+/// past a piece, or keeps a pointer into one it gave up, trips the sanitizers.
+class piece_source final : public procpool::detail::reader_source {
+ public:
+  piece_source(const std::byte* data, std::size_t size, std::size_t piece, std::size_t hold)
+      : data_(data), size_(size), piece_(piece), hold_(hold) {}
+  piece next(std::size_t from, std::size_t want) override {
+    if (from < from_ || from > size_) std::abort();  // a streamed reader never goes back
+    from_ = from;
+    ++pieces;
+    std::size_t left = size_ - from;
+    std::size_t n = std::min({left, hold_, std::max(want, piece_)});
+    copy_ = std::make_unique<std::byte[]>(n + 1);
+    if (n != 0) std::memcpy(copy_.get(), data_ + from, n);
+    return {copy_.get(), n};
+  }
+  std::size_t pieces = 0;
+
+ private:
+  const std::byte* data_;
+  std::size_t size_;
+  std::size_t piece_;
+  std::size_t hold_;
+  std::size_t from_ = 0;
+  std::unique_ptr<std::byte[]> copy_;
+};
+
 /// Decodes `size` bytes as a `T`; on success checks the round trip and
 /// returns true.
 template <class T>
 bool check(const std::byte* data, std::size_t size) {
   T first;
+  // The same bytes given in pieces, as a message larger than its ring
+  // comes: accepted or refused alike, to the same value.
+  std::optional<T> piecewise;
+  {
+    piece_source source(data, size, 1 + size % 7, 1 + size % 61);
+    procpool::reader in(source, size);
+    try {
+      T v = procpool::decode<T>(in);
+      if (in.at_end()) piecewise = std::move(v);
+    } catch (const procpool::decode_error&) {
+    }
+  }
   try {
     first = procpool::decode<T>(data, size);
   } catch (const procpool::decode_error&) {
+    if (piecewise) std::abort();
     return false;  // rejected, as it should be
   }
+  if (!piecewise || !equal(first, *piecewise)) std::abort();
   std::vector<std::byte> bytes = procpool::encode(first);
   T second;
   try {
