@@ -1046,3 +1046,91 @@ TEST_CASE(
     in[1].front() = '!';
   }
 }
+
+namespace {
+
+/// Stops (SIGSTOP) the worker that made it while the pool decodes it, once
+/// `stops_left` says so, and says which one in `stopped_pid`.
+std::atomic<int> stops_left{0};
+std::atomic<pid_t> stopped_pid{0};
+
+struct stopping_answer {
+  std::int64_t pid = 0;
+  std::string body;
+  friend void procpool_encode(procpool::writer& out, const stopping_answer& a) {
+    procpool::encode(out, a.pid);
+    procpool::encode(out, a.body);
+  }
+  friend stopping_answer procpool_decode(procpool::reader& in,
+                                         procpool::type_tag<stopping_answer>) {
+    stopping_answer a;
+    a.pid = procpool::decode<std::int64_t>(in);
+    if (stops_left.fetch_sub(1) > 0) {
+      ::kill(static_cast<pid_t>(a.pid), SIGSTOP);
+      stopped_pid = static_cast<pid_t>(a.pid);
+    }
+    a.body = procpool::decode<std::string>(in);
+    return a;
+  }
+};
+
+stopping_answer stopping_long_answer(std::uint32_t k) {
+  return {::getpid(), text(300 * 1024 + k, k)};
+}
+
+/// Waits until the worker the decoder stopped is seen stopped; its pid.
+pid_t wait_for_stopped_worker() {
+  using namespace std::chrono_literals;
+  auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    pid_t pid = stopped_pid.load();
+    if (pid != 0 && procpool_test::process_state(pid) == 'T') return pid;
+    if (std::chrono::steady_clock::now() - start > 20s) return 0;
+    std::this_thread::sleep_for(1ms);  // polling a state no event tells of
+  }
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a worker stopped while its long answer streams: terminate from another thread ends "
+    "the wait",
+    "[data_path][hostile]") {
+  pool_options o = small_rings(16 * 1024);
+  pool p(&stopping_long_answer, o);
+  stops_left = 1;
+  stopped_pid = 0;
+  pid_t stopped = 0;
+  std::thread other([&] {
+    stopped = wait_for_stopped_worker();
+    p.terminate();
+  });
+  std::vector<std::uint32_t> in{0, 1, 2, 3};
+  REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::pool_closed);
+  other.join();
+  REQUIRE(stopped != 0);
+  using namespace std::chrono_literals;
+  CHECK(procpool_test::gone_within(stopped, 5000ms));
+}
+
+TEST_CASE(
+    "a worker stopped while its long answer streams, in a pool closed meanwhile, is killed "
+    "after stop_grace and its chunk runs again",
+    "[data_path][hostile]") {
+  pool_options o = small_rings(16 * 1024);
+  pool p(&stopping_long_answer, o);
+  stops_left = 1;
+  stopped_pid = 0;
+  pid_t stopped = 0;
+  std::thread other([&] {
+    stopped = wait_for_stopped_worker();
+    p.close();  // from here the stopped worker has stop_grace to be continued
+  });
+  std::vector<std::uint32_t> in{0, 1, 2, 3};
+  auto r = p.map(in, map_options{1});
+  other.join();
+  REQUIRE(stopped != 0);
+  for (std::uint32_t k = 0; k < in.size(); ++k) REQUIRE(r[k].body == text(300 * 1024 + k, k));
+  using namespace std::chrono_literals;
+  CHECK(procpool_test::gone_within(stopped, 5000ms));
+}
