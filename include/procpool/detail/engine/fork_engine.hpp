@@ -532,7 +532,9 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         result.write(&h, sizeof h);
         encode(result, type);
         encode(result, message);
+        w.slot->answering.store(1, std::memory_order_relaxed);
         out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait);
+        w.slot->answering.store(0, std::memory_order_release);
         exit_child(1);
       }
     }
@@ -1054,7 +1056,12 @@ inline bool engine::receive(worker& w, bool may_drop) {
       }
     } else if (total <= ring_capacity_ || !may_drop) {
       // It fits: it is read once all of it is there. (Without `may_drop`
-      // the worker is dead: what is not there now never comes.)
+      // the worker is dead: what is not there now never comes.) A frame
+      // that fits is published whole, or in pieces while `answering` is
+      // set (see `worker_slot`): found clear, the missing bytes never come.
+      if (may_drop && w.slot->answering.load(std::memory_order_acquire) == 0 &&
+          w.from.refresh() < total)
+        w.bad_frame = fmt::format("a frame of {} bytes, cut short", *size);
       break;
     }
     // Longer than the ring, or cut by the end of a ring not mirrored.
