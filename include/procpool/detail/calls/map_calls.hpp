@@ -379,8 +379,11 @@ class map_call : public call_state {
     // checked that the chunk lies within the call's items.)
     if constexpr (std::is_default_constructible_v<Slot>) {  // slots that can grow (`result_slot_t`)
       if (grow_ && first + count > grow_->size()) {
-        // The next results in order are appended: made by the copy itself,
-        // with no value-initialization before it.
+        // The results are appended: made by the copy itself, with no
+        // value-initialization before it. Only the slots of earlier chunks
+        // whose results are still to come are made first (value-initialized):
+        // holding this answer back until they came would stall its worker.
+        if (first > grow_->size()) grow_->resize(first);
         if (first == grow_->size() &&
             append_results<call_result_t<F, Item, Invoke>>(in, *grow_, count)) {
           done_ += count;
