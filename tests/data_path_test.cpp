@@ -1092,45 +1092,39 @@ pid_t wait_for_stopped_worker() {
 
 }  // namespace
 
-TEST_CASE(
-    "a worker stopped while its long answer streams: terminate from another thread ends "
-    "the wait",
-    "[data_path][hostile]") {
+TEST_CASE("a worker stopped while its long answer streams gives way to terminate and to close",
+          "[data_path][hostile]") {
   pool_options o = small_rings(16 * 1024);
   pool p(&stopping_long_answer, o);
   stops_left = 1;
   stopped_pid = 0;
   pid_t stopped = 0;
-  std::thread other([&] {
-    stopped = wait_for_stopped_worker();
-    p.terminate();
-  });
   std::vector<std::uint32_t> in{0, 1, 2, 3};
-  REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::pool_closed);
-  other.join();
-  REQUIRE(stopped != 0);
-  using namespace std::chrono_literals;
-  CHECK(procpool_test::gone_within(stopped, 5000ms));
-}
+  struct beside {
+    std::thread t;
+    ~beside() { t.join(); }
+  };
+  // Runs `act` on another thread once the worker is seen stopped.
+  auto once_stopped = [&stopped](auto act) {
+    return beside{std::thread([&stopped, act] {
+      stopped = wait_for_stopped_worker();
+      act();
+    })};
+  };
 
-TEST_CASE(
-    "a worker stopped while its long answer streams, in a pool closed meanwhile, is killed "
-    "after stop_grace and its chunk runs again",
-    "[data_path][hostile]") {
-  pool_options o = small_rings(16 * 1024);
-  pool p(&stopping_long_answer, o);
-  stops_left = 1;
-  stopped_pid = 0;
-  pid_t stopped = 0;
-  std::thread other([&] {
-    stopped = wait_for_stopped_worker();
-    p.close();  // from here the stopped worker has stop_grace to be continued
-  });
-  std::vector<std::uint32_t> in{0, 1, 2, 3};
-  auto r = p.map(in, map_options{1});
-  other.join();
+  SECTION("terminate from another thread ends the wait, and the worker") {
+    auto other = once_stopped([&p] { p.terminate(); });
+    REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::pool_closed);
+  }
+  SECTION("in a pool closed meanwhile it is killed after stop_grace, and its chunk runs again") {
+    std::vector<stopping_answer> r;
+    {
+      auto other = once_stopped([&p] { p.close(); });  // stop_grace from here
+      r = p.map(in, map_options{1});
+    }
+    for (std::uint32_t k = 0; k < in.size(); ++k) REQUIRE(r[k].body == text(300 * 1024 + k, k));
+  }
   REQUIRE(stopped != 0);
-  for (std::uint32_t k = 0; k < in.size(); ++k) REQUIRE(r[k].body == text(300 * 1024 + k, k));
   using namespace std::chrono_literals;
   CHECK(procpool_test::gone_within(stopped, 5000ms));
 }
