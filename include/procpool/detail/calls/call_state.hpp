@@ -137,6 +137,14 @@ class call_state {
     (void)first, (void)count, (void)out, (void)refs;
     throw error("a chunk was to be encoded again from an input that cannot be read again");
   }
+  /// Whether results from item `first` on, taken now, would be written past
+  /// slots whose results are still to come (made first, value-initialized,
+  /// and written again later): their answer is better left in its ring
+  /// for a moment, as long as that stalls nothing (see `engine::hold_back`).
+  virtual bool ahead_of_gap(std::uint64_t first) const noexcept {
+    (void)first;
+    return false;
+  }
   /// Decodes the results of items `first` .. `first + count - 1` from `in`.
   /// Runs the user's decoders only: progress is reported by the caller of the call.
   virtual void on_results(std::uint64_t first, std::uint32_t count, reader& in) = 0;

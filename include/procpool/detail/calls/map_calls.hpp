@@ -374,6 +374,16 @@ class map_call : public call_state {
     }
   }
 
+  bool ahead_of_gap(std::uint64_t first) const noexcept override {
+    // Only a gap worth a wake-up: making a few kilobytes of slots costs
+    // less than leaving the answer and coming back for it.
+    constexpr std::size_t worth = std::size_t(256) << 10;
+    if constexpr (std::is_default_constructible_v<Slot>)
+      return grow_ && first > grow_->size() && (first - grow_->size()) * sizeof(Slot) >= worth;
+    else
+      return false;
+  }
+
   void on_results(std::uint64_t first, std::uint32_t count, reader& in) override {
     // Within the capacity reserved: `out_` stays valid. (The dispatcher
     // checked that the chunk lies within the call's items.)

@@ -265,6 +265,10 @@ class engine final : public driver {
     // A frame it was streaming was cut off (it died, or the pool stops):
     // nothing more is read from its ring.
     bool frame_cut = false;
+    // Its next answer, whole in its ring, is left there for now (`hold_back`)
+    // since then; not held: the epoch.
+    steady::time_point held_since{};
+    bool holding = false;  // held at the last look: not worth waking for
     bool timed_out = false;
     std::uint64_t timed_out_item = no_item;
     std::size_t frames = 0;              // frames taken from this worker
@@ -284,6 +288,8 @@ class engine final : public driver {
   /// rather than one, and little enough that a slow item surprising the
   /// estimate holds back no more than this behind it.
   static constexpr std::chrono::nanoseconds queue_target{std::chrono::microseconds(50)};
+  /// Longest an answer that came early is left in its ring (`hold_back`).
+  static constexpr std::chrono::nanoseconds max_hold{std::chrono::microseconds(200)};
   /// No honest result frame is this large; a larger length prefix is a lie.
   static constexpr std::uint64_t max_frame_bytes = std::uint64_t(1) << 40;
 
@@ -314,6 +320,12 @@ class engine final : public driver {
   void stream_frame(worker& w, std::size_t size);
   /// Hands the frame `in` reads from (a whole one) to its call.
   void handle_frame(worker& w, reader& in);
+  /// Whether the answer `frame` (whole, in the ring) is better left there
+  /// for now: it came before an earlier chunk's of its call, which taking
+  /// it would make slots for, only for that chunk to write them again. It
+  /// is held at most `max_hold`, while its worker has room for more, and
+  /// only while that earlier chunk is not behind it in the same ring.
+  bool hold_back(worker& w, const std::byte* frame);
   std::string check_header(const worker& w, const result_header& h, std::size_t size) const;
   void drop_worker(std::size_t w);
   void finish_chunk(worker& w);
@@ -457,6 +469,8 @@ inline void engine::spawn(std::size_t i) {
   w.slot->chunk_ns.store(0);
   w.slot->answering.store(0);
   w.frame_cut = false;
+  w.held_since = {};
+  w.holding = false;
   w.timed_out = false;
   w.items_sent = 0;
   w.frames = 0;
@@ -795,6 +809,10 @@ inline bool engine::sleep_until_ready(std::optional<steady::time_point> deadline
     if (*deadline - now < slice)
       slice = std::chrono::duration_cast<std::chrono::nanoseconds>(*deadline - now);
   }
+  // An answer left in its ring (`hold_back`) is taken when its time is up,
+  // whatever else happens by then.
+  for (auto& w : workers_)
+    if (w.holding && w.pid != 0) slice = std::min(slice, max_hold);
   // Asleep, the thread lets others use the pool: they may start calls,
   // collect this thread's answers (and ring the doorbell for it), or stop
   // the pool, which this thread then finds at the top of its loop.
@@ -1011,7 +1029,7 @@ inline bool engine::send_pending(worker& w) {
 }
 
 inline bool engine::frame_ready(worker& w, std::size_t avail) noexcept {
-  if (w.frame_cut || avail < sizeof(std::uint64_t)) return false;
+  if (w.frame_cut || w.holding || avail < sizeof(std::uint64_t)) return false;
   auto size = w.from.next_message_size();
   // A frame that fits the ring is read once it is all there (its worker
   // writes all of it at once, or as fast as it is read); a longer one, and
@@ -1027,6 +1045,7 @@ inline bool engine::receive(worker& w, bool may_drop) {
   // Frames read in place free their space once, after the last: each
   // release is a store the worker reads and an atomic read-modify-write.
   bool skipped = false;
+  w.holding = false;
   while (w.bad_frame.empty() && !w.frame_cut) {
     // The worker's position is read again only when what is known of it
     // runs short: each read of it is a cache miss while the worker writes.
@@ -1046,6 +1065,11 @@ inline bool engine::receive(worker& w, bool may_drop) {
     if (avail < total) avail = w.from.refresh();
     if (avail >= total) {
       if (const std::byte* p = w.from.peek(total)) {
+        if (may_drop && hold_back(w, p + sizeof(std::uint64_t))) {
+          w.holding = true;
+          break;
+        }
+        w.held_since = {};
         reader in(p + sizeof(std::uint64_t), *size);
         handle_frame(w, in);
         if (!w.bad_frame.empty()) break;
@@ -1152,6 +1176,27 @@ inline void engine::stream_frame(worker& w, std::size_t size) {
     else
       kill_worker(w, SIGKILL);
   }
+}
+
+inline bool engine::hold_back(worker& w, const std::byte* frame) {
+  result_header h;
+  std::memcpy(&h, frame, sizeof h);
+  if (h.kind != frame_kind::results || w.inflight.empty()) return false;
+  const chunk& c = w.inflight.front();
+  if (h.call != c.call_id || h.first != c.first || !c.call || c.call->cancelled ||
+      !c.call->ahead_of_gap(c.first))
+    return false;
+  // Not when its worker may soon want the space: a worker waiting for room
+  // is a worker stalled.
+  if (w.from.available() > ring_capacity_ / 2) return false;
+  auto now = steady::now();
+  if (w.held_since == steady::time_point{}) w.held_since = now;
+  if (now - w.held_since > max_hold) return false;
+  // An earlier chunk of the call behind it in this ring (sent again here)
+  // comes only after it.
+  for (const chunk& later : w.inflight)
+    if (&later != &c && later.call == c.call && later.first < c.first) return false;
+  return true;
 }
 
 inline std::string engine::check_header(const worker& w, const result_header& h,
