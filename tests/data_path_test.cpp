@@ -888,25 +888,31 @@ std::string text(std::size_t n, std::size_t seed) {
   return s;
 }
 
-/// Kills the worker that made it while the pool decodes it, as many times
-/// as `kills_left` says (a count in the test's process: only the pool's
-/// side decodes one): its answer, longer than the ring, is cut short there.
-std::atomic<int> kills_left{0};
+/// Sends `Signal` to the worker that made it while the pool decodes it,
+/// as many times as `signals_left` says (a count in the test's process:
+/// only the pool's side decodes one), and says which worker in
+/// `signalled_pid`: its answer, longer than the ring, stops coming there.
+std::atomic<int> signals_left{0};
+std::atomic<pid_t> signalled_pid{0};
 /// What a decoder that catches everything made of a cut answer.
 constexpr const char* swallowed = "swallowed";
 
-template <bool Swallow>
-struct dying_answer {
+template <int Signal, bool Swallow = false>
+struct signalled_answer {
   std::int64_t pid = 0;
   std::string body;
-  friend void procpool_encode(procpool::writer& out, const dying_answer& a) {
+  friend void procpool_encode(procpool::writer& out, const signalled_answer& a) {
     procpool::encode(out, a.pid);
     procpool::encode(out, a.body);
   }
-  friend dying_answer procpool_decode(procpool::reader& in, procpool::type_tag<dying_answer>) {
-    dying_answer a;
+  friend signalled_answer procpool_decode(procpool::reader& in,
+                                          procpool::type_tag<signalled_answer>) {
+    signalled_answer a;
     a.pid = procpool::decode<std::int64_t>(in);
-    if (kills_left.fetch_sub(1) > 0) ::kill(static_cast<pid_t>(a.pid), SIGKILL);
+    if (signals_left.fetch_sub(1) > 0) {
+      ::kill(static_cast<pid_t>(a.pid), Signal);
+      signalled_pid = static_cast<pid_t>(a.pid);
+    }
     if constexpr (Swallow) {
       try {
         a.body = procpool::decode<std::string>(in);
@@ -920,8 +926,8 @@ struct dying_answer {
   }
 };
 
-template <bool Swallow>
-dying_answer<Swallow> long_answer(std::uint32_t k) {
+template <int Signal, bool Swallow = false>
+signalled_answer<Signal, Swallow> long_answer(std::uint32_t k) {
   return {::getpid(), text(300 * 1024 + k, k)};
 }
 
@@ -993,25 +999,25 @@ TEST_CASE(
   pool_options o = small_rings(16 * 1024);
   std::vector<std::uint32_t> in(6);
   std::iota(in.begin(), in.end(), 0u);
-  pool p(&long_answer<false>, o);
-  auto check = [&](const dying_answer<false>& a, std::uint32_t k) {
+  pool p(&long_answer<SIGKILL>, o);
+  auto check = [&](const signalled_answer<SIGKILL>& a, std::uint32_t k) {
     REQUIRE(a.body == text(300 * 1024 + k, k));
   };
 
   SECTION("map") {
-    kills_left = 2;
+    signals_left = 2;
     auto r = p.map(in, map_options{1});
-    REQUIRE(kills_left <= 0);
+    REQUIRE(signals_left <= 0);
     for (std::uint32_t k = 0; k < in.size(); ++k) check(r[k], k);
   }
   SECTION("imap, in order") {
-    kills_left = 2;
+    signals_left = 2;
     std::uint32_t k = 0;
     for (auto&& a : p.imap(in, map_options{2})) check(a, k++);
     REQUIRE(k == in.size());
   }
   SECTION("imap_unordered: no result twice") {
-    kills_left = 2;
+    signals_left = 2;
     std::vector<int> seen(in.size());
     for (auto&& [k, a] : p.imap_unordered(in, map_options{3})) {
       check(a, static_cast<std::uint32_t>(k));
@@ -1020,16 +1026,16 @@ TEST_CASE(
     REQUIRE(std::count(seen.begin(), seen.end(), 1) == static_cast<long>(in.size()));
   }
   SECTION("a task") {
-    kills_left = 1;
+    signals_left = 1;
     check(p.submit(4u).get(), 4);
   }
   SECTION("a chunk whose answer is cut every time is charged with the death") {
-    kills_left = 1000;
+    signals_left = 1000;
     REQUIRE_THROWS_AS(p.map(std::vector<std::uint32_t>{1}), procpool::worker_died);
-    kills_left = 0;
+    signals_left = 0;
   }
   // The pool goes on with fresh workers.
-  kills_left = 0;
+  signals_left = 0;
   auto r = p.map(in, map_options{1});
   for (std::uint32_t k = 0; k < in.size(); ++k) check(r[k], k);
 }
@@ -1037,12 +1043,12 @@ TEST_CASE(
 TEST_CASE("a decoder that catches the end of a cut answer does not make its results count",
           "[data_path][reliability][hostile]") {
   pool_options o = small_rings(16 * 1024);
-  pool p(&long_answer<true>, o);
-  kills_left = 1;
+  pool p(&long_answer<SIGKILL, true>, o);
+  signals_left = 1;
   std::vector<std::uint32_t> in{0, 1, 2};
-  std::vector<dying_answer<true>> r;
+  std::vector<signalled_answer<SIGKILL, true>> r;
   REQUIRE_THROWS_AS(r = p.map(in, map_options{1}), procpool::error);
-  kills_left = 0;
+  signals_left = 0;
   r = p.map(in, map_options{1});
   for (std::uint32_t k = 0; k < in.size(); ++k) REQUIRE(r[k].body == text(300 * 1024 + k, k));
 }
@@ -1079,41 +1085,12 @@ TEST_CASE(
 
 namespace {
 
-/// Stops (SIGSTOP) the worker that made it while the pool decodes it, once
-/// `stops_left` says so, and says which one in `stopped_pid`.
-std::atomic<int> stops_left{0};
-std::atomic<pid_t> stopped_pid{0};
-
-struct stopping_answer {
-  std::int64_t pid = 0;
-  std::string body;
-  friend void procpool_encode(procpool::writer& out, const stopping_answer& a) {
-    procpool::encode(out, a.pid);
-    procpool::encode(out, a.body);
-  }
-  friend stopping_answer procpool_decode(procpool::reader& in,
-                                         procpool::type_tag<stopping_answer>) {
-    stopping_answer a;
-    a.pid = procpool::decode<std::int64_t>(in);
-    if (stops_left.fetch_sub(1) > 0) {
-      ::kill(static_cast<pid_t>(a.pid), SIGSTOP);
-      stopped_pid = static_cast<pid_t>(a.pid);
-    }
-    a.body = procpool::decode<std::string>(in);
-    return a;
-  }
-};
-
-stopping_answer stopping_long_answer(std::uint32_t k) {
-  return {::getpid(), text(300 * 1024 + k, k)};
-}
-
 /// Waits until the worker the decoder stopped is seen stopped; its pid.
 pid_t wait_for_stopped_worker() {
   using namespace std::chrono_literals;
   auto start = std::chrono::steady_clock::now();
   for (;;) {
-    pid_t pid = stopped_pid.load();
+    pid_t pid = signalled_pid.load();
     if (pid != 0 && procpool_test::process_state(pid) == 'T') return pid;
     if (std::chrono::steady_clock::now() - start > 20s) return 0;
     std::this_thread::sleep_for(1ms);  // polling a state no event tells of
@@ -1125,9 +1102,9 @@ pid_t wait_for_stopped_worker() {
 TEST_CASE("a worker stopped while its long answer streams gives way to terminate and to close",
           "[data_path][hostile]") {
   pool_options o = small_rings(16 * 1024);
-  pool p(&stopping_long_answer, o);
-  stops_left = 1;
-  stopped_pid = 0;
+  pool p(&long_answer<SIGSTOP>, o);
+  signals_left = 1;
+  signalled_pid = 0;
   pid_t stopped = 0;
   std::vector<std::uint32_t> in{0, 1, 2, 3};
   struct beside {
@@ -1147,7 +1124,7 @@ TEST_CASE("a worker stopped while its long answer streams gives way to terminate
     REQUIRE_THROWS_AS(p.map(in, map_options{1}), procpool::pool_closed);
   }
   SECTION("in a pool closed meanwhile it is killed after stop_grace, and its chunk runs again") {
-    std::vector<stopping_answer> r;
+    std::vector<signalled_answer<SIGSTOP>> r;
     {
       auto other = once_stopped([&p] { p.close(); });  // stop_grace from here
       r = p.map(in, map_options{1});
