@@ -1581,4 +1581,30 @@ TEST_CASE("a streamed reader fetches big values in pieces, not byte by byte", "[
   REQUIRE(decode<std::vector<double>>(in) == numbers);
   REQUIRE(in.at_end());
   REQUIRE(source.pieces <= out.size() / 4096 + 8);
+  REQUIRE(source.stage.empty());  // nothing was gathered whole
+}
+
+TEST_CASE("a streamed reader refuses a source that gives nothing or too much", "[codec]") {
+  struct bad_source final : procpool::detail::reader_source {
+    std::vector<std::byte> bytes;
+    std::size_t give;  // bytes per piece, whatever is left of the message
+    piece next(std::size_t from, std::size_t) override { return {bytes.data() + from, give}; }
+  };
+  std::vector<std::byte> encoded = encode(std::string(100, 'x'));
+  SECTION("a piece of nothing is a decode_error, not a wait forever") {
+    bad_source source;
+    source.bytes = encoded;
+    source.give = 0;
+    reader in(source, encoded.size());
+    REQUIRE_THROWS_AS(decode<std::string>(in), decode_error);
+  }
+  SECTION("bytes past the message's end are not read") {
+    bad_source source;
+    source.bytes = encoded;
+    source.bytes.resize(encoded.size() + 64, std::byte{'y'});
+    source.give = source.bytes.size();       // claims the trailing bytes too
+    reader in(source, encoded.size() - 10);  // the message is cut before its end
+    REQUIRE_THROWS_AS(decode<std::string>(in), decode_error);
+    REQUIRE(in.at_hand() <= in.remaining());
+  }
 }

@@ -545,9 +545,16 @@ inline void reader::fail_short(std::size_t n, std::string_view what) const {
 
 inline void reader::refill(std::size_t want) {
   auto piece = src_->next(base_ + pos_, want);
+  // A source's word is checked like a buffer's bytes: a piece of nothing
+  // would have the reader ask forever, and bytes past the message's end
+  // are not the message's.
+  if (piece.size == 0 || piece.data == nullptr)
+    throw decode_error(offset(), fmt::format("the message's source gave no bytes at offset {} "
+                                             "with {} to come",
+                                             offset(), remaining()));
   base_ += pos_;
   data_ = piece.data;
-  size_ = piece.size;
+  size_ = std::min(piece.size, total_ - base_);
   pos_ = 0;
   staged_ = false;
 }
