@@ -12,8 +12,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstring>
@@ -1038,6 +1040,57 @@ TEST_CASE(
   signals_left = 0;
   auto r = p.map(in, map_options{1});
   for (std::uint32_t k = 0; k < in.size(); ++k) check(r[k], k);
+}
+
+TEST_CASE(
+    "a worker killed while its big results go out from the values it made: the chunk runs "
+    "again, once",
+    "[data_path][reliability]") {
+  // How many results the workers made, in memory they share with the test.
+  void* mem = ::mmap(nullptr, sizeof(std::atomic<int>), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(mem != MAP_FAILED);
+  auto* made = new (mem) std::atomic<int>(0);
+  pool_options o = small_rings(16 * 1024);
+  o.workers = 1;
+  // Strings returned by value, each twenty rings long: they go into the
+  // ring from the string itself, as the pool makes room.
+  auto big = [](std::uint32_t k) { return text(300 * 1024 + 7 * k, k); };
+  pool p(
+      [made, big](std::uint32_t k) {
+        std::string s = big(k);
+        made->fetch_add(1);
+        return s;
+      },
+      o);
+  std::vector<std::uint32_t> in(7);
+  std::iota(in.begin(), in.end(), 0u);
+  for (int chunk : {1, 3}) {
+    CAPTURE(chunk);
+    made->store(0);
+    pid_t victim = p.pids().at(0);
+    auto range = p.imap(in, map_options{std::size_t(chunk)});
+    auto it = range.begin();
+    REQUIRE(*it == big(0));
+    // Nobody reads a range's answers but its reader, who waits here: once
+    // the worker made a result of a later chunk, it sleeps in the middle of
+    // that chunk's answer, on a full ring.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (made->load() <= chunk && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::yield();
+    REQUIRE(made->load() > chunk);
+    procpool_test::wait_until_sleeping(victim);
+    REQUIRE(::kill(victim, SIGKILL) == 0);
+    std::uint32_t k = 1;
+    for (++it; it != range.end(); ++it) {
+      REQUIRE(*it == big(k));
+      ++k;
+    }
+    REQUIRE(k == in.size());
+    auto pids = p.pids();
+    CHECK(std::find(pids.begin(), pids.end(), victim) == pids.end());
+  }
+  ::munmap(mem, sizeof(std::atomic<int>));
 }
 
 TEST_CASE("a decoder that catches the end of a cut answer does not make its results count",

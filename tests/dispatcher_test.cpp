@@ -8,6 +8,7 @@
 #include <procpool/detail/dispatch/chunk_queue.hpp>
 #include <procpool/detail/dispatch/dispatcher.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -472,6 +473,140 @@ TEMPLATE_TEST_CASE("a frame that claims more items than it holds fails at the fi
   CHECK(none.h.kind == pd::frame_kind::error);
   CHECK(none.h.count == 0);
   CHECK(none.failed_at == 100);
+}
+
+namespace {
+
+constexpr std::size_t block_edge = pd::frame_refs::min_bytes;
+
+/// A result of `n` elements made from `n`: strings or arrays of doubles.
+template <class R>
+R sized(std::size_t n) {
+  R r(n, typename R::value_type{});
+  for (std::size_t i = 0; i < n; ++i)
+    r[i] = static_cast<typename R::value_type>('a' + (i + n) % 26);
+  return r;
+}
+
+/// Returns `sized<R>(n)` by value; throws at the item `throw_at`.
+template <class R>
+struct make_sized {
+  std::size_t throw_at = ~std::size_t(0);
+  R operator()(std::uint64_t n) const {
+    if (n == throw_at) throw std::length_error("no result of " + std::to_string(n));
+    return sized<R>(n);
+  }
+};
+
+/// The frame run_items makes of `sizes` with `f`, once copied whole into
+/// its own bytes and once with big results left as blocks, assembled.
+struct both_frames {
+  pd::result_header plain_h{}, blocks_h{};
+  std::vector<std::byte> plain, assembled;
+  std::size_t own = 0;     // the blocks frame's own bytes
+  std::size_t listed = 0;  // its blocks
+  bool own_holds_a_block = false;
+};
+
+template <class F>
+both_frames run_both(const std::vector<std::uint64_t>& sizes, F f,
+                     std::uint64_t stop_at = ~std::uint64_t(0)) {
+  procpool::writer frame;
+  for (auto n : sizes) procpool::encode(frame, n);
+  auto count = static_cast<std::uint32_t>(sizes.size());
+  auto before = [&](std::uint64_t i) { return i != stop_at; };
+  both_frames b;
+  {
+    procpool::reader in(frame.data(), frame.size());
+    procpool::writer out;
+    out.write("head", 4);
+    b.plain_h = pd::run_items<std::uint64_t, pd::invoke_one>(f, in, 7, 100, count, out, before);
+    b.plain.assign(out.data(), out.data() + out.size());
+  }
+  procpool::reader in(frame.data(), frame.size());
+  // Written in place at first, as a worker writes into its result ring.
+  std::vector<std::byte> room(64);
+  procpool::writer out;
+  out.write_in_place(room.data(), room.size());
+  out.write("head", 4);
+  pd::answer_blocks blocks;
+  b.blocks_h =
+      pd::run_items<std::uint64_t, pd::invoke_one>(f, in, 7, 100, count, out, before, &blocks);
+  REQUIRE(std::memcmp(out.data(), "head", 4) == 0);
+  b.own = out.size();
+  b.listed = blocks.refs().count;
+  if (b.listed > 0) CHECK_FALSE(out.in_place());  // blocks go between its bytes: not in the ring
+  for (const auto& r : blocks.refs()) {
+    CHECK(r.size >= block_edge);
+    // Where the function's value is, not in the answer's own bytes.
+    if (r.data >= out.data() && r.data < out.data() + out.size()) b.own_holds_a_block = true;
+  }
+  std::size_t total = out.size() + blocks.refs().bytes;
+  pd::copy_frame_out(out.data(), out.size(), blocks.refs(), 0, total,
+                     [&](const std::byte* data, std::size_t n) {
+                       b.assembled.insert(b.assembled.end(), data, data + n);
+                     });
+  // From any offset, in pieces of any size: the same bytes.
+  for (std::size_t from : {std::size_t(1), std::size_t(4), total / 3, total - 1}) {
+    if (from >= total) continue;
+    std::vector<std::byte> tail;
+    pd::copy_frame_out(
+        out.data(), out.size(), blocks.refs(), from, total - from,
+        [&](const std::byte* data, std::size_t n) { tail.insert(tail.end(), data, data + n); });
+    CHECK(std::equal(tail.begin(), tail.end(), b.assembled.begin() + std::ptrdiff_t(from),
+                     b.assembled.end()));
+  }
+  return b;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE(
+    "big results returned by value go out from the values, and the answer is byte for byte the "
+    "copied one",
+    "[dispatcher][run_items]", std::string, std::vector<double>) {
+  using R = TestType;
+  constexpr std::uint64_t e = block_edge / sizeof(typename R::value_type);
+  make_sized<R> f;
+
+  SECTION("small, edge and big results mixed, more big ones than a chunk lists") {
+    std::vector<std::uint64_t> sizes{3, e - 1, e, 0, 5 * e, e + 1, 1, 2 * e, 7 * e, e, 4};
+    auto b = run_both(sizes, f);
+    CHECK(b.plain_h.kind == pd::frame_kind::results);
+    CHECK(b.blocks_h.count == sizes.size());
+    CHECK(b.listed == pd::frame_refs::capacity);
+    CHECK_FALSE(b.own_holds_a_block);
+    CHECK(b.assembled == b.plain);
+    // The four listed (e, 5e, e+1, 2e) are not in the own bytes.
+    CHECK(b.own + (e + 5 * e + e + 1 + 2 * e) * sizeof(typename R::value_type) == b.plain.size());
+  }
+  SECTION("an item that throws after blocks: the error follows them, the failing result is cut") {
+    make_sized<R> failing{3 * e};
+    auto b = run_both({2 * e, 1, e, 3 * e, 4}, failing);
+    CHECK(b.blocks_h.kind == pd::frame_kind::error);
+    CHECK(b.blocks_h.count == 3);
+    CHECK(b.listed == 2);
+    CHECK(b.assembled == b.plain);
+  }
+  SECTION("a cancelled chunk after blocks") {
+    auto b = run_both({2 * e, 1, e, 3 * e}, f, 102);
+    CHECK(b.blocks_h.kind == pd::frame_kind::skipped);
+    CHECK(b.blocks_h.count == 2);
+    CHECK(b.listed == 1);
+    CHECK(b.assembled == b.plain);
+  }
+  SECTION("no big result: nothing listed, the answer stays in place") {
+    auto b = run_both({1, 2, e - 1}, f);
+    CHECK(b.listed == 0);
+    CHECK(b.assembled == b.plain);
+  }
+  SECTION("a result returned by reference is copied: its value may not outlive the call") {
+    static const R kept = sized<R>(3 * e);
+    auto by_ref = [](std::uint64_t) -> const R& { return kept; };
+    auto b = run_both({1, 2}, by_ref);
+    CHECK(b.listed == 0);
+    CHECK(b.assembled == b.plain);
+  }
 }
 
 TEST_CASE("a worker's queue of chunks stays in order through growth and reuse",

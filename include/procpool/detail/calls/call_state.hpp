@@ -107,6 +107,36 @@ struct frame_refs {
   const frame_ref* end() const noexcept { return list.data() + count; }
 };
 
+/// Hands `sink(data, n)` the bytes of a frame made of its own `own_size`
+/// bytes at `own` with `blocks` between them, from the frame's byte `from`
+/// on, in order, in as many pieces as they lie in, until `sink` has taken
+/// `n` of them.
+template <class Sink>
+void copy_frame_out(const std::byte* own, std::size_t own_size, const frame_refs& blocks,
+                    std::size_t from, std::size_t n, Sink&& sink) {
+  std::size_t done = 0;  // own bytes before the piece being looked at
+  std::size_t at = 0;    // frame bytes before it
+  auto piece = [&](const std::byte* data, std::size_t size) {
+    if (n == 0 || from >= at + size) {
+      at += size;
+      return;
+    }
+    std::size_t skip = from - at;
+    std::size_t take = std::min(size - skip, n);
+    sink(data + skip, take);
+    from += take;
+    n -= take;
+    at += size;
+  };
+  for (const frame_ref& b : blocks) {
+    if (n == 0) break;
+    piece(own + done, b.at - done);
+    done = b.at;
+    piece(b.data, b.size);
+  }
+  piece(own + done, own_size - done);
+}
+
 /// A call in flight: one map, imap or imap_unordered, or one submitted task.
 /// Owned jointly by the driver (while chunks are in flight) and by whatever
 /// the user holds (map's frame, an imap range, a future).

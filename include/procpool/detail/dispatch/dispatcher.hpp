@@ -59,27 +59,7 @@ struct chunk {
   /// many pieces as they lie in, until `sink` has taken `n` of them.
   template <class Sink>
   void copy_out(std::size_t from, std::size_t n, Sink&& sink) const {
-    std::size_t own = 0;  // own bytes before the piece being looked at
-    std::size_t at = 0;   // frame bytes before it
-    auto piece = [&](const std::byte* data, std::size_t size) {
-      if (n == 0 || from >= at + size) {
-        at += size;
-        return;
-      }
-      std::size_t skip = from - at;
-      std::size_t take = std::min(size - skip, n);
-      sink(data + skip, take);
-      from += take;
-      n -= take;
-      at += size;
-    };
-    for (const frame_ref& b : blocks) {
-      if (n == 0) break;
-      piece(bytes.data() + own, b.at - own);
-      own = b.at;
-      piece(b.data, b.size);
-    }
-    piece(bytes.data() + own, bytes.size() - own);
+    copy_frame_out(bytes.data(), bytes.size(), blocks, from, n, std::forward<Sink>(sink));
   }
 
   /// Copies the frame's blocks into its own bytes: the frame no longer reads

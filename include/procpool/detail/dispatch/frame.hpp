@@ -22,6 +22,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../../codec.hpp"
 #include "../../errors.hpp"
@@ -118,6 +119,49 @@ inline std::shared_ptr<const exception_object> decode_original(reader& in) {
   return std::make_shared<const exception_object>(decode<exception_object>(in));
 }
 
+/// The big results of an answer that stay in the values its worker made,
+/// instead of being copied into the answer's own bytes: the answer goes out
+/// from its bytes and from those values, each copied once, into the ring.
+/// The mirror of `frame_refs` in task frames, for answers: `run_items`
+/// lists a result here when it is an array of plain values or a string of at
+/// least `frame_refs::min_bytes` (the function returned it by value), and
+/// keeps the value until `clear()`.
+class answer_blocks {
+ public:
+  answer_blocks() { kept_.reserve(frame_refs::capacity); }
+
+  /// The blocks listed, in the answer's order.
+  const frame_refs& refs() const noexcept { return refs_; }
+  /// Whether a result of `size` bytes would be listed.
+  bool takes(std::size_t size) const noexcept { return refs_.takes(size); }
+  /// Whether no more results can be listed.
+  bool full() const noexcept { return refs_.full(); }
+
+  /// Keeps `value` and lists its bytes as the block after its count, which
+  /// it appends to `out`. `out` stops writing in place first: the bytes
+  /// after a block are not where they would be in a contiguous answer.
+  /// **Throws:** what allocating does; nothing is listed then.
+  template <class R>
+  void keep(writer& out, R&& value) {
+    auto kept = std::make_shared<std::decay_t<R>>(std::forward<R>(value));
+    auto [data, size] = bulk_bytes(*kept);
+    out.keep_in_own();
+    write_count(out, kept->size());
+    kept_.push_back(std::move(kept));  // reserved: does not throw
+    refs_.add(out.size(), data, size);
+  }
+
+  /// Forgets the blocks and frees the values they were in.
+  void clear() noexcept {
+    refs_.clear();
+    kept_.clear();
+  }
+
+ private:
+  frame_refs refs_;
+  std::vector<std::shared_ptr<void>> kept_;
+};
+
 /// Runs the `count` items of a chunk, from item `first` of call `call`:
 /// decodes each from `in`, calls `f` through `Invoke`, encodes the result
 /// into `out`. `before(index)` runs before each item and stops the chunk
@@ -131,9 +175,14 @@ inline std::shared_ptr<const exception_object> decode_original(reader& in) {
 /// structs of them) take a loop with no per-item encoding: the results go
 /// straight into room made once for the chunk. What an item sees is the same:
 /// `before` runs before it, and an exception keeps the results before it.
+///
+/// With `blocks`, a big array or string the function returns by value is
+/// kept there rather than copied into `out` (see `answer_blocks`): the
+/// answer is then `out` with those blocks between its bytes.
 template <class Item, class Invoke, class F, class Before>
 result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t first,
-                        std::uint32_t count, writer& out, Before&& before) {
+                        std::uint32_t count, writer& out, Before&& before,
+                        answer_blocks* blocks = nullptr) {
   result_header h{call, first, 0, frame_kind::results};
   std::size_t mark = out.size();
   using R =
@@ -187,6 +236,18 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
       }
       mark = out.size();
       auto item = decode<Item>(in);
+      if constexpr (bulk_codec<R>() &&
+                    !std::is_reference_v<decltype(Invoke::call(f, std::declval<Item&>()))>) {
+        if (blocks && !blocks->full()) {
+          R r = Invoke::call(f, item);
+          if (blocks->takes(bulk_bytes(r).second))
+            blocks->keep(out, std::move(r));
+          else
+            encode(out, r);
+          continue;
+        }
+      }
+      (void)blocks;
       encode(out, Invoke::call(f, item));
     }
   } catch (...) {

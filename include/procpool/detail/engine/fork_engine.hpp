@@ -126,6 +126,7 @@ struct worker_context {
   void* function;  // the pool's F, at the same address as in the parent
   std::uint64_t call = 0;
   bool stamp_times = false;
+  answer_blocks* blocks = nullptr;  // where a chunk's big results stay (see `run_items`)
 
   /// Called by handlers before each item, with the context's fields copied
   /// (a handler's loop keeps them in registers instead of reading them again
@@ -161,7 +162,8 @@ void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32
                writer& out) {
   F& f = *static_cast<F*>(ctx.function);
   const worker_context::item_gate gate{ctx.shared, ctx.slot, ctx.call, ctx.stamp_times};
-  patch_result_header(out, run_items<Item, Invoke>(f, in, ctx.call, first, count, out, gate));
+  patch_result_header(
+      out, run_items<Item, Invoke>(f, in, ctx.call, first, count, out, gate, ctx.blocks));
 }
 
 /// Handler tokens for forked workers: the address of the handler, the same
@@ -537,6 +539,8 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     ring_writer out(w.result, &shared_->doorbell, w.result_bytes);
     auto parent_alive = [server] { return ::getppid() == server; };
     writer result;
+    answer_blocks blocks;
+    ctx.blocks = &blocks;
     if (config_.initializer) {
       try {
         config_.initializer();
@@ -612,6 +616,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         if (!run)
           revoked_until = std::max(seq + 1, w.slot->revoke_end.load(std::memory_order_acquire));
       }
+      blocks.clear();
       if (run) {
         result_header placeholder{};
         result.write(&placeholder, sizeof placeholder);
@@ -625,6 +630,8 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         result.write(&r, sizeof r);
       }
       ++seq;
+      // The answer: its own bytes, and the big results kept between them.
+      std::size_t answer = result.size() + blocks.refs().bytes;
       if (stream) {
         // What the chunk did not read of its frame (it stopped early, or it
         // was taken back) is skipped as it comes.
@@ -633,7 +640,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         in.skip(total);
         // The answer, when it fits now, is published at once on the same
         // doorbell, which wakes the parent for the freed space as well.
-        if (result.in_place() || out.free_space() >= sizeof(std::uint64_t) + result.size())
+        if (result.in_place() || out.free_space() >= sizeof(std::uint64_t) + answer)
           in.release_quietly();
         else
           in.release();
@@ -645,8 +652,22 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         out.publish();
       } else {
         w.slot->answering.store(1, std::memory_order_relaxed);
-        if (!out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait))
-          exit_child(0);
+        bool written = true;
+        if (blocks.refs().empty()) {
+          written =
+              out.write_message(result.data(), result.size(), parent_alive, config_.worker_wait);
+        } else {
+          // Each block goes from the value it is in straight into the ring.
+          std::uint64_t length = answer;
+          written = out.write_stream(&length, sizeof length, parent_alive, config_.worker_wait);
+          copy_frame_out(result.data(), result.size(), blocks.refs(), 0, answer,
+                         [&](const std::byte* data, std::size_t n) {
+                           written = written &&
+                                     out.write_stream(data, n, parent_alive, config_.worker_wait);
+                         });
+          blocks.clear();
+        }
+        if (!written) exit_child(0);
         // After its last byte was published (and so seen with it).
         w.slot->answering.store(0, std::memory_order_release);
       }
