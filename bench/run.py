@@ -316,7 +316,8 @@ DATA_PATH = (
     "still missing then are the slots between value-initialized. So the "
     "parent writes plain input bytes once and every result byte once, as the thread pool's "
     "threads do, but after its workers wrote them into the ring (in place, when they fit the "
-    "ring's free room), where the threads write them in place. Its cost per chunk is a frame each way: cutting it, copying it through the "
+    "ring's free room, or, for a result of 16 KiB or more that is an array or a string, from "
+    "the value the function returned), where the threads write them in place. Its cost per chunk is a frame each way: cutting it, copying it through the "
     "rings, checking the answer's header, and a wake-up when the worker went to sleep "
     "between batches.")
 
