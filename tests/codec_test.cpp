@@ -1160,6 +1160,77 @@ TEST_CASE("a writer writes in place while the memory given lasts, then in its ow
   CHECK(*w.data() == std::byte{'e'});
 }
 
+TEST_CASE("a writer in place with no way out throws full, writes nothing past the memory, and "
+          "goes on once cut back",
+          "[codec]") {
+  std::vector<std::byte> memory(64, std::byte{0xee});
+  writer out;
+  out.write_in_place(memory.data() + 8, 16, false);
+  CHECK(out.bounded());
+  CHECK(out.spare() == 16);
+  out.write("0123456789", 10);
+  CHECK(out.spare() == 6);
+  CHECK_THROWS_AS(out.write("abcdefg", 7), writer::full);  // one byte too many
+  CHECK(out.overflowed());
+  CHECK(out.in_place());
+  CHECK(out.size() == 10);  // nothing of it written
+  CHECK(memory[24] == std::byte{0xee});
+  // A string whose count fits and whose bytes do not: the count is there,
+  // the writer says it overflowed.
+  CHECK_THROWS_AS(encode(out, std::string(40, 'x')), writer::full);
+  CHECK(out.overflowed());
+  CHECK(std::as_const(memory)[24] == std::byte{0xee});
+  // `full` is no std::exception: an encoder catching those lets it through.
+  bool through = false;
+  try {
+    try {
+      out.prepare(100);
+    } catch (const std::exception&) {
+    }
+  } catch (const writer::full&) {
+    through = true;
+  }
+  CHECK(through);
+  // Cut back, it takes what fits again.
+  out.resize(10);
+  CHECK_FALSE(out.overflowed());
+  out.write("abcdef", 6);
+  CHECK(out.size() == 16);
+  CHECK(std::memcmp(memory.data() + 8, "0123456789abcdef", 16) == 0);
+  out.clear();
+  CHECK_FALSE(out.overflowed());
+  CHECK(out.spare() == 16);
+  // Let out, it goes on in its own buffer as an unbounded writer does.
+  out.write("ab", 2);
+  CHECK_THROWS_AS(out.write(memory.data(), 20), writer::full);
+  out.resize(2);
+  out.allow_spill();
+  CHECK_FALSE(out.bounded());
+  out.write("cdefghijklmnopqrstuvwxyz", 24);
+  CHECK_FALSE(out.in_place());
+  CHECK(std::memcmp(out.data(), "abcdefghijklmnopqrstuvwxyz", 26) == 0);
+  // Kept in its own buffer on purpose: no throw, the content copied.
+  out.write_in_place(memory.data(), 8, false);
+  out.write("xyz", 3);
+  out.keep_in_own();
+  CHECK_FALSE(out.in_place());
+  CHECK_FALSE(out.bounded());
+  out.write("0123456789", 10);
+  CHECK(std::memcmp(out.data(), "xyz0123456789", 13) == 0);
+  // A move takes the bound along; the moved-from writer is unbounded.
+  out.write_in_place(memory.data(), 8, false);
+  writer moved = std::move(out);
+  CHECK(moved.bounded());
+  CHECK_FALSE(out.bounded());
+  CHECK_THROWS_AS(moved.write(memory.data(), 9), writer::full);
+  // Back to its own buffer: unbounded.
+  moved.write_in_own();
+  CHECK_FALSE(moved.bounded());
+  CHECK_FALSE(moved.overflowed());
+  moved.write(memory.data(), 40);
+  CHECK(moved.size() == 40);
+}
+
 TEST_CASE("a writer's copy holds its bytes, not its spare room, a moved-from one is empty",
           "[codec]") {
   writer big(1 << 20);

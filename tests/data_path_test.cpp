@@ -19,6 +19,7 @@
 #include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <iterator>
 #include <list>
@@ -965,6 +966,36 @@ TEST_CASE("items and answers longer than the ring stream through it, mirrored or
           }
           REQUIRE(p.submit(in[6]).get() == want[6]);
         });
+    // Items encoded one by one (lists of strings), a chunk of them longer
+    // than the ring's room: cut before the item that does not fit; one
+    // item longer than the whole ring goes from a buffer of its own.
+    with_rings(
+        refuse,
+        [](const std::vector<std::string>& v) {
+          std::size_t n = 0;
+          for (auto& s : v) n = n * 31 + s.size() + std::size_t(s.empty() ? 0 : s[0]);
+          return n;
+        },
+        o,
+        [&](auto& p) {
+          std::vector<std::vector<std::string>> lists;
+          for (std::size_t k = 0; k < 60; ++k) {
+            std::size_t strings = k == 17 ? 200 : k % 7 + 1;  // item 17: 40 KiB
+            std::vector<std::string> v;
+            for (std::size_t i = 0; i < strings; ++i) v.push_back(text(200 + 37 * (k % 11), k + i));
+            lists.push_back(std::move(v));
+          }
+          std::vector<std::size_t> want;
+          for (auto& v : lists) {
+            std::size_t n = 0;
+            for (auto& s : v) n = n * 31 + s.size() + std::size_t(s.empty() ? 0 : s[0]);
+            want.push_back(n);
+          }
+          for (std::size_t chunk : {1, 7, 60}) {
+            CAPTURE(chunk);
+            REQUIRE(p.map(lists, map_options{chunk}) == want);
+          }
+        });
     // Arrays of numbers (read in pieces into their storage), and a chunk
     // of plain results longer than the ring.
     with_rings(
@@ -1091,6 +1122,112 @@ TEST_CASE(
     CHECK(std::find(pids.begin(), pids.end(), victim) == pids.end());
   }
   ::munmap(mem, sizeof(std::atomic<int>));
+}
+
+namespace {
+
+/// How many times each item ran, in memory the workers share with the test.
+struct parts_table {
+  std::atomic<int> runs[20000];
+};
+parts_table* parts_shared = nullptr;
+/// The worker the parts test kills, and when: after the pool decoded that
+/// many results (a count in the test's process, where they are decoded).
+std::atomic<pid_t> parts_victim{0};
+std::atomic<int> parts_decodes_left{-1};
+
+/// Seven times its item. Decoding it in the pool holds the pool there (it
+/// reads no ring meanwhile) as the workers run on, so that the worker that
+/// sent it is killed with results it ran still unsent.
+struct septuple {
+  std::uint64_t v = 0;
+  friend void procpool_encode(procpool::writer& out, const septuple& s) {
+    procpool::encode(out, s.v);
+  }
+  friend septuple procpool_decode(procpool::reader& in, procpool::type_tag<septuple>) {
+    septuple s{procpool::decode<std::uint64_t>(in)};
+    if (parts_decodes_left.fetch_sub(1) == 0) {
+      // It waits for room in its full ring, between two items.
+      procpool_test::wait_until_sleeping(parts_victim);
+      ::kill(parts_victim, SIGKILL);
+    }
+    return s;
+  }
+};
+
+septuple counted_seven(std::uint32_t x) {
+  parts_shared->runs[x].fetch_add(1);
+  return septuple{std::uint64_t(x) * 7};
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a worker killed after parts of its chunk's answer came: only the rest runs again, and "
+    "no result is taken twice",
+    "[data_path][reliability]") {
+  void* mem = ::mmap(nullptr, sizeof(parts_table), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  REQUIRE(mem != MAP_FAILED);
+  parts_shared = new (mem) parts_table();
+  // One chunk of 20000 results: ten rings' worth, which go out in parts as
+  // the pool reads them.
+  pool_options o = small_rings(16 * 1024);
+  o.workers = 1;
+  pool p(&counted_seven, o);
+  constexpr std::size_t n = 20000;
+  auto arm = [&] {
+    for (auto& r : parts_shared->runs) r.store(0);
+    parts_victim = p.pids().at(0);
+    parts_decodes_left = 10000;
+  };
+  auto check_runs = [&] {
+    REQUIRE(parts_decodes_left < 0);  // it was killed
+    auto pids = p.pids();
+    CHECK(std::find(pids.begin(), pids.end(), parts_victim.load()) == pids.end());
+    // What was answered before the kill did not run again: at most what
+    // the worker had run past the parts taken (two rings of results).
+    std::size_t twice = 0;
+    for (std::size_t x = 0; x < n; ++x) {
+      int r = parts_shared->runs[x].load();
+      REQUIRE(r >= 1);
+      REQUIRE(r <= 2);
+      twice += r == 2;
+    }
+    CHECK(twice >= 1);  // the result that did not fit the ring ran, unanswered
+    CHECK(twice <= 2 * 16 * 1024 / 8);
+  };
+
+  SECTION("its frame kept (items sent from the input): the rest of it is read past") {
+    std::vector<std::uint32_t> in(n);
+    std::iota(in.begin(), in.end(), 0u);
+    arm();
+    auto r = p.map(in, map_options{n});
+    check_runs();
+    for (std::size_t x = 0; x < n; ++x) REQUIRE(r[x].v == x * 7);
+  }
+  SECTION("its frame encoded again from the input: from the first item not answered") {
+    std::deque<std::uint32_t> in(n);
+    std::iota(in.begin(), in.end(), 0u);
+    arm();
+    auto r = p.map(in, map_options{n});
+    check_runs();
+    for (std::size_t x = 0; x < n; ++x) REQUIRE(r[x].v == x * 7);
+  }
+  SECTION("an input read once, its frame kept; imap_unordered yields each result once") {
+    std::list<std::uint32_t> in(n);
+    std::iota(in.begin(), in.end(), 0u);
+    arm();
+    std::vector<int> seen(n);
+    for (auto&& [k, s] : p.imap_unordered(in, map_options{n})) {
+      REQUIRE(s.v == k * 7);
+      ++seen[k];
+    }
+    check_runs();
+    REQUIRE(std::count(seen.begin(), seen.end(), 1) == static_cast<long>(n));
+  }
+  parts_decodes_left = -1;
+  ::munmap(mem, sizeof(parts_table));
 }
 
 TEST_CASE("a decoder that catches the end of a cut answer does not make its results count",

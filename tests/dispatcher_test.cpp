@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -606,6 +607,305 @@ TEMPLATE_TEST_CASE(
     auto b = run_both({1, 2}, by_ref);
     CHECK(b.listed == 0);
     CHECK(b.assembled == b.plain);
+  }
+}
+
+namespace {
+
+/// Plays a worker's result ring for `run_items`: `out` writes in place with
+/// no way out; each part sent is kept, and `out` starts again with `room`
+/// bytes, or with `most` when more room is asked for.
+struct kept_parts final : pd::answer_parts {
+  std::size_t room, most;
+  std::vector<std::byte> memory;
+  std::vector<std::vector<std::byte>> sent;
+  int more_asked = 0;
+  kept_parts(std::size_t r, std::size_t m) : room(r), most(m), memory(m) {}
+  void start(procpool::writer& out, std::size_t size) {
+    out.write_in_place(memory.data(), size, false);
+    pd::result_header placeholder{};
+    out.write(&placeholder, sizeof placeholder);
+  }
+  bool flush(procpool::writer& out, const pd::result_header& h) override {
+    if (h.count > 0) {
+      CHECK(h.kind == pd::frame_kind::part);
+      CHECK(out.size() <= out.capacity());
+      pd::patch_result_header(out, h);
+      sent.emplace_back(out.data(), out.data() + out.size());
+      start(out, room);
+    } else {
+      if (out.capacity() >= most) return false;
+      ++more_asked;
+      start(out, most);
+    }
+    return true;
+  }
+};
+
+/// Careless: its encoder catches everything, `writer::full` included.
+struct careless {
+  std::string s;
+  friend void procpool_encode(procpool::writer& out, const careless& c) {
+    try {
+      procpool::encode(out, c.s);
+    } catch (...) {
+    }
+  }
+  friend careless procpool_decode(procpool::reader& in, procpool::type_tag<careless>) {
+    return careless{procpool::decode<std::string>(in)};
+  }
+  bool operator==(const careless& o) const { return s == o.s; }
+};
+
+/// The frames of a chunk answered in parts, read back.
+template <class R>
+struct parted {
+  std::vector<pd::result_header> headers;  // the parts', then the last frame's
+  std::vector<R> results;
+  std::uint64_t failed_at = ~std::uint64_t(0);
+};
+
+template <class R>
+void read_frame(parted<R>& p, const std::byte* data, std::size_t size, bool last) {
+  procpool::reader in(data, size);
+  pd::result_header h;
+  in.read(&h, sizeof h);
+  p.headers.push_back(h);
+  for (std::uint32_t k = 0; k < h.count; ++k) p.results.push_back(procpool::decode<R>(in));
+  if (last && h.kind == pd::frame_kind::error) {
+    p.failed_at = procpool::decode<std::uint64_t>(in);
+    procpool::decode<std::string>(in);
+    procpool::decode<std::string>(in);
+    pd::decode_original(in);
+  }
+  CHECK(in.at_end());
+}
+
+/// Runs items through `f` from item 100 of call 7, in `room` bytes of a
+/// ring of `most`; checks what every frame claims, and reads them back.
+template <class Item, class F>
+parted<std::decay_t<std::invoke_result_t<F&, Item&>>> run_parted(
+    const std::vector<Item>& items, F f, std::size_t room, std::size_t most,
+    std::uint64_t stop_at = ~std::uint64_t(0), int* more_asked = nullptr) {
+  using R = std::decay_t<std::invoke_result_t<F&, Item&>>;
+  procpool::writer frame;
+  for (const auto& x : items) procpool::encode(frame, x);
+  procpool::reader in(frame.data(), frame.size());
+  kept_parts parts(room, most);
+  procpool::writer out;
+  parts.start(out, room);
+  auto h = pd::run_items<Item, pd::invoke_one>(
+      f, in, 7, 100, static_cast<std::uint32_t>(items.size()), out,
+      [&](std::uint64_t i) { return i != stop_at; }, nullptr, &parts);
+  pd::patch_result_header(out, h);
+  parted<R> p;
+  for (auto& part : parts.sent) read_frame(p, part.data(), part.size(), false);
+  read_frame(p, out.data(), out.size(), true);
+  std::uint64_t next = 100;
+  for (std::size_t i = 0; i < p.headers.size(); ++i) {
+    const auto& ph = p.headers[i];
+    CHECK(ph.call == 7);
+    CHECK(ph.first == next);  // each frame goes on where the one before it ended
+    next += ph.count;
+    if (i + 1 < p.headers.size()) CHECK(ph.count > 0);  // a part is never empty
+  }
+  if (more_asked) *more_asked = parts.more_asked;
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("a chunk whose answer outgrows its room goes out in parts, each result written once",
+          "[dispatcher][run_items]") {
+  SECTION("plain results: the loop with no encoder per item goes on in each room") {
+    std::vector<std::uint32_t> xs(1000);
+    std::iota(xs.begin(), xs.end(), 5u);
+    auto f = [](std::uint32_t x) { return std::uint64_t(x) * 3; };
+    auto p = run_parted(xs, f, 256, 4096);
+    REQUIRE(p.results.size() == xs.size());
+    for (std::size_t k = 0; k < xs.size(); ++k) REQUIRE(p.results[k] == std::uint64_t(xs[k]) * 3);
+    // 29 results of 8 bytes fit after a 24-byte header in 256 bytes.
+    CHECK(p.headers.size() == (xs.size() + 28) / 29);
+    CHECK(p.headers.back().kind == pd::frame_kind::results);
+    for (std::size_t i = 0; i + 1 < p.headers.size(); ++i)
+      CHECK(p.headers[i].kind == pd::frame_kind::part);
+  }
+  SECTION("strings: one larger than the room gets more room, one larger than that spills") {
+    std::vector<std::uint64_t> sizes{10, 300, 50, 2000, 5, 9000, 7, 400, 3};
+    auto f = [](std::uint64_t n) { return std::string(n, char('a' + n % 26)); };
+    int more = 0;
+    auto p = run_parted(sizes, f, 512, 4096, ~std::uint64_t(0), &more);
+    REQUIRE(p.results.size() == sizes.size());
+    for (std::size_t k = 0; k < sizes.size(); ++k) REQUIRE(p.results[k] == f(sizes[k]));
+    CHECK(more >= 2);  // for 2000 and for 9000, which then went on in its own buffer
+    CHECK(p.headers.back().kind == pd::frame_kind::results);
+  }
+  SECTION("an item that throws after parts: the last frame is the error, naming it") {
+    std::vector<std::uint64_t> sizes(40, 100);
+    sizes[33] = 0;
+    auto f = [](std::uint64_t n) {
+      if (n == 0) throw std::invalid_argument("empty");
+      return std::string(n, 'x');
+    };
+    auto p = run_parted(sizes, f, 512, 4096);
+    CHECK(p.headers.size() > 2);
+    CHECK(p.headers.back().kind == pd::frame_kind::error);
+    CHECK(p.results.size() == 33);
+    CHECK(p.failed_at == 133);
+  }
+  SECTION("a cancellation after parts") {
+    std::vector<std::uint32_t> xs(500, 1u);
+    auto p = run_parted(
+        xs, [](std::uint32_t x) { return std::uint64_t(x); }, 128, 1024, 450);
+    CHECK(p.headers.back().kind == pd::frame_kind::skipped);
+    CHECK(p.results.size() == 350);
+  }
+  SECTION("an encoder that catches writer::full still gets its result whole") {
+    std::vector<std::uint64_t> sizes{100, 200, 300, 150, 250, 1000, 60};
+    auto f = [](std::uint64_t n) { return careless{std::string(n, char('0' + n % 10))}; };
+    auto p = run_parted(sizes, f, 400, 2048);
+    REQUIRE(p.results.size() == sizes.size());
+    for (std::size_t k = 0; k < sizes.size(); ++k) REQUIRE(p.results[k] == f(sizes[k]));
+    CHECK(p.headers.size() > 2);
+  }
+}
+
+TEST_CASE("an answer's parts are checked like any answer: none empty, none the whole chunk",
+          "[dispatcher]") {
+  pd::chunk c;
+  c.call_id = 3;
+  c.first = 40;
+  c.count = 10;
+  auto part = [](std::uint64_t first, std::uint32_t count) {
+    return pd::result_header{3, first, count, pd::frame_kind::part};
+  };
+  constexpr std::size_t size = sizeof(pd::result_header) + 64;
+  CHECK(pd::dispatcher::check_answer(c, part(40, 4), size, true).empty());
+  CHECK(pd::dispatcher::check_answer(c, part(40, 9), size, true).empty());
+  CHECK_FALSE(pd::dispatcher::check_answer(c, part(40, 0), size, true).empty());
+  CHECK_FALSE(pd::dispatcher::check_answer(c, part(40, 10), size, true).empty());
+  CHECK_FALSE(pd::dispatcher::check_answer(c, part(41, 4), size, true).empty());
+  // An engine that sends no parts (MPI) takes none.
+  CHECK_FALSE(pd::dispatcher::check_answer(c, part(40, 4), size).empty());
+}
+
+namespace {
+
+struct test_handlers {
+  template <class F, class Item, class Invoke>
+  static std::uint64_t id() noexcept {
+    return 42;
+  }
+};
+
+/// A `map` call over `items` as a pool makes one, `per_chunk` items a chunk.
+template <class Item>
+auto map_call_over(const std::vector<Item>& items, std::vector<int>& out, std::size_t per_chunk) {
+  using F = int (*)(const Item&);
+  using It = typename std::vector<Item>::const_iterator;
+  return std::make_shared<pd::map_call<F, test_handlers, Item, pd::invoke_one, It, It, int>>(
+      items.begin(), items.end(), nullptr, items.size(), per_chunk, std::size_t(1) << 30,
+      out.data(), pd::progress_reporter(false, {}, items.size()));
+}
+
+/// The items of a task frame that starts at `frame` (after a length prefix).
+template <class Item>
+std::vector<Item> items_of(const std::byte* frame, std::size_t size) {
+  procpool::reader in(frame + 8, size - 8);
+  pd::task_header h;
+  in.read(&h, sizeof h);
+  std::vector<Item> items;
+  for (std::uint32_t k = 0; k < h.count; ++k) items.push_back(procpool::decode<Item>(in));
+  CHECK(in.at_end());
+  return items;
+}
+
+}  // namespace
+
+TEST_CASE("a chunk encoded in a ring's room ends before the item that does not fit",
+          "[dispatcher]") {
+  // Items that are encoded one by one (no blocks): lists of strings.
+  using Item = std::vector<std::string>;
+  std::vector<Item> items;
+  for (std::size_t k = 0; k < 30; ++k)
+    items.push_back(Item(k % 5 + 1, std::string(20 + 3 * k, char('a' + k % 26))));
+  items[20] = Item(40, std::string(100, 'z'));  // about 4 KiB, more than the rooms below
+  std::vector<int> out(items.size());
+  pd::dispatcher d(8, true);
+  auto call = map_call_over(items, out, 10);
+  d.start(call);
+  REQUIRE(call->places_chunks());
+  std::vector<std::byte> ring(1024);
+  std::size_t next = 0;
+  int cut_short = 0;
+  while (next < 20) {
+    pd::chunk c;
+    REQUIRE(d.next_chunk(c, ~std::size_t(0), ring.data(), ring.size(), true));
+    CHECK(c.first == next);
+    CHECK(c.count >= 1);
+    // Encoded in the room, kept nowhere, and no larger than the room.
+    REQUIRE(c.placed > 0);
+    CHECK(c.placed <= ring.size());
+    CHECK(c.bytes.empty());
+    std::uint64_t length;
+    std::memcpy(&length, ring.data(), sizeof length);
+    CHECK(length + 8 == c.placed);
+    auto got = items_of<Item>(ring.data(), c.placed);
+    REQUIRE(got.size() == c.count);
+    for (std::size_t k = 0; k < got.size(); ++k) REQUIRE(got[k] == items[next + k]);
+    cut_short += c.count < 10 && next + c.count < 20;
+    next += c.count;
+    d.settle(c);
+  }
+  CHECK(cut_short > 0);
+  CHECK(next == 20);
+  // Item 20 does not fit the room: with more room to come, nothing now...
+  pd::chunk c;
+  CHECK_FALSE(d.next_chunk(c, ~std::size_t(0), ring.data(), ring.size(), true));
+  CHECK(d.wanted_room());
+  // ... and in a room as large as it gets, a frame of its own buffer.
+  REQUIRE(d.next_chunk(c, ~std::size_t(0), ring.data(), ring.size(), false));
+  CHECK_FALSE(d.wanted_room());
+  CHECK(c.first == 20);
+  CHECK(c.placed == 0);
+  REQUIRE(c.bytes.size() > ring.size());
+  auto got = items_of<Item>(c.bytes.data(), c.bytes.size());
+  REQUIRE(got.size() == c.count);
+  for (std::size_t k = 0; k < got.size(); ++k) REQUIRE(got[k] == items[20 + k]);
+  next = 20 + c.count;
+  d.settle(c);
+  // In a larger room, whole chunks again.
+  std::vector<std::byte> big(1 << 20);
+  while (next < items.size()) {
+    pd::chunk e;
+    REQUIRE(d.next_chunk(e, ~std::size_t(0), big.data(), big.size(), true));
+    CHECK(e.first == next);
+    CHECK(e.placed > 0);
+    CHECK(e.count == std::min<std::size_t>(10, items.size() - next));
+    next += e.count;
+    d.settle(e);
+  }
+}
+
+TEST_CASE("an item whose encoder catches writer::full is not cut in half", "[dispatcher]") {
+  std::vector<careless> items;
+  for (std::size_t k = 0; k < 12; ++k) items.push_back(careless{std::string(150 + k, 'q')});
+  std::vector<int> out(items.size());
+  pd::dispatcher d(8, true);
+  auto call = map_call_over(items, out, 12);
+  d.start(call);
+  std::vector<std::byte> ring(700);
+  std::size_t next = 0;
+  while (next < items.size()) {
+    pd::chunk c;
+    REQUIRE(d.next_chunk(c, ~std::size_t(0), ring.data(), ring.size(), true));
+    REQUIRE(c.placed > 0);
+    auto got = items_of<careless>(ring.data(), c.placed);
+    REQUIRE(got.size() == c.count);
+    for (std::size_t k = 0; k < got.size(); ++k) REQUIRE(got[k] == items[next + k]);
+    CHECK(c.count < items.size());
+    next += c.count;
+    d.settle(c);
   }
 }
 

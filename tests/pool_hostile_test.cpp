@@ -317,13 +317,16 @@ enum lie_kind : int {
   trailing_bytes,    // the right header and a wrong result, then bytes nobody asked for
   error_elsewhere,   // an error frame naming an item outside the chunk
   huge_size,         // a length prefix near 2^64
+  empty_part,        // a part of the answer with no result (more would follow, forever)
+  whole_part,        // a part of the answer holding the whole chunk (more would follow)
   lie_kinds,
   partial_prefix,  // half a length prefix, then silence: a slow worker, not a liar
 };
 const char* const lie_names[] = {
     "count past the chunk",    "3-byte frame",          "another call id",
     "a first index elsewhere", "unknown kind",          "short count",
-    "trailing bytes",          "error index elsewhere", "huge size"};
+    "trailing bytes",          "error index elsewhere", "huge size",
+    "an empty part",           "a part that is whole"};
 
 hostile_table* table = nullptr;
 
@@ -367,6 +370,16 @@ void lie(int x) {
     case short_count:
       h.count = 0;
       std::memcpy(body.data(), &h, sizeof h);
+      break;
+    case empty_part:
+      h.count = 0;
+      h.kind = pd::frame_kind::part;
+      std::memcpy(body.data(), &h, sizeof h);
+      break;
+    case whole_part:
+      h.kind = pd::frame_kind::part;
+      std::memcpy(body.data(), &h, sizeof h);
+      procpool::encode(body, x * x);
       break;
     case trailing_bytes:
       procpool::encode(body, int(-1));

@@ -175,7 +175,9 @@ class writer {
         data_(std::exchange(other.data_, nullptr)),
         capacity_(std::exchange(other.capacity_, 0)),
         size_(std::exchange(other.size_, 0)),
-        in_place_(std::exchange(other.in_place_, false)) {}
+        in_place_(std::exchange(other.in_place_, false)),
+        bounded_(std::exchange(other.bounded_, false)),
+        overflowed_(std::exchange(other.overflowed_, false)) {}
   /// Copies the bytes written, reusing this writer's buffer where it is large enough.
   writer& operator=(const writer& other) {
     if (this != &other) {
@@ -192,6 +194,8 @@ class writer {
     capacity_ = std::exchange(other.capacity_, 0);
     size_ = std::exchange(other.size_, 0);
     in_place_ = std::exchange(other.in_place_, false);
+    bounded_ = std::exchange(other.bounded_, false);
+    overflowed_ = std::exchange(other.overflowed_, false);
     return *this;
   }
   ~writer() = default;
@@ -225,21 +229,53 @@ class writer {
   void resize(std::size_t n) {
     if (n > size_) std::memset(prepare(n - size_), 0, n - size_);
     size_ = n;
+    overflowed_ = false;
+  }
+
+  /// Cuts the content back to `n <= size()` bytes, leaving `overflowed()`
+  /// as it is (`resize` clears it).
+  void cut(std::size_t n) noexcept {
+    assert(n <= size_);
+    size_ = n;
   }
 
   /// Forgets the content and keeps the capacity (and where it writes).
-  void clear() noexcept { size_ = 0; }
+  void clear() noexcept {
+    size_ = 0;
+    overflowed_ = false;
+  }
 
   /// From now on writes into the `size` bytes at `memory`, which it does not
   /// own and which must outlive this use, starting empty: the bytes go where
   /// they are needed with no copy. When they run out, it goes on in its own
-  /// buffer, with what was written copied there (`in_place()` turns false).
-  void write_in_place(std::byte* memory, std::size_t size) noexcept {
+  /// buffer, with what was written copied there (`in_place()` turns false);
+  /// or, with `spill` false, a write that does not fit throws `full` and
+  /// writes nothing more (`overflowed()` turns true) until it is cut back
+  /// with `resize` or `clear`, or let out with `allow_spill`.
+  void write_in_place(std::byte* memory, std::size_t size, bool spill = true) noexcept {
     data_ = memory;
     capacity_ = size;
     size_ = 0;
     in_place_ = true;
+    bounded_ = !spill;
+    overflowed_ = false;
   }
+  /// What a write that does not fit throws, writing in place with no way
+  /// out (see `write_in_place`). Not a `std::exception`: an encoder that
+  /// catches those lets it through.
+  struct full {};
+  /// Whether it writes in place with no way out (see `write_in_place`).
+  bool bounded() const noexcept { return bounded_; }
+  /// Whether a write did not fit since it was last cut back (see `write_in_place`).
+  bool overflowed() const noexcept { return overflowed_; }
+  /// Lets a writer bounded by `write_in_place` go on in its own buffer
+  /// when its memory runs out.
+  void allow_spill() noexcept {
+    bounded_ = false;
+    overflowed_ = false;
+  }
+  /// How many more bytes it takes before it has to grow (or, bounded, before it is full).
+  std::size_t spare() const noexcept { return capacity_ - size_; }
   /// Whether it still writes into the memory given to `write_in_place`.
   bool in_place() const noexcept { return in_place_; }
   /// Goes back to its own buffer, starting empty (after `write_in_place`).
@@ -250,7 +286,9 @@ class writer {
   /// Goes back to its own buffer with the content written in place copied
   /// there (nothing changes when it does not write in place).
   void keep_in_own() {
-    if (in_place_) grow(0);
+    if (!in_place_) return;
+    bounded_ = false;
+    grow(0);
   }
 
   /// The bytes written so far (`size()` of them).
@@ -286,6 +324,8 @@ class writer {
     data_ = buf_.data();
     capacity_ = buf_.size();
     in_place_ = false;
+    bounded_ = false;
+    overflowed_ = false;
   }
 
   std::vector<std::byte> buf_;  // all of it is capacity
@@ -293,6 +333,8 @@ class writer {
   std::size_t capacity_ = 0;    // bytes at data_
   std::size_t size_ = 0;        // the first size_ bytes at data_ are the content
   bool in_place_ = false;
+  bool bounded_ = false;     // in place, and a write that does not fit throws `full`
+  bool overflowed_ = false;  // bounded, and a write did not fit
 };
 
 namespace detail {
@@ -515,6 +557,10 @@ inline constexpr bool is_trivially_sendable_v =
 }  // namespace detail
 
 inline void writer::grow(std::size_t n) {
+  if (bounded_) {
+    overflowed_ = true;
+    throw full{};
+  }
   constexpr std::size_t limit = std::numeric_limits<std::size_t>::max() / 2;
   if (n > limit || size_ > limit - n) throw std::length_error("procpool::writer: buffer too large");
   // Out of place, it doubles; from a place, it takes what the content needs

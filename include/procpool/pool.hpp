@@ -87,7 +87,9 @@ struct pool_options {
   unsigned workers = 0;
   /// Items per chunk sent to a worker; 0 means Python's default,
   /// `ceil(n / (4 * workers))`. Chunks are also cut short so that one fits
-  /// half a ring (`ring_bytes / 2`) whenever a single item does.
+  /// half a ring (`ring_bytes / 2`) whenever a single item does, and, over
+  /// a random-access input, so that one fits the free room of its worker's
+  /// ring (it is encoded straight there).
   std::size_t chunk_size = 0;
   /// Run once in each worker when it starts (and in each replacement). If it
   /// throws, the pool is unusable and every call raises a `procpool::error`

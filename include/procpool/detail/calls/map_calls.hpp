@@ -126,7 +126,9 @@ constexpr bool is_forward_iterator_v =
                       typename std::iterator_traits<It>::iterator_category>;
 
 /// Encodes up to `limit` items from [it, end) into `out`, stopping early when
-/// the chunk passes `max_bytes` (after at least one item). Returns the count.
+/// the chunk passes `max_bytes` (after at least one item), or before an item
+/// that does not fit a bounded `out` (see `writer::write_in_place`), which
+/// is then left `overflowed()` and `it` at that item. Returns the count.
 /// When reading or encoding an item throws (the input's iterator, the item's
 /// `procpool_encode`), the items before it stay encoded, the failing one is
 /// cut off, and `failure` holds the exception: the input ends there.
@@ -162,12 +164,18 @@ std::size_t encode_items(writer& out, frame_refs* refs, It& it, const End& end, 
         }
       }
       if (!left) encode<Item>(out, *it);  // a proxy (std::vector<bool>'s) converts to the item
+      if (out.overflowed()) throw writer::full{};  // an encoder caught it: the item is not whole
       ++k;
       mark = out.size();
       ++it;
       std::size_t bytes = out.size() - start + (refs ? refs->bytes - referred : 0);
       if (bytes >= max_bytes) break;
     }
+  } catch (const writer::full&) {
+    // Bounded by the room it writes in (see `dispatcher::next_chunk`): the
+    // chunk ends before the item that did not fit, which the next begins
+    // with; `out` stays marked as overflowed.
+    out.cut(mark);
   } catch (...) {
     out.resize(mark);
     failure = std::current_exception();
@@ -336,8 +344,8 @@ class map_call : public call_state {
       // The items before the failing one still run: the lowest failing index wins.
       fail(next_ + k, std::move(failure));
       input_done = true;
-      if (k == 0) return false;
     }
+    if (k == 0) return false;  // (or its first item did not fit the room given)
     first = next_;
     count = static_cast<std::uint32_t>(k);
     handler = Handlers::template id<F, Item, Invoke>();

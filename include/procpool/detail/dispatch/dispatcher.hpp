@@ -49,6 +49,7 @@ struct chunk {
   writer bytes;               // the frame: the engine's prefix, a task_header, the items
   frame_refs blocks;          // the frame's blocks left in the call's input, between `bytes`
   std::size_t placed = 0;     // or: the frame's bytes, encoded straight into a ring, kept nowhere
+  std::uint32_t skip = 0;     // items of `bytes` before `first`, answered already (`part`)
   unsigned retries = 0;       // times it was sent again after its worker died
   unsigned bad_frames = 0;    // answers to it that were lies
 
@@ -131,11 +132,17 @@ class dispatcher {
   ///
   /// With `room` (`room_size` bytes where the frame would go next in the
   /// ring, contiguous), a chunk of a call that can encode it again
-  /// (`call_state::places_chunks`) is encoded straight there when it fits and
-  /// has no blocks: its bytes are then kept nowhere (`chunk::placed`), and
-  /// a resend encodes them again. The caller counts them into the ring.
+  /// (`call_state::places_chunks`) is encoded straight there when it has no
+  /// blocks: its bytes are then kept nowhere (`chunk::placed`), and a resend
+  /// encodes them again. The caller counts them into the ring. Such a chunk
+  /// ends before an item that does not fit the room (the next chunk begins
+  /// with it); when its first item does not fit, the call waits for more
+  /// room if `room_grows` (the worker has yet to read what is in its ring),
+  /// and otherwise (an item larger than the ring) makes the chunk in a
+  /// buffer of its own, which goes through the ring in pieces.
   bool next_chunk(chunk& c, std::size_t max_count = ~std::size_t(0), std::byte* room = nullptr,
-                  std::size_t room_size = 0) {
+                  std::size_t room_size = 0, bool room_grows = false) {
+    wanted_room_ = false;
     while (!resend_.empty()) {
       c = std::move(resend_.front());
       resend_.pop_front();
@@ -144,6 +151,10 @@ class dispatcher {
         continue;
       }
       if (c.placed > 0 && !encode_again(c)) continue;
+      // Parts of its answer came: the rest runs, from the frame kept.
+      if (c.skip > 0)
+        write_task_header(c.bytes.data() + prefix_, c.handler, c.call_id, c.first, c.count,
+                          frame_kind::task, c.skip);
       return true;
     }
     // Each queued call is asked at most once: when every one is blocked
@@ -161,21 +172,32 @@ class dispatcher {
         spare_.pop_back();
         spare_bytes_ -= building_.capacity();
       }
-      if (room && room_size > prefix_ + sizeof(task_header) && call->places_chunks())
-        building_.write_in_place(room, room_size);
-      else
-        building_.write_in_own();
-      building_.resize(prefix_ + sizeof(task_header));
+      bool placing = room && room_size > prefix_ + sizeof(task_header) && call->places_chunks();
       std::uint64_t handler = 0;
       std::uint64_t first = 0;
       std::uint32_t count = 0;
-      bool made = false;
-      // Listed straight into the chunk: a list built aside and copied was
-      // read back in wide loads before its narrow stores had landed.
-      c.blocks.clear();
-      try {
-        made = call->next_chunk(building_, blocks_ ? &c.blocks : nullptr, max_count, first, count,
+      auto cut = [&](bool in_room) {
+        if (in_room)
+          building_.write_in_place(room, room_size, false);
+        else
+          building_.write_in_own();
+        building_.resize(prefix_ + sizeof(task_header));
+        // Listed straight into the chunk: a list built aside and copied was
+        // read back in wide loads before its narrow stores had landed.
+        c.blocks.clear();
+        return call->next_chunk(building_, blocks_ ? &c.blocks : nullptr, max_count, first, count,
                                 handler);
+      };
+      bool made = false;
+      try {
+        made = cut(placing);
+        // Its first item does not fit the room, and no more will come.
+        if (!made && placing && building_.overflowed()) {
+          if (room_grows)
+            wanted_room_ = true;
+          else
+            made = cut(false);
+        }
       } catch (...) {
         // The call cuts its chunks catching what its input throws; what
         // escapes that (an iterator's comparison, memory) ends the call,
@@ -213,6 +235,7 @@ class dispatcher {
       }
       c.retries = 0;
       c.bad_frames = 0;
+      c.skip = 0;
       c.call_id = call->id;
       c.first = first;
       c.count = count;
@@ -245,6 +268,7 @@ class dispatcher {
       }
       c.bytes = std::move(out);
       c.placed = 0;
+      c.skip = 0;
       return true;
     } catch (...) {
       call.fail(c.first, std::current_exception());
@@ -254,6 +278,9 @@ class dispatcher {
       return false;
     }
   }
+
+  /// True when the last `next_chunk` left a call waiting for more room.
+  bool wanted_room() const noexcept { return wanted_room_; }
 
   /// Queues a chunk to be sent again (its worker died before running it, or
   /// it was taken back for an idle worker); it stays counted in its call's
@@ -280,7 +307,8 @@ class dispatcher {
   /// (`size`: the whole answer, header included). Returns why it cannot be
   /// true, or an empty string. Engine-specific kinds (revoked, bye) are the
   /// engine's to check first.
-  static std::string check_answer(const chunk& c, const result_header& h, std::size_t size) {
+  static std::string check_answer(const chunk& c, const result_header& h, std::size_t size,
+                                  bool parts = false) {
     if (h.call != c.call_id)
       return fmt::format("an answer for call {} where call {} was due", h.call, c.call_id);
     if (h.first != c.first)
@@ -290,11 +318,17 @@ class dispatcher {
       case frame_kind::error:
       case frame_kind::skipped:
         break;
+      case frame_kind::part:
+        if (parts) break;
+        [[fallthrough]];
       default:
         return fmt::format("an answer of kind {}", static_cast<std::uint32_t>(h.kind));
     }
-    // A whole chunk's results, or fewer before an error or a cancellation.
-    bool count_ok = h.kind == frame_kind::results ? h.count == c.count : h.count < c.count;
+    // A whole chunk's results, or fewer before an error or a cancellation;
+    // a part, at least one and not all (the rest follow).
+    bool count_ok = h.kind == frame_kind::results ? h.count == c.count
+                    : h.kind == frame_kind::part  ? h.count > 0 && h.count < c.count
+                                                  : h.count < c.count;
     if (!count_ok) return fmt::format("{} results for a chunk of {} items", h.count, c.count);
     if (size < sizeof h) return fmt::format("an answer of {} bytes", size);
     return {};
@@ -442,6 +476,7 @@ class dispatcher {
   std::vector<writer> spare_;  // buffers of settled chunks
   std::size_t spare_bytes_ = 0;
   writer building_;  // the next chunk's frame, while it is cut
+  bool wanted_room_ = false;
 };
 
 }  // namespace procpool::detail

@@ -2,8 +2,10 @@
 //
 // A task frame is a task_header followed by the chunk's items, encoded back
 // to back; its `handler` is a token naming the code that runs the chunk (see
-// calls/calls.hpp, `Handlers`). Whoever runs it answers with exactly one
-// result frame: a result_header, then `count` encoded results, then, for an
+// calls/calls.hpp, `Handlers`). Whoever runs it answers with one result
+// frame (a fork worker may send `part` frames first, each with the next
+// results, when its answer outgrows its ring's room): a result_header, then
+// `count` encoded results, then, for an
 // error frame, the failing item's index, the exception's type name and
 // message, the exception object if the worker could encode it (a bool, then
 // an `exception_object`), and whatever the engine adds (MPI: the pid that
@@ -42,6 +44,7 @@ enum class frame_kind : std::uint32_t {
   revoked = 7,      // back (fork): the parent took this chunk back before it started
   bye = 8,          // back (MPI): the rank stopped; it sends nothing more
   members = 9,      // to a rank (MPI): the ranks given up, `count` of them, follow
+  part = 10,        // back (fork): `count` results, the chunk's next; more frames answer the rest
 };
 
 /// The head of a frame sent to a worker or rank.
@@ -51,18 +54,26 @@ struct task_header {
   std::uint64_t first;
   std::uint32_t count;
   frame_kind kind;
+  // Items the frame holds before item `first`, answered already: read and
+  // dropped (a chunk sent again after parts of its answer came, `part`).
+  std::uint32_t skip;
+  std::uint32_t reserved;  // zero
 };
 
 /// Writes a task header at `at`, field by field: a header built on the stack
 /// and copied whole was read back (16 bytes at once) before its narrower
 /// stores had left the store buffer, a stall in every chunk the parent cut.
 inline void write_task_header(std::byte* at, std::uint64_t handler, std::uint64_t call,
-                              std::uint64_t first, std::uint32_t count, frame_kind kind) noexcept {
+                              std::uint64_t first, std::uint32_t count, frame_kind kind,
+                              std::uint32_t skip = 0) noexcept {
+  std::uint32_t reserved = 0;
   std::memcpy(at + offsetof(task_header, handler), &handler, sizeof handler);
   std::memcpy(at + offsetof(task_header, call), &call, sizeof call);
   std::memcpy(at + offsetof(task_header, first), &first, sizeof first);
   std::memcpy(at + offsetof(task_header, count), &count, sizeof count);
   std::memcpy(at + offsetof(task_header, kind), &kind, sizeof kind);
+  std::memcpy(at + offsetof(task_header, skip), &skip, sizeof skip);
+  std::memcpy(at + offsetof(task_header, reserved), &reserved, sizeof reserved);
 }
 
 /// The head of a frame sent back.
@@ -162,6 +173,27 @@ class answer_blocks {
   std::vector<std::shared_ptr<void>> kept_;
 };
 
+/// Where a worker sends the results of a chunk so far when its answer
+/// outgrows the memory it is written in (a fork worker's: the free room of
+/// its result ring, `writer::write_in_place` with no way out), so that
+/// every result is written once, straight into the ring.
+class answer_parts {
+ public:
+  /// With results in `h` (a `part`, its header still to be written at the
+  /// front of `out`): sends them as a frame of their own, then starts `out`
+  /// again, empty, in the room left. With none: waits for more room than
+  /// `out` has, and starts it again there. After either, `out` holds a
+  /// placeholder for the next frame's header. False, and `out` unchanged,
+  /// when no more room can be had.
+  virtual bool flush(writer& out, const result_header& h) = 0;
+
+ protected:
+  answer_parts() = default;
+  answer_parts(const answer_parts&) = default;
+  answer_parts& operator=(const answer_parts&) = default;
+  ~answer_parts() = default;
+};
+
 /// Runs the `count` items of a chunk, from item `first` of call `call`:
 /// decodes each from `in`, calls `f` through `Invoke`, encodes the result
 /// into `out`. `before(index)` runs before each item and stops the chunk
@@ -179,14 +211,41 @@ class answer_blocks {
 /// With `blocks`, a big array or string the function returns by value is
 /// kept there rather than copied into `out` (see `answer_blocks`): the
 /// answer is then `out` with those blocks between its bytes.
+///
+/// With `parts`, `out` may be memory that cannot grow (it throws
+/// `writer::full`): when a result does not fit, the results before it go
+/// out as a `part` (`answer_parts::flush`) and it is encoded again in the
+/// room made; the header returned is then the last frame's, from its first
+/// item. A result that does not fit the most room there is goes on in the
+/// writer's own buffer, with the rest of the chunk.
 template <class Item, class Invoke, class F, class Before>
 result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t first,
                         std::uint32_t count, writer& out, Before&& before,
-                        answer_blocks* blocks = nullptr) {
-  result_header h{call, first, 0, frame_kind::results};
+                        answer_blocks* blocks = nullptr, answer_parts* parts = nullptr) {
+  result_header h{call, first, 0, frame_kind::results};  // the frame being written
+  std::uint32_t done = 0;                                // items run, in every frame
   std::size_t mark = out.size();
   using R =
       std::remove_cv_t<std::remove_reference_t<decltype(Invoke::call(f, std::declval<Item&>()))>>;
+  // `out` is full: the frame's results so far go out and it starts again;
+  // with none, it starts again in more room; with no more room to be had,
+  // it goes on in its own buffer.
+  auto make_room = [&] {
+    if (parts && h.count > 0) {
+      result_header sent = h;
+      sent.kind = frame_kind::part;
+      if (parts->flush(out, sent)) {
+        h.first += h.count;
+        h.count = 0;
+        mark = out.size();
+        return;
+      }
+    } else if (parts && parts->flush(out, h)) {
+      mark = out.size();
+      return;
+    }
+    out.allow_spill();
+  };
   try {
     if constexpr (is_trivially_sendable_v<Item> && is_trivially_sendable_v<R> &&
                   std::is_default_constructible_v<Item>) {
@@ -194,17 +253,24 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
       // whose decoding fails on the first of them.
       // Items of a streamed chunk beyond those at hand take that loop too.
       std::size_t n = std::min<std::size_t>(count, in.at_hand() / sizeof(Item));
-      if (n > 0) {
+      while (done < n) {
+        std::size_t m = n - done;
+        if (out.bounded()) m = std::min(m, out.spare() / sizeof(R));
+        if (m == 0) {
+          make_room();
+          continue;
+        }
         const std::byte* src = in.here();
-        std::byte* dst = out.prepare(n * sizeof(R));
+        std::byte* dst = out.prepare(m * sizeof(R));
         // Counted in a local, not in `h`: the result bytes written through
         // `dst` may alias anything in memory, `h` included, which kept the
         // count going back to memory at every item.
         std::size_t k = 0;
+        const std::uint64_t at = first + done;
         bool stopped = false;
         try {
-          for (; k < n; ++k) {
-            if (!before(first + k)) {
+          for (; k < m; ++k) {
+            if (!before(at + k)) {
               stopped = true;
               break;
             }
@@ -214,13 +280,15 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
             std::memcpy(dst + k * sizeof(R), std::addressof(r), sizeof(R));
           }
         } catch (...) {
-          h.count = static_cast<std::uint32_t>(k);
+          h.count += static_cast<std::uint32_t>(k);
+          done += static_cast<std::uint32_t>(k);
           out.commit(k * sizeof(R));
           mark = out.size();
           in.take(k * sizeof(Item));
           throw;
         }
-        h.count = static_cast<std::uint32_t>(k);
+        h.count += static_cast<std::uint32_t>(k);
+        done += static_cast<std::uint32_t>(k);
         out.commit(k * sizeof(R));
         in.take(k * sizeof(Item));
         if (stopped) {
@@ -229,31 +297,37 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
         }
       }
     }
-    for (; h.count < count; ++h.count) {
-      if (!before(first + h.count)) {
+    for (; done < count; ++done, ++h.count) {
+      if (!before(first + done)) {
         h.kind = frame_kind::skipped;
         break;
       }
       mark = out.size();
       auto item = decode<Item>(in);
+      decltype(auto) r = Invoke::call(f, item);
       if constexpr (bulk_codec<R>() &&
                     !std::is_reference_v<decltype(Invoke::call(f, std::declval<Item&>()))>) {
-        if (blocks && !blocks->full()) {
-          R r = Invoke::call(f, item);
-          if (blocks->takes(bulk_bytes(r).second))
-            blocks->keep(out, std::move(r));
-          else
-            encode(out, r);
+        if (blocks && !blocks->full() && blocks->takes(bulk_bytes(r).second)) {
+          blocks->keep(out, std::move(r));
           continue;
         }
       }
       (void)blocks;
-      encode(out, Invoke::call(f, item));
+      for (;;) {
+        try {
+          encode(out, r);
+          if (!out.overflowed()) break;  // (an encoder that caught `full` wrote a part of it)
+        } catch (const writer::full&) {
+        }
+        out.resize(mark);
+        make_room();
+      }
     }
   } catch (...) {
     h.kind = frame_kind::error;
     out.resize(mark);
-    encode_current_failure(out, first + h.count);
+    out.allow_spill();  // the failure is written whole, wherever that is
+    encode_current_failure(out, first + done);
   }
   return h;
 }

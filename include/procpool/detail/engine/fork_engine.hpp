@@ -127,6 +127,8 @@ struct worker_context {
   std::uint64_t call = 0;
   bool stamp_times = false;
   answer_blocks* blocks = nullptr;  // where a chunk's big results stay (see `run_items`)
+  answer_parts* parts = nullptr;    // where the results so far go when the ring's room runs out
+  std::uint32_t skip = 0;           // items before the chunk's first in its frame (`task_header`)
 
   /// Called by handlers before each item, with the context's fields copied
   /// (a handler's loop keeps them in registers instead of reading them again
@@ -162,8 +164,18 @@ void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32
                writer& out) {
   F& f = *static_cast<F*>(ctx.function);
   const worker_context::item_gate gate{ctx.shared, ctx.slot, ctx.call, ctx.stamp_times};
-  patch_result_header(
-      out, run_items<Item, Invoke>(f, in, ctx.call, first, count, out, gate, ctx.blocks));
+  // A chunk sent again after parts of its answer came: the items answered
+  // are read and dropped.
+  try {
+    for (std::uint32_t k = 0; k < ctx.skip; ++k) (void)decode<Item>(in);
+  } catch (...) {
+    out.allow_spill();
+    encode_current_failure(out, first);
+    patch_result_header(out, result_header{ctx.call, first, 0, frame_kind::error});
+    return;
+  }
+  patch_result_header(out, run_items<Item, Invoke>(f, in, ctx.call, first, count, out, gate,
+                                                   ctx.blocks, ctx.parts));
 }
 
 /// Handler tokens for forked workers: the address of the handler, the same
@@ -541,6 +553,43 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     writer result;
     answer_blocks blocks;
     ctx.blocks = &blocks;
+    // An answer that outgrows the ring's free room goes out in parts, each
+    // result written once, straight into the ring.
+    struct ring_parts final : answer_parts {
+      ring_writer* out;
+      worker_slot* slot;
+      pid_t server;
+      const wait_policy* policy;
+      ring_parts(ring_writer* o, worker_slot* ws, pid_t s, const wait_policy* p)
+          : out(o), slot(ws), server(s), policy(p) {}
+      bool flush(writer& w, const result_header& h) override {
+        constexpr std::size_t prefix = sizeof(std::uint64_t);
+        // Between items: a death while it waits for the parent is no item's.
+        slot->current.store(no_item, std::memory_order_release);
+        if (h.count > 0) {
+          patch_result_header(w, h);
+          std::uint64_t length = w.size();
+          std::memcpy(out->room(), &length, prefix);
+          out->advance(prefix + w.size());
+          out->publish();
+        } else if (w.capacity() + prefix >= out->capacity()) {
+          return false;  // it had the whole ring
+        }
+        // After a part, half the ring (the parent reads the part meanwhile);
+        // for a result that did not fit an empty frame, all of it.
+        std::size_t want = h.count > 0 ? out->capacity() / 2 : out->capacity();
+        pid_t parent = server;
+        if (wait_for_condition(
+                out->writable(), [&] { return out->free_space_now() >= want; }, std::nullopt,
+                [parent] { return ::getppid() == parent; }, *policy) != wait_status::ready)
+          exit_child(0);  // the parent is gone
+        w.write_in_place(out->room() + prefix, out->free_space() - prefix, false);
+        result_header placeholder{};
+        w.write(&placeholder, sizeof placeholder);
+        return true;
+      }
+    };
+    ring_parts parts(&out, w.slot, server, &config_.worker_wait);
     if (config_.initializer) {
       try {
         config_.initializer();
@@ -603,11 +652,17 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       // mirrored and has room for more than a header: it is then copied
       // nowhere. When it outgrows the room, the writer goes on in its own
       // buffer, and the answer goes into the ring as a message after that.
+      // When it outgrows the room in a mirrored ring, the results so far go
+      // out as a part (`ring_parts`).
       result.write_in_own();
+      ctx.parts = nullptr;
       if (out.mirrored()) {
         std::size_t room = out.free_space();
-        if (room > sizeof(std::uint64_t) + sizeof(result_header))
-          result.write_in_place(out.room() + sizeof(std::uint64_t), room - sizeof(std::uint64_t));
+        if (room > sizeof(std::uint64_t) + sizeof(result_header)) {
+          result.write_in_place(out.room() + sizeof(std::uint64_t), room - sizeof(std::uint64_t),
+                                false);
+          ctx.parts = &parts;
+        }
       }
       std::uint64_t expected = seq;
       bool run = false;
@@ -621,6 +676,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         result_header placeholder{};
         result.write(&placeholder, sizeof placeholder);
         ctx.call = h.call;
+        ctx.skip = h.skip;
         reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
         w.slot->current.store(no_item, std::memory_order_release);
       } else {
@@ -1002,14 +1058,18 @@ inline bool engine::fill(worker& w, std::size_t up_to) {
     std::size_t room_size = 0;
     if (w.to.mirrored() &&
         (w.inflight.empty() || w.inflight.back().sent == w.inflight.back().size())) {
-      room_size = std::min(w.to.free_space(), ring_capacity_);
+      // (The reader's position read again only when a chunk waited for
+      // room: it is a cache miss while the worker reads.)
+      room_size = std::min(dispatch_.wanted_room() ? w.to.free_space_now() : w.to.free_space(),
+                           ring_capacity_);
       room = w.to.room();
     }
     // Made in its place in the queue, not moved there.
     chunk& c = w.inflight.emplace_back();
     bool got = false;
     try {
-      got = dispatch_.next_chunk(c, max_count, room, room_size);
+      // The room grows as the worker reads the frames before it.
+      got = dispatch_.next_chunk(c, max_count, room, room_size, room_size < ring_capacity_);
     } catch (...) {
       w.inflight.pop_back();
       throw;
@@ -1224,6 +1284,7 @@ inline std::string engine::check_header(const worker& w, const result_header& h,
                                         std::size_t size) const {
   switch (h.kind) {
     case frame_kind::results:
+    case frame_kind::part:
     case frame_kind::error:
     case frame_kind::skipped:
     case frame_kind::revoked:
@@ -1242,14 +1303,15 @@ inline std::string engine::check_header(const worker& w, const result_header& h,
   if (c.sent != c.size()) return "an answer to a chunk it had not yet been sent whole";
   // A chunk taken back is answered unrun, and only such a chunk is.
   if ((h.kind == frame_kind::revoked) != c.revoked) {
-    if (h.call != c.call_id || h.first != c.first) return dispatcher::check_answer(c, h, size);
+    if (h.call != c.call_id || h.first != c.first)
+      return dispatcher::check_answer(c, h, size, true);
     return c.revoked ? "results for a chunk taken back from it" : "a chunk given back unasked";
   }
   if (h.kind == frame_kind::revoked)
     return h.call == c.call_id && h.first == c.first && h.count == 0 && size == sizeof h
                ? std::string()
                : "a chunk given back with results";
-  return dispatcher::check_answer(c, h, size);
+  return dispatcher::check_answer(c, h, size, true);
 }
 
 inline void engine::handle_frame(worker& w, reader& in) {
@@ -1300,6 +1362,15 @@ inline void engine::handle_frame(worker& w, reader& in) {
       lie);
   if (!d.lie.empty()) {
     w.bad_frame = std::move(d.lie);
+    return;
+  }
+  if (h.kind == frame_kind::part) {
+    // The chunk goes on: what is left of it is what its next frames answer,
+    // and what is sent again if its worker dies.
+    if (!c.call->cancelled && d.failed_now) release_call(c.call);
+    c.first += h.count;
+    c.count -= h.count;
+    c.skip += h.count;
     return;
   }
   // Workers skip the rest of a call that this frame failed.
@@ -1485,7 +1556,7 @@ inline bool engine::retire_if_due(std::size_t i) {
   // The worker did its share: stop it, reap it, start a fresh one.
   std::vector<std::byte> frame(sizeof(std::uint64_t) + sizeof(task_header));
   std::uint64_t size = sizeof(task_header);
-  task_header h{0, 0, 0, 0, frame_kind::stop};
+  task_header h{0, 0, 0, 0, frame_kind::stop, 0, 0};
   std::memcpy(frame.data(), &size, sizeof size);
   std::memcpy(frame.data() + sizeof size, &h, sizeof h);
   if (w.to.free_space() >= frame.size()) {
@@ -1662,7 +1733,7 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
   }
   stopped_ = true;
   std::uint64_t size = sizeof(task_header);
-  task_header h{0, 0, 0, 0, frame_kind::stop};
+  task_header h{0, 0, 0, 0, frame_kind::stop, 0, 0};
   for (auto& w : workers_) {
     if (w.pid == 0) continue;
     if (send_stop && w.to.free_space() >= sizeof size + sizeof h) {

@@ -114,6 +114,12 @@ class ring_writer {
     }
     return capacity_ - int_cast<std::size_t>(used);
   }
+  /// `free_space()` after reading the reader's counter again (`free_space`
+  /// reads it only when what it knew of it leaves less than half the ring).
+  std::size_t free_space_now() noexcept {
+    head_cache_ = r_->head.load(std::memory_order_acquire);
+    return free_space();
+  }
   /// True once the reader's counter was found claiming more than the ring holds.
   bool corrupt() const noexcept { return corrupt_; }
   /// Copies `n` bytes in, unpublished; `n` must not exceed `free_space()`.
