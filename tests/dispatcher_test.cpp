@@ -887,6 +887,57 @@ TEST_CASE("a chunk encoded in a ring's room ends before the item that does not f
   }
 }
 
+TEST_CASE("a kept frame sent again after parts of its answer came reads past the items answered",
+          "[dispatcher]") {
+  // Strings of 16 KiB and more stay in the input as blocks between the
+  // frame's own bytes.
+  std::vector<std::string> items;
+  for (std::size_t k = 0; k < 6; ++k)
+    items.push_back(std::string(k % 2 ? 20 : pd::frame_refs::min_bytes + k, char('a' + k)));
+  std::vector<int> out(items.size());
+  pd::dispatcher d(8, true);
+  auto call = map_call_over(items, out, 6);
+  d.start(call);
+  pd::chunk c;
+  REQUIRE(d.next_chunk(c));
+  REQUIRE(c.count == 6);
+  REQUIRE_FALSE(c.blocks.empty());
+  auto whole = [](const pd::chunk& k) {
+    std::vector<std::byte> f;
+    k.copy_out(0, k.size(),
+               [&](const std::byte* p, std::size_t n) { f.insert(f.end(), p, p + n); });
+    return f;
+  };
+  auto before = whole(c);
+  for (std::uint64_t answered : {2u, 5u}) {
+    CAPTURE(answered);
+    // What the engine does with a part: the chunk goes on past it.
+    c.count -= static_cast<std::uint32_t>(answered - c.skip);
+    c.first = answered;
+    c.skip = answered;
+    d.resend(std::move(c));
+    c = pd::chunk{};
+    REQUIRE(d.next_chunk(c));
+    auto f = whole(c);
+    std::uint64_t length;
+    std::memcpy(&length, f.data(), sizeof length);
+    CHECK(length + 8 == f.size());
+    procpool::reader in(f.data() + 8, f.size() - 8);
+    pd::task_header h;
+    in.read(&h, sizeof h);
+    CHECK(h.kind == pd::frame_kind::task_rest);
+    CHECK(h.first == answered);
+    CHECK(h.count == 6 - answered);
+    CHECK(procpool::decode<std::uint64_t>(in) == answered);
+    for (std::size_t k = 0; k < items.size(); ++k)
+      REQUIRE(procpool::decode<std::string>(in) == items[k]);
+    CHECK(in.at_end());
+    // The items' bytes are the frame's first ones, after the count.
+    CHECK(std::equal(before.begin() + 8 + sizeof h, before.end(),
+                     f.begin() + 8 + sizeof h + sizeof(std::uint64_t), f.end()));
+  }
+}
+
 TEST_CASE("an item whose encoder catches writer::full is not cut in half", "[dispatcher]") {
   std::vector<careless> items;
   for (std::size_t k = 0; k < 12; ++k) items.push_back(careless{std::string(150 + k, 'q')});

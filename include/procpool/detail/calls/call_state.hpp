@@ -103,6 +103,10 @@ struct frame_refs {
     count = 0;
     bytes = 0;
   }
+  /// Moves every block `n` bytes further into the frame (bytes were put before them).
+  void shift(std::size_t n) noexcept {
+    for (std::size_t i = 0; i < count; ++i) list[i].at += n;
+  }
   const frame_ref* begin() const noexcept { return list.data(); }
   const frame_ref* end() const noexcept { return list.data() + count; }
 };

@@ -49,7 +49,7 @@ struct chunk {
   writer bytes;               // the frame: the engine's prefix, a task_header, the items
   frame_refs blocks;          // the frame's blocks left in the call's input, between `bytes`
   std::size_t placed = 0;     // or: the frame's bytes, encoded straight into a ring, kept nowhere
-  std::uint32_t skip = 0;     // items of `bytes` before `first`, answered already (`part`)
+  std::uint64_t skip = 0;     // items of `bytes` before `first`, answered already (`part`)
   unsigned retries = 0;       // times it was sent again after its worker died
   unsigned bad_frames = 0;    // answers to it that were lies
 
@@ -152,9 +152,7 @@ class dispatcher {
       }
       if (c.placed > 0 && !encode_again(c)) continue;
       // Parts of its answer came: the rest runs, from the frame kept.
-      if (c.skip > 0)
-        write_task_header(c.bytes.data() + prefix_, c.handler, c.call_id, c.first, c.count,
-                          frame_kind::task, c.skip);
+      if (c.skip > 0) resume_after_parts(c);
       return true;
     }
     // Each queued call is asked at most once: when every one is blocked
@@ -281,6 +279,32 @@ class dispatcher {
 
   /// True when the last `next_chunk` left a call waiting for more room.
   bool wanted_room() const noexcept { return wanted_room_; }
+
+  /// Makes the kept frame of `c`, of which parts of the answer came (its
+  /// `first` moved past them), a `task_rest` frame: the count of items
+  /// answered (`chunk::skip`) goes after the header, and the worker reads
+  /// past those items. A frame that is one already has its count changed.
+  void resume_after_parts(chunk& c) {
+    std::size_t head = prefix_ + sizeof(task_header);
+    std::uint64_t skip = c.skip;
+    frame_kind kind;
+    std::memcpy(&kind, c.bytes.data() + prefix_ + offsetof(task_header, kind), sizeof kind);
+    if (kind != frame_kind::task_rest) {
+      writer out(c.bytes.size() + sizeof skip);
+      out.write(c.bytes.data(), head);
+      out.write(&skip, sizeof skip);
+      out.write(c.bytes.data() + head, c.bytes.size() - head);
+      c.bytes = std::move(out);
+      c.blocks.shift(sizeof skip);
+      if (prefix_ == sizeof(std::uint64_t)) {
+        std::uint64_t size = c.bytes.size() - prefix_ + c.blocks.bytes;
+        std::memcpy(c.bytes.data(), &size, sizeof size);
+      }
+    }
+    std::memcpy(c.bytes.data() + head, &skip, sizeof skip);
+    write_task_header(c.bytes.data() + prefix_, c.handler, c.call_id, c.first, c.count,
+                      frame_kind::task_rest);
+  }
 
   /// Queues a chunk to be sent again (its worker died before running it, or
   /// it was taken back for an idle worker); it stays counted in its call's

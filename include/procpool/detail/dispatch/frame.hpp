@@ -45,6 +45,8 @@ enum class frame_kind : std::uint32_t {
   bye = 8,          // back (MPI): the rank stopped; it sends nothing more
   members = 9,      // to a rank (MPI): the ranks given up, `count` of them, follow
   part = 10,        // back (fork): `count` results, the chunk's next; more frames answer the rest
+  task_rest = 11,   // to a worker (fork): a task whose items, after a u64 count of items
+                    // answered already (read and dropped), begin before `first`
 };
 
 /// The head of a frame sent to a worker or rank.
@@ -54,26 +56,18 @@ struct task_header {
   std::uint64_t first;
   std::uint32_t count;
   frame_kind kind;
-  // Items the frame holds before item `first`, answered already: read and
-  // dropped (a chunk sent again after parts of its answer came, `part`).
-  std::uint32_t skip;
-  std::uint32_t reserved;  // zero
 };
 
 /// Writes a task header at `at`, field by field: a header built on the stack
 /// and copied whole was read back (16 bytes at once) before its narrower
 /// stores had left the store buffer, a stall in every chunk the parent cut.
 inline void write_task_header(std::byte* at, std::uint64_t handler, std::uint64_t call,
-                              std::uint64_t first, std::uint32_t count, frame_kind kind,
-                              std::uint32_t skip = 0) noexcept {
-  std::uint32_t reserved = 0;
+                              std::uint64_t first, std::uint32_t count, frame_kind kind) noexcept {
   std::memcpy(at + offsetof(task_header, handler), &handler, sizeof handler);
   std::memcpy(at + offsetof(task_header, call), &call, sizeof call);
   std::memcpy(at + offsetof(task_header, first), &first, sizeof first);
   std::memcpy(at + offsetof(task_header, count), &count, sizeof count);
   std::memcpy(at + offsetof(task_header, kind), &kind, sizeof kind);
-  std::memcpy(at + offsetof(task_header, skip), &skip, sizeof skip);
-  std::memcpy(at + offsetof(task_header, reserved), &reserved, sizeof reserved);
 }
 
 /// The head of a frame sent back.

@@ -128,7 +128,7 @@ struct worker_context {
   bool stamp_times = false;
   answer_blocks* blocks = nullptr;  // where a chunk's big results stay (see `run_items`)
   answer_parts* parts = nullptr;    // where the results so far go when the ring's room runs out
-  std::uint32_t skip = 0;           // items before the chunk's first in its frame (`task_header`)
+  std::uint64_t skip = 0;           // items before the chunk's first in its frame (`task_rest`)
 
   /// Called by handlers before each item, with the context's fields copied
   /// (a handler's loop keeps them in registers instead of reading them again
@@ -167,7 +167,7 @@ void run_chunk(worker_context& ctx, reader& in, std::uint64_t first, std::uint32
   // A chunk sent again after parts of its answer came: the items answered
   // are read and dropped.
   try {
-    for (std::uint32_t k = 0; k < ctx.skip; ++k) (void)decode<Item>(in);
+    for (std::uint64_t k = 0; k < ctx.skip; ++k) (void)decode<Item>(in);
   } catch (...) {
     out.allow_spill();
     encode_current_failure(out, first);
@@ -648,6 +648,11 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       if (size < sizeof h) exit_child(70);
       items.read(&h, sizeof h);
       if (h.kind == frame_kind::stop) exit_child(0);
+      std::uint64_t skip = 0;  // items before `first` (a chunk sent again after parts)
+      if (h.kind == frame_kind::task_rest) {
+        if (size < sizeof h + sizeof skip) exit_child(70);
+        items.read(&skip, sizeof skip);
+      }
       // The answer is written straight into the result ring when that is
       // mirrored and has room for more than a header: it is then copied
       // nowhere. When it outgrows the room, the writer goes on in its own
@@ -676,7 +681,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         result_header placeholder{};
         result.write(&placeholder, sizeof placeholder);
         ctx.call = h.call;
-        ctx.skip = h.skip;
+        ctx.skip = skip;
         reinterpret_cast<chunk_handler>(h.handler)(ctx, items, h.first, h.count, result);
         w.slot->current.store(no_item, std::memory_order_release);
       } else {
@@ -1300,7 +1305,10 @@ inline std::string engine::check_header(const worker& w, const result_header& h,
   if (size > max_frame_bytes) return fmt::format("a frame of {} bytes", size);
   if (w.inflight.empty()) return "an answer while it owed none";
   const chunk& c = w.inflight.front();
-  if (c.sent != c.size()) return "an answer to a chunk it had not yet been sent whole";
+  // (A part may come sooner: the worker runs the items of a frame longer
+  // than its ring as they come.)
+  if (c.sent != c.size() && h.kind != frame_kind::part)
+    return "an answer to a chunk it had not yet been sent whole";
   // A chunk taken back is answered unrun, and only such a chunk is.
   if ((h.kind == frame_kind::revoked) != c.revoked) {
     if (h.call != c.call_id || h.first != c.first)
@@ -1556,7 +1564,7 @@ inline bool engine::retire_if_due(std::size_t i) {
   // The worker did its share: stop it, reap it, start a fresh one.
   std::vector<std::byte> frame(sizeof(std::uint64_t) + sizeof(task_header));
   std::uint64_t size = sizeof(task_header);
-  task_header h{0, 0, 0, 0, frame_kind::stop, 0, 0};
+  task_header h{0, 0, 0, 0, frame_kind::stop};
   std::memcpy(frame.data(), &size, sizeof size);
   std::memcpy(frame.data() + sizeof size, &h, sizeof h);
   if (w.to.free_space() >= frame.size()) {
@@ -1733,7 +1741,7 @@ inline void engine::reap_all(std::chrono::milliseconds grace, bool send_stop) no
   }
   stopped_ = true;
   std::uint64_t size = sizeof(task_header);
-  task_header h{0, 0, 0, 0, frame_kind::stop, 0, 0};
+  task_header h{0, 0, 0, 0, frame_kind::stop};
   for (auto& w : workers_) {
     if (w.pid == 0) continue;
     if (send_stop && w.to.free_space() >= sizeof size + sizeof h) {

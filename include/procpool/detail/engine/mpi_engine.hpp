@@ -996,7 +996,7 @@ inline void engine::teardown() {
     }
   };
   std::vector<std::byte> stop_frame(sizeof(task_header));
-  task_header stop_h{0, 0, 0, 0, frame_kind::stop, 0, 0};
+  task_header stop_h{0, 0, 0, 0, frame_kind::stop};
   std::memcpy(stop_frame.data(), &stop_h, sizeof stop_h);
   send_all(std::move(stop_frame));
   auto since = steady::now();
@@ -1024,8 +1024,7 @@ inline void engine::teardown() {
     if (r.lost) lost.push_back(r.info.peer);
   procpool::writer members;
   members.resize(sizeof(task_header));
-  task_header members_h{0, 0, 0, static_cast<std::uint32_t>(lost.size()), frame_kind::members,
-                        0, 0};
+  task_header members_h{0, 0, 0, static_cast<std::uint32_t>(lost.size()), frame_kind::members};
   std::memcpy(members.data(), &members_h, sizeof members_h);
   for (std::int32_t peer : lost) encode(members, peer);
   send_all(members.release());
