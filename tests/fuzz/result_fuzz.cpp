@@ -26,7 +26,8 @@
 //   4 drive      the engine sends and collects once
 //   5 error a    an error frame after a % 4 results, honest or not (a & 4)
 //   6 skipped a  a "skipped" frame with a % 4 results
-//   7 drive      as 4
+//   7 part a     a part of the answer: its first a % 4 results (none, or the
+//                whole chunk: lies); the chunk goes on past an honest one
 #include <procpool/detail/engine/fork_engine.hpp>
 #include <procpool/errors.hpp>
 #include <procpool/pool.hpp>
@@ -290,6 +291,17 @@ void run(input& in) {
           procpool::encode(tail, false);  // no exception object
           frame.insert(frame.end(), tail.data(), tail.data() + tail.size());
         }
+        h.write_message(frame);
+        ++writes;
+        break;
+      }
+      case 7: {
+        if (!h.honest(frame, hdr)) break;
+        std::uint32_t done = std::min<std::uint32_t>(a % 4, hdr.count);
+        hdr.kind = pd::frame_kind::part;
+        hdr.count = done;
+        frame.resize(sizeof hdr + done * sizeof(int));
+        std::memcpy(frame.data(), &hdr, sizeof hdr);
         h.write_message(frame);
         ++writes;
         break;
