@@ -175,10 +175,12 @@ class answer_parts {
  public:
   /// With results in `h` (a `part`, its header still to be written at the
   /// front of `out`): sends them as a frame of their own, then starts `out`
-  /// again, empty, in the room left. With none: waits for more room than
-  /// `out` has, and starts it again there. After either, `out` holds a
-  /// placeholder for the next frame's header. False, and `out` unchanged,
-  /// when no more room can be had.
+  /// again, empty, in the room left, or in a buffer of its own when little
+  /// is left. With none: starts `out` again in more room than it had, when
+  /// there is more now. After either, `out` holds a placeholder for the
+  /// next frame's header. False, and `out` unchanged, when there is no
+  /// more room now. It does not wait for room: the worker goes on with its
+  /// items.
   virtual bool flush(writer& out, const result_header& h) = 0;
 
  protected:
@@ -210,8 +212,8 @@ class answer_parts {
 /// `writer::full`): when a result does not fit, the results before it go
 /// out as a `part` (`answer_parts::flush`) and it is encoded again in the
 /// room made; the header returned is then the last frame's, from its first
-/// item. A result that does not fit the most room there is goes on in the
-/// writer's own buffer, with the rest of the chunk.
+/// item. A result that does not fit the most room there is now goes on in
+/// the writer's own buffer, with the rest of the chunk.
 template <class Item, class Invoke, class F, class Before>
 result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t first,
                         std::uint32_t count, writer& out, Before&& before,

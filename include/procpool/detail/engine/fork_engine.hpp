@@ -558,38 +558,36 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     struct ring_parts final : answer_parts {
       ring_writer* out;
       worker_slot* slot;
-      pid_t server;
-      const wait_policy* policy;
-      ring_parts(ring_writer* o, worker_slot* ws, pid_t s, const wait_policy* p)
-          : out(o), slot(ws), server(s), policy(p) {}
+      ring_parts(ring_writer* o, worker_slot* ws) : out(o), slot(ws) {}
       bool flush(writer& w, const result_header& h) override {
         constexpr std::size_t prefix = sizeof(std::uint64_t);
-        // Between items: a death while it waits for the parent is no item's.
+        // The result that did not fit ran: a death from here is no item's.
         slot->current.store(no_item, std::memory_order_release);
+        std::size_t had = w.capacity();
         if (h.count > 0) {
           patch_result_header(w, h);
           std::uint64_t length = w.size();
           std::memcpy(out->room(), &length, prefix);
           out->advance(prefix + w.size());
           out->publish();
-        } else if (w.capacity() + prefix >= out->capacity()) {
-          return false;  // it had the whole ring
         }
-        // After a part, half the ring (the parent reads the part meanwhile);
-        // for a result that did not fit an empty frame, all of it.
-        std::size_t want = h.count > 0 ? out->capacity() / 2 : out->capacity();
-        pid_t parent = server;
-        if (wait_for_condition(
-                out->writable(), [&] { return out->free_space_now() >= want; }, std::nullopt,
-                [parent] { return ::getppid() == parent; }, *policy) != wait_status::ready)
-          exit_child(0);  // the parent is gone
-        w.write_in_place(out->room() + prefix, out->free_space() - prefix, false);
+        // It never waits for the parent here: with room enough freed
+        // meanwhile it goes on there; without (the parent is behind), the
+        // rest of the chunk goes into its own buffer, as it is computed.
+        std::size_t room = out->free_space_now();
+        std::size_t enough = std::max(out->capacity() / 16, std::size_t(1024));
+        if (h.count == 0 ? room <= had + prefix : room < prefix + enough) {
+          if (h.count == 0) return false;
+          w.write_in_own();
+        } else {
+          w.write_in_place(out->room() + prefix, room - prefix, false);
+        }
         result_header placeholder{};
         w.write(&placeholder, sizeof placeholder);
         return true;
       }
     };
-    ring_parts parts(&out, w.slot, server, &config_.worker_wait);
+    ring_parts parts(&out, w.slot);
     if (config_.initializer) {
       try {
         config_.initializer();
