@@ -653,10 +653,11 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
       }
       // The answer is written straight into the result ring when that is
       // mirrored and has room for more than a header: it is then copied
-      // nowhere. When it outgrows the room, the writer goes on in its own
-      // buffer, and the answer goes into the ring as a message after that.
-      // When it outgrows the room in a mirrored ring, the results so far go
-      // out as a part (`ring_parts`).
+      // nowhere. When it outgrows the room, the results so far go out as a
+      // part and the rest goes on in the room freed meanwhile
+      // (`ring_parts`); with too little freed, or no room at first, the
+      // writer goes on in its own buffer, and that goes into the ring as a
+      // message after the chunk.
       result.write_in_own();
       ctx.parts = nullptr;
       if (out.mirrored()) {
