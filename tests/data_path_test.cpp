@@ -1197,22 +1197,19 @@ TEST_CASE(
     }
     CHECK(twice >= 1);
   };
+  auto map_of = [&](auto in) {
+    std::iota(in.begin(), in.end(), 0u);
+    arm();
+    auto r = p.map(in, map_options{n});
+    check_runs();
+    for (std::size_t x = 0; x < n; ++x) REQUIRE(r[x].v == x * 7);
+  };
 
   SECTION("its frame kept (items sent from the input): the rest of it is read past") {
-    std::vector<std::uint32_t> in(n);
-    std::iota(in.begin(), in.end(), 0u);
-    arm();
-    auto r = p.map(in, map_options{n});
-    check_runs();
-    for (std::size_t x = 0; x < n; ++x) REQUIRE(r[x].v == x * 7);
+    map_of(std::vector<std::uint32_t>(n));
   }
   SECTION("its frame encoded again from the input: from the first item not answered") {
-    std::deque<std::uint32_t> in(n);
-    std::iota(in.begin(), in.end(), 0u);
-    arm();
-    auto r = p.map(in, map_options{n});
-    check_runs();
-    for (std::size_t x = 0; x < n; ++x) REQUIRE(r[x].v == x * 7);
+    map_of(std::deque<std::uint32_t>(n));
   }
   SECTION("an input read once, its frame kept; imap_unordered yields each result once") {
     std::list<std::uint32_t> in(n);

@@ -137,10 +137,8 @@ class answer_blocks {
 
   /// The blocks listed, in the answer's order.
   const frame_refs& refs() const noexcept { return refs_; }
-  /// Whether a result of `size` bytes would be listed.
+  /// Whether a result of `size` bytes would be listed (there is room in the list).
   bool takes(std::size_t size) const noexcept { return refs_.takes(size); }
-  /// Whether no more results can be listed.
-  bool full() const noexcept { return refs_.full(); }
 
   /// Keeps `value` and lists its bytes as the block after its count, which
   /// it appends to `out`. `out` stops writing in place first: the bytes
@@ -227,20 +225,15 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
   // with none, it starts again in more room; with no more room to be had,
   // it goes on in its own buffer.
   auto make_room = [&] {
-    if (parts && h.count > 0) {
-      result_header sent = h;
-      sent.kind = frame_kind::part;
-      if (parts->flush(out, sent)) {
-        h.first += h.count;
-        h.count = 0;
-        mark = out.size();
-        return;
-      }
-    } else if (parts && parts->flush(out, h)) {
+    result_header sent = h;
+    if (h.count > 0) sent.kind = frame_kind::part;
+    if (parts && parts->flush(out, sent)) {
+      h.first += h.count;
+      h.count = 0;
       mark = out.size();
-      return;
+    } else {
+      out.allow_spill();
     }
-    out.allow_spill();
   };
   try {
     if constexpr (is_trivially_sendable_v<Item> && is_trivially_sendable_v<R> &&
@@ -303,7 +296,7 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
       decltype(auto) r = Invoke::call(f, item);
       if constexpr (bulk_codec<R>() &&
                     !std::is_reference_v<decltype(Invoke::call(f, std::declval<Item&>()))>) {
-        if (blocks && !blocks->full() && blocks->takes(bulk_bytes(r).second)) {
+        if (blocks && blocks->takes(bulk_bytes(r).second)) {
           blocks->keep(out, std::move(r));
           continue;
         }

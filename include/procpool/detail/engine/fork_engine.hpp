@@ -576,12 +576,11 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         // rest of the chunk goes into its own buffer, as it is computed.
         std::size_t room = out->free_space_now();
         std::size_t enough = std::max(out->capacity() / 16, std::size_t(1024));
-        if (h.count == 0 ? room <= had + prefix : room < prefix + enough) {
-          if (h.count == 0) return false;
+        if (h.count == 0 && room <= had + prefix) return false;  // no more room than it had
+        if (h.count > 0 && room < prefix + enough)
           w.write_in_own();
-        } else {
+        else
           w.write_in_place(out->room() + prefix, room - prefix, false);
-        }
         result_header placeholder{};
         w.write(&placeholder, sizeof placeholder);
         return true;
