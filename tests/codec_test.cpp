@@ -1232,6 +1232,123 @@ TEST_CASE(
   CHECK(moved.size() == 40);
 }
 
+namespace {
+
+/// A sink for a streaming writer: windows of at most `most` bytes (of
+/// `piece` when less is wanted), each appended to `bytes` when done; a
+/// window after `limit` bytes throws.
+struct test_sink final : procpool::detail::writer_sink {
+  std::size_t piece, most, limit;
+  std::vector<std::byte> memory, bytes;
+  int windows = 0, shorter = 0;
+  test_sink(std::size_t p, std::size_t m, std::size_t l = ~std::size_t(0), bool count = false)
+      : piece(p), most(m), limit(l) {
+    counts_only = count;
+  }
+  std::pair<std::byte*, std::size_t> window(std::size_t want) override {
+    if (bytes.size() >= limit) throw std::length_error("past the limit");
+    ++windows;
+    std::size_t n = std::min(std::max(want, piece), most);
+    if (n < want) ++shorter;
+    memory.assign(n, std::byte{0xee});
+    return {memory.data(), n};
+  }
+  void done(std::size_t n) override {
+    REQUIRE(n <= memory.size());
+    if (!counts_only)
+      bytes.insert(bytes.end(), memory.begin(), memory.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+};
+
+template <class T>
+std::vector<std::byte> encoded(const T& value) {
+  writer w;
+  encode(w, value);
+  return {w.data(), w.data() + w.size()};
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a streaming writer writes a value longer than any memory it gets once, window by window, "
+    "and a counting one sizes it",
+    "[codec]") {
+  using procpool::detail::writer_streams;
+  std::vector<std::string> strings;
+  for (int k = 0; k < 500; ++k)
+    strings.push_back(std::string(std::size_t(k) * 7 % 400, 'a' + k % 26));
+  const std::vector<double> doubles(5000, 1.25);  // one long write of 40000 bytes
+  const std::vector<bool> bits(100000, true);     // one `prepare` of 12500 bytes
+  auto check = [](const auto& value) {
+    const auto want = encoded(value);
+    // Sized: the same count, and long writes are not copied anywhere.
+    writer sizer;
+    test_sink counter(256, 1 << 20, ~std::size_t(0), true);
+    writer_streams::start(sizer, counter);
+    encode(sizer, value);
+    CHECK(sizer.size() == want.size());
+    CHECK(writer_streams::stop(sizer).first == want.size());
+    CHECK(counter.memory.size() < 20000);  // (the bits' `prepare` is the largest)
+    CHECK(counter.shorter == 0);
+    // Streamed in windows of 512 bytes, at most 4096: the same bytes.
+    writer stream;
+    test_sink sink(512, 4096);
+    writer_streams::start(stream, sink);
+    encode(stream, value);
+    CHECK(stream.size() == want.size());
+    auto [written, last] = writer_streams::stop(stream);
+    CHECK(written == want.size());
+    CHECK(last <= 4096);
+    CHECK(sink.bytes.size() == written - last);  // the last window waits for the caller
+    sink.done(last);
+    CHECK(sink.bytes == want);
+    CHECK(sink.windows > static_cast<int>(want.size() / 4096));
+    // Back to its own buffer, the writer writes as any writer.
+    CHECK_FALSE(stream.in_place());
+    CHECK(stream.size() == 0);
+    stream.write("abc", 3);
+    CHECK(stream.size() == 3);
+    return sink.shorter;
+  };
+  CHECK(check(strings) == 0);
+  CHECK(check(doubles) == 0);  // the long write goes window by window
+  CHECK(check(bits) > 0);      // the long `prepare` is staged, then copied out window by window
+  {
+    // Counting, a long write copies nothing: a few windows for 40000 bytes.
+    writer sizer;
+    test_sink counter(256, 1 << 20, ~std::size_t(0), true);
+    writer_streams::start(sizer, counter);
+    encode(sizer, doubles);
+    CHECK(writer_streams::stop(sizer).first == encoded(doubles).size());
+    CHECK(counter.windows <= 2);
+    CHECK(counter.memory.size() == 256);
+  }
+  SECTION("cut back within its window, and grown with zeros") {
+    writer w;
+    test_sink sink(16, 16);
+    writer_streams::start(w, sink);
+    w.write("0123456789abcdefXYZ", 19);  // a window went: 16 bytes
+    CHECK(w.size() == 19);
+    w.cut(17);
+    w.resize(20);
+    auto [written, last] = writer_streams::stop(w);
+    CHECK(written == 20);
+    sink.done(last);
+    CHECK(std::memcmp(sink.bytes.data(), "0123456789abcdefX\0\0\0", 20) == 0);
+  }
+  SECTION("a sink that refuses more bytes stops the encoder, and the writer is given up") {
+    writer w;
+    test_sink sink(64, 64, 128);
+    writer_streams::start(w, sink);
+    CHECK_THROWS_AS(encode(w, strings), std::length_error);
+    CHECK(sink.bytes.size() == 128);
+    writer_streams::abandon(w);
+    CHECK_FALSE(w.in_place());
+    w.write("ok", 2);
+    CHECK(w.size() == 2);
+  }
+}
+
 TEST_CASE("a writer's copy holds its bytes, not its spare room, a moved-from one is empty",
           "[codec]") {
   writer big(1 << 20);

@@ -1025,6 +1025,161 @@ TEST_CASE("items and answers longer than the ring stream through it, mirrored or
   }
 }
 
+namespace {
+
+/// Lists of strings: `n` strings, seeded by `k`. Not a block (no single
+/// array of bytes), so a list longer than the ring is encoded into it.
+std::vector<std::string> strings_of(std::uint32_t n, std::uint32_t k) {
+  std::vector<std::string> v;
+  for (std::uint32_t i = 0; i < n; ++i) v.push_back(text(100 + (i * 37 + k) % 900, i + k));
+  return v;
+}
+
+/// Whether each encoding of a `witness` was the last one of its value and
+/// went straight into the ring's memory: the worker records, in memory it
+/// shares with the test, how the writer it was encoded with stood at its end.
+struct witness_log {
+  std::atomic<int> in_place{0}, in_own{0};
+};
+witness_log* witnesses = nullptr;
+
+struct witness {
+  std::vector<std::string> strings;
+  friend void procpool_encode(procpool::writer& out, const witness& w) {
+    procpool::encode(out, w.strings);
+    (out.in_place() ? witnesses->in_place : witnesses->in_own).fetch_add(1);
+  }
+  friend witness procpool_decode(procpool::reader& in, procpool::type_tag<witness>) {
+    return witness{procpool::decode<std::vector<std::string>>(in)};
+  }
+};
+
+/// Its encoding is one byte longer every time the process encodes one: a
+/// customization that breaks the rule that the same value is written as the
+/// same bytes.
+struct growing {
+  std::uint32_t n = 0;
+  friend void procpool_encode(procpool::writer& out, const growing& g) {
+    static std::uint64_t calls = 0;
+    procpool::encode(out, std::string(g.n + calls++, 'g'));
+  }
+  friend growing procpool_decode(procpool::reader& in, procpool::type_tag<growing>) {
+    return growing{static_cast<std::uint32_t>(procpool::decode<std::string>(in).size())};
+  }
+};
+
+/// Throws the second time the process encodes one of its values.
+struct fickle {
+  std::uint32_t n = 0;
+  friend void procpool_encode(procpool::writer& out, const fickle& f) {
+    static std::uint64_t calls = 0;
+    procpool::encode(out, std::string(f.n, 'f'));
+    if (f.n > 20000 && calls++ % 2 == 1) throw std::runtime_error("changed its mind");
+  }
+  friend fickle procpool_decode(procpool::reader& in, procpool::type_tag<fickle>) {
+    return fickle{static_cast<std::uint32_t>(procpool::decode<std::string>(in).size())};
+  }
+};
+
+}  // namespace
+
+TEST_CASE(
+    "results longer than the ring that are not one array are encoded once, straight into it, "
+    "wherever they fall in a chunk",
+    "[data_path]") {
+  // Item k: a list of strings 20 rings long every third item, short otherwise.
+  auto lists = [](std::uint32_t k) { return strings_of(k % 3 == 1 ? 600 : k % 5 + 1, k); };
+  std::vector<std::uint32_t> in(20);
+  std::iota(in.begin(), in.end(), 0u);
+  std::vector<std::vector<std::string>> want;
+  for (auto k : in) want.push_back(lists(k));
+  for (bool refuse : {false, true}) {
+    CAPTURE(refuse);
+    with_rings(refuse, lists, small_rings(16 * 1024), [&](auto& p) {
+      for (std::size_t chunk : {1, 2, 3, 20}) {
+        CAPTURE(chunk);
+        REQUIRE(p.map(in, map_options{chunk}) == want);
+        std::size_t k = 0;
+        for (auto&& r : p.imap(in, map_options{chunk})) REQUIRE(r == want[k++]);
+        REQUIRE(k == in.size());
+        std::vector<int> seen(in.size());
+        for (auto&& [i, r] :
+             p.imap_unordered(std::list<std::uint32_t>(in.begin(), in.end()), map_options{chunk})) {
+          REQUIRE(r == want[i]);
+          ++seen[i];
+        }
+        REQUIRE(std::count(seen.begin(), seen.end(), 1) == static_cast<long>(in.size()));
+      }
+      REQUIRE(p.submit(4u).get() == want[4]);
+    });
+  }
+  SECTION("the one encoding that counts is the one in the ring") {
+    void* mem = ::mmap(nullptr, sizeof(witness_log), PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(mem != MAP_FAILED);
+    witnesses = new (mem) witness_log();
+    static const witness kept{strings_of(400, 9)};  // 200 KB, made before the fork
+    pool p([](std::uint32_t) { return kept; }, small_rings(16 * 1024));
+    // One chunk, which starts in an empty ring: each result is sized (by a
+    // writer that only counts), then written once where the pool reads it,
+    // never in a buffer of the worker's; the encodings that ran out of room
+    // did not finish.
+    for (int round = 0; round < 3; ++round) {
+      witnesses->in_place = 0;
+      witnesses->in_own = 0;
+      auto r = p.map(std::vector<std::uint32_t>(8), map_options{8});
+      for (const auto& w : r) REQUIRE(w.strings == kept.strings);
+      CHECK(witnesses->in_place.load() == 16);
+      CHECK(witnesses->in_own.load() == 0);
+    }
+    ::munmap(mem, sizeof(witness_log));
+  }
+}
+
+TEST_CASE(
+    "an encoder that writes other bytes when its long result is sent than when it was sized "
+    "ends its worker, fails its call naming the item, and the pool goes on",
+    "[data_path][reliability]") {
+  pool_options o = small_rings(16 * 1024);
+  o.workers = 1;
+  SECTION("longer every time") {
+    pool p([](std::uint32_t k) { return growing{k}; }, o);
+    // Short results fit: encoded once each, whatever their length.
+    auto small = p.map(std::vector<std::uint32_t>{5, 6, 7}, map_options{1});
+    REQUIRE(small.size() == 3);
+    // Its first bytes, published before the rest was written, may already
+    // contradict the length the frame declared: the pool then refuses what
+    // it read (`decode_error`) before it learns that the worker exited.
+    try {
+      (void)p.map(std::vector<std::uint32_t>{1, 2, 100000, 3}, map_options{1});
+      FAIL("no error");
+    } catch (const procpool::worker_died& e) {
+      CHECK(e.index() == std::optional<std::size_t>(2));
+      CHECK(e.status().is_exited());
+      CHECK(e.status().code() == 70);
+    } catch (const procpool::decode_error&) {
+    }
+    try {
+      (void)p.map(std::vector<std::uint32_t>{100000}, map_options{1});
+      FAIL("no error");
+    } catch (const procpool::worker_died&) {
+    } catch (const procpool::decode_error&) {
+    }
+    REQUIRE(p.map(std::vector<std::uint32_t>{1, 2}, map_options{1}).size() == 2);
+  }
+  SECTION("throwing the second time") {
+    pool p([](std::uint32_t k) { return fickle{k}; }, o);
+    try {
+      (void)p.map(std::vector<std::uint32_t>{1, 30000, 2}, map_options{3});
+      FAIL("no error");
+    } catch (const procpool::worker_died& e) {
+      CHECK(e.index() == std::optional<std::size_t>(1));
+    }
+    auto r = p.map(std::vector<std::uint32_t>{1, 2}, map_options{1});
+    CHECK(r[1].n == 2);
+  }
+}
+
 TEST_CASE(
     "a worker that dies while its long answer streams: the chunk runs again, its results "
     "are taken once",

@@ -620,6 +620,9 @@ struct kept_parts final : pd::answer_parts {
   std::vector<std::byte> memory;
   std::vector<std::vector<std::byte>> sent;
   int more_asked = 0;
+  int alone = 0;          // results sent alone (longer than `most`)
+  bool answered = false;  // the last went alone: the chunk's answer with it
+  int staged = 0;         // windows shorter than a `prepare` wanted
   kept_parts(std::size_t r, std::size_t m) : room(r), most(m), memory(m) {}
   void start(procpool::writer& out, std::size_t size) {
     out.write_in_place(memory.data(), size, false);
@@ -640,6 +643,51 @@ struct kept_parts final : pd::answer_parts {
     }
     return true;
   }
+  /// Windows of `room` bytes (or of what a `prepare` wants, up to `most`),
+  /// each appended to the frame when done.
+  struct window_sink final : pd::writer_sink {
+    std::size_t room, most;
+    std::vector<std::byte> memory;
+    std::vector<std::byte> frame;
+    int* short_windows;
+    window_sink(std::size_t r, std::size_t m, bool count, int* shorts)
+        : room(r), most(m), short_windows(shorts) {
+      counts_only = count;
+    }
+    std::pair<std::byte*, std::size_t> window(std::size_t want) override {
+      std::size_t n = want <= most ? std::max(want, room) : room;
+      if (n < want) ++*short_windows;  // the writer stages what it prepares
+      memory.resize(n);
+      return {memory.data(), n};
+    }
+    void done(std::size_t n) override {
+      frame.insert(frame.end(), memory.begin(), memory.begin() + static_cast<std::ptrdiff_t>(n));
+    }
+  };
+  bool send_alone(procpool::writer& out, const pd::result_header& h, result_encoder e) override {
+    CHECK(h.count == 1);
+    CHECK(out.size() == sizeof h);  // nothing before it in its frame
+    procpool::writer sizer;
+    window_sink counter(64, most, true, &staged);
+    pd::writer_streams::start(sizer, counter);
+    e.encode(sizer, e.value);
+    std::size_t size = pd::writer_streams::stop(sizer).first;
+    if (sizeof h + size <= most) return false;
+    ++alone;
+    procpool::writer stream;
+    window_sink sink(room, most, false, &staged);
+    pd::writer_streams::start(stream, sink);
+    stream.write(&h, sizeof h);
+    e.encode(stream, e.value);
+    auto [written, last] = pd::writer_streams::stop(stream);
+    CHECK(written == sizeof h + size);
+    sink.done(last);
+    CHECK(sink.frame.size() == written);
+    sent.push_back(std::move(sink.frame));
+    answered = h.kind != pd::frame_kind::part;
+    start(out, room);
+    return true;
+  }
 };
 
 /// Careless: its encoder catches everything, `writer::full` included.
@@ -655,6 +703,21 @@ struct careless {
     return careless{procpool::decode<std::string>(in)};
   }
   bool operator==(const careless& o) const { return s == o.s; }
+};
+
+/// Its encoder writes `n` bytes and then throws, when `n` is large: the
+/// result of the item cannot be sent, however much room there is.
+struct careless_thrower {
+  std::uint64_t n;
+  friend void procpool_encode(procpool::writer& out, const careless_thrower& c) {
+    procpool::encode(out, std::string(c.n, 'z'));
+    if (c.n > 1000) throw std::length_error("too long to send");
+  }
+  friend careless_thrower procpool_decode(procpool::reader& in,
+                                          procpool::type_tag<careless_thrower>) {
+    return careless_thrower{procpool::decode<std::string>(in).size()};
+  }
+  bool operator==(const careless_thrower& o) const { return n == o.n; }
 };
 
 /// The frames of a chunk answered in parts, read back.
@@ -686,7 +749,8 @@ void read_frame(parted<R>& p, const std::byte* data, std::size_t size, bool last
 template <class Item, class F>
 parted<std::decay_t<std::invoke_result_t<F&, Item&>>> run_parted(
     const std::vector<Item>& items, F f, std::size_t room, std::size_t most,
-    std::uint64_t stop_at = ~std::uint64_t(0), int* more_asked = nullptr) {
+    std::uint64_t stop_at = ~std::uint64_t(0), int* more_asked = nullptr, int* alone = nullptr,
+    int* staged = nullptr) {
   using R = std::decay_t<std::invoke_result_t<F&, Item&>>;
   procpool::writer frame;
   for (const auto& x : items) procpool::encode(frame, x);
@@ -699,8 +763,10 @@ parted<std::decay_t<std::invoke_result_t<F&, Item&>>> run_parted(
       [&](std::uint64_t i) { return i != stop_at; }, nullptr, &parts);
   pd::patch_result_header(out, h);
   parted<R> p;
-  for (auto& part : parts.sent) read_frame(p, part.data(), part.size(), false);
-  read_frame(p, out.data(), out.size(), true);
+  for (std::size_t i = 0; i < parts.sent.size(); ++i)
+    read_frame(p, parts.sent[i].data(), parts.sent[i].size(),
+               parts.answered && i + 1 == parts.sent.size());
+  if (!parts.answered) read_frame(p, out.data(), out.size(), true);
   std::uint64_t next = 100;
   for (std::size_t i = 0; i < p.headers.size(); ++i) {
     const auto& ph = p.headers[i];
@@ -710,6 +776,8 @@ parted<std::decay_t<std::invoke_result_t<F&, Item&>>> run_parted(
     if (i + 1 < p.headers.size()) CHECK(ph.count > 0);  // a part is never empty
   }
   if (more_asked) *more_asked = parts.more_asked;
+  if (alone) *alone = parts.alone;
+  if (staged) *staged = parts.staged;
   return p;
 }
 
@@ -730,15 +798,68 @@ TEST_CASE("a chunk whose answer outgrows its room goes out in parts, each result
     for (std::size_t i = 0; i + 1 < p.headers.size(); ++i)
       CHECK(p.headers[i].kind == pd::frame_kind::part);
   }
-  SECTION("strings: one larger than the room gets more room, one larger than that spills") {
+  SECTION("strings: one larger than the room gets more room, one larger than that goes alone") {
     std::vector<std::uint64_t> sizes{10, 300, 50, 2000, 5, 9000, 7, 400, 3};
     auto f = [](std::uint64_t n) { return std::string(n, char('a' + n % 26)); };
-    int more = 0;
-    auto p = run_parted(sizes, f, 512, 4096, ~std::uint64_t(0), &more);
+    int more = 0, alone = 0;
+    auto p = run_parted(sizes, f, 512, 4096, ~std::uint64_t(0), &more, &alone);
     REQUIRE(p.results.size() == sizes.size());
     for (std::size_t k = 0; k < sizes.size(); ++k) REQUIRE(p.results[k] == f(sizes[k]));
-    CHECK(more >= 2);  // for 2000 and for 9000, which then went on in its own buffer
+    CHECK(more >= 2);   // for 2000 and for 9000
+    CHECK(alone == 1);  // 9000, in a part of its own
+    bool found = false;
+    for (const auto& h : p.headers)
+      if (h.first == 105) {
+        CHECK(h.count == 1);
+        CHECK(h.kind == pd::frame_kind::part);
+        found = true;
+      }
+    CHECK(found);
     CHECK(p.headers.back().kind == pd::frame_kind::results);
+  }
+  SECTION("results longer than any room go alone, each once, wherever they fall in the chunk") {
+    // Lists of strings: not a block, and longer than the 4 KiB "ring".
+    using list = std::vector<std::string>;
+    auto f = [](std::uint64_t n) {
+      list l;
+      for (std::uint64_t k = 0; k < n; ++k) l.push_back(std::string(k % 300, char('a' + k % 26)));
+      return l;
+    };
+    for (const std::vector<std::uint64_t>& sizes : {std::vector<std::uint64_t>{200},
+                                                    {1, 200},
+                                                    {200, 1},
+                                                    {200, 300, 2, 250},
+                                                    {3, 150, 4, 5, 400}}) {
+      int alone = 0;
+      auto p = run_parted(sizes, f, 512, 4096, ~std::uint64_t(0), nullptr, &alone);
+      REQUIRE(p.results.size() == sizes.size());
+      for (std::size_t k = 0; k < sizes.size(); ++k) REQUIRE(p.results[k] == f(sizes[k]));
+      CHECK(alone == static_cast<int>(std::count_if(sizes.begin(), sizes.end(),
+                                                    [](std::uint64_t n) { return n > 100; })));
+      // The chunk's last frame answers it: a part only before it.
+      CHECK(p.headers.back().kind == pd::frame_kind::results);
+      for (std::size_t i = 0; i + 1 < p.headers.size(); ++i)
+        CHECK(p.headers[i].kind == pd::frame_kind::part);
+    }
+  }
+  SECTION("a big array returned by reference goes alone: its encoder's long write is not staged") {
+    static const std::vector<double> kept(3000, 2.5);  // 24 KB
+    auto by_ref = [](std::uint64_t) -> const std::vector<double>& { return kept; };
+    int alone = 0, staged = -1;
+    auto p = run_parted(std::vector<std::uint64_t>{1, 2, 3}, by_ref, 512, 4096, ~std::uint64_t(0),
+                        nullptr, &alone, &staged);
+    REQUIRE(p.results.size() == 3);
+    for (const auto& r : p.results) CHECK(r == kept);
+    CHECK(alone == 3);
+    CHECK(staged == 0);
+  }
+  SECTION("an item whose result cannot even be sized fails with its own error") {
+    std::vector<std::uint64_t> sizes{10, 9000, 20};
+    auto f = [](std::uint64_t n) { return careless_thrower{n}; };
+    auto p = run_parted(sizes, f, 512, 4096);
+    CHECK(p.results.size() == 1);
+    CHECK(p.headers.back().kind == pd::frame_kind::error);
+    CHECK(p.failed_at == 101);
   }
   SECTION("an item that throws after parts: the last frame is the error, naming it") {
     std::vector<std::uint64_t> sizes(40, 100);

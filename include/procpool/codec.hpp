@@ -106,6 +106,11 @@
 
 namespace procpool {
 
+namespace detail {
+class writer_sink;
+struct writer_streams;
+}  // namespace detail
+
 /// Names the type to decode in a `procpool_decode` overload.
 ///
 /// A type procpool cannot send on its own opts in with two functions in its
@@ -177,12 +182,15 @@ class writer {
         size_(std::exchange(other.size_, 0)),
         in_place_(std::exchange(other.in_place_, false)),
         bounded_(std::exchange(other.bounded_, false)),
-        overflowed_(std::exchange(other.overflowed_, false)) {}
+        overflowed_(std::exchange(other.overflowed_, false)),
+        sink_(std::exchange(other.sink_, nullptr)),
+        sent_(std::exchange(other.sent_, 0)),
+        staged_(std::exchange(other.staged_, false)) {}
   /// Copies the bytes written, reusing this writer's buffer where it is large enough.
   writer& operator=(const writer& other) {
     if (this != &other) {
       clear();
-      write(other.data(), other.size());
+      write(other.data(), other.size_);
     }
     return *this;
   }
@@ -196,6 +204,9 @@ class writer {
     in_place_ = std::exchange(other.in_place_, false);
     bounded_ = std::exchange(other.bounded_, false);
     overflowed_ = std::exchange(other.overflowed_, false);
+    sink_ = std::exchange(other.sink_, nullptr);
+    sent_ = std::exchange(other.sent_, 0);
+    staged_ = std::exchange(other.staged_, false);
     return *this;
   }
   ~writer() = default;
@@ -203,7 +214,11 @@ class writer {
   /// Appends `n` bytes from `data`.
   void write(const void* data, std::size_t n) {
     if (n == 0) return;
-    std::memcpy(prepare(n), data, n);
+    if (n > capacity_ - size_) {
+      write_long(data, n);
+      return;
+    }
+    std::memcpy(data_ + size_, data, n);
     size_ += n;
   }
 
@@ -227,16 +242,21 @@ class writer {
 
   /// Cuts the content to `n` bytes, or extends it with zero bytes to `n`.
   void resize(std::size_t n) {
-    if (n > size_) std::memset(prepare(n - size_), 0, n - size_);
-    size_ = n;
+    if (n > size()) {
+      std::size_t k = n - size();
+      std::memset(prepare(k), 0, k);
+      commit(k);
+    } else {
+      cut(n);
+    }
     overflowed_ = false;
   }
 
   /// Cuts the content back to `n <= size()` bytes, leaving `overflowed()`
   /// as it is (`resize` clears it).
   void cut(std::size_t n) noexcept {
-    assert(n <= size_);
-    size_ = n;
+    assert(n <= size() && n >= sent_);
+    size_ = n - sent_;
   }
 
   /// Forgets the content and keeps the capacity (and where it writes).
@@ -296,7 +316,7 @@ class writer {
   /// The bytes written so far (`size()` of them).
   const std::byte* data() const noexcept { return data_; }
   /// How many bytes were written since construction or the last `clear()`.
-  std::size_t size() const noexcept { return size_; }
+  std::size_t size() const noexcept { return sent_ + size_; }
   /// How many bytes fit before the buffer has to grow.
   std::size_t capacity() const noexcept { return capacity_; }
   /// Whether nothing was written.
@@ -319,7 +339,10 @@ class writer {
   }
 
  private:
+  friend struct detail::writer_streams;
   void grow(std::size_t n);
+  void write_long(const void* data, std::size_t n);
+  void next_window(std::size_t n);
   void own() noexcept {
     data_ = buf_.data();
     capacity_ = buf_.size();
@@ -335,6 +358,11 @@ class writer {
   bool in_place_ = false;
   bool bounded_ = false;     // in place, and a write that does not fit throws `full`
   bool overflowed_ = false;  // bounded, and a write did not fit
+  // In a stream (see `detail::writer_streams`): where the bytes go as each
+  // window of memory fills, and how many went there already.
+  detail::writer_sink* sink_ = nullptr;
+  std::size_t sent_ = 0;
+  bool staged_ = false;  // the window is `buf_`: a `prepare` longer than any the sink gives
 };
 
 namespace detail {
@@ -556,7 +584,139 @@ inline constexpr bool is_trivially_sendable_v =
 
 }  // namespace detail
 
+namespace detail {
+
+/// Where a writer in a stream puts its bytes (see `writer_streams`): memory
+/// it hands out a window at a time, each sent on once written.
+class writer_sink {
+ public:
+  /// Memory for the next bytes, from where the last window's bytes `done`
+  /// end: at least `want` bytes when the sink can ever give that many at
+  /// once, else as many as it can (at least one). It may wait for room, and
+  /// throws when no more bytes may come. Asked again before `done`, it
+  /// gives the same place.
+  virtual std::pair<std::byte*, std::size_t> window(std::size_t want) = 0;
+  /// The first `n` bytes of the last window are written: they go on.
+  virtual void done(std::size_t n) = 0;
+  /// True for a sink that throws the bytes away (a writer that only counts
+  /// them): a long write then copies nothing.
+  bool counts_only = false;
+
+ protected:
+  writer_sink() = default;
+  writer_sink(const writer_sink&) = default;
+  writer_sink& operator=(const writer_sink&) = default;
+  ~writer_sink() = default;
+};
+
+/// Turns a writer into a stream and back: while it streams, every window it
+/// fills goes to the sink, and it writes on in the next, so a message longer
+/// than any memory at hand (a result longer than a ring) is written once,
+/// where it goes. `size()` counts every byte since `start`; `data()` is the
+/// current window only, and cutting back stops at its start.
+struct writer_streams {
+  /// Starts `w`, empty, writing through `sink`.
+  static void start(writer& w, writer_sink& sink) {
+    w.own();
+    w.sink_ = &sink;
+    w.sent_ = 0;
+    w.size_ = 0;
+    w.staged_ = false;
+    auto [p, n] = sink.window(1);
+    w.data_ = p;
+    w.capacity_ = n;
+    w.in_place_ = true;
+  }
+  /// Ends the stream: bytes still staged go to the sink (in windows,
+  /// `done`), then `w` goes back to its own buffer, empty. Returns how many
+  /// bytes were written in all, and how many of them are in the last
+  /// window, not yet `done`: the caller sends them on (or not).
+  static std::pair<std::size_t, std::size_t> stop(writer& w) {
+    if (w.staged_) w.next_window(0);
+    std::pair<std::size_t, std::size_t> r{w.size(), w.size_};
+    w.sink_ = nullptr;
+    w.sent_ = 0;
+    w.write_in_own();
+    return r;
+  }
+  /// Forgets the stream after a failure: `w` goes back to its own buffer.
+  static void abandon(writer& w) noexcept {
+    w.sink_ = nullptr;
+    w.sent_ = 0;
+    w.staged_ = false;
+    w.write_in_own();
+  }
+};
+
+}  // namespace detail
+
+inline void writer::write_long(const void* data, std::size_t n) {
+  if (!sink_) {
+    grow(n);
+    std::memcpy(data_ + size_, data, n);
+    size_ += n;
+    return;
+  }
+  if (sink_->counts_only && !staged_) {
+    sent_ += n;
+    return;
+  }
+  // Window by window: no staging, however long.
+  auto p = static_cast<const std::byte*>(data);
+  for (;;) {
+    std::size_t k = std::min(n, capacity_ - size_);
+    if (k != 0) std::memcpy(data_ + size_, p, k);
+    size_ += k;
+    p += k;
+    n -= k;
+    if (n == 0) return;
+    next_window(1);
+  }
+}
+
+inline void writer::next_window(std::size_t n) {
+  if (staged_) {
+    // Staged bytes go out through the sink's windows, then it writes there again.
+    staged_ = false;
+    const std::byte* p = data_;
+    std::size_t left = size_;
+    size_ = 0;
+    while (left > 0) {
+      auto [q, room] = sink_->window(left);
+      std::size_t k = std::min(left, room);
+      std::memcpy(q, p, k);
+      sink_->done(k);
+      sent_ += k;
+      p += k;
+      left -= k;
+    }
+  } else if (size_ > 0) {
+    sink_->done(size_);
+    sent_ += size_;
+    size_ = 0;
+  }
+  if (n == 0) return;
+  auto [q, room] = sink_->window(n);
+  if (room >= n) {
+    data_ = q;
+    capacity_ = room;
+    return;
+  }
+  // A `prepare` longer than any window: written in `buf_` first.
+  if (buf_.size() < n) {
+    buf_.clear();
+    buf_.resize(n);
+  }
+  data_ = buf_.data();
+  capacity_ = buf_.size();
+  staged_ = true;
+}
+
 inline void writer::grow(std::size_t n) {
+  if (sink_) {
+    next_window(n);
+    return;
+  }
   if (bounded_) {
     overflowed_ = true;
     throw full{};

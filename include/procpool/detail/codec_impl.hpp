@@ -543,6 +543,13 @@ struct builtin<std::vector<E, A>> : builtin_base {
       // One block: the count, then every element's bytes.
       const std::uint64_t count = v.size();
       const std::size_t bytes = v.size() * sizeof(E);
+      if (sizeof count + bytes > out.spare()) {
+        // Two writes: a writer that streams (a result longer than the ring)
+        // puts a long one straight where it goes, window by window.
+        out.write(&count, sizeof count);
+        out.write(v.data(), bytes);
+        return;
+      }
       std::byte* p = out.prepare(sizeof count + bytes);
       std::memcpy(p, &count, sizeof count);
       if (bytes != 0) std::memcpy(p + sizeof count, v.data(), bytes);

@@ -181,6 +181,28 @@ class answer_parts {
   /// items.
   virtual bool flush(writer& out, const result_header& h) = 0;
 
+  /// How to encode one result, whatever its type: `encode(out, value)`.
+  struct result_encoder {
+    const void* value;
+    void (*encode)(writer& out, const void* value);
+
+    template <class R>
+    static result_encoder of(const R& r) noexcept {
+      return {std::addressof(r),
+              [](writer& out, const void* v) { procpool::encode(out, *static_cast<const R*>(v)); }};
+    }
+  };
+
+  /// A result that does not fit the most room there is now, with nothing
+  /// before it in its frame (`out` holds only the placeholder for the
+  /// header): when it is longer than the most room there can ever be, sends
+  /// it as a frame of its own (`h`: its index, one result, and the kind),
+  /// encoded once, straight where it goes (it is sized first, then streamed
+  /// as room is made), and starts `out` again as `flush` does. False, with
+  /// nothing sent and `out` unchanged, for a result that would fit. It throws
+  /// what sizing the result throws, with nothing sent.
+  virtual bool send_alone(writer& out, const result_header& h, result_encoder e) = 0;
+
  protected:
   answer_parts() = default;
   answer_parts(const answer_parts&) = default;
@@ -211,7 +233,10 @@ class answer_parts {
 /// out as a `part` (`answer_parts::flush`) and it is encoded again in the
 /// room made; the header returned is then the last frame's, from its first
 /// item. A result that does not fit the most room there is now goes on in
-/// the writer's own buffer, with the rest of the chunk.
+/// the writer's own buffer, with the rest of the chunk; one longer than the
+/// most room there can be goes alone (`answer_parts::send_alone`), and the
+/// chunk's next results start a frame again (none, when it was the last:
+/// the chunk's answer is then sent).
 template <class Item, class Invoke, class F, class Before>
 result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t first,
                         std::uint32_t count, writer& out, Before&& before,
@@ -286,7 +311,7 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
         }
       }
     }
-    for (; done < count; ++done, ++h.count) {
+    for (; done < count; ++done) {
       if (!before(first + done)) {
         h.kind = frame_kind::skipped;
         break;
@@ -298,10 +323,12 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
                     !std::is_reference_v<decltype(Invoke::call(f, std::declval<Item&>()))>) {
         if (blocks && blocks->takes(bulk_bytes(r).second)) {
           blocks->keep(out, std::move(r));
+          ++h.count;
           continue;
         }
       }
       (void)blocks;
+      bool alone = false;
       for (;;) {
         try {
           encode(out, r);
@@ -309,7 +336,27 @@ result_header run_items(F& f, reader& in, std::uint64_t call, std::uint64_t firs
         } catch (const writer::full&) {
         }
         out.resize(mark);
+        if (parts && h.count == 0 && out.bounded()) {
+          // Alone in its frame and still too long: more room, or a frame
+          // of its own when it is longer than any room can be.
+          if (parts->flush(out, h)) {
+            mark = out.size();
+            continue;
+          }
+          const result_header one{call, h.first, 1,
+                                  done + 1 == count ? frame_kind::results : frame_kind::part};
+          if (parts->send_alone(out, one, answer_parts::result_encoder::of(r))) {
+            alone = true;
+            break;
+          }
+        }
         make_room();
+      }
+      if (alone) {
+        h.first += 1;
+        mark = out.size();
+      } else {
+        ++h.count;
       }
     }
   } catch (...) {

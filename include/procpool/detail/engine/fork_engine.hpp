@@ -535,6 +535,167 @@ inline bool engine::worker_exited(worker& w, bool block) {
   }
 }
 
+/// Where a fork worker's answer goes when it outgrows the result ring's
+/// free room (see `answer_parts`): out in parts, each result written once,
+/// straight into the ring. `Alive` says whether the parent is still there.
+template <class Alive>
+struct ring_parts final : answer_parts {
+  static constexpr std::size_t prefix = sizeof(std::uint64_t);
+  ring_writer* out;
+  worker_slot* slot;
+  Alive* alive;
+  const wait_policy* policy;
+  bool answered = false;  // the chunk's last frame went alone (see `send_alone`)
+  ring_parts(ring_writer* o, worker_slot* ws, Alive* a, const wait_policy* p)
+      : out(o), slot(ws), alive(a), policy(p) {}
+
+  bool flush(writer& w, const result_header& h) override {
+    // The result that did not fit ran: a death from here is no item's.
+    slot->current.store(no_item, std::memory_order_release);
+    std::size_t had = w.capacity();
+    if (h.count > 0) {
+      patch_result_header(w, h);
+      std::uint64_t length = w.size();
+      std::memcpy(out->room(), &length, prefix);
+      out->advance(prefix + w.size());
+      out->publish();
+    }
+    // It never waits for the parent here: with room enough freed
+    // meanwhile it goes on there; without (the parent is behind), the
+    // rest of the chunk goes into its own buffer, as it is computed.
+    std::size_t room = out->free_space_now();
+    std::size_t enough = std::max(out->capacity() / 16, std::size_t(1024));
+    if (h.count == 0 && room <= had + prefix) return false;  // no more room than it had
+    restart(w, room, h.count > 0 && room < prefix + enough);
+    return true;
+  }
+
+  // `w` starts the next frame: in the ring's `room` (it cannot grow
+  // there), or, with `own` or too little room, in its own buffer.
+  void restart(writer& w, std::size_t room, bool own) {
+    if (own || room <= prefix + sizeof(result_header))
+      w.write_in_own();
+    else
+      w.write_in_place(out->room() + prefix, room - prefix, false);
+    result_header placeholder{};
+    w.write(&placeholder, sizeof placeholder);
+  }
+
+  // A result longer than the ring is sized by a writer that only counts,
+  // then written through `frame_sink` straight into the ring as the
+  // parent reads it: the one copy of its bytes.
+  struct counting_sink final : writer_sink {
+    std::vector<std::byte> scratch;
+    counting_sink() { counts_only = true; }
+    std::pair<std::byte*, std::size_t> window(std::size_t want) override {
+      if (scratch.size() < want || scratch.empty())
+        scratch.resize(std::max(want, std::size_t(4096)));
+      return {scratch.data(), scratch.size()};
+    }
+    void done(std::size_t) override {}
+  };
+  struct frame_sink final : writer_sink {
+    ring_parts* parts;
+    std::size_t left;      // bytes of the frame not yet published
+    std::size_t held = 0;  // its last bytes, written, held back until it is checked
+    struct too_long {};
+    frame_sink(ring_parts* p, std::size_t total) : parts(p), left(total) {}
+    std::pair<std::byte*, std::size_t> window(std::size_t want) override {
+      if (held != 0 || left == 0) throw too_long{};
+      ring_writer& o = *parts->out;
+      // At least an eighth of the ring (or what is left) at a time, and at
+      // most a quarter: the parent reads one window while the next is
+      // written, and no window is so small that its wake-up costs more
+      // than its bytes.
+      std::size_t need = std::min({std::max(want, o.capacity() / 8), left, o.capacity()});
+      parts->wait_for_room(need);
+      std::size_t piece = std::max(o.capacity() / 4, need);
+      return {o.room(), std::min({o.free_space(), left, piece})};
+    }
+    void done(std::size_t n) override {
+      if (n == left) {  // the last bytes: published once the length is checked
+        held = n;
+        return;
+      }
+      parts->out->advance(n);
+      left -= n;
+      parts->out->publish();
+    }
+  };
+  counting_sink counter;
+  writer sizer;
+  writer stream;
+
+  bool send_alone(writer& w, const result_header& h, result_encoder e) override {
+    writer_streams::start(sizer, counter);
+    try {
+      e.encode(sizer, e.value);
+    } catch (...) {
+      writer_streams::abandon(sizer);
+      throw;
+    }
+    const std::size_t size = writer_streams::stop(sizer).first;
+    const std::size_t total = prefix + sizeof h + size;
+    if (total <= out->capacity()) return false;  // it fits the ring: no stream
+    frame_sink sink(this, total);
+    std::string broken;
+    // The item ran and its result could be sized: a death from here
+    // (killed while it waits for room, say) is no item's, and the chunk
+    // runs again from this item.
+    slot->current.store(no_item, std::memory_order_release);
+    slot->answering.store(1, std::memory_order_relaxed);
+    try {
+      writer_streams::start(stream, sink);
+      const std::uint64_t length = sizeof h + size;
+      stream.write(&length, sizeof length);
+      stream.write(&h, sizeof h);
+      e.encode(stream, e.value);
+      auto [written, last] = writer_streams::stop(stream);
+      if (written != total)
+        broken =
+            fmt::format("wrote {} bytes, {} when it was sized", written - prefix - sizeof h, size);
+      else
+        sink.held += last;
+    } catch (const typename frame_sink::too_long&) {
+      broken = fmt::format("wrote more than the {} bytes it wrote when it was sized", size);
+    } catch (...) {
+      auto [type, message] = describe_current_exception();
+      broken = fmt::format("threw {} ({}), which it did not when it was sized", type, message);
+    }
+    if (!broken.empty()) {
+      // Most of the frame is out, and its length is wrong: no answer can
+      // be trusted. The worker dies; the chunk runs again from this item
+      // (an encoder that breaks every time fails the call with
+      // `worker_died` for it once the chunk found its worker dead three
+      // times).
+      writer_streams::abandon(stream);
+      fmt::print(stderr,
+                 "procpool: worker {}: the encoder of the result of item {} {}: an encoder "
+                 "must write the same bytes for the same value; the worker exits\n",
+                 ::getpid(), h.first, broken);
+      exit_child(70);
+    }
+    out->advance(sink.held);
+    out->publish();
+    slot->answering.store(0, std::memory_order_release);
+    answered = h.kind != frame_kind::part;
+    // It waited for the parent all along: it waits for a little more room
+    // (when the ring is full), to go on in the ring and not in a buffer.
+    if (!answered) wait_for_room(prefix + sizeof(result_header) + 256);
+    restart(w, out->free_space_now(), false);
+    return true;
+  }
+
+  // Waits until the ring has `n` bytes free; the worker exits when the
+  // parent is gone.
+  void wait_for_room(std::size_t n) {
+    if (out->free_space() < n && wait_for_condition(
+                                     out->writable(), [&] { return out->free_space() >= n; },
+                                     std::nullopt, *alive, *policy) != wait_status::ready)
+      exit_child(0);
+  }
+};
+
 inline void engine::worker_main(std::size_t i, pid_t server) {
   try {
     die_with_parent(server);
@@ -553,40 +714,7 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
     writer result;
     answer_blocks blocks;
     ctx.blocks = &blocks;
-    // An answer that outgrows the ring's free room goes out in parts, each
-    // result written once, straight into the ring.
-    struct ring_parts final : answer_parts {
-      ring_writer* out;
-      worker_slot* slot;
-      ring_parts(ring_writer* o, worker_slot* ws) : out(o), slot(ws) {}
-      bool flush(writer& w, const result_header& h) override {
-        constexpr std::size_t prefix = sizeof(std::uint64_t);
-        // The result that did not fit ran: a death from here is no item's.
-        slot->current.store(no_item, std::memory_order_release);
-        std::size_t had = w.capacity();
-        if (h.count > 0) {
-          patch_result_header(w, h);
-          std::uint64_t length = w.size();
-          std::memcpy(out->room(), &length, prefix);
-          out->advance(prefix + w.size());
-          out->publish();
-        }
-        // It never waits for the parent here: with room enough freed
-        // meanwhile it goes on there; without (the parent is behind), the
-        // rest of the chunk goes into its own buffer, as it is computed.
-        std::size_t room = out->free_space_now();
-        std::size_t enough = std::max(out->capacity() / 16, std::size_t(1024));
-        if (h.count == 0 && room <= had + prefix) return false;  // no more room than it had
-        if (h.count > 0 && room < prefix + enough)
-          w.write_in_own();
-        else
-          w.write_in_place(out->room() + prefix, room - prefix, false);
-        result_header placeholder{};
-        w.write(&placeholder, sizeof placeholder);
-        return true;
-      }
-    };
-    ring_parts parts(&out, w.slot);
+    ring_parts<decltype(parent_alive)> parts(&out, w.slot, &parent_alive, &config_.worker_wait);
     if (config_.initializer) {
       try {
         config_.initializer();
@@ -704,7 +832,9 @@ inline void engine::worker_main(std::size_t i, pid_t server) {
         else
           in.release();
       }
-      if (result.in_place()) {
+      if (std::exchange(parts.answered, false)) {
+        // Its last result went alone, and with it the answer.
+      } else if (result.in_place()) {
         std::uint64_t length = result.size();
         std::memcpy(out.room(), &length, sizeof length);
         out.advance(sizeof length + result.size());
