@@ -1068,6 +1068,18 @@ struct growing {
   }
 };
 
+/// Its encoding is one byte shorter every time the process encodes one.
+struct shrinking {
+  std::uint32_t n = 0;
+  friend void procpool_encode(procpool::writer& out, const shrinking& g) {
+    static std::uint64_t calls = 0;
+    procpool::encode(out, std::string(g.n - calls++ % 64, 's'));
+  }
+  friend shrinking procpool_decode(procpool::reader& in, procpool::type_tag<shrinking>) {
+    return shrinking{static_cast<std::uint32_t>(procpool::decode<std::string>(in).size())};
+  }
+};
+
 /// Throws the second time the process encodes one of its values.
 struct fickle {
   std::uint32_t n = 0;
@@ -1166,6 +1178,19 @@ TEST_CASE(
     } catch (const procpool::decode_error&) {
     }
     REQUIRE(p.map(std::vector<std::uint32_t>{1, 2}, map_options{1}).size() == 2);
+  }
+  SECTION("shorter every time") {
+    pool p([](std::uint32_t k) { return shrinking{k}; }, o);
+    try {
+      (void)p.map(std::vector<std::uint32_t>{100, 100000, 100}, map_options{3});
+      FAIL("no error");
+    } catch (const procpool::worker_died& e) {
+      CHECK(e.index() == std::optional<std::size_t>(1));
+      CHECK(e.status().code() == 70);
+    } catch (const procpool::decode_error&) {
+    }
+    auto r = p.map(std::vector<std::uint32_t>{1000, 2000}, map_options{1});
+    CHECK(r.size() == 2);
   }
   SECTION("throwing the second time") {
     pool p([](std::uint32_t k) { return fickle{k}; }, o);

@@ -142,6 +142,9 @@ struct writer_streams;
 /// it rejects. For a type whose namespace you do not own, declare the two
 /// functions in namespace `procpool`: `writer` and `type_tag` make them
 /// visible to the lookup. These take precedence over every built-in rule.
+/// `procpool_encode` may run more than once for the same value (a result
+/// longer than a pool's ring is sized first, then written), and must write
+/// the same bytes each time.
 /// They serve their exact type only: a `procpool_encode` that takes
 /// `const money&` (or `money`), or a template more specialized than
 /// `const T&`, is used for `money`; one that would need a conversion (from a
