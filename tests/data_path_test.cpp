@@ -1054,31 +1054,23 @@ struct witness {
   }
 };
 
-/// Its encoding is one byte longer every time the process encodes one: a
-/// customization that breaks the rule that the same value is written as the
-/// same bytes.
-struct growing {
+/// Its encoding is `Step` bytes longer (or shorter) every time the process
+/// encodes one: a customization that breaks the rule that the same value is
+/// written as the same bytes.
+template <int Step>
+struct drifting {
   std::uint32_t n = 0;
-  friend void procpool_encode(procpool::writer& out, const growing& g) {
+  friend void procpool_encode(procpool::writer& out, const drifting& d) {
     static std::uint64_t calls = 0;
-    procpool::encode(out, std::string(g.n + calls++, 'g'));
+    const auto drift = static_cast<std::int64_t>(calls++ % 64) * Step;
+    procpool::encode(out, std::string(static_cast<std::size_t>(d.n + drift), 'd'));
   }
-  friend growing procpool_decode(procpool::reader& in, procpool::type_tag<growing>) {
-    return growing{static_cast<std::uint32_t>(procpool::decode<std::string>(in).size())};
+  friend drifting procpool_decode(procpool::reader& in, procpool::type_tag<drifting>) {
+    return drifting{static_cast<std::uint32_t>(procpool::decode<std::string>(in).size())};
   }
 };
-
-/// Its encoding is one byte shorter every time the process encodes one.
-struct shrinking {
-  std::uint32_t n = 0;
-  friend void procpool_encode(procpool::writer& out, const shrinking& g) {
-    static std::uint64_t calls = 0;
-    procpool::encode(out, std::string(g.n - calls++ % 64, 's'));
-  }
-  friend shrinking procpool_decode(procpool::reader& in, procpool::type_tag<shrinking>) {
-    return shrinking{static_cast<std::uint32_t>(procpool::decode<std::string>(in).size())};
-  }
-};
+using growing = drifting<1>;
+using shrinking = drifting<-1>;
 
 /// Throws the second time the process encodes one of its values.
 struct fickle {

@@ -179,6 +179,53 @@ class piece_source final : public procpool::detail::reader_source {
   std::unique_ptr<std::byte[]> copy_;
 };
 
+/// Where a streaming writer puts a value's bytes, a window of at most `most`
+/// bytes at a time (`piece` when less is wanted), each a buffer of its own
+/// freed when done, so that a write past a window trips the sanitizers; what
+/// is done is gathered in `bytes`. Counting, it keeps nothing.
+class piece_sink final : public procpool::detail::writer_sink {
+ public:
+  piece_sink(std::size_t piece, std::size_t most, bool count) : piece_(piece), most_(most) {
+    counts_only = count;
+  }
+  std::pair<std::byte*, std::size_t> window(std::size_t want) override {
+    n_ = std::min(std::max(want, piece_), most_);
+    window_ = std::make_unique<std::byte[]>(n_);
+    return {window_.get(), n_};
+  }
+  void done(std::size_t n) override {
+    if (n > n_) std::abort();
+    if (!counts_only) bytes.insert(bytes.end(), window_.get(), window_.get() + n);
+  }
+  std::vector<std::byte> bytes;
+
+ private:
+  std::size_t piece_, most_, n_ = 0;
+  std::unique_ptr<std::byte[]> window_;
+};
+
+/// Encodes `value` through a writer that streams (windows of `piece` to
+/// `most` bytes) and through one that only counts: both must give its
+/// plain encoding, `want`.
+template <class T>
+void check_streamed(const T& value, const std::vector<std::byte>& want, std::size_t piece,
+                    std::size_t most) {
+  using procpool::detail::writer_streams;
+  procpool::writer sizer;
+  piece_sink counter(piece, most, true);
+  writer_streams::start(sizer, counter);
+  procpool::encode(sizer, value);
+  if (writer_streams::stop(sizer).first != want.size()) std::abort();
+  procpool::writer stream;
+  piece_sink sink(piece, most, false);
+  writer_streams::start(stream, sink);
+  procpool::encode(stream, value);
+  auto [written, last] = writer_streams::stop(stream);
+  if (written != want.size() || last > want.size()) std::abort();
+  if (sink.bytes.size() != written - last) std::abort();
+  if (!std::equal(sink.bytes.begin(), sink.bytes.end(), want.begin())) std::abort();
+}
+
 /// Decodes `size` bytes as a `T`; on success checks the round trip and
 /// returns true.
 template <class T>
@@ -212,6 +259,8 @@ bool check(const std::byte* data, std::size_t size) {
   }
   if (!equal(first, second)) std::abort();
   if (procpool::encode(second).size() != bytes.size()) std::abort();
+  // Written as a result longer than a ring is: sized, then window by window.
+  check_streamed(first, bytes, 1 + size % 13, 1 + size % 97);
   return true;
 }
 

@@ -543,7 +543,7 @@ struct builtin<std::vector<E, A>> : builtin_base {
       // One block: the count, then every element's bytes.
       const std::uint64_t count = v.size();
       const std::size_t bytes = v.size() * sizeof(E);
-      if (sizeof count + bytes > out.spare()) {
+      if (out.spare() < sizeof count || bytes > out.spare() - sizeof count) {
         // Two writes: a writer that streams (a result longer than the ring)
         // puts a long one straight where it goes, window by window.
         out.write(&count, sizeof count);
