@@ -1141,6 +1141,49 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "long results streamed alone: two threads at once, and terminate while a worker waits "
+    "in the middle of one",
+    "[data_path][hostile]") {
+  auto lists = [](std::uint32_t k) { return strings_of(k % 2 == 0 ? 500 : 3, k); };
+  SECTION("two threads map such results through one pool; each gets its own, whole") {
+    pool p(lists, small_rings(16 * 1024));
+    auto run = [&p, &lists](std::uint32_t from, bool& ok) {
+      std::vector<std::uint32_t> in(12);
+      std::iota(in.begin(), in.end(), from);
+      ok = true;
+      for (std::size_t chunk : {1, 5}) {
+        auto r = p.map(in, map_options{chunk});
+        for (std::size_t k = 0; k < in.size(); ++k) ok = ok && r[k] == lists(in[k]);
+      }
+    };
+    bool a = false, b = false;
+    std::thread other([&] { run(100, b); });
+    run(0, a);
+    other.join();
+    CHECK(a);
+    CHECK(b);
+  }
+  SECTION("terminate while a worker waits for room in the middle of one: no hang") {
+    pool_options o = small_rings(16 * 1024);
+    o.workers = 1;
+    pool p(lists, o);
+    pid_t worker = p.pids().at(0);
+    std::vector<std::uint32_t> in{0, 2, 4, 6};
+    auto range = p.imap(in, map_options{1});
+    auto it = range.begin();
+    REQUIRE(*it == lists(0));
+    // Nobody reads the range's answers now: the worker sleeps on its full
+    // ring in the middle of a 250 KB result.
+    procpool_test::wait_until_sleeping(worker);
+    std::thread t([&p] { p.terminate(); });
+    t.join();
+    REQUIRE_THROWS_AS(++it, procpool::pool_closed);
+    using namespace std::chrono_literals;
+    CHECK(procpool_test::gone_within(worker, 5000ms));
+  }
+}
+
+TEST_CASE(
     "an encoder that writes other bytes when its long result is sent than when it was sized "
     "ends its worker, fails its call naming the item, and the pool goes on",
     "[data_path][reliability]") {
