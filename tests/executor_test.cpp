@@ -39,6 +39,12 @@ procpool_test::go_signal gate;
 int gated(int x) {
   return gate.await() ? x : 0;
 }
+/// The same for the test of shutdown after short tasks, whose leftover
+/// `give()`s must not release another test's tasks.
+procpool_test::go_signal late_gate;
+int late_gated(int x) {
+  return late_gate.await() ? x : 0;
+}
 /// The worker's pid, to count chunks.
 int pid_of(int) {
   return static_cast<int>(::getpid());
@@ -194,6 +200,33 @@ TEST_CASE("shutdown(wait, cancel_futures) as Python's", "[executor]") {
       CHECK_THROWS_AS(f.get(), procpool::task_cancelled);
     }
     CHECK_THROWS_AS(ex.submit(&square, 1), procpool::pool_closed);
+  }
+  SECTION("after short tasks, which let many wait in each worker, still two per worker run") {
+    procpool::executor ex(2);
+    // Short tasks back to back: the pool learns that its chunks are short
+    // and queues many in each worker's ring.
+    std::vector<procpool::future<int>> warm;
+    for (int i = 0; i < 3000; ++i) warm.push_back(ex.submit(&square, i));
+    for (auto& f : warm) REQUIRE(f.get() >= 0);
+    std::vector<procpool::future<int>> held;
+    for (int i = 0; i < 20; ++i) held.push_back(ex.submit(&late_gated, i));
+    ex.shutdown(false, true);
+    for (int i = 0; i < 20; ++i) late_gate.give();  // (more than ever wait: none blocks)
+    int ran = 0, cancelled = 0;
+    for (int i = 0; i < 20; ++i) {
+      auto& f = held[std::size_t(i)];
+      try {
+        int v = f.get();  // (outside CHECK, which would catch what it throws)
+        CHECK(v == i);
+        ++ran;
+      } catch (const procpool::task_cancelled&) {
+        CHECK(f.cancelled());
+        ++cancelled;
+      }
+    }
+    // Two per worker were sent, as on a fresh pool; the rest never ran.
+    CHECK(ran == 4);
+    CHECK(cancelled == 16);
   }
   SECTION("without cancel_futures every pending task still runs") {
     procpool::executor ex(2);

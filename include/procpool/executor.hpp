@@ -276,7 +276,10 @@ class executor {
 
   /// Python's `shutdown(wait, cancel_futures)`: accepts no more tasks; with
   /// `cancel_futures`, the tasks not yet sent to a worker are cancelled (their
-  /// futures raise `task_cancelled`) while those sent finish; with `wait`,
+  /// futures raise `task_cancelled`) while those sent finish. A worker is
+  /// sent two (as Python's call queue holds a few); the tasks queued behind
+  /// those, which no worker started (a pool whose chunks were short queues
+  /// more), are cancelled too. With `wait`,
   /// returns once the rest is done and the workers are stopped (`join`).
   /// Without `wait` it returns at once; the work left runs while a future
   /// of it is waited on, and the destructor finishes it.

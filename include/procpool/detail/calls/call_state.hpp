@@ -230,6 +230,7 @@ class call_state {
   std::size_t in_flight = 0;  ///< chunks sent and not yet answered
   bool input_done = false;    ///< every chunk has been made
   bool dispatched = false;    ///< a chunk of it was cut to be sent (a future can no longer cancel)
+  bool answered = false;      ///< an answer for a chunk of it came back
   /// Ended by a cancel before anything of it was sent. Atomic: a future's
   /// `cancelled()` reads it without entering the pool.
   std::atomic<bool> cancelled_unsent{false};
@@ -378,7 +379,10 @@ class driver {
   /// The user gave up on `call`: stop sending it, skip its queued items.
   virtual void cancel(call_state& call) noexcept = 0;
   /// Ends with `e` every task (a call that is no range) of which nothing was
-  /// sent yet, and forgets it: it never runs (`executor::shutdown`).
+  /// sent yet, and forgets it: it never runs (`executor::shutdown`). An
+  /// engine that queues chunks in its workers ends those too that no worker
+  /// started beyond the first two it holds, as many as a worker holds
+  /// however short the chunks before them were.
   virtual void cancel_unsent(const std::exception_ptr& e) noexcept = 0;
   /// Throws if no more calls can run (closed, broken).
   virtual void check_usable(const char* operation) const = 0;

@@ -375,6 +375,7 @@ class dispatcher {
                           MakeLie&& lie, bool gaps = false) {
     delivery d;
     auto& call = *c.call;
+    call.answered = true;
     // Where the failing item of an error answer may be: right after the
     // results, or (with gaps) anywhere after them within the chunk.
     auto in_place = [&](std::uint64_t index) {

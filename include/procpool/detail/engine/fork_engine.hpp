@@ -219,7 +219,9 @@ class engine final : public driver {
   /// The user gave up on `call`: stop sending it, skip its queued items.
   void cancel(call_state& call) noexcept override;
   void cancel_unsent(const std::exception_ptr& e) noexcept override {
-    if (owned()) dispatch_.cancel_unsent(e);
+    if (!owned()) return;
+    dispatch_.cancel_unsent(e);
+    take_back_unstarted(e);
   }
   /// The call is over for its user: cancels what is left of it and, unless
   /// collection is under way, drops it from the queues at once.
@@ -321,6 +323,19 @@ class engine final : public driver {
   std::size_t queue_depth() const noexcept;
   bool fill(worker& w, std::size_t up_to);
   bool take_back_for_idle();
+  /// Takes back the frames of `w` from `inflight[k]`, the next it would
+  /// claim, through the last whose bytes are all in its ring: it answers
+  /// them unrun. Returns the end of the frames taken, `k` when none was (it
+  /// claimed frame `k` meanwhile). The caller settles their chunks.
+  std::size_t revoke_from(worker& w, std::size_t k);
+  /// A chunk taken back goes out again when its call still needs it.
+  void send_again(chunk& t);
+  /// `cancel_unsent` for the chunks in workers' rings: of the chunks no
+  /// worker started, those past the first `base_inflight` a worker holds
+  /// (a short-chunk estimate may have queued many) end with `e` when they
+  /// are all that is left of a task nothing came back for; the others go
+  /// out again.
+  void take_back_unstarted(const std::exception_ptr& e) noexcept;
   bool can_take_back() const;
   static bool still_needed(const chunk& c) noexcept { return dispatcher::still_needed(c); }
   /// Takes the answers in the worker's ring. `may_drop` false: the worker
@@ -1148,34 +1163,91 @@ inline bool engine::take_back_for_idle() {
     // past them either way.
     chunk& c = w.inflight[1];
     if (c.revoked || c.sent != c.size() || !c.call || !still_needed(c)) continue;
-    std::size_t end = 2;
-    while (end < w.inflight.size() && w.inflight[end].sent == w.inflight[end].size()) ++end;
-    w.slot->revoke_end.store(w.inflight[end - 1].seq + 1, std::memory_order_release);
-    std::uint64_t expected = c.seq;
-    if (!w.slot->claim.compare_exchange_strong(expected, c.seq | revoked_bit,
-                                               std::memory_order_acq_rel))
-      continue;
+    std::size_t end = revoke_from(w, 1);
+    if (end == 1) continue;
     // The same frames go to other workers, and their calls now wait for
     // those copies alone: the frames left here are answered (unrun) only
     // when their worker gets to them, which may be never (its running item
     // may not end).
-    for (std::size_t k = 1; k < end; ++k) {
-      chunk& t = w.inflight[k];
-      t.revoked = true;
-      w.items_sent -= std::min<std::size_t>(w.items_sent, t.count);
-      if (!t.call) continue;
-      if (still_needed(t)) {
-        detail::chunk copy = t;
-        dispatch_.resend(std::move(copy));
-      } else {
-        --t.call->in_flight;  // nobody waits for it: over
-      }
-      t.call.reset();
-    }
+    for (std::size_t k = 1; k < end; ++k) send_again(w.inflight[k]);
     --idle;
     took = true;
   }
   return took;
+}
+
+inline std::size_t engine::revoke_from(worker& w, std::size_t k) {
+  std::size_t end = k;
+  while (end < w.inflight.size() && !w.inflight[end].revoked &&
+         w.inflight[end].sent == w.inflight[end].size())
+    ++end;
+  if (end == k) return k;
+  w.slot->revoke_end.store(w.inflight[end - 1].seq + 1, std::memory_order_release);
+  std::uint64_t expected = w.inflight[k].seq;
+  if (!w.slot->claim.compare_exchange_strong(expected, w.inflight[k].seq | revoked_bit,
+                                             std::memory_order_acq_rel))
+    return k;
+  for (std::size_t i = k; i < end; ++i) {
+    chunk& t = w.inflight[i];
+    t.revoked = true;
+    w.items_sent -= std::min<std::size_t>(w.items_sent, t.count);
+  }
+  return end;
+}
+
+inline void engine::send_again(chunk& t) {
+  if (!t.call) return;
+  if (still_needed(t)) {
+    detail::chunk copy = t;
+    dispatch_.resend(std::move(copy));
+  } else {
+    --t.call->in_flight;  // nobody waits for it: over
+  }
+  t.call.reset();
+}
+
+inline void engine::take_back_unstarted(const std::exception_ptr& e) noexcept {
+  for (auto& w : workers_) {
+    if (w.pid == 0 || w.inflight.size() <= base_inflight || w.inflight.front().revoked) continue;
+    // The next frame it would claim; those before it ran or run now.
+    std::uint64_t next = w.slot->claim.load(std::memory_order_acquire);
+    std::size_t k = 0;
+    while (k < w.inflight.size() && w.inflight[k].seq != next) ++k;
+    // A task no worker started, of which nothing else is out or came back.
+    auto unstarted_task = [](const chunk& t) {
+      const call_state* call = t.call.get();
+      return call && !call->is_range() && !call->finished() && !call->answered &&
+             call->input_done && call->in_flight == 1;
+    };
+    bool any = false;
+    for (std::size_t i = std::max(k, base_inflight); i < w.inflight.size() && !any; ++i)
+      any = !w.inflight[i].revoked && unstarted_task(w.inflight[i]);
+    if (!any) continue;  // nothing to cancel here: the frames stay where they are
+    std::size_t end = revoke_from(w, k);
+    for (std::size_t i = k; i < end; ++i) {
+      chunk& t = w.inflight[i];
+      // Those within the first two it held were sent, as a worker holds
+      // two however long its chunks: they run (elsewhere, or here again).
+      if (i >= base_inflight && unstarted_task(t)) {
+        call_state* call = t.call.get();
+        call->abort(e);  // (before its last chunk is counted off: a finished call takes no abort)
+        --call->in_flight;
+        call->cancelled_unsent = true;
+        dispatch_.forget(*call);
+        t.call.reset();
+      } else {
+        try {
+          send_again(t);
+        } catch (...) {
+          // No memory to queue it again: its call ends, rather than wait
+          // for an answer that will not come.
+          t.call->abort(std::current_exception());
+          --t.call->in_flight;
+          t.call.reset();
+        }
+      }
+    }
+  }
 }
 
 inline bool engine::fill(worker& w, std::size_t up_to) {
