@@ -1189,52 +1189,41 @@ TEST_CASE(
     "[data_path][reliability]") {
   pool_options o = small_rings(16 * 1024);
   o.workers = 1;
+  // The map of `in` fails for item `index`: its worker exited with code 70.
+  // With `may_refuse`, the frame's first bytes, published before the rest
+  // was written, may already contradict the length it declared: the pool
+  // then refuses what it read (`decode_error`) before it learns of the exit.
+  auto fails_at = [](auto& p, std::vector<std::uint32_t> in, std::size_t chunk, std::size_t index,
+                     bool may_refuse) {
+    try {
+      (void)p.map(in, map_options{chunk});
+      FAIL("no error");
+    } catch (const procpool::worker_died& e) {
+      CHECK(e.index() == std::optional<std::size_t>(index));
+      CHECK(e.status().is_exited());
+      CHECK(e.status().code() == 70);
+    } catch (const procpool::decode_error&) {
+      CHECK(may_refuse);
+    }
+  };
   SECTION("longer every time") {
     pool p([](std::uint32_t k) { return growing{k}; }, o);
     // Short results fit: encoded once each, whatever their length.
     auto small = p.map(std::vector<std::uint32_t>{5, 6, 7}, map_options{1});
     REQUIRE(small.size() == 3);
-    // Its first bytes, published before the rest was written, may already
-    // contradict the length the frame declared: the pool then refuses what
-    // it read (`decode_error`) before it learns that the worker exited.
-    try {
-      (void)p.map(std::vector<std::uint32_t>{1, 2, 100000, 3}, map_options{1});
-      FAIL("no error");
-    } catch (const procpool::worker_died& e) {
-      CHECK(e.index() == std::optional<std::size_t>(2));
-      CHECK(e.status().is_exited());
-      CHECK(e.status().code() == 70);
-    } catch (const procpool::decode_error&) {
-    }
-    try {
-      (void)p.map(std::vector<std::uint32_t>{100000}, map_options{1});
-      FAIL("no error");
-    } catch (const procpool::worker_died&) {
-    } catch (const procpool::decode_error&) {
-    }
+    fails_at(p, {1, 2, 100000, 3}, 1, 2, true);
+    fails_at(p, {100000}, 1, 0, true);
     REQUIRE(p.map(std::vector<std::uint32_t>{1, 2}, map_options{1}).size() == 2);
   }
   SECTION("shorter every time") {
     pool p([](std::uint32_t k) { return shrinking{k}; }, o);
-    try {
-      (void)p.map(std::vector<std::uint32_t>{100, 100000, 100}, map_options{3});
-      FAIL("no error");
-    } catch (const procpool::worker_died& e) {
-      CHECK(e.index() == std::optional<std::size_t>(1));
-      CHECK(e.status().code() == 70);
-    } catch (const procpool::decode_error&) {
-    }
+    fails_at(p, {100, 100000, 100}, 3, 1, true);
     auto r = p.map(std::vector<std::uint32_t>{1000, 2000}, map_options{1});
     CHECK(r.size() == 2);
   }
   SECTION("throwing the second time") {
     pool p([](std::uint32_t k) { return fickle{k}; }, o);
-    try {
-      (void)p.map(std::vector<std::uint32_t>{1, 30000, 2}, map_options{3});
-      FAIL("no error");
-    } catch (const procpool::worker_died& e) {
-      CHECK(e.index() == std::optional<std::size_t>(1));
-    }
+    fails_at(p, {1, 30000, 2}, 3, 1, false);
     auto r = p.map(std::vector<std::uint32_t>{1, 2}, map_options{1});
     CHECK(r[1].n == 2);
   }
