@@ -3,13 +3,16 @@
 // cancel_futures), the destructor's exit policy.
 #include <procpool/executor.hpp>
 #include <procpool/pool.hpp>
+#include <procpool/process.hpp>
 #include <support/support.hpp>
 
 #include <catch2/catch.hpp>
 #include <list>
+#include <optional>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -39,12 +42,54 @@ procpool_test::go_signal gate;
 int gated(int x) {
   return gate.await() ? x : 0;
 }
-/// The same for the test of shutdown after short tasks, whose leftover
-/// `give()`s must not release another test's tasks.
-procpool_test::go_signal late_gate;
+/// The gate of the pool a test of shutdown after short tasks makes: opened
+/// by the test before its pool, so that its leftover `give()`s release no
+/// other test's tasks.
+procpool_test::go_signal* late_gate = nullptr;
 int late_gated(int x) {
-  return late_gate.await() ? x : 0;
+  return late_gate->await() ? x : 0;
 }
+
+/// An executor of 2 workers that ran 3000 short tasks back to back (so it
+/// queues many in each worker's ring), then was given 20 `late_gated` ones.
+struct deep_queue {
+  procpool_test::go_signal gate;
+  std::optional<procpool::executor> ex;
+  std::vector<procpool::future<int>> held;
+  deep_queue() {
+    late_gate = &gate;
+    ex.emplace(2);
+    std::vector<procpool::future<int>> warm;
+    for (int i = 0; i < 3000; ++i) warm.push_back(ex->submit(&square, i));
+    for (auto& f : warm) REQUIRE(f.get() >= 0);
+    for (int i = 0; i < 20; ++i) held.push_back(ex->submit(&late_gated, i));
+  }
+  /// Opens the gate for every task (more than ever wait: none blocks).
+  void open() {
+    for (int i = 0; i < 20; ++i) gate.give();
+  }
+  /// Opens the gate, then counts the tasks that ran and those cancelled.
+  std::pair<int, int> outcome() {
+    open();
+    return count();
+  }
+  /// Waits for every task: how many ran, how many were cancelled.
+  std::pair<int, int> count() {
+    int ran = 0, cancelled = 0;
+    for (int i = 0; i < 20; ++i) {
+      auto& f = held[std::size_t(i)];
+      try {
+        int v = f.get();  // (outside CHECK, which would catch what it throws)
+        CHECK(v == i);
+        ++ran;
+      } catch (const procpool::task_cancelled&) {
+        CHECK(f.cancelled());
+        ++cancelled;
+      }
+    }
+    return {ran, cancelled};
+  }
+};
 /// The worker's pid, to count chunks.
 int pid_of(int) {
   return static_cast<int>(::getpid());
@@ -202,31 +247,34 @@ TEST_CASE("shutdown(wait, cancel_futures) as Python's", "[executor]") {
     CHECK_THROWS_AS(ex.submit(&square, 1), procpool::pool_closed);
   }
   SECTION("after short tasks, which let many wait in each worker, still two per worker run") {
-    procpool::executor ex(2);
-    // Short tasks back to back: the pool learns that its chunks are short
-    // and queues many in each worker's ring.
-    std::vector<procpool::future<int>> warm;
-    for (int i = 0; i < 3000; ++i) warm.push_back(ex.submit(&square, i));
-    for (auto& f : warm) REQUIRE(f.get() >= 0);
-    std::vector<procpool::future<int>> held;
-    for (int i = 0; i < 20; ++i) held.push_back(ex.submit(&late_gated, i));
-    ex.shutdown(false, true);
-    for (int i = 0; i < 20; ++i) late_gate.give();  // (more than ever wait: none blocks)
-    int ran = 0, cancelled = 0;
-    for (int i = 0; i < 20; ++i) {
-      auto& f = held[std::size_t(i)];
-      try {
-        int v = f.get();  // (outside CHECK, which would catch what it throws)
-        CHECK(v == i);
-        ++ran;
-      } catch (const procpool::task_cancelled&) {
-        CHECK(f.cancelled());
-        ++cancelled;
-      }
-    }
+    deep_queue q;
+    q.ex->shutdown(false, true);
     // Two per worker were sent, as on a fresh pool; the rest never ran.
-    CHECK(ran == 4);
-    CHECK(cancelled == 16);
+    CHECK(q.outcome() == std::pair<int, int>(4, 16));
+  }
+  SECTION("the same from a second thread, while the first waits on the futures") {
+    deep_queue q;
+    std::thread stopper([&q] {
+      q.ex->shutdown(false, true);
+      q.open();
+    });
+    auto counts = q.count();  // waits on the first task until the gate opens
+    stopper.join();
+    CHECK(counts == std::pair<int, int>(4, 16));
+  }
+  SECTION("from a forked child, it cancels nothing of the parent's") {
+    deep_queue q;
+    procpool::process child([&q] {
+      // It closes the child's copy of the executor, or throws: either way
+      // the parent's pool is left alone (its shared rings included).
+      try {
+        q.ex->shutdown(false, true);
+      } catch (const procpool::error&) {
+      }
+      procpool::exit_process(0);
+    });
+    CHECK(child.join() == procpool::exit_status::exited(0));
+    CHECK(q.outcome() == std::pair<int, int>(20, 0));
   }
   SECTION("without cancel_futures every pending task still runs") {
     procpool::executor ex(2);
